@@ -1,0 +1,5 @@
+"""`python -m fedsb` = the `fedsb` command."""
+
+from fedsb.cli import console_main
+
+console_main()

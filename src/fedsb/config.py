@@ -1,0 +1,495 @@
+"""Run configuration: validated dataclasses, YAML presets and `section.field=value` overrides.
+
+Every field carries a help string; `__post_init__` raises `ConfigError` naming the field, the value and
+the fix. The resolved configuration is written next to every run's results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from fedsb.errors import ConfigError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - dataclass field with help metadata
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _check(ok: bool, name: str, value: Any, fix: str, what: str = "is not valid") -> None:
+    if not ok:
+        raise ConfigError(field=name, value=value, fix=fix, what=what)
+
+
+def _positive_int(name: str, value: Any, *, allow_none: bool = False, zero: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    lo = 0 if zero else 1
+    _check(
+        isinstance(value, int) and not isinstance(value, bool) and value >= lo,
+        name,
+        value,
+        f"use an integer >= {lo}" + (" (or null)" if allow_none else ""),
+    )
+
+
+def _positive_float(name: str, value: Any, *, zero: bool = False, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    ok = (
+        isinstance(value, int | float) and not isinstance(value, bool) and (value >= 0 if zero else value > 0)
+    )
+    _check(
+        ok, name, value, "use a number " + (">= 0" if zero else "> 0") + (" (or null)" if allow_none else "")
+    )
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    _check(value in choices, name, value, f"use one of: {', '.join(choices)}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("smollm2-135m", "builtin alias (fedsb models), local checkpoint directory or HF hub id")
+    dtype: str = _f("float32", "base model dtype: float32, bfloat16 or float16 (R always stays float32)")
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.name, str) and bool(self.name),
+            "model.name",
+            self.name,
+            "name a model, e.g. smollm2-135m",
+        )
+        _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+
+
+@dataclass
+class AdapterConfig:
+    rank: int = _f(32, "r: R is r x r per adapted layer")
+    targets: Any = _f(
+        "auto", "layer names / 're:<regex>' to adapt, or 'auto' for the architecture's defaults"
+    )
+    rank_overflow: str = _f("cap", "when r > min(out, in) of a layer: 'cap' (warn) or 'error'")
+    scaling: float = _f(1.0, "s in W0 + s B R A (alpha / r); LoRA-SB uses 1.0")
+    dropout: float = _f(0.0, "dropout on the adapter input")
+    extra_trainable: Any = _f(
+        "auto", "extra trained modules (a classification head): 'auto' or a list of names"
+    )
+
+    def __post_init__(self) -> None:
+        _positive_int("adapter.rank", self.rank)
+        ok = self.targets == "auto" or (
+            isinstance(self.targets, list) and self.targets and all(isinstance(t, str) for t in self.targets)
+        )
+        _check(ok, "adapter.targets", self.targets, "use 'auto' or a list such as [q_proj, v_proj]")
+        _choice("adapter.rank_overflow", self.rank_overflow, ("cap", "error"))
+        _positive_float("adapter.scaling", self.scaling)
+        _check(
+            isinstance(self.dropout, int | float) and 0 <= self.dropout < 1,
+            "adapter.dropout",
+            self.dropout,
+            "use a value in [0, 1)",
+        )
+        ok = self.extra_trainable == "auto" or isinstance(self.extra_trainable, list)
+        _check(
+            ok,
+            "adapter.extra_trainable",
+            self.extra_trainable,
+            "use 'auto' or a list of module names ([] for none)",
+        )
+
+
+@dataclass
+class InitConfig:
+    method: str = _f("lora-sb", "basis: lora-sb (gradient SVD), lora-xs (SVD of W0) or random (orthonormal)")
+    source: str = _f(
+        "server",
+        "data for the gradient estimate: 'server' (a proxy sample the server holds; federated) or "
+        "'pooled' (the clients' pooled training data, as in the paper; not federated)",
+    )
+    server_size: int = _f(256, "examples in the server's proxy sample (source=server)")
+    num_samples: int | None = _f(
+        None, "n examples for the gradient estimate; null = max(min_samples, fraction x data)"
+    )
+    sample_fraction: float = _f(0.001, "default n as a fraction of the init data (the paper's ~0.1%)")
+    min_samples: int = _f(32, "lower bound for the default n")
+    batch_size: int = _f(8, "batch size of the gradient estimate")
+    eta: float = _f(1e-4, "step size of the approximated first step dW = -eta sign(G) (eta_rule=fixed)")
+    eta_rule: str = _f(
+        "fixed", "'fixed' (use eta) or 'official' (lr / (warmup_ratio x T), the official code)"
+    )
+    svd: str = _f("exact", "truncated SVD: exact or randomized")
+    oversample: int = _f(10, "randomized SVD oversampling (q = r + oversample)")
+    power_iters: int = _f(4, "randomized SVD power iterations")
+
+    def __post_init__(self) -> None:
+        _choice("init.method", self.method, ("lora-sb", "lora-xs", "random"))
+        _choice("init.source", self.source, ("server", "pooled"))
+        _positive_int("init.server_size", self.server_size)
+        _positive_int("init.num_samples", self.num_samples, allow_none=True)
+        _check(
+            isinstance(self.sample_fraction, int | float) and 0 < self.sample_fraction <= 1,
+            "init.sample_fraction",
+            self.sample_fraction,
+            "use a fraction in (0, 1]",
+        )
+        _positive_int("init.min_samples", self.min_samples)
+        _positive_int("init.batch_size", self.batch_size)
+        _positive_float("init.eta", self.eta)
+        _choice("init.eta_rule", self.eta_rule, ("fixed", "official"))
+        _choice("init.svd", self.svd, ("exact", "randomized"))
+        _positive_int("init.oversample", self.oversample, zero=True)
+        _positive_int("init.power_iters", self.power_iters, zero=True)
+
+
+@dataclass
+class DataConfig:
+    task: str = _f("arithmetic", "task name (fedsb tasks)")
+    train_size: int | None = _f(2000, "training examples pooled over all clients (null = whole split)")
+    test_size: int | None = _f(200, "held-out evaluation examples (null = whole split)")
+    max_length: int = _f(96, "maximum tokens of prompt + answer")
+    options: dict = _f({}, "task-specific options, e.g. {max_value: 50}")
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.task, str) and bool(self.task),
+            "data.task",
+            self.task,
+            "name a task, e.g. arithmetic",
+        )
+        _positive_int("data.train_size", self.train_size, allow_none=True)
+        _positive_int("data.test_size", self.test_size, allow_none=True)
+        _positive_int("data.max_length", self.max_length)
+        _check(isinstance(self.options, dict), "data.options", self.options, "use a mapping of option: value")
+
+
+@dataclass
+class PartitionConfig:
+    scheme: str = _f("iid", "iid, dirichlet (over column), natural (one column value per client), quantity")
+    num_clients: int | None = _f(4, "number of clients (null with scheme=natural: one per column value)")
+    alpha: float = _f(0.5, "Dirichlet concentration (dirichlet, quantity)")
+    column: str | None = _f(None, "column for dirichlet/natural (null = the task's own category column)")
+    min_size: int = _f(1, "smallest allowed client dataset")
+
+    def __post_init__(self) -> None:
+        _choice("partition.scheme", self.scheme, ("iid", "dirichlet", "natural", "quantity"))
+        _positive_int("partition.num_clients", self.num_clients, allow_none=self.scheme == "natural")
+        _positive_float("partition.alpha", self.alpha)
+        _positive_int("partition.min_size", self.min_size)
+
+
+@dataclass
+class TrainConfig:
+    optimizer: str = _f("adamw", "local optimizer: adamw or sgd")
+    lr: float = _f(3e-3, "learning rate")
+    weight_decay: float = _f(0.0, "weight decay")
+    betas: list = _f([0.9, 0.999], "AdamW betas")
+    eps: float = _f(1e-6, "AdamW epsilon")
+    momentum: float = _f(0.0, "SGD momentum")
+    batch_size: int = _f(16, "examples per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    local_steps: int | None = _f(8, "optimizer steps per client per round (null: use local_epochs)")
+    local_epochs: float | None = _f(
+        None, "epochs over the client's data per round (when local_steps is null)"
+    )
+    schedule: str = _f(
+        "linear", "learning-rate schedule after warm-up: constant, linear or cosine (decay to 0)"
+    )
+    warmup_ratio: float = _f(0.05, "fraction of the schedule spent warming up linearly")
+    schedule_scope: str = _f(
+        "global", "'global': one schedule across all rounds; 'round': restart every round"
+    )
+    keep_optimizer_state: bool = _f(
+        False, "keep each client's optimizer state across rounds (else fresh each round)"
+    )
+    max_grad_norm: float | None = _f(1.0, "clip the gradient norm of the trained tensors (null: no clipping)")
+    bf16: bool = _f(False, "bf16 autocast on CPU (about 1.8x faster; R and optimizer state stay fp32)")
+
+    def __post_init__(self) -> None:
+        _choice("train.optimizer", self.optimizer, ("adamw", "sgd"))
+        _positive_float("train.lr", self.lr)
+        _positive_float("train.weight_decay", self.weight_decay, zero=True)
+        ok = (
+            isinstance(self.betas, list | tuple)
+            and len(self.betas) == 2
+            and all(0 <= b < 1 for b in self.betas)
+        )
+        _check(ok, "train.betas", self.betas, "use two numbers in [0, 1), e.g. [0.9, 0.999]")
+        _positive_float("train.eps", self.eps)
+        _positive_float("train.momentum", self.momentum, zero=True)
+        _positive_int("train.batch_size", self.batch_size)
+        _positive_int("train.grad_accum", self.grad_accum)
+        _positive_int("train.local_steps", self.local_steps, allow_none=True)
+        _positive_float("train.local_epochs", self.local_epochs, allow_none=True)
+        _check(
+            (self.local_steps is None) != (self.local_epochs is None),
+            "train.local_steps",
+            self.local_steps,
+            "set exactly one of train.local_steps and train.local_epochs (the other null)",
+        )
+        _choice("train.schedule", self.schedule, ("constant", "linear", "cosine"))
+        _check(
+            0 <= self.warmup_ratio < 1, "train.warmup_ratio", self.warmup_ratio, "use a fraction in [0, 1)"
+        )
+        _choice("train.schedule_scope", self.schedule_scope, ("global", "round"))
+        _positive_float("train.max_grad_norm", self.max_grad_norm, allow_none=True)
+
+
+@dataclass
+class FedConfig:
+    method: str = _f("fedsb", "federated method")
+    rounds: int = _f(3, "communication rounds")
+    clients_per_round: float = _f(1.0, "fraction (0, 1] or count (> 1) of clients sampled each round")
+    min_clients: int = _f(1, "a round fails if fewer accepted updates remain")
+    weighting: str = _f("examples", "aggregation weights: 'examples' (N_i / sum N_j) or 'uniform'")
+    wire_dtype: str = _f("float32", "dtype of tensors on the wire: float32, bfloat16 or float16")
+    max_update_norm: float | None = _f(
+        None, "reject updates whose Frobenius norm exceeds this (null: no bound)"
+    )
+    keep_checkpoints: int = _f(2, "number of round checkpoints kept on disk")
+
+    def __post_init__(self) -> None:
+        from fedsb.fed.registry import METHOD_NAMES
+
+        _choice("fed.method", self.method, METHOD_NAMES)
+        _positive_int("fed.rounds", self.rounds)
+        _positive_float("fed.clients_per_round", self.clients_per_round)
+        ok = self.clients_per_round <= 1 or float(self.clients_per_round).is_integer()
+        _check(
+            ok,
+            "fed.clients_per_round",
+            self.clients_per_round,
+            "use a fraction <= 1 or a whole number of clients",
+        )
+        _positive_int("fed.min_clients", self.min_clients)
+        _choice("fed.weighting", self.weighting, ("examples", "uniform"))
+        _choice("fed.wire_dtype", self.wire_dtype, ("float32", "bfloat16", "float16"))
+        _positive_float("fed.max_update_norm", self.max_update_norm, allow_none=True)
+        _positive_int("fed.keep_checkpoints", self.keep_checkpoints)
+
+
+@dataclass
+class EvalConfig:
+    every: int = _f(1, "evaluate the global model every k rounds (and always before and after)")
+    batch_size: int = _f(32, "evaluation batch size")
+    max_new_tokens: int | None = _f(None, "generation length (null: the task's default)")
+    bf16: bool | None = _f(None, "bf16 autocast for evaluation (null: same as train.bf16)")
+
+    def __post_init__(self) -> None:
+        _positive_int("eval.every", self.every)
+        _positive_int("eval.batch_size", self.batch_size)
+        _positive_int("eval.max_new_tokens", self.max_new_tokens, allow_none=True)
+
+
+@dataclass
+class RunConfig:
+    seed: int = _f(0, "master seed: sampling, partitions, data order, init")
+    output_dir: str | None = _f(None, "results directory (null: runs/<timestamp>)")
+    threads: int | None = _f(None, "torch threads (null: all cores)")
+    deterministic: bool = _f(True, "torch deterministic algorithms (bit-identical resume)")
+    progress: bool = _f(True, "progress bars")
+    export_peft: bool = _f(True, "write a standard PEFT LoRA adapter of the final model")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.seed, int) and not isinstance(self.seed, bool),
+            "seed",
+            self.seed,
+            "use an integer",
+        )
+        _positive_int("threads", self.threads, allow_none=True)
+        if self.fed.min_clients > self.expected_clients_per_round():
+            raise ConfigError(
+                field="fed.min_clients",
+                value=self.fed.min_clients,
+                what=f"exceeds the {self.expected_clients_per_round()} clients sampled per round",
+                fix="lower fed.min_clients or sample more clients (fed.clients_per_round)",
+            )
+
+    def expected_clients_per_round(self) -> int:
+        n = self.partition.num_clients
+        if n is None:  # natural partition: known once the data is loaded
+            return self.fed.min_clients
+        cpr = self.fed.clients_per_round
+        return min(n, int(cpr)) if cpr > 1 else max(1, round(cpr * n))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---- building from dicts, YAML and overrides ------------------------------------------------------------
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(RunConfig)
+    return {name: t for name, t in hints.items() if dataclasses.is_dataclass(t)}
+
+
+def _coerce(value: Any, annotation: Any, name: str) -> Any:
+    """Coerce a YAML/CLI value to a field's annotated type (ints stay ints, '1e-3' becomes a float)."""
+    if value is None:
+        return None
+    origin = get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in get_args(annotation) if a is not type(None)]
+        for opt in options:
+            try:
+                return _coerce(value, opt, name)
+            except (ConfigError, ValueError, TypeError):
+                continue
+        return value
+    if annotation is Any or origin is Literal:
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(field=name, value=value, fix="use true or false")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(field=name, value=value, fix="use an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(field=name, value=value, fix="use an integer")
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(field=name, value=value, fix="use a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(field=name, value=value, fix="use a number such as 3e-3") from None
+    if annotation is str:
+        return value if isinstance(value, str) else str(value)
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = f"{prefix}{unknown[0]}"
+        raise ConfigError(
+            field=where,
+            value=data[unknown[0]],
+            what="is not a known setting",
+            fix=f"use one of: {', '.join(sorted(names))}",
+        )
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        t = hints[key]
+        if dataclasses.is_dataclass(t):
+            if not isinstance(value, dict):
+                raise ConfigError(field=f"{prefix}{key}", value=value, fix="give a mapping of settings")
+            kwargs[key] = _build(t, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, t, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig from a nested mapping (unknown keys are errors)."""
+    return _build(RunConfig, data, "")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=1e-3' -> (['train', 'lr'], '1e-3' parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(
+            field="override", value=text, fix="write overrides as section.key=value, e.g. fed.rounds=5"
+        )
+    key, _, raw = text.partition("=")
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(field="override", value=text, fix="name the setting, e.g. fed.rounds=5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def merge_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.path=value` overrides to a nested dict (returns a new dict)."""
+    out = _deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(field=".".join(path), value=value, fix=f"{part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (_deepcopy(v) if isinstance(v, dict) else v) for k, v in d.items()}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(
+            field="--config",
+            value=str(path),
+            what="does not exist",
+            fix="pass a YAML file, e.g. configs/default.yaml",
+        )
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            field="--config", value=str(path), what="is not valid YAML", fix=str(exc).splitlines()[0]
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(field="--config", value=str(path), fix="the file must hold a mapping of sections")
+    return data
+
+
+def resolve_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults <- YAML file <- overrides, validated."""
+    data = load_yaml(config_file) if config_file else {}
+    return config_from_dict(merge_overrides(data, overrides or []))
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def describe_fields() -> list[tuple[str, Any, str]]:
+    """(dotted name, default, help) for every setting, for `fedsb run --help`."""
+    rows: list[tuple[str, Any, str]] = []
+    for f in dataclasses.fields(RunConfig):
+        if f.name in _section_types():
+            for g in dataclasses.fields(_section_types()[f.name]):
+                default = g.default if g.default is not dataclasses.MISSING else g.default_factory()  # type: ignore[misc]
+                rows.append((f"{f.name}.{g.name}", default, g.metadata.get("help", "")))
+        else:
+            rows.append((f.name, f.default, f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,234 @@
+"""Persistence and export: R-only adapters, lossless standard PEFT LoRA directories, merged models.
+
+PEFT export of dW = s * B R A: lora_B = B R (m, r), lora_A = A (r, n), lora_alpha = s * r so PEFT's scale
+alpha / r equals s. Nothing is approximated: the exported LoRA computes exactly the same update.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers.pytorch_utils import Conv1D
+
+from fedsb.adapters.inject import AdaptedModel
+from fedsb.adapters.layer import LoraSBLinear
+from fedsb.errors import CheckpointError
+
+log = logging.getLogger("fedsb.export")
+
+ADAPTER_TENSORS = "adapter.safetensors"
+ADAPTER_META = "fedsb_adapter.json"
+HEAD_TENSORS = "head.safetensors"
+VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def min_vllm_lora_rank(rank: int) -> int | None:
+    """Smallest vLLM `--max-lora-rank` value that serves rank `rank` (None above 512)."""
+    return next((v for v in VLLM_RANKS if v >= rank), None)
+
+
+def _lora_sb_layers(adapted: AdaptedModel) -> dict[str, LoraSBLinear]:
+    layers = {p: m for p, m in adapted.layers.items() if isinstance(m, LoraSBLinear)}
+    if len(layers) != len(adapted.layers):
+        raise TypeError("this export handles LoRA-SB layers only; export other adapters merged")
+    return layers
+
+
+# ---- R-only adapter -----------------------------------------------------------------------------------
+
+
+def save_adapter(
+    adapted: AdaptedModel,
+    directory: str | Path,
+    *,
+    base_model: str,
+    basis_fingerprint: str,
+    extra_meta: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the trained tensors (R per module, plus any head) and their metadata; the basis is separate."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    layers = _lora_sb_layers(adapted)
+    state = adapted.get_state()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(d / ADAPTER_TENSORS))
+    meta = {
+        "format": "fedsb-adapter",
+        "version": 1,
+        "base_model": base_model,
+        "targets": list(layers),
+        "ranks": {p: layer.rank for p, layer in layers.items()},
+        "scaling": next(iter(layers.values())).scaling if layers else 1.0,
+        "basis_fingerprint": basis_fingerprint,
+        "tensors": list(state),
+        "extra_modules": list(adapted.extra_modules),
+        **(dict(extra_meta) if extra_meta else {}),
+    }
+    (d / ADAPTER_META).write_text(json.dumps(meta, indent=2, default=str))
+    return d
+
+
+def read_adapter_meta(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / ADAPTER_META
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a fedsb adapter directory ({ADAPTER_META} missing)")
+    return json.loads(path.read_text())
+
+
+def load_adapter(adapted: AdaptedModel, directory: str | Path, *, basis_fingerprint: str) -> dict[str, Any]:
+    """Load R (and head) into `adapted`, refusing an adapter trained on another basis."""
+    d = Path(directory)
+    meta = read_adapter_meta(d)
+    if meta["basis_fingerprint"] != basis_fingerprint:
+        raise CheckpointError(
+            f"adapter in {d} was trained on basis {meta['basis_fingerprint'][:12]}, but the model's basis is "
+            f"{basis_fingerprint[:12]}; load the basis the adapter was trained with"
+        )
+    if not (d / ADAPTER_TENSORS).is_file():
+        raise CheckpointError(f"{d / ADAPTER_TENSORS} is missing")
+    adapted.set_state(load_file(str(d / ADAPTER_TENSORS)))
+    return meta
+
+
+# ---- PEFT LoRA export ---------------------------------------------------------------------------------
+
+
+def _peft_task_type(model: torch.nn.Module) -> str | None:
+    name = type(model).__name__
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return "CAUSAL_LM"
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    return None
+
+
+@torch.no_grad()
+def export_peft(
+    adapted: AdaptedModel,
+    directory: str | Path,
+    *,
+    base_model: str,
+    include_head: bool | None = None,
+) -> dict[str, Any]:
+    """Write a standard PEFT LoRA directory that `peft.PeftModel.from_pretrained` loads losslessly.
+
+    `lora_B.weight = B R` (m, r), `lora_A.weight = A` (r, n), `lora_alpha = s * r` (per-module ranks go to
+    rank_pattern/alpha_pattern). Trained heads are written to head.safetensors; they are put into the PEFT
+    file as `modules_to_save` only for sequence classification (or include_head=True), because vLLM rejects
+    such weights. Returns a summary including the minimal vLLM `max_lora_rank`.
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    layers = _lora_sb_layers(adapted)
+    if not layers:
+        raise ValueError("the model has no LoRA-SB layers to export")
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for path, layer in layers.items():
+        B, R, A = layer.lora_sb_B.float(), layer.lora_sb_R.weight.float(), layer.lora_sb_A.float()
+        tensors[f"base_model.model.{path}.lora_B.weight"] = (B @ R).contiguous()  # (m, r)
+        tensors[f"base_model.model.{path}.lora_A.weight"] = A.contiguous()  # (r, n)
+        ranks[path] = layer.rank
+    scaling = next(iter(layers.values())).scaling
+    if any(layer.scaling != scaling for layer in layers.values()):
+        raise ValueError("all LoRA-SB layers must share one scaling to export a PEFT adapter")
+    task_type = _peft_task_type(adapted.model)
+    if include_head is None:
+        include_head = task_type == "SEQ_CLS"
+    modules_to_save: list[str] = []
+    head_tensors = {}
+    for path, module in adapted.extra_modules.items():
+        for name, p in module.named_parameters():
+            head_tensors[f"{path}.{name}"] = p.detach().float().contiguous()
+            if include_head:
+                tensors[f"base_model.model.{path}.{name}"] = p.detach().contiguous()
+        if include_head:
+            modules_to_save.append(path)
+    save_file(tensors, str(d / "adapter_model.safetensors"))
+    if head_tensors:
+        save_file(head_tensors, str(d / HEAD_TENSORS))
+    r_max = max(ranks.values())
+    rank_pattern = {p: r for p, r in ranks.items() if r != r_max}
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model,
+        "r": r_max,
+        "lora_alpha": scaling * r_max,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": {p: scaling * r for p, r in rank_pattern.items()},
+        "target_modules": sorted(ranks),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": any(isinstance(layer.base_layer, Conv1D) for layer in layers.values()),
+        "init_lora_weights": True,
+        "modules_to_save": modules_to_save or None,
+        "inference_mode": True,
+    }
+    (d / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    summary = {
+        "directory": str(d),
+        "rank": r_max,
+        "max_lora_rank": min_vllm_lora_rank(r_max),
+        "modules": len(ranks),
+        "head_in_adapter": bool(modules_to_save),
+        "head_file": HEAD_TENSORS if head_tensors else None,
+    }
+    (d / "fedsb_export.json").write_text(json.dumps(summary, indent=2))
+    if summary["max_lora_rank"] is None:
+        log.warning(
+            "rank %d exceeds vLLM's largest max_lora_rank (512); vLLM cannot serve this adapter", r_max
+        )
+    else:
+        log.info(
+            "PEFT adapter written to %s; serve with vLLM --enable-lora --max-lora-rank %d",
+            d,
+            summary["max_lora_rank"],
+        )
+    return summary
+
+
+# ---- merged model ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def merged_state_dict(adapted: AdaptedModel) -> dict[str, torch.Tensor]:
+    """The base model's state dict with W0 + s B R A in place of every adapted weight (no wrappers)."""
+    layers = _lora_sb_layers(adapted)
+    if any(layer.merged for layer in layers.values()):
+        raise RuntimeError("unmerge the model before exporting it merged")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in adapted.model.state_dict().items():
+        path, _, leaf = key.rpartition(".")
+        owner, _, sub = path.rpartition(".")
+        if sub == "base_layer" and owner in layers:
+            layer = layers[owner]
+            if leaf == "weight":
+                delta = layer.delta_weight()  # (m, n)
+                if isinstance(layer.base_layer, Conv1D):
+                    delta = delta.T  # Conv1D stores (n, m)
+                value = (value.float() + delta).to(value.dtype)
+            out[f"{owner}.{leaf}"] = value
+        elif path in layers or owner in layers:
+            continue  # the adapter's own tensors: lora_sb_A, lora_sb_B, lora_sb_R.weight
+        else:
+            out[key] = value
+    return out
+
+
+def export_merged(adapted: AdaptedModel, directory: str | Path, *, tokenizer: Any | None = None) -> Path:
+    """Save a plain HF checkpoint of W0 + s B R A (loads with `from_pretrained`, no fedsb needed)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state = merged_state_dict(adapted)
+    adapted.model.save_pretrained(str(d), state_dict=state)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(d))
+    return d

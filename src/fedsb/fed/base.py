@@ -1,0 +1,142 @@
+"""The one small interface every federated method implements, and the weighted-mean aggregator.
+
+A method says what trains (its adapted model), what the server broadcasts each round (`download`), what a
+client sends back (`client_upload`), how the server combines the round's updates (`new_aggregator`) and
+how the result becomes the new global model (`apply`). The round loop, the simulator and the Flower app
+only talk to this interface.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from fedsb.adapters.inject import AdaptedModel
+from fedsb.errors import FedsbError
+from fedsb.fed.registry import METHODS
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass
+class ClientUpdate:
+    """What arrives from one client in one round (tensors in the wire dtype)."""
+
+    client_id: str
+    round: int
+    num_examples: int
+    tensors: Tensors
+    basis_fingerprint: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class WeightedMean:
+    """Streaming sum_i w_i T_i / sum_i w_i per tensor, accumulated in float64.
+
+    w_i = N_i (weighting='examples') or 1 ('uniform'). One instance per round: nothing from an earlier
+    round can leak into this round's aggregate.
+    """
+
+    def __init__(self, weighting: str = "examples") -> None:
+        if weighting not in ("examples", "uniform"):
+            raise FedsbError(field="fed.weighting", value=weighting, fix="use 'examples' or 'uniform'")
+        self.weighting = weighting
+        self.sums: dict[str, torch.Tensor] = {}
+        self.total_weight = 0.0
+        self.count = 0
+
+    def weight_of(self, num_examples: int) -> float:
+        return float(num_examples) if self.weighting == "examples" else 1.0
+
+    def add(self, tensors: Mapping[str, torch.Tensor], num_examples: int) -> None:
+        w = self.weight_of(num_examples)
+        for k, t in tensors.items():
+            contrib = w * t.detach().to(torch.float64)
+            self.sums[k] = self.sums[k] + contrib if k in self.sums else contrib
+        self.total_weight += w
+        self.count += 1
+
+    def result(self) -> Tensors:
+        if self.count == 0:
+            raise RuntimeError("no updates were aggregated")
+        return {k: (s / self.total_weight).to(torch.float32) for k, s in self.sums.items()}
+
+
+class FederatedMethod(ABC):
+    """Server-side state and rules of one federated method (see the module docstring).
+
+    The default implementation is FedAvg of the trainable tensors: download the global trainable state,
+    upload the client's trainable state, aggregate with a weighted mean, install it. Methods whose server
+    rule differs (folding residuals, stacking factors) override `new_aggregator` and `apply`.
+    """
+
+    name: ClassVar[str]
+    exact: ClassVar[bool]
+
+    def __init__(self, adapted: AdaptedModel, *, weighting: str = "examples") -> None:
+        self.adapted = adapted
+        self.weighting = weighting
+        self.state: Tensors = adapted.get_state()  # the global trainable state (fp32)
+
+    # ---- one-time setup ----------------------------------------------------------------------------------
+    @property
+    def basis_fingerprint(self) -> str | None:
+        """Fingerprint of the shared frozen basis every update must carry (None: nothing shared)."""
+        return None
+
+    def setup_payload(self) -> Tensors:
+        """Tensors every client receives once before round 1 (e.g. Fed-SB's B and A)."""
+        return {}
+
+    # ---- per round --------------------------------------------------------------------------------------
+    def download(self) -> Tensors:
+        """What the server sends every sampled client at the start of a round."""
+        return {k: v.clone() for k, v in self.state.items()}
+
+    def client_receive(self, adapted: AdaptedModel, payload: Mapping[str, torch.Tensor]) -> None:
+        """Client side: install the downloaded global state."""
+        adapted.set_state({k: v.to(torch.float32) for k, v in payload.items()})
+
+    def client_upload(self, adapted: AdaptedModel) -> Tensors:
+        """Client side: what it sends after local training."""
+        return adapted.get_state(self.upload_spec())
+
+    def upload_spec(self) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of every tensor an update must contain (nothing more, nothing less)."""
+        return {k: tuple(v.shape) for k, v in self.state.items()}
+
+    def new_aggregator(self) -> WeightedMean:
+        return WeightedMean(self.weighting)
+
+    def apply(self, aggregate: Tensors) -> None:
+        """Make the aggregate the new global state and install it in the server's model."""
+        self.state = {k: v.clone() for k, v in aggregate.items()}
+        self.adapted.set_state(self.state)
+
+    def install_global(self) -> None:
+        """Put the global state into the server's model (before evaluation or export)."""
+        self.adapted.set_state(self.state)
+
+    # ---- checkpointing ------------------------------------------------------------------------------------
+    def state_tensors(self) -> Tensors:
+        return {k: v.clone() for k, v in self.state.items()}
+
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        missing = set(self.state) - set(tensors)
+        if missing:
+            raise KeyError(f"checkpoint lacks global tensors: {sorted(missing)[:3]}")
+        self.state = {k: tensors[k].to(torch.float32).clone() for k in self.state}
+        self.install_global()
+
+
+def get_method_class(name: str) -> type[FederatedMethod]:
+    """The method class registered under `name`."""
+    if name not in METHODS:
+        raise FedsbError(field="fed.method", value=name, fix=f"use one of: {', '.join(METHODS)}")
+    module, _, cls = METHODS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)

@@ -1,0 +1,10 @@
+"""Names of the federated methods, importable without torch (the config validates against them)."""
+
+from __future__ import annotations
+
+#: method name -> "module:Class" (loaded lazily by `fedsb.fed.methods.get_method_class`)
+METHODS: dict[str, str] = {
+    "fedsb": "fedsb.fed.fedsb:FedSB",
+}
+
+METHOD_NAMES: tuple[str, ...] = tuple(METHODS)

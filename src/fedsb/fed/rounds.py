@@ -1,0 +1,201 @@
+"""The one round loop: sample, broadcast, train, validate, aggregate, evaluate, checkpoint.
+
+Shared by the in-process simulator and the Flower app: both provide a `ClientExecutor` that turns a
+round's download into client updates; everything else happens here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from fedsb.errors import UpdateRejected
+from fedsb.fed.base import ClientUpdate, FederatedMethod, Tensors
+from fedsb.fed.ledger import Ledger
+from fedsb.fed.sampling import ClientSampler
+from fedsb.fed.validate import WIRE_DTYPES, validate_update
+
+log = logging.getLogger("fedsb.rounds")
+
+
+class RoundFailed(RuntimeError):
+    """Fewer than `min_clients` usable updates arrived in a round."""
+
+
+class ClientExecutor(Protocol):
+    """Runs local training for the sampled clients and yields their updates as they arrive."""
+
+    def train_round(
+        self, round: int, client_ids: Sequence[str], download: Tensors
+    ) -> Iterator[ClientUpdate]: ...
+
+
+def encode(tensors: Mapping[str, torch.Tensor], wire_dtype: torch.dtype) -> Tensors:
+    """Cast tensors to the wire dtype (what actually travels)."""
+    return {k: v.detach().to(wire_dtype).contiguous() for k, v in tensors.items()}
+
+
+def decode(tensors: Mapping[str, torch.Tensor]) -> Tensors:
+    """Back to fp32 for training and aggregation."""
+    return {k: v.to(torch.float32) for k, v in tensors.items()}
+
+
+@dataclass
+class RoundRecord:
+    """What happened in one round (stored in the results and in checkpoints)."""
+
+    round: int
+    sampled: list[str]
+    accepted: list[str] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+    client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    train_loss: float = float("nan")
+    eval: dict[str, Any] | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Server:
+    """Server-side round logic around a `FederatedMethod`; holds no model code of its own."""
+
+    def __init__(
+        self,
+        method: FederatedMethod,
+        sampler: ClientSampler,
+        ledger: Ledger,
+        *,
+        wire_dtype: str = "float32",
+        min_clients: int = 1,
+        max_update_norm: float | None = None,
+    ) -> None:
+        self.method = method
+        self.sampler = sampler
+        self.ledger = ledger
+        self.wire_dtype_name = wire_dtype
+        self.wire_dtype = WIRE_DTYPES[wire_dtype]
+        self.min_clients = min_clients
+        self.max_update_norm = max_update_norm
+        self.history: list[RoundRecord] = []
+
+    def run_round(self, round: int, executor: ClientExecutor, *, progress: bool = False) -> RoundRecord:
+        """Train and aggregate round `round` (1-based); raises `RoundFailed` below `min_clients`."""
+        t0 = time.perf_counter()
+        sampled = self.sampler.sample(round)
+        record = RoundRecord(round=round, sampled=sampled)
+        download = encode(self.method.download(), self.wire_dtype)
+        reference = decode(download)
+        spec = self.method.upload_spec()
+        for cid in sampled:
+            self.ledger.record(
+                round=round, client=cid, direction="down", tensors=download, dtype=self.wire_dtype_name
+            )
+        aggregator = self.method.new_aggregator()
+        seen: set[str] = set()
+        weighted_loss, loss_weight = 0.0, 0.0
+        client_seconds = 0.0
+        bar = tqdm(total=len(sampled), desc=f"round {round} clients", leave=False, disable=not progress)
+        for update in executor.train_round(round, sampled, download):
+            client_seconds += float(update.metrics.get("seconds", 0.0))
+            try:
+                validate_update(
+                    update,
+                    round=round,
+                    spec=spec,
+                    wire_dtype=self.wire_dtype,
+                    fingerprint=self.method.basis_fingerprint,
+                    sampled=sampled,
+                    seen=seen,
+                    reference=reference,
+                    max_norm=self.max_update_norm,
+                )
+            except UpdateRejected as exc:
+                log.warning("round %d: %s", round, exc)
+                record.rejected[update.client_id] = exc.reason
+                if update.client_id in sampled and update.client_id not in seen:
+                    self._record_up(round, update, "rejected")
+                continue
+            self._record_up(round, update, "ok")
+            aggregator.add(decode(update.tensors), update.num_examples)
+            seen.add(update.client_id)
+            record.accepted.append(update.client_id)
+            record.client_metrics[update.client_id] = {"num_examples": update.num_examples, **update.metrics}
+            w = aggregator.weight_of(update.num_examples)
+            if "loss" in update.metrics:
+                weighted_loss += w * float(update.metrics["loss"])
+                loss_weight += w
+            bar.update(1)
+        bar.close()
+        record.dropped = [c for c in sampled if c not in seen and c not in record.rejected]
+        if record.dropped:
+            log.warning("round %d: no update from %s", round, ", ".join(record.dropped))
+        if aggregator.count < self.min_clients:
+            reasons = "; ".join(f"{c}: {r}" for c, r in record.rejected.items()) or "none rejected"
+            raise RoundFailed(
+                f"round {round}: {aggregator.count} usable update(s), fed.min_clients={self.min_clients} "
+                f"(sampled {len(sampled)}, rejected {len(record.rejected)}, dropped {len(record.dropped)}; {reasons})"
+            )
+        t_agg = time.perf_counter()
+        self.method.apply(aggregator.result())
+        record.train_loss = weighted_loss / loss_weight if loss_weight else float("nan")
+        now = time.perf_counter()
+        record.seconds = {"total": now - t0, "clients": client_seconds, "aggregate": now - t_agg}
+        self.history.append(record)
+        return record
+
+    def _record_up(self, round: int, update: ClientUpdate, status: str) -> None:
+        self.ledger.record(
+            round=round,
+            client=update.client_id,
+            direction="up",
+            tensors=update.tensors,
+            dtype=self.wire_dtype_name,
+            status=status,
+        )
+
+
+def run_rounds(
+    server: Server,
+    executor: ClientExecutor,
+    *,
+    start_round: int,
+    rounds: int,
+    evaluate: Callable[[int], dict[str, Any]] | None = None,
+    eval_every: int = 1,
+    on_round_end: Callable[[RoundRecord], None] | None = None,
+    progress: bool = False,
+) -> list[RoundRecord]:
+    """Rounds start_round..rounds; evaluate every `eval_every` rounds and after the last; then `on_round_end`."""
+    done: list[RoundRecord] = []
+    bar = tqdm(
+        range(start_round, rounds + 1),
+        desc="rounds",
+        disable=not progress,
+        initial=start_round - 1,
+        total=rounds,
+    )
+    for t in bar:
+        record = server.run_round(t, executor, progress=progress)
+        if evaluate is not None and (t % eval_every == 0 or t == rounds):
+            t_eval = time.perf_counter()
+            server.method.install_global()
+            record.eval = evaluate(t)
+            record.seconds["eval"] = time.perf_counter() - t_eval
+        if on_round_end is not None:
+            t_cb = time.perf_counter()
+            on_round_end(record)
+            record.seconds["checkpoint"] = time.perf_counter() - t_cb
+        postfix = {"loss": f"{record.train_loss:.3f}"}
+        if record.eval and "accuracy" in record.eval:
+            postfix["acc"] = f"{record.eval['accuracy']:.3f}"
+        bar.set_postfix(postfix)
+        done.append(record)
+    return done

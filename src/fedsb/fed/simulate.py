@@ -1,0 +1,137 @@
+"""In-process simulator: every client trains on ONE shared frozen base model, one after another.
+
+A client's own state is its data and, if train.keep_optimizer_state, its optimizer state; its trainable
+tensors are loaded from the download before it trains, so nothing leaks between clients.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedsb.adapters.inject import AdaptedModel
+from fedsb.config import TrainConfig
+from fedsb.fed.base import ClientUpdate, FederatedMethod, Tensors
+from fedsb.fed.checkpoint import flatten_optimizer_state, unflatten_optimizer_state
+from fedsb.fed.rounds import decode, encode
+from fedsb.fed.validate import WIRE_DTYPES
+from fedsb.seeding import derive_seed
+from fedsb.train.local import LossFn, default_loss, steps_for, train_local
+from fedsb.train.schedule import round_schedule
+
+log = logging.getLogger("fedsb.simulate")
+
+Batch = Mapping[str, torch.Tensor]
+
+
+@dataclass
+class ClientData:
+    """A client's training data: its size N_i and `loader(seed)` giving one epoch of batches in a seeded order."""
+
+    num_examples: int
+    loader: Callable[[int], Iterable[Batch]]
+
+
+class InProcessExecutor:
+    """Trains the sampled clients sequentially on the shared model and yields their updates."""
+
+    def __init__(
+        self,
+        method: FederatedMethod,
+        adapted: AdaptedModel,
+        clients: Mapping[str, ClientData],
+        train_cfg: TrainConfig,
+        *,
+        rounds: int,
+        seed: int,
+        wire_dtype: str = "float32",
+        loss_fn: LossFn = default_loss,
+        progress: bool = False,
+    ) -> None:
+        self.method = method
+        self.adapted = adapted
+        self.clients = dict(clients)
+        self.cfg = train_cfg
+        self.rounds = rounds
+        self.seed = seed
+        self.wire_dtype = WIRE_DTYPES[wire_dtype]
+        self.loss_fn = loss_fn
+        self.progress = progress
+        self.optimizer_states: dict[str, dict[str, Any]] = {}
+
+    def train_round(self, round: int, client_ids: Sequence[str], download: Tensors) -> Iterator[ClientUpdate]:
+        for cid in client_ids:
+            yield self.train_client(round, cid, download)
+
+    def train_client(self, round: int, cid: str, download: Tensors) -> ClientUpdate:
+        """One client's round: load the global state, train locally, return its (wire-encoded) update."""
+        data = self.clients[cid]
+        self.method.client_receive(self.adapted, decode(download))
+        steps = steps_for(data.num_examples, self.cfg)
+        schedule, offset = round_schedule(
+            base_lr=self.cfg.lr,
+            kind=self.cfg.schedule,
+            warmup_ratio=self.cfg.warmup_ratio,
+            scope=self.cfg.schedule_scope,
+            steps_per_round=steps,
+            rounds=self.rounds,
+            round=round,
+        )
+
+        def make_epoch(epoch: int) -> Iterable[Batch]:
+            return data.loader(derive_seed(self.seed, "data", cid, round, epoch))
+
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps, desc=f"  {cid} steps", leave=False)
+        result, opt_state = train_local(
+            self.adapted.model,
+            self.adapted.trainable_parameters(),
+            make_epoch,
+            self.cfg,
+            steps=steps,
+            schedule=schedule,
+            step_offset=offset,
+            optimizer_state=self.optimizer_states.get(cid) if self.cfg.keep_optimizer_state else None,
+            seed=derive_seed(self.seed, "dropout", cid, round),
+            loss_fn=self.loss_fn,
+            on_step=(lambda k, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}"))) if bar else None,
+        )
+        if bar is not None:
+            bar.close()
+        if self.cfg.keep_optimizer_state:
+            self.optimizer_states[cid] = opt_state
+        return ClientUpdate(
+            client_id=cid,
+            round=round,
+            num_examples=data.num_examples,
+            tensors=encode(self.method.client_upload(self.adapted), self.wire_dtype),
+            basis_fingerprint=self.method.basis_fingerprint,
+            metrics={
+                "loss": result.mean_loss,
+                "first_loss": result.losses[0],
+                "steps": result.steps,
+                "seconds": result.seconds,
+            },
+        )
+
+    # ---- client-side state for checkpoints ------------------------------------------------------------------
+    def state_dict(self) -> tuple[Tensors, dict[str, Any]]:
+        tensors: Tensors = {}
+        meta: dict[str, Any] = {}
+        for cid, state in self.optimizer_states.items():
+            t, m = flatten_optimizer_state(f"opt/{cid}", state)
+            tensors.update(t)
+            meta[cid] = m
+        return tensors, meta
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        self.optimizer_states = {
+            cid: unflatten_optimizer_state(f"opt/{cid}", dict(tensors), m) for cid, m in meta.items()
+        }

@@ -1,0 +1,80 @@
+"""Checks on a client update before it may enter the aggregate; each failure has a logged reason."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping
+
+import torch
+
+from fedsb.errors import UpdateRejected
+from fedsb.fed.base import ClientUpdate
+
+WIRE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def validate_update(
+    update: ClientUpdate,
+    *,
+    round: int,
+    spec: Mapping[str, tuple[int, ...]],
+    wire_dtype: torch.dtype,
+    fingerprint: str | None,
+    sampled: Collection[str],
+    seen: Collection[str],
+    reference: Mapping[str, torch.Tensor] | None = None,
+    max_norm: float | None = None,
+) -> None:
+    """Raise `UpdateRejected` with a reason if the update must not be aggregated.
+
+    Checks, in order: round (stale or future), client sampled this round, duplicate, example count, basis
+    fingerprint, key set, shapes, dtype, finite values, and the norm bound: the Frobenius norm of the change
+    sum_k ||T_k - reference_k||^2 over all tensors (the change a client proposes, not its absolute state).
+    """
+    cid = update.client_id
+    if update.round != round:
+        raise UpdateRejected(
+            cid, f"update is for round {update.round}, the server is in round {round} (stale or future)"
+        )
+    if cid not in sampled:
+        raise UpdateRejected(cid, f"client was not sampled in round {round}")
+    if cid in seen:
+        raise UpdateRejected(cid, f"duplicate update: client already reported in round {round}")
+    if (
+        isinstance(update.num_examples, bool)
+        or not isinstance(update.num_examples, int)
+        or update.num_examples <= 0
+    ):
+        raise UpdateRejected(cid, f"num_examples={update.num_examples!r} must be a positive integer")
+    if fingerprint is not None and update.basis_fingerprint != fingerprint:
+        got = (update.basis_fingerprint or "none")[:12]
+        raise UpdateRejected(cid, f"basis fingerprint {got} does not match the server's {fingerprint[:12]}")
+    keys = set(update.tensors)
+    unexpected, missing = sorted(keys - set(spec)), sorted(set(spec) - keys)
+    if unexpected:
+        raise UpdateRejected(
+            cid, f"unexpected tensors {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}"
+        )
+    if missing:
+        raise UpdateRejected(cid, f"missing tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    for name, t in update.tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise UpdateRejected(cid, f"{name} is a {type(t).__name__}, not a tensor")
+        if tuple(t.shape) != tuple(spec[name]):
+            raise UpdateRejected(cid, f"{name} has shape {tuple(t.shape)}, expected {tuple(spec[name])}")
+        if t.dtype != wire_dtype:
+            raise UpdateRejected(cid, f"{name} has dtype {t.dtype}, expected the wire dtype {wire_dtype}")
+        if not torch.isfinite(t).all():
+            raise UpdateRejected(cid, f"{name} contains NaN or Inf")
+    if max_norm is not None:
+        sq = 0.0
+        for name, t in update.tensors.items():
+            ref = reference[name].float() if reference is not None else 0.0
+            sq += float(torch.sum((t.float() - ref) ** 2))
+        norm = math.sqrt(sq)
+        if norm > max_norm:
+            raise UpdateRejected(cid, f"update norm {norm:.4g} exceeds fed.max_update_norm={max_norm:g}")

@@ -1,0 +1,142 @@
+"""Compute a basis for a model (without changing it) and attach LoRA-SB layers built from a basis."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from fedsb.adapters.inject import (
+    DEFAULT_EXCLUDE,
+    AdaptedModel,
+    check_model_dtype,
+    default_targets,
+    find_target_modules,
+    inject_adapters,
+    lora_sb_factory,
+    resolve_ranks,
+)
+from fedsb.adapters.layer import LoraSBLinear, linear_dims, weight_in_linear_layout
+from fedsb.errors import FedsbError
+from fedsb.init.basis import INIT_KINDS, Basis, lora_sb_basis, lora_xs_basis, random_basis
+from fedsb.init.grad_estimate import Batch, LossFn, default_loss, estimate_gradients
+
+log = logging.getLogger("fedsb.init")
+
+
+def resolve_targets(
+    model: nn.Module, targets: Sequence[str] | str, exclude: Sequence[str]
+) -> dict[str, nn.Module]:
+    """Module path -> base layer for `targets` ('auto' = the architecture family's defaults)."""
+    specs = default_targets(model) if targets == "auto" else targets
+    return find_target_modules(model, specs, exclude=exclude)
+
+
+def compute_basis(
+    model: nn.Module,
+    *,
+    rank: int,
+    targets: Sequence[str] | str = "auto",
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    rank_overflow: str = "cap",
+    init: str = "lora-sb",
+    batches: Iterable[Batch] | None = None,
+    num_samples: int | None = None,
+    loss_fn: LossFn = default_loss,
+    train_step: Callable[[nn.Module], None] | None = None,
+    eta: float = 1e-4,
+    scaling: float = 1.0,
+    svd: str = "exact",
+    oversample: int = 10,
+    power_iters: int = 4,
+    generator: torch.Generator | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> Basis:
+    """The frozen basis and R0 for `model`; the model itself is left exactly as it was.
+
+    init='lora-sb' estimates G_W over `num_samples` examples of `batches` (or via `train_step`), then takes
+    dW = -eta * sign(G_W) and its truncated SVD. 'lora-xs' uses the SVD of W0; 'random' random orthonormal
+    bases (both data-free). `generator` drives every random draw (randomized SVD, random bases).
+    """
+    if init not in INIT_KINDS:
+        raise FedsbError(field="init", value=init, fix=f"use one of {', '.join(INIT_KINDS)}")
+    check_model_dtype(model)
+    modules = resolve_targets(model, targets, exclude)
+    ranks = resolve_ranks(modules, rank, rank_overflow=rank_overflow)
+    if init == "lora-sb":
+        weights = {path: m.weight for path, m in modules.items()}
+        grads = estimate_gradients(
+            model,
+            weights,
+            batches,
+            num_samples=num_samples,
+            loss_fn=loss_fn,
+            train_step=train_step,
+            on_batch=on_batch,
+        )
+        # Conv1D stores its weight (n, m): turn gradients into weight orientation (m, n)
+        grads = {p: (g.T if isinstance(modules[p], Conv1D) else g) for p, g in grads.items()}
+        basis = lora_sb_basis(
+            grads,
+            ranks,
+            eta=eta,
+            scaling=scaling,
+            svd=svd,
+            oversample=oversample,
+            power_iters=power_iters,
+            generator=generator,
+        )
+        basis.info["num_samples"] = num_samples
+    elif init == "lora-xs":
+        w = {p: weight_in_linear_layout(m).detach().float() for p, m in modules.items()}
+        basis = lora_xs_basis(w, ranks, scaling=scaling, generator=generator)
+    else:
+        if generator is None:
+            raise FedsbError(field="generator", value=None, fix="pass a torch.Generator for init='random'")
+        basis = random_basis(
+            {p: linear_dims(m) for p, m in modules.items()}, ranks, generator=generator, scaling=scaling
+        )
+    log.info(
+        "basis %s: %d modules, %s init, fingerprint %s",
+        basis.info["init"],
+        len(modules),
+        init,
+        basis.fingerprint[:12],
+    )
+    return basis
+
+
+def attach_basis(
+    model: nn.Module,
+    basis: Basis,
+    *,
+    dropout: float = 0.0,
+    extra_trainable: Sequence[str] | str = "auto",
+) -> AdaptedModel:
+    """Wrap every module named in `basis` with a `LoraSBLinear` holding B, A and R = R0."""
+    try:
+        modules = {path: model.get_submodule(path) for path in basis.factors}
+    except AttributeError as exc:
+        raise FedsbError(
+            field="basis", value=str(exc), fix="use a basis computed for this model architecture"
+        ) from None
+    adapted = inject_adapters(
+        model,
+        modules,
+        lora_sb_factory(scaling=basis.scaling, dropout=dropout),
+        basis.ranks,
+        extra_trainable=extra_trainable,
+    )
+    for path, layer in adapted.layers.items():
+        f = basis.factors[path]
+        assert isinstance(layer, LoraSBLinear)
+        layer.set_factors(f.B, f.A, f.R0)
+    return adapted
+
+
+def r_parameter_names(adapted: AdaptedModel) -> dict[str, str]:
+    """Module path -> name of its R parameter (``<path>.lora_sb_R.weight``)."""
+    return {path: f"{path}.lora_sb_R.weight" for path in adapted.layers}

@@ -1,0 +1,475 @@
+"""The main job: config -> model -> init -> clients -> rounds -> evaluate -> export, with resume.
+
+`run_job` is what `fedsb run` calls. Every stage writes into one results directory:
+config.yaml, manifest.json, results.json, learning_curve.png, basis/, checkpoints/, adapter/, peft/.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedsb.config import RunConfig, config_from_dict, config_to_yaml, load_yaml
+from fedsb.errors import CheckpointError, ConfigError, FedsbError
+from fedsb.seeding import derive_seed
+
+log = logging.getLogger("fedsb.run")
+
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class PreparedData:
+    """Everything data-side the rounds need: per-client loaders, the test set, the init batches."""
+
+    task: Any
+    clients: dict[str, Any]
+    client_sizes: dict[str, int]
+    partition_stats: dict[str, Any]
+    test: Any
+    init_data: Any
+    init_info: dict[str, Any] = field(default_factory=dict)
+
+
+def default_output_dir() -> Path:
+    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def configure_torch(cfg: RunConfig) -> None:
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def prepare_data(cfg: RunConfig, tokenizer: Any) -> PreparedData:
+    """Load and partition the task's data, tokenize each client's shard, and pick the init data."""
+    from fedsb.data.partition import partition_dataset, partition_stats
+    from fedsb.data.tasks import get_task, make_train_loader, tokenize_for_training
+    from fedsb.fed.simulate import ClientData
+
+    task = get_task(cfg.data.task, **cfg.data.options)
+    if task.kind != "generate":
+        raise ConfigError(
+            field="data.task", value=cfg.data.task, fix="the simulator currently runs generation tasks"
+        )
+    train = task.load("train", cfg.data.train_size, cfg.seed)
+    test = task.load("test", cfg.data.test_size, cfg.seed)
+    column = cfg.partition.column or task.partition_column
+    parts = partition_dataset(
+        train,
+        scheme=cfg.partition.scheme,
+        num_clients=cfg.partition.num_clients,
+        seed=derive_seed(cfg.seed, "partition") % (2**32),
+        column=column if cfg.partition.scheme in ("dirichlet", "natural") else None,
+        alpha=cfg.partition.alpha,
+        min_size=cfg.partition.min_size,
+    )
+    stats = partition_stats(parts, column if column in train.column_names else None)
+    width = max(2, len(str(len(parts) - 1)))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    clients: dict[str, ClientData] = {}
+    sizes: dict[str, int] = {}
+    for i, part in enumerate(parts):
+        cid = f"client-{i:0{width}d}"
+        tokenized = tokenize_for_training(part, task, tokenizer, cfg.data.max_length)
+
+        def loader(seed: int, ds: Any = tokenized) -> Any:
+            return make_train_loader(ds, cfg.train.batch_size, seed=seed % (2**63), pad_token_id=pad_id)
+
+        clients[cid] = ClientData(num_examples=len(tokenized), loader=loader)
+        sizes[cid] = len(tokenized)
+    stats["client_ids"] = list(clients)
+    # init data: the server's own proxy sample (federated) or the clients' pooled data (paper; not federated)
+    if cfg.init.source == "server":
+        init_rows = task.load("init", cfg.init.server_size, cfg.seed)
+    else:
+        import datasets
+
+        init_rows = datasets.concatenate_datasets(parts).shuffle(
+            seed=derive_seed(cfg.seed, "pooled-init") % (2**32)
+        )
+    init_data = tokenize_for_training(init_rows, task, tokenizer, cfg.data.max_length)
+    n = cfg.init.num_samples or max(
+        cfg.init.min_samples, math.ceil(cfg.init.sample_fraction * len(init_data))
+    )
+    n = min(n, len(init_data))
+    info = {
+        "source": cfg.init.source,
+        "federated": cfg.init.source == "server",
+        "pool_size": len(init_data),
+        "num_samples": n,
+        "note": "gradient estimate on the server's proxy sample; no client data touched"
+        if cfg.init.source == "server"
+        else "NOT FEDERATED: the basis is computed from raw examples of the clients' pooled training data",
+    }
+    return PreparedData(task, clients, sizes, stats, test, init_data, info)
+
+
+def compute_run_basis(cfg: RunConfig, model: torch.nn.Module, data: PreparedData, tokenizer: Any) -> Any:
+    """The server's one-time basis from the configured init data (or a data-free init)."""
+    from fedsb.data.tasks import make_train_loader
+    from fedsb.init.initialize import compute_basis
+    from fedsb.init.svd import official_eta
+
+    n = data.init_info["num_samples"]
+    eta = cfg.init.eta
+    if cfg.init.eta_rule == "official":
+        batches_per_epoch = math.ceil(data.init_info["pool_size"] / cfg.init.batch_size)
+        eta = official_eta(
+            cfg.train.lr, cfg.train.warmup_ratio, batches_per_epoch, cfg.train.local_epochs or 1.0
+        )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = make_train_loader(
+        data.init_data, cfg.init.batch_size, seed=derive_seed(cfg.seed, "init") % (2**63), pad_token_id=pad_id
+    )
+    t0 = time.perf_counter()
+    basis = compute_basis(
+        model,
+        rank=cfg.adapter.rank,
+        targets=cfg.adapter.targets,
+        rank_overflow=cfg.adapter.rank_overflow,
+        init=cfg.init.method,
+        batches=batches if cfg.init.method == "lora-sb" else None,
+        num_samples=n if cfg.init.method == "lora-sb" else None,
+        eta=eta,
+        scaling=cfg.adapter.scaling,
+        svd=cfg.init.svd,
+        oversample=cfg.init.oversample,
+        power_iters=cfg.init.power_iters,
+        generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "basis")),
+    )
+    data.init_info.update(
+        eta=eta, eta_rule=cfg.init.eta_rule, method=cfg.init.method, seconds=time.perf_counter() - t0
+    )
+    if cfg.init.method != "lora-sb":
+        data.init_info.update(num_samples=0, federated=True, note=f"data-free {cfg.init.method} init")
+    basis.info.update(data.init_info)
+    return basis
+
+
+def resolve_resume_config(resume: Path, overrides: list[str]) -> RunConfig:
+    """The saved config of a run; only fed.rounds may be overridden (to extend a run)."""
+    from fedsb.config import merge_overrides
+
+    path = resume / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{resume} is not a fedsb run directory ({CONFIG_FILE} missing)")
+    allowed = [o for o in overrides if o.split("=", 1)[0].strip() == "fed.rounds"]
+    ignored = [o for o in overrides if o not in allowed]
+    if ignored:
+        log.warning(
+            "--resume uses the saved configuration; ignoring %s (only fed.rounds may change)", ignored
+        )
+    return config_from_dict(merge_overrides(load_yaml(path), allowed))
+
+
+def run_job(
+    cfg: RunConfig,
+    *,
+    resume: str | Path | None = None,
+    stop_after_round: int | None = None,
+    echo: Callable[[str], None] = print,
+    command: list[str] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) a federated fine-tuning job and return the results dict (also in results.json)."""
+    from fedsb.eval.generate import evaluate_generation
+    from fedsb.export import export_peft, save_adapter
+    from fedsb.fed.base import get_method_class
+    from fedsb.fed.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from fedsb.fed.ledger import Ledger
+    from fedsb.fed.rounds import Server, run_rounds
+    from fedsb.fed.sampling import ClientSampler
+    from fedsb.fed.simulate import InProcessExecutor
+    from fedsb.init.basis import Basis
+    from fedsb.init.initialize import attach_basis
+    from fedsb.models import load_model
+    from fedsb.results import (
+        final_table,
+        git_state,
+        package_versions,
+        plot_learning_curve,
+        system_info,
+        write_json,
+    )
+
+    t_start = time.perf_counter()
+    configure_torch(cfg)
+    out = Path(resume) if resume else Path(cfg.output_dir) if cfg.output_dir else default_output_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume and (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
+        raise ConfigError(
+            field="output_dir",
+            value=str(out),
+            what="already holds a run",
+            fix=f"use --resume {out} or another output_dir",
+        )
+    (out / CONFIG_FILE).write_text(config_to_yaml(cfg))
+    echo(f"fedsb: results in {out}")
+
+    # ---- model and data --------------------------------------------------------------------------------
+    loaded = load_model(
+        cfg.model.name, task="causal_lm", dtype=cfg.model.dtype, seed=derive_seed(cfg.seed, "model") % (2**32)
+    )
+    model, tokenizer = loaded.model, loaded.tokenizer
+    data = prepare_data(cfg, tokenizer)
+    echo(
+        f"clients: {len(data.clients)} with sizes {list(data.client_sizes.values())}; test examples: {len(data.test)}"
+    )
+
+    # ---- basis: computed once by the server (or loaded when resuming) -----------------------------------
+    basis_dir = out / "basis"
+    if resume and basis_dir.exists():
+        basis = Basis.load(basis_dir)
+        data.init_info.update(
+            {k: basis.info[k] for k in ("eta", "eta_rule", "method", "seconds") if k in basis.info}
+        )
+    else:
+        basis = compute_run_basis(cfg, model, data, tokenizer)
+        basis.save(basis_dir)
+    echo(
+        f"basis: {cfg.init.method} from {data.init_info['num_samples']} {cfg.init.source} examples, "
+        f"eta={data.init_info.get('eta')}, fingerprint {basis.fingerprint[:12]}"
+    )
+    adapted = attach_basis(
+        model, basis, dropout=cfg.adapter.dropout, extra_trainable=cfg.adapter.extra_trainable
+    )
+    method = get_method_class(cfg.fed.method)(adapted, basis, weighting=cfg.fed.weighting)
+
+    # ---- ledger one-time lines, server, executor ------------------------------------------------------------
+    ledger = Ledger(wire_dtype=cfg.fed.wire_dtype)
+    ledger.record_one_time(
+        item="basis broadcast (B, A per layer, fp32, with fingerprint)",
+        direction="down",
+        clients=len(data.clients),
+        tensors=method.setup_payload(),
+        note="once per client; not part of the per-round figures",
+    )
+    ledger.record_one_time(
+        item=f"initialization data ({cfg.init.source})",
+        direction="none" if cfg.init.source == "server" else "up",
+        clients=0 if cfg.init.source == "server" else len(data.clients),
+        note=data.init_info["note"] + f"; {data.init_info['num_samples']} examples",
+    )
+    sampler = ClientSampler(
+        list(data.clients), cfg.fed.clients_per_round, seed=derive_seed(cfg.seed, "sampling")
+    )
+    server = Server(
+        method,
+        sampler,
+        ledger,
+        wire_dtype=cfg.fed.wire_dtype,
+        min_clients=cfg.fed.min_clients,
+        max_update_norm=cfg.fed.max_update_norm,
+    )
+    executor = InProcessExecutor(
+        method,
+        adapted,
+        data.clients,
+        cfg.train,
+        rounds=cfg.fed.rounds,
+        seed=cfg.seed,
+        wire_dtype=cfg.fed.wire_dtype,
+        progress=cfg.progress,
+    )
+    eval_bf16 = cfg.train.bf16 if cfg.eval.bf16 is None else cfg.eval.bf16
+
+    def evaluate(_: int) -> dict[str, Any]:
+        res = evaluate_generation(
+            adapted.model,
+            tokenizer,
+            data.task,
+            data.test,
+            batch_size=cfg.eval.batch_size,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            bf16=eval_bf16,
+            progress=cfg.progress,
+        )
+        return res.to_dict()
+
+    # ---- resume or evaluate the untuned model ----------------------------------------------------------------
+    start_round, before = 1, None
+    ckpt_root = out / "checkpoints"
+    if resume:
+        latest = latest_checkpoint(ckpt_root)
+        if latest is None:
+            raise CheckpointError(f"{ckpt_root} holds no checkpoint to resume from")
+        rnd, tensors, state = load_checkpoint(latest)
+        if state["basis_fingerprint"] != basis.fingerprint:
+            raise CheckpointError(
+                f"checkpoint {latest} belongs to basis {state['basis_fingerprint'][:12]}, not {basis.fingerprint[:12]}"
+            )
+        method.load_state_tensors(
+            {k.removeprefix("global/"): v for k, v in tensors.items() if k.startswith("global/")}
+        )
+        executor.load_state_dict(
+            {k: v for k, v in tensors.items() if k.startswith("opt/")}, state["executor"]
+        )
+        ledger.load_state_dict(state["ledger"])
+        from fedsb.fed.rounds import RoundRecord
+
+        server.history = [RoundRecord(**r) for r in state["history"]]
+        before = state.get("before")
+        start_round = rnd + 1
+        echo(f"resuming after round {rnd} from {latest}")
+    else:
+        r_names = {f"{p}.lora_sb_R.weight" for p in adapted.layers}
+        adapted.set_state(
+            {k: (torch.zeros_like(v) if k in r_names else v) for k, v in method.state.items()}
+        )  # R = 0: W0
+        before = evaluate(0)
+        method.install_global()
+        echo(f"untuned accuracy: {100 * before['accuracy']:.1f}% ({before['correct']}/{before['total']})")
+
+    results: dict[str, Any] = {
+        "method": cfg.fed.method,
+        "task": cfg.data.task,
+        "model": cfg.model.name,
+        "num_clients": len(data.clients),
+        "output_dir": str(out),
+        "before": before,
+        "init": data.init_info,
+        "basis_fingerprint": basis.fingerprint,
+    }
+    manifest = {
+        "command": command or sys.argv,
+        "started": datetime.now().isoformat(timespec="seconds"),
+        "packages": package_versions(),
+        "git": git_state(),
+        "system": system_info(),
+        "seeds": {
+            "seed": cfg.seed,
+            "sampling": derive_seed(cfg.seed, "sampling"),
+            "partition": derive_seed(cfg.seed, "partition") % (2**32),
+            "init": derive_seed(cfg.seed, "init"),
+            "basis": derive_seed(cfg.seed, "basis"),
+        },
+        "basis_fingerprint": basis.fingerprint,
+        "model": {"name": loaded.name, "source": loaded.source, "model_type": loaded.model_type},
+        "adapter": {
+            "modules": len(basis.factors),
+            "ranks": sorted(set(basis.ranks.values())),
+            "trainable": adapted.num_trainable(),
+        },
+        "init": data.init_info,
+        "federated_init": data.init_info["federated"],
+        "partition": data.partition_stats,
+        "resumed": bool(resume),
+    }
+    write_json(out / "manifest.json", manifest)
+
+    def finish_results(rounds_completed: int) -> dict[str, Any]:
+        hist = [r.to_dict() for r in server.history]
+        evals = [r["eval"] for r in hist if r.get("eval")]
+        results.update(
+            rounds=hist,
+            rounds_completed=rounds_completed,
+            final=evals[-1] if evals else None,
+            ledger={**ledger.summary(), "schemas": ledger.schemas, "entries": ledger.entries},
+            timing=_timing(hist, time.perf_counter() - t_start),
+        )
+        return results
+
+    def on_round_end(record: Any) -> None:
+        tensors = {f"global/{k}": v for k, v in method.state_tensors().items()}
+        opt_tensors, opt_meta = executor.state_dict()
+        tensors.update(opt_tensors)
+        state = {
+            "basis_fingerprint": basis.fingerprint,
+            "history": [r.to_dict() for r in server.history],
+            "ledger": ledger.state_dict(),
+            "sampler": sampler.state_dict(),
+            "executor": opt_meta,
+            "before": before,
+            "torch_rng": torch.get_rng_state().tolist(),
+        }
+        save_checkpoint(ckpt_root, record.round, tensors, state, keep=cfg.fed.keep_checkpoints)
+        write_json(out / "results.json", finish_results(record.round))
+        if (
+            stop_after_round is not None
+            and record.round >= stop_after_round
+            and record.round < cfg.fed.rounds
+        ):
+            raise _StopRequested(record.round)
+
+    last_round = start_round - 1
+    if start_round <= cfg.fed.rounds:
+        try:
+            run_rounds(
+                server,
+                executor,
+                start_round=start_round,
+                rounds=cfg.fed.rounds,
+                evaluate=evaluate,
+                eval_every=cfg.eval.every,
+                on_round_end=on_round_end,
+                progress=cfg.progress,
+            )
+            last_round = cfg.fed.rounds
+        except _StopRequested as stop:
+            echo(f"stopped after round {stop.round} as requested; continue with: fedsb run --resume {out}")
+            return finish_results(stop.round)
+    else:
+        echo(f"all {cfg.fed.rounds} rounds are already done")
+
+    # ---- export and report --------------------------------------------------------------------------------------
+    method.install_global()
+    save_adapter(
+        adapted,
+        out / "adapter",
+        base_model=loaded.name,
+        basis_fingerprint=basis.fingerprint,
+        extra_meta={"rounds": last_round},
+    )
+    if cfg.export_peft:
+        summary = export_peft(
+            adapted, out / "peft", base_model=loaded.source if os.path.isdir(loaded.source) else loaded.name
+        )
+        results["export"] = summary
+    finish_results(last_round)
+    write_json(out / "results.json", results)
+    manifest["finished"] = datetime.now().isoformat(timespec="seconds")
+    write_json(out / "manifest.json", manifest)
+    plot_learning_curve(results, out / "learning_curve.png")
+    echo(final_table(results))
+    return results
+
+
+class _StopRequested(Exception):
+    def __init__(self, round: int) -> None:
+        self.round = round
+
+
+def _timing(history: list[dict[str, Any]], total: float) -> dict[str, Any]:
+    """Wall-time split: local training (forward/backward/step), evaluation, and round-loop overhead."""
+    clients = sum(r["seconds"].get("clients", 0.0) for r in history)
+    evals = sum(r["seconds"].get("eval", 0.0) for r in history)
+    rounds_total = sum(
+        r["seconds"].get("total", 0.0) + r["seconds"].get("eval", 0.0) + r["seconds"].get("checkpoint", 0.0)
+        for r in history
+    )
+    overhead = rounds_total - clients - evals
+    return {
+        "total_seconds": total,
+        "rounds_seconds": rounds_total,
+        "local_training_seconds": clients,
+        "eval_seconds": evals,
+        "round_overhead_seconds": overhead,
+        "round_overhead_fraction": overhead / rounds_total if rounds_total > 0 else 0.0,
+    }
+
+
+def describe_error(exc: BaseException) -> str:
+    """One-line message for CLI errors."""
+    if isinstance(exc, FedsbError | CheckpointError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny models built from configs in code (no hub, no files), seeded."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+from transformers import BertForSequenceClassification, GPT2LMHeadModel, LlamaForCausalLM
+
+from tiny import make_tiny_bert_cls, make_tiny_gpt2, make_tiny_llama
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_llama() -> LlamaForCausalLM:
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def tiny_gpt2() -> GPT2LMHeadModel:
+    return make_tiny_gpt2()
+
+
+@pytest.fixture
+def tiny_bert_cls() -> BertForSequenceClassification:
+    return make_tiny_bert_cls()

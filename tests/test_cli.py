@@ -1,0 +1,124 @@
+"""The real CLI end to end on a tiny model: result files, pinned first losses, resume, errors, help."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedsb.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+def _run(tmp: Path, *extra: str) -> int:
+    return main(["run", "--config", TINY, "--output", str(tmp), "--no-progress", *extra])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    assert _run(out) == 0
+    return out
+
+
+def test_run_writes_all_result_files(tiny_run: Path) -> None:
+    for name in ("config.yaml", "manifest.json", "results.json", "learning_curve.png"):
+        assert (tiny_run / name).is_file(), name
+    for name in (
+        "adapter/adapter.safetensors",
+        "adapter/fedsb_adapter.json",
+        "basis/basis.json",
+        "peft/adapter_config.json",
+    ):
+        assert (tiny_run / name).is_file(), name
+    results = json.loads((tiny_run / "results.json").read_text())
+    assert results["rounds_completed"] == 2 and len(results["rounds"]) == 2
+    assert all(r["accepted"] == ["client-00", "client-01"] for r in results["rounds"])
+    assert results["before"]["total"] == 16 and results["final"]["total"] == 16
+    ledger = results["ledger"]
+    per_message = 14 * 4 * 4  # 14 layers x r^2, r = 4
+    assert ledger["params_per_client_per_round_one_way"] == per_message
+    assert (
+        ledger["totals"]["bytes_rounds"] == 2 * 2 * 2 * per_message * 4
+    )  # rounds x clients x (up+down) x fp32
+    assert ledger["one_time"][0]["params_per_client"] == sum(4 * (m + n) for m, n in _tiny_shapes())
+    manifest = json.loads((tiny_run / "manifest.json").read_text())
+    assert manifest["basis_fingerprint"] == results["basis_fingerprint"]
+    assert manifest["federated_init"] is True and manifest["partition"]["sizes"] == [32, 32]
+    assert manifest["packages"]["torch"] and "git" in manifest and manifest["seeds"]["seed"] == 0
+
+
+def _tiny_shapes():
+    # tiny-llama: hidden 32, intermediate 64, 4 heads, 2 KV heads (k, v: 16 x 32), 2 layers
+    per_layer = [(32, 32), (16, 32), (16, 32), (32, 32), (64, 32), (64, 32), (32, 64)]
+    return per_layer * 2
+
+
+def test_first_losses_are_pinned(tiny_run: Path) -> None:
+    results = json.loads((tiny_run / "results.json").read_text())
+    first = [results["rounds"][0]["client_metrics"][c]["first_loss"] for c in ("client-00", "client-01")]
+    # character-level tiny Llama on arithmetic answers: ~ln(101) = 4.6 at random init
+    assert first == pytest.approx(PINNED_FIRST_LOSSES, rel=1e-4)
+
+
+PINNED_FIRST_LOSSES = [4.659668, 4.649140]
+
+
+def test_resume_after_stop_is_bit_identical(tiny_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "interrupted"
+    assert _run(out, "--stop-after-round", "1") == 0
+    assert not (out / "adapter").exists()
+    assert main(["run", "--resume", str(out), "--no-progress"]) == 0
+    a = load_file(str(tiny_run / "adapter" / "adapter.safetensors"))
+    b = load_file(str(out / "adapter" / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra = json.loads((tiny_run / "results.json").read_text())
+    rb = json.loads((out / "results.json").read_text())
+    assert ra["final"]["accuracy"] == rb["final"]["accuracy"]
+    assert ra["ledger"]["totals"] == rb["ledger"]["totals"]
+
+
+def test_corrupted_checkpoint_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert _run(out, "--stop-after-round", "1") == 0
+    ckpt = out / "checkpoints" / "round-0001" / "state.json"
+    ckpt.write_text(ckpt.read_text().replace('"round": 1', '"round": 7'))
+    assert main(["run", "--resume", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "corrupted" in err and "round-0001" in err
+
+
+def test_bad_settings_name_field_value_and_fix(tmp_path: Path, capsys) -> None:
+    assert _run(tmp_path, "adapter.rank=0") == 2
+    assert "adapter.rank=0" in capsys.readouterr().err
+    assert _run(tmp_path, "train.lr=fast") == 2
+    assert "train.lr='fast'" in capsys.readouterr().err
+    assert _run(tmp_path, "fed.method=fedavg") == 2
+    err = capsys.readouterr().err
+    assert "fed.method='fedavg'" in err and "fedsb" in err
+    assert _run(tmp_path, "adapter.targets=[nonexistent]") == 2
+    assert "target_modules='nonexistent' matches no adaptable layer" in capsys.readouterr().err
+    assert _run(tmp_path, "train.local_epochs=1") == 2
+    assert "exactly one of train.local_steps and train.local_epochs" in capsys.readouterr().err
+    assert _run(tmp_path, "fed.rouns=3") == 2
+    assert "fed.rouns=3 is not a known setting" in capsys.readouterr().err
+
+
+def test_help_smoke() -> None:
+    for args in (["--help"], ["run", "--help"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "fedsb", *args], capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert "usage: fedsb" in proc.stdout
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedsb", "run", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert "fed.rounds" in proc.stdout and "--resume" in proc.stdout
