@@ -36,17 +36,19 @@ class ClientUpdate:
 
 
 class WeightedMean:
-    """Streaming sum_i w_i T_i / sum_i w_i per tensor, accumulated in float64.
+    """Streaming sum_i w_i T_i / sum_i w_i per tensor, accumulated in float64 in one flat buffer.
 
     w_i = N_i (weighting='examples') or 1 ('uniform'). One instance per round: nothing from an earlier
-    round can leak into this round's aggregate.
+    round can leak into this round's aggregate. All updates must carry the same tensor names and shapes
+    (the round loop validates them first).
     """
 
     def __init__(self, weighting: str = "examples") -> None:
         if weighting not in ("examples", "uniform"):
             raise FedsbError(field="fed.weighting", value=weighting, fix="use 'examples' or 'uniform'")
         self.weighting = weighting
-        self.sums: dict[str, torch.Tensor] = {}
+        self.layout: list[tuple[str, torch.Size]] = []
+        self.flat_sum: torch.Tensor | None = None  # (sum of numel,) float64
         self.total_weight = 0.0
         self.count = 0
 
@@ -54,17 +56,25 @@ class WeightedMean:
         return float(num_examples) if self.weighting == "examples" else 1.0
 
     def add(self, tensors: Mapping[str, torch.Tensor], num_examples: int) -> None:
-        w = self.weight_of(num_examples)
-        for k, t in tensors.items():
-            contrib = w * t.detach().to(torch.float64)
-            self.sums[k] = self.sums[k] + contrib if k in self.sums else contrib
-        self.total_weight += w
+        if self.flat_sum is None:
+            self.layout = [(k, t.shape) for k, t in tensors.items()]
+            self.flat_sum = torch.zeros(sum(t.numel() for t in tensors.values()), dtype=torch.float64)
+        flat = torch.cat([tensors[k].detach().reshape(-1) for k, _ in self.layout]).to(torch.float64)
+        self.flat_sum.add_(flat, alpha=self.weight_of(num_examples))
+        self.total_weight += self.weight_of(num_examples)
         self.count += 1
 
     def result(self) -> Tensors:
-        if self.count == 0:
+        if self.flat_sum is None:
             raise RuntimeError("no updates were aggregated")
-        return {k: (s / self.total_weight).to(torch.float32) for k, s in self.sums.items()}
+        mean = (self.flat_sum / self.total_weight).to(torch.float32)
+        out: Tensors = {}
+        offset = 0
+        for k, shape in self.layout:
+            n = shape.numel()
+            out[k] = mean[offset : offset + n].reshape(shape).clone()
+            offset += n
+        return out
 
 
 class FederatedMethod(ABC):
