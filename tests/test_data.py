@@ -151,7 +151,7 @@ def test_task_load_sizes_and_split_check(task: ArithmeticTask) -> None:
     assert len(task.load("init", None, 0)) == task.default_sizes["init"]
     assert task.load("test", 12, 0).column_names == ["question", "answer", "category"]
     with pytest.raises(FedsbError, match="split"):
-        task.load("validation", 10, 0)
+        task.load("dev", 10, 0)
 
 
 def test_prompt_and_target(task: ArithmeticTask) -> None:
@@ -248,15 +248,16 @@ def test_too_long_examples_are_dropped_with_a_count(task: ArithmeticTask, train_
     assert err.value.field == "max_length" and str(lengths[-1]) in err.value.fix
 
 
-def test_collate_right_pads() -> None:
+def test_collate_left_pads_with_positions() -> None:
     features = [
         {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7]},
         {"input_ids": [8], "attention_mask": [1], "labels": [8]},
     ]
     batch = collate_for_training(features, pad_token_id=0)
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, 8]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
     assert all(t.dtype == torch.long for t in batch.values())
     with pytest.raises(FedsbError, match="labels"):
         collate_for_training([{"input_ids": [1], "attention_mask": [1]}], pad_token_id=0)
@@ -265,7 +266,7 @@ def test_collate_right_pads() -> None:
 def _order(loader) -> list[list[int]]:
     """The unpadded rows in the order the loader yields them."""
     return [
-        ids[: int(mask.sum())]
+        ids[len(ids) - int(mask.sum()) :]  # rows are left-padded
         for batch in loader
         for ids, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"], strict=True)
     ]
@@ -288,7 +289,10 @@ def test_loader_order_depends_only_on_seed(task: ArithmeticTask, train_ds) -> No
     plain = _order(make_train_loader(tokenized, 8, seed=5, shuffle=False))
     assert plain == tokenized["input_ids"]
     batch = next(iter(loader))
-    assert set(batch) == {"input_ids", "attention_mask", "labels"} and batch["input_ids"].shape[0] == 8
+    assert (
+        set(batch) == {"input_ids", "attention_mask", "labels", "position_ids"}
+        and batch["input_ids"].shape[0] == 8
+    )
 
 
 def test_loader_rejects_untokenized_data(train_ds) -> None:

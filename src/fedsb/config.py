@@ -155,6 +155,7 @@ class DataConfig:
     task: str = _f("arithmetic", "task name (fedsb tasks)")
     train_size: int | None = _f(2000, "training examples pooled over all clients (null = whole split)")
     test_size: int | None = _f(200, "held-out evaluation examples (null = whole split)")
+    eval_split: str = _f("test", "split evaluated each round: test (report) or validation (tuning)")
     max_length: int = _f(96, "maximum tokens of prompt + answer")
     options: dict = _f({}, "task-specific options, e.g. {max_value: 50}")
 
@@ -167,6 +168,7 @@ class DataConfig:
         )
         _positive_int("data.train_size", self.train_size, allow_none=True)
         _positive_int("data.test_size", self.test_size, allow_none=True)
+        _choice("data.eval_split", self.eval_split, ("test", "validation"))
         _positive_int("data.max_length", self.max_length)
         _check(isinstance(self.options, dict), "data.options", self.options, "use a mapping of option: value")
 
@@ -211,7 +213,7 @@ class TrainConfig:
         False, "keep each client's optimizer state across rounds (else fresh each round)"
     )
     max_grad_norm: float | None = _f(1.0, "clip the gradient norm of the trained tensors (null: no clipping)")
-    bf16: bool = _f(False, "bf16 autocast on CPU (about 1.8x faster; R and optimizer state stay fp32)")
+    bf16: bool = _f(True, "bf16 autocast on CPU (about 1.8x faster; R and optimizer state stay fp32)")
 
     def __post_init__(self) -> None:
         _choice("train.optimizer", self.optimizer, ("adamw", "sgd"))

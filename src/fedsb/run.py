@@ -63,7 +63,7 @@ def prepare_data(cfg: RunConfig, tokenizer: Any) -> PreparedData:
             field="data.task", value=cfg.data.task, fix="the simulator currently runs generation tasks"
         )
     train = task.load("train", cfg.data.train_size, cfg.seed)
-    test = task.load("test", cfg.data.test_size, cfg.seed)
+    test = task.load(cfg.data.eval_split, cfg.data.test_size, cfg.seed)
     column = cfg.partition.column or task.partition_column
     parts = partition_dataset(
         train,
@@ -120,6 +120,7 @@ def compute_run_basis(cfg: RunConfig, model: torch.nn.Module, data: PreparedData
     from fedsb.data.tasks import make_train_loader
     from fedsb.init.initialize import compute_basis
     from fedsb.init.svd import official_eta
+    from fedsb.train.local import causal_lm_loss
 
     n = data.init_info["num_samples"]
     eta = cfg.init.eta
@@ -143,6 +144,7 @@ def compute_run_basis(cfg: RunConfig, model: torch.nn.Module, data: PreparedData
         num_samples=n if cfg.init.method == "lora-sb" else None,
         eta=eta,
         scaling=cfg.adapter.scaling,
+        loss_fn=causal_lm_loss,
         svd=cfg.init.svd,
         oversample=cfg.init.oversample,
         power_iters=cfg.init.power_iters,

@@ -20,16 +20,21 @@ __all__ = [
     "split_of",
 ]
 
-SPLITS: tuple[str, ...] = ("train", "test", "init")
+SPLITS: tuple[str, ...] = ("train", "validation", "test", "init")
 DEFAULT_MAX_VALUE = 50
 MIN_MAX_VALUE = 10
 
 # Every question lands in exactly one split, decided by a stable hash of its text (blake2b, not Python's
-# salted `hash`): buckets [0, 10) test, [10, 20) init, [20, 100) train. Each split draws from its own seed
+# salted `hash`): buckets [0, 10) test, [10, 20) init, [20, 30) validation, [30, 100) train. Each split draws from its own seed
 # stream and rejects questions owned by another split, so splits are disjoint whatever their sizes, and a
 # smaller split of the same seed is a prefix of a larger one.
-_SPLIT_BUCKETS: dict[str, range] = {"test": range(0, 10), "init": range(10, 20), "train": range(20, 100)}
-_SPLIT_STREAM: dict[str, int] = {"train": 0, "test": 1, "init": 2}
+_SPLIT_BUCKETS: dict[str, range] = {
+    "test": range(0, 10),
+    "init": range(10, 20),
+    "validation": range(20, 30),
+    "train": range(30, 100),
+}
+_SPLIT_STREAM: dict[str, int] = {"train": 0, "test": 1, "init": 2, "validation": 3}
 
 _PEOPLE: tuple[tuple[str, str], ...] = (
     ("Tom", "he"), ("Mia", "she"), ("Sam", "he"), ("Lena", "she"), ("Omar", "he"), ("Nora", "she"),

@@ -126,7 +126,7 @@ class ArithmeticTask(Task):
     kind = "generate"
     max_new_tokens = 8  # " 1234" + eos is 6 SmolLM2 tokens (digits are single tokens)
     partition_column = "category"
-    default_sizes: ClassVar[dict[str, int]] = {"train": 2000, "test": 500, "init": 256}
+    default_sizes: ClassVar[dict[str, int]] = {"train": 2000, "validation": 500, "test": 500, "init": 256}
 
     def __init__(
         self, *, max_value: int = DEFAULT_MAX_VALUE, categories: Sequence[str] | None = None
@@ -224,17 +224,20 @@ def tokenize_for_training(
 def collate_for_training(
     features: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int
 ) -> dict[str, torch.Tensor]:
-    """Right-pad a list of tokenized examples to (B, T_max) LongTensors; padded labels are -100."""
+    """LEFT-pad tokenized examples to (B, T_max) LongTensors; padded labels are -100.
+
+    Left padding puts every answer at the end of its row, so the loss needs logits for the last few
+    positions only (`fedsb.train.local.causal_lm_loss`). `position_ids` count real tokens from 0, as
+    `generate` does for left-padded prompts, so positions match between training and evaluation.
+    """
     if not features:
         raise FedsbError(field="features", value=[], fix="pass at least one tokenized example")
     missing = [c for c in TRAIN_COLUMNS if c not in features[0]]
     if missing:
         raise FedsbError(
-            field="features[0]",
-            value=sorted(features[0]),
-            what=f"lacks {missing}",
+            field="features[0]", value=sorted(features[0]), what=f"lacks {missing}",
             fix="tokenize with tokenize_for_training first",
-        )
+        )  # fmt: skip
     longest = max(len(f["input_ids"]) for f in features)
     batch = {
         "input_ids": torch.full((len(features), longest), pad_token_id, dtype=torch.long),  # (B, T)
@@ -245,13 +248,12 @@ def collate_for_training(
         n = len(f["input_ids"])
         if len(f["attention_mask"]) != n or len(f["labels"]) != n:
             raise FedsbError(
-                field=f"features[{row}]",
-                value={c: len(f[c]) for c in TRAIN_COLUMNS},
-                what="has columns of different lengths",
-                fix="tokenize with tokenize_for_training",
-            )
+                field=f"features[{row}]", value={c: len(f[c]) for c in TRAIN_COLUMNS},
+                what="has columns of different lengths", fix="tokenize with tokenize_for_training",
+            )  # fmt: skip
         for name in TRAIN_COLUMNS:
-            batch[name][row, :n] = torch.as_tensor(f[name], dtype=torch.long)
+            batch[name][row, longest - n :] = torch.as_tensor(f[name], dtype=torch.long)
+    batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # (B, T)
     return batch
 
 
@@ -267,7 +269,7 @@ def make_train_loader(
     """A DataLoader over a ``tokenize_for_training`` dataset whose order depends only on ``seed``.
 
     It owns a ``torch.Generator`` (the global RNG is neither read nor advanced); each new iteration
-    (epoch) draws the next permutation from it. ``pad_token_id`` only fills right padding, which the
+    (epoch) draws the next permutation from it. ``pad_token_id`` only fills the (left) padding, which the
     attention mask and the -100 labels hide, so its value does not change the loss.
     """
     _positive_int("batch_size", batch_size, "use a positive number of examples per batch")

@@ -20,7 +20,7 @@ from fedsb.fed.checkpoint import flatten_optimizer_state, unflatten_optimizer_st
 from fedsb.fed.rounds import decode, encode
 from fedsb.fed.validate import WIRE_DTYPES
 from fedsb.seeding import derive_seed
-from fedsb.train.local import LossFn, default_loss, steps_for, train_local
+from fedsb.train.local import LossFn, causal_lm_loss, steps_for, train_local
 from fedsb.train.schedule import round_schedule
 
 log = logging.getLogger("fedsb.simulate")
@@ -49,7 +49,7 @@ class InProcessExecutor:
         rounds: int,
         seed: int,
         wire_dtype: str = "float32",
-        loss_fn: LossFn = default_loss,
+        loss_fn: LossFn = causal_lm_loss,
         progress: bool = False,
     ) -> None:
         self.method = method

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -10,9 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fedsb.config import TrainConfig
+from fedsb.data.tasks import IGNORE_INDEX
 from fedsb.train.schedule import Schedule
 
 Batch = Mapping[str, torch.Tensor]
@@ -20,8 +23,36 @@ LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 
 
 def default_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """HF loss; for instruction data the labels are -100 outside the answer, so only answer tokens count."""
+    """The HF model's own loss (`model(**batch).loss`)."""
     return model(**batch).loss
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled (answer) tokens, from the last positions' logits only.
+
+    Labels are -100 outside the answers. If the earliest labelled position in the batch is `first`, only
+    logits of positions first-1 .. T-1 can matter, so the LM head runs on those T - first + 1 positions
+    (`logits_to_keep`); with left-padded batches that is the answer length, not the sequence length. The
+    value equals HF's loss: sum over labelled tokens / their count.
+    """
+    labels = batch["labels"]  # (B, T)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    labelled = (labels != IGNORE_INDEX).any(dim=0).nonzero()  # (k, 1) columns holding any label
+    if labelled.numel() == 0 or not _accepts_logits_to_keep(model):
+        return model(**batch).loss
+    first = max(1, int(labelled[0]))
+    T = labels.shape[1]
+    logits = model(**inputs, logits_to_keep=T - first + 1).logits  # (B, T - first + 1, V)
+    pred = logits[:, :-1].float()  # (B, T - first, V): position t predicts token t + 1
+    target = labels[:, first:]  # (B, T - first)
+    return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 @dataclass
@@ -77,7 +108,7 @@ def train_local(
     step_offset: int = 0,
     optimizer_state: dict[str, Any] | None = None,
     seed: int = 0,
-    loss_fn: LossFn = default_loss,
+    loss_fn: LossFn = causal_lm_loss,
     on_step: Callable[[int, float], None] | None = None,
 ) -> tuple[LocalResult, dict[str, Any]]:
     """Run `steps` optimizer steps on `params` (everything else frozen) and return (result, optimizer state).
