@@ -122,3 +122,25 @@ def test_help_smoke() -> None:
         [sys.executable, "-m", "fedsb", "run", "--help"], capture_output=True, text=True, timeout=60
     )
     assert "fed.rounds" in proc.stdout and "--resume" in proc.stdout
+
+
+def test_export_merged_and_peft_match_the_trained_model(tiny_run: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fedsb.models import load_model
+    from fedsb.run import load_trained
+    from fedsb.seeding import derive_seed
+
+    assert main(["export", str(tiny_run), "--format", "merged", "--out", str(tmp_path / "merged")]) == 0
+    assert main(["export", str(tiny_run), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
+    adapted, tok, _ = load_trained(tiny_run)
+    ids = tok(["Question: Tom has 3 apples. How many?\nAnswer:"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        ours = adapted.model.eval()(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", local_files_only=True).eval()
+        torch.testing.assert_close(merged(input_ids=ids).logits, ours, atol=1e-5, rtol=1e-5)
+        base = load_model("tiny-llama", seed=derive_seed(0, "model") % (2**32)).model
+        peft_model = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, ours, atol=1e-5, rtol=1e-5)
+    assert main(["export", str(tmp_path), "--format", "peft", "--out", str(tmp_path / "x")]) == 2

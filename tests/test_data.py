@@ -400,3 +400,12 @@ def test_partition_stats(train_ds) -> None:
     assert "histograms" not in partition_stats(parts)
     with pytest.raises(FedsbError, match="column"):
         partition_stats(parts, column="label")
+
+
+def test_collate_pads_to_a_multiple() -> None:
+    features = [{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7]}]
+    batch = collate_for_training(features, pad_token_id=0, pad_to_multiple_of=4)
+    assert batch["input_ids"].tolist() == [[0, 5, 6, 7]] and batch["labels"].tolist() == [[-100, -100, 6, 7]]
+    assert batch["position_ids"].tolist() == [[0, 0, 1, 2]] and batch["attention_mask"].tolist() == [
+        [0, 1, 1, 1]
+    ]

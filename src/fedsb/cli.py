@@ -57,6 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "overrides", nargs="*", metavar="key=value", help="settings, e.g. fed.rounds=5 train.lr=1e-3"
     )
+    export = sub.add_parser(
+        "export",
+        help="export a finished run: a standard PEFT LoRA adapter or a merged model",
+        description="Export a finished run's final model. 'peft' writes a lossless standard LoRA adapter "
+        "(lora_B = B R, lora_A = A) for peft/vLLM; 'merged' writes a plain HF checkpoint of W0 + s B R A.",
+    )
+    export.add_argument("run_dir", help="a finished run directory (holds config.yaml, basis/, adapter/)")
+    export.add_argument("--format", choices=("peft", "merged"), default="peft")
+    export.add_argument("--out", required=True, metavar="DIR", help="where to write the export")
+    from fedsb.comm import add_comm_parser
+
+    add_comm_parser(sub)
     sub.add_parser("models", help="list the builtin (offline) models")
     sub.add_parser("tasks", help="list the tasks")
     return parser
@@ -82,6 +94,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         cfg = resolve_config(args.config, overrides)
     run_job(cfg, resume=args.resume, stop_after_round=args.stop_after_round, command=["fedsb", *sys.argv[1:]])
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fedsb.run import export_run
+
+    summary = export_run(args.run_dir, args.format, args.out)
+    print(f"exported {args.format} to {args.out}")
+    if summary.get("max_lora_rank"):
+        print(f"serve with vLLM: --enable-lora --max-lora-rank {summary['max_lora_rank']}")
     return 0
 
 
@@ -125,6 +147,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _cmd_run(args)
+        if args.command == "export":
+            return _cmd_export(args)
+        if args.command == "comm":
+            from fedsb.comm import cmd_comm
+
+            return cmd_comm(args)
         if args.command == "models":
             return _cmd_models()
         if args.command == "tasks":

@@ -157,6 +157,7 @@ class DataConfig:
     test_size: int | None = _f(200, "held-out evaluation examples (null = whole split)")
     eval_split: str = _f("test", "split evaluated each round: test (report) or validation (tuning)")
     max_length: int = _f(96, "maximum tokens of prompt + answer")
+    pad_to_multiple: int = _f(8, "round padded batch lengths up to a multiple of this (bounds kernel caches)")
     options: dict = _f({}, "task-specific options, e.g. {max_value: 50}")
 
     def __post_init__(self) -> None:
@@ -170,6 +171,7 @@ class DataConfig:
         _positive_int("data.test_size", self.test_size, allow_none=True)
         _choice("data.eval_split", self.eval_split, ("test", "validation"))
         _positive_int("data.max_length", self.max_length)
+        _positive_int("data.pad_to_multiple", self.pad_to_multiple)
         _check(isinstance(self.options, dict), "data.options", self.options, "use a mapping of option: value")
 
 

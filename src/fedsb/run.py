@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from fedsb.config import RunConfig, config_from_dict, config_to_yaml, load_yaml
-from fedsb.errors import CheckpointError, ConfigError, FedsbError
+from fedsb.errors import CheckpointError, ConfigError
 from fedsb.seeding import derive_seed
 
 log = logging.getLogger("fedsb.run")
@@ -84,7 +84,13 @@ def prepare_data(cfg: RunConfig, tokenizer: Any) -> PreparedData:
         tokenized = tokenize_for_training(part, task, tokenizer, cfg.data.max_length)
 
         def loader(seed: int, ds: Any = tokenized) -> Any:
-            return make_train_loader(ds, cfg.train.batch_size, seed=seed % (2**63), pad_token_id=pad_id)
+            return make_train_loader(
+                ds,
+                cfg.train.batch_size,
+                seed=seed % (2**63),
+                pad_token_id=pad_id,
+                pad_to_multiple_of=cfg.data.pad_to_multiple,
+            )
 
         clients[cid] = ClientData(num_examples=len(tokenized), loader=loader)
         sizes[cid] = len(tokenized)
@@ -131,7 +137,11 @@ def compute_run_basis(cfg: RunConfig, model: torch.nn.Module, data: PreparedData
         )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = make_train_loader(
-        data.init_data, cfg.init.batch_size, seed=derive_seed(cfg.seed, "init") % (2**63), pad_token_id=pad_id
+        data.init_data,
+        cfg.init.batch_size,
+        seed=derive_seed(cfg.seed, "init") % (2**63),
+        pad_token_id=pad_id,
+        pad_to_multiple_of=cfg.data.pad_to_multiple,
     )
     t0 = time.perf_counter()
     basis = compute_basis(
@@ -321,6 +331,7 @@ def run_job(
 
         server.history = [RoundRecord(**r) for r in state["history"]]
         before = state.get("before")
+        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         start_round = rnd + 1
         echo(f"resuming after round {rnd} from {latest}")
     else:
@@ -470,8 +481,39 @@ def _timing(history: list[dict[str, Any]], total: float) -> dict[str, Any]:
     }
 
 
-def describe_error(exc: BaseException) -> str:
-    """One-line message for CLI errors."""
-    if isinstance(exc, FedsbError | CheckpointError):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
+def load_trained(run_dir: str | Path) -> tuple[Any, Any, Any]:
+    """(adapted model, tokenizer, loaded model info) of a finished run: base model + basis + adapter."""
+    from fedsb.export import load_adapter
+    from fedsb.init.basis import Basis
+    from fedsb.init.initialize import attach_basis
+    from fedsb.models import load_model
+
+    d = Path(run_dir)
+    if not (d / CONFIG_FILE).is_file() or not (d / "adapter").is_dir():
+        raise CheckpointError(f"{d} is not a finished fedsb run (config.yaml and adapter/ expected)")
+    cfg = config_from_dict(load_yaml(d / CONFIG_FILE))
+    loaded = load_model(
+        cfg.model.name, task="causal_lm", dtype=cfg.model.dtype, seed=derive_seed(cfg.seed, "model") % (2**32)
+    )
+    basis = Basis.load(d / "basis")
+    adapted = attach_basis(
+        loaded.model, basis, dropout=cfg.adapter.dropout, extra_trainable=cfg.adapter.extra_trainable
+    )
+    load_adapter(adapted, d / "adapter", basis_fingerprint=basis.fingerprint)
+    return adapted, loaded.tokenizer, loaded
+
+
+def export_run(run_dir: str | Path, fmt: str, out: str | Path) -> dict[str, Any]:
+    """Export a finished run as a standard PEFT LoRA directory or a merged HF checkpoint."""
+    from fedsb.export import export_merged, export_peft
+
+    adapted, tokenizer, loaded = load_trained(run_dir)
+    if fmt == "peft":
+        base = loaded.source if os.path.isdir(loaded.source) else loaded.name
+        summary = export_peft(adapted, out, base_model=base)
+        tokenizer.save_pretrained(str(out))
+        return summary
+    if fmt == "merged":
+        export_merged(adapted, out, tokenizer=tokenizer)
+        return {"directory": str(out), "format": "merged"}
+    raise ConfigError(field="--format", value=fmt, fix="use peft or merged")

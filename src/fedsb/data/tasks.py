@@ -222,9 +222,12 @@ def tokenize_for_training(
 
 
 def collate_for_training(
-    features: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int
+    features: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int, pad_to_multiple_of: int = 1
 ) -> dict[str, torch.Tensor]:
-    """LEFT-pad tokenized examples to (B, T_max) LongTensors; padded labels are -100.
+    """LEFT-pad tokenized examples to (B, T) LongTensors, T = T_max rounded up to `pad_to_multiple_of`.
+
+    Padded labels are -100. Rounding T bounds the number of distinct shapes: CPU kernels (oneDNN bf16
+    matmuls) cache per-shape primitives, about 1 MB each, so unbounded shape variety grows memory.
 
     Left padding puts every answer at the end of its row, so the loss needs logits for the last few
     positions only (`fedsb.train.local.causal_lm_loss`). `position_ids` count real tokens from 0, as
@@ -239,6 +242,7 @@ def collate_for_training(
             fix="tokenize with tokenize_for_training first",
         )  # fmt: skip
     longest = max(len(f["input_ids"]) for f in features)
+    longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
     batch = {
         "input_ids": torch.full((len(features), longest), pad_token_id, dtype=torch.long),  # (B, T)
         "attention_mask": torch.zeros((len(features), longest), dtype=torch.long),  # (B, T)
@@ -264,6 +268,7 @@ def make_train_loader(
     seed: int,
     shuffle: bool = True,
     pad_token_id: int = 0,
+    pad_to_multiple_of: int = 1,
     drop_last: bool = False,
 ) -> DataLoader:
     """A DataLoader over a ``tokenize_for_training`` dataset whose order depends only on ``seed``.
@@ -289,5 +294,7 @@ def make_train_loader(
         generator=generator,
         drop_last=drop_last,
         num_workers=0,
-        collate_fn=partial(collate_for_training, pad_token_id=pad_token_id),
+        collate_fn=partial(
+            collate_for_training, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of
+        ),
     )
