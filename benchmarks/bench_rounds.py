@@ -41,7 +41,7 @@ def simulate(num_clients: int, rounds: int, out: Path) -> dict:
             f"eval.every={rounds}",
             "data.test_size=8",
             "progress=false",
-            "export_peft=false",
+            "export=false",
             f"output_dir={out}",
         ],
     )

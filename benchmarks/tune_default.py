@@ -52,7 +52,7 @@ def main() -> int:
                     "data.eval_split=validation",
                     f"eval.every={10**6}",
                     "progress=false",
-                    "export_peft=false",
+                    "export=false",
                     f"output_dir={tmp}",
                 ],
             )

@@ -134,7 +134,8 @@ def test_export_merged_and_peft_match_the_trained_model(tiny_run: Path, tmp_path
 
     assert main(["export", str(tiny_run), "--format", "merged", "--out", str(tmp_path / "merged")]) == 0
     assert main(["export", str(tiny_run), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
-    adapted, tok, _ = load_trained(tiny_run)
+    method, tok, _ = load_trained(tiny_run)
+    adapted = method.adapted
     ids = tok(["Question: Tom has 3 apples. How many?\nAnswer:"], return_tensors="pt").input_ids
     with torch.no_grad():
         ours = adapted.model.eval()(input_ids=ids).logits

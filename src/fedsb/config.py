@@ -78,7 +78,11 @@ class AdapterConfig:
         "auto", "layer names / 're:<regex>' to adapt, or 'auto' for the architecture's defaults"
     )
     rank_overflow: str = _f("cap", "when r > min(out, in) of a layer: 'cap' (warn) or 'error'")
-    scaling: float = _f(1.0, "s in W0 + s B R A (alpha / r); LoRA-SB uses 1.0")
+    scaling: float | None = _f(
+        None,
+        "s = alpha / r in W0 + s (update); null = the method's default: 1.0 for Fed-SB (alpha = r), "
+        "0.5 for the LoRA baselines (alpha 16 at r 32, as in the paper)",
+    )
     dropout: float = _f(0.0, "dropout on the adapter input")
     extra_trainable: Any = _f(
         "auto", "extra trained modules (a classification head): 'auto' or a list of names"
@@ -91,7 +95,7 @@ class AdapterConfig:
         )
         _check(ok, "adapter.targets", self.targets, "use 'auto' or a list such as [q_proj, v_proj]")
         _choice("adapter.rank_overflow", self.rank_overflow, ("cap", "error"))
-        _positive_float("adapter.scaling", self.scaling)
+        _positive_float("adapter.scaling", self.scaling, allow_none=True)
         _check(
             isinstance(self.dropout, int | float) and 0 <= self.dropout < 1,
             "adapter.dropout",
@@ -300,7 +304,11 @@ class RunConfig:
     threads: int | None = _f(None, "torch threads (null: all cores)")
     deterministic: bool = _f(True, "torch deterministic algorithms (bit-identical resume)")
     progress: bool = _f(True, "progress bars")
-    export_peft: bool = _f(True, "write a standard PEFT LoRA adapter of the final model")
+    export: bool = _f(
+        True,
+        "export the final model: a standard PEFT LoRA adapter where lossless, a merged checkpoint for "
+        "methods that fold updates into W0 (fedex, flora)",
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     init: InitConfig = field(default_factory=InitConfig)

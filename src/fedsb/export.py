@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 from transformers.pytorch_utils import Conv1D
 
 from fedsb.adapters.inject import AdaptedModel
-from fedsb.adapters.layer import LoraSBLinear
+from fedsb.adapters.layer import AdapterLayer, LoraSBLinear
+from fedsb.adapters.lora import LoraLinear
 from fedsb.errors import CheckpointError
 
 log = logging.getLogger("fedsb.export")
@@ -33,14 +34,28 @@ def min_vllm_lora_rank(rank: int) -> int | None:
     return next((v for v in VLLM_RANKS if v >= rank), None)
 
 
-def _lora_sb_layers(adapted: AdaptedModel) -> dict[str, LoraSBLinear]:
-    layers = {p: m for p, m in adapted.layers.items() if isinstance(m, LoraSBLinear)}
+def _adapter_layers(adapted: AdaptedModel) -> dict[str, AdapterLayer]:
+    layers = {p: m for p, m in adapted.layers.items() if isinstance(m, AdapterLayer)}
     if len(layers) != len(adapted.layers):
-        raise TypeError("this export handles LoRA-SB layers only; export other adapters merged")
+        raise TypeError("this export handles fedsb adapter layers only")
     return layers
 
 
-# ---- R-only adapter -----------------------------------------------------------------------------------
+def has_folds(adapted: AdaptedModel) -> bool:
+    """True when updates were folded into W0 (FedEx-LoRA, FLoRA): only a merged export is faithful."""
+    return any(getattr(layer, "fold_round", 0) > 0 for layer in adapted.layers.values())
+
+
+def _peft_factors(layer: AdapterLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lora_B (m, r), lora_A (r, n)) with lora_B @ lora_A * s = the layer's update."""
+    if isinstance(layer, LoraSBLinear):
+        return layer.lora_sb_B.float() @ layer.lora_sb_R.weight.float(), layer.lora_sb_A.float()  # B R, A
+    if isinstance(layer, LoraLinear):
+        return layer.lora_B.weight.float(), layer.lora_A.weight.float()
+    raise TypeError(f"no PEFT export for {type(layer).__name__}")
+
+
+# ---- trained-tensor adapter (R-only for Fed-SB) ---------------------------------------------------------
 
 
 def save_adapter(
@@ -48,18 +63,21 @@ def save_adapter(
     directory: str | Path,
     *,
     base_model: str,
-    basis_fingerprint: str,
+    basis_fingerprint: str | None,
     extra_meta: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write the trained tensors (R per module, plus any head) and their metadata; the basis is separate."""
+    """Write the trained tensors (Fed-SB: R per module; LoRA: A and B; plus any head) and their metadata.
+
+    A Fed-SB adapter needs its basis (saved separately, checked by fingerprint) to be used."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    layers = _lora_sb_layers(adapted)
+    layers = _adapter_layers(adapted)
     state = adapted.get_state()
     save_file({k: v.contiguous() for k, v in state.items()}, str(d / ADAPTER_TENSORS))
     meta = {
         "format": "fedsb-adapter",
         "version": 1,
+        "adapter_kind": sorted({layer.adapter_kind for layer in layers.values()}),
         "base_model": base_model,
         "targets": list(layers),
         "ranks": {p: layer.rank for p, layer in layers.items()},
@@ -123,20 +141,24 @@ def export_peft(
     such weights. Returns a summary including the minimal vLLM `max_lora_rank`.
     """
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    layers = _lora_sb_layers(adapted)
+    layers = _adapter_layers(adapted)
     if not layers:
-        raise ValueError("the model has no LoRA-SB layers to export")
+        raise ValueError("the model has no adapter layers to export")
+    if has_folds(adapted):
+        raise ValueError(
+            "updates were folded into W0 (FedEx-LoRA / FLoRA); a LoRA adapter cannot hold them: export merged"
+        )
+    d.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     for path, layer in layers.items():
-        B, R, A = layer.lora_sb_B.float(), layer.lora_sb_R.weight.float(), layer.lora_sb_A.float()
-        tensors[f"base_model.model.{path}.lora_B.weight"] = (B @ R).contiguous()  # (m, r)
-        tensors[f"base_model.model.{path}.lora_A.weight"] = A.contiguous()  # (r, n)
+        lora_B, lora_A = _peft_factors(layer)
+        tensors[f"base_model.model.{path}.lora_B.weight"] = lora_B.contiguous()  # (m, r)
+        tensors[f"base_model.model.{path}.lora_A.weight"] = lora_A.contiguous()  # (r, n)
         ranks[path] = layer.rank
     scaling = next(iter(layers.values())).scaling
     if any(layer.scaling != scaling for layer in layers.values()):
-        raise ValueError("all LoRA-SB layers must share one scaling to export a PEFT adapter")
+        raise ValueError("all adapter layers must share one scaling to export a PEFT adapter")
     task_type = _peft_task_type(adapted.model)
     if include_head is None:
         include_head = task_type == "SEQ_CLS"
@@ -201,7 +223,7 @@ def export_peft(
 @torch.no_grad()
 def merged_state_dict(adapted: AdaptedModel) -> dict[str, torch.Tensor]:
     """The base model's state dict with W0 + s B R A in place of every adapted weight (no wrappers)."""
-    layers = _lora_sb_layers(adapted)
+    layers = _adapter_layers(adapted)
     if any(layer.merged for layer in layers.values()):
         raise RuntimeError("unmerge the model before exporting it merged")
     out: dict[str, torch.Tensor] = {}
@@ -217,7 +239,7 @@ def merged_state_dict(adapted: AdaptedModel) -> dict[str, torch.Tensor]:
                 value = (value.float() + delta).to(value.dtype)
             out[f"{owner}.{leaf}"] = value
         elif path in layers or owner in layers:
-            continue  # the adapter's own tensors: lora_sb_A, lora_sb_B, lora_sb_R.weight
+            continue  # the adapter's own tensors (lora_sb_*, lora_A/lora_B)
         else:
             out[key] = value
     return out

@@ -1,7 +1,8 @@
 """The main job: config -> model -> init -> clients -> rounds -> evaluate -> export, with resume.
 
-`run_job` is what `fedsb run` calls. Every stage writes into one results directory:
-config.yaml, manifest.json, results.json, learning_curve.png, basis/, checkpoints/, adapter/, peft/.
+`run_job` is what `fedsb run` calls. Every stage writes into one results directory: config.yaml,
+manifest.json, results.json, learning_curve.png, basis/ (Fed-SB), checkpoints/, adapter/, and the final
+export (peft/ where lossless, merged/ for methods that fold updates into W0).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from fedsb.config import RunConfig, config_from_dict, config_to_yaml, load_yaml
+from fedsb.config import RunConfig, config_from_dict, config_to_yaml, load_yaml, merge_overrides
 from fedsb.errors import CheckpointError, ConfigError
 from fedsb.seeding import derive_seed
 
@@ -30,7 +31,7 @@ CONFIG_FILE = "config.yaml"
 
 @dataclass
 class PreparedData:
-    """Everything data-side the rounds need: per-client loaders, the test set, the init batches."""
+    """Everything data-side the rounds need: per-client loaders, the evaluation set, the init data."""
 
     task: Any
     clients: dict[str, Any]
@@ -51,10 +52,30 @@ def configure_torch(cfg: RunConfig) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def _loader_factory(cfg: RunConfig, tokenizer: Any, batch_size: int) -> Callable[[Any], Callable[[int], Any]]:
+    from fedsb.data.tasks import make_train_loader
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def for_dataset(ds: Any) -> Callable[[int], Any]:
+        def loader(seed: int) -> Any:
+            return make_train_loader(
+                ds,
+                batch_size,
+                seed=seed % (2**63),
+                pad_token_id=pad_id,
+                pad_to_multiple_of=cfg.data.pad_to_multiple,
+            )
+
+        return loader
+
+    return for_dataset
+
+
 def prepare_data(cfg: RunConfig, tokenizer: Any) -> PreparedData:
     """Load and partition the task's data, tokenize each client's shard, and pick the init data."""
     from fedsb.data.partition import partition_dataset, partition_stats
-    from fedsb.data.tasks import get_task, make_train_loader, tokenize_for_training
+    from fedsb.data.tasks import get_task, tokenize_for_training
     from fedsb.fed.simulate import ClientData
 
     task = get_task(cfg.data.task, **cfg.data.options)
@@ -76,24 +97,14 @@ def prepare_data(cfg: RunConfig, tokenizer: Any) -> PreparedData:
     )
     stats = partition_stats(parts, column if column in train.column_names else None)
     width = max(2, len(str(len(parts) - 1)))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    make_loader = _loader_factory(cfg, tokenizer, cfg.train.batch_size)
     clients: dict[str, ClientData] = {}
-    sizes: dict[str, int] = {}
     for i, part in enumerate(parts):
-        cid = f"client-{i:0{width}d}"
         tokenized = tokenize_for_training(part, task, tokenizer, cfg.data.max_length)
-
-        def loader(seed: int, ds: Any = tokenized) -> Any:
-            return make_train_loader(
-                ds,
-                cfg.train.batch_size,
-                seed=seed % (2**63),
-                pad_token_id=pad_id,
-                pad_to_multiple_of=cfg.data.pad_to_multiple,
-            )
-
-        clients[cid] = ClientData(num_examples=len(tokenized), loader=loader)
-        sizes[cid] = len(tokenized)
+        clients[f"client-{i:0{width}d}"] = ClientData(
+            num_examples=len(tokenized), loader=make_loader(tokenized)
+        )
+    sizes = {cid: c.num_examples for cid, c in clients.items()}
     stats["client_ids"] = list(clients)
     # init data: the server's own proxy sample (federated) or the clients' pooled data (paper; not federated)
     if cfg.init.source == "server":
@@ -108,12 +119,11 @@ def prepare_data(cfg: RunConfig, tokenizer: Any) -> PreparedData:
     n = cfg.init.num_samples or max(
         cfg.init.min_samples, math.ceil(cfg.init.sample_fraction * len(init_data))
     )
-    n = min(n, len(init_data))
     info = {
         "source": cfg.init.source,
         "federated": cfg.init.source == "server",
         "pool_size": len(init_data),
-        "num_samples": n,
+        "num_samples": min(n, len(init_data)),
         "note": "gradient estimate on the server's proxy sample; no client data touched"
         if cfg.init.source == "server"
         else "NOT FEDERATED: the basis is computed from raw examples of the clients' pooled training data",
@@ -121,58 +131,40 @@ def prepare_data(cfg: RunConfig, tokenizer: Any) -> PreparedData:
     return PreparedData(task, clients, sizes, stats, test, init_data, info)
 
 
-def compute_run_basis(cfg: RunConfig, model: torch.nn.Module, data: PreparedData, tokenizer: Any) -> Any:
-    """The server's one-time basis from the configured init data (or a data-free init)."""
-    from fedsb.data.tasks import make_train_loader
-    from fedsb.init.initialize import compute_basis
-    from fedsb.init.svd import official_eta
+def build_method(
+    cfg: RunConfig,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    data: PreparedData | None,
+    out: Path,
+    *,
+    resume: bool,
+) -> Any:
+    """Create the configured method on `model` (Fed-SB computes or loads its basis here)."""
+    from fedsb.fed.base import SetupContext, get_method_class
     from fedsb.train.local import causal_lm_loss
 
-    n = data.init_info["num_samples"]
-    eta = cfg.init.eta
-    if cfg.init.eta_rule == "official":
-        batches_per_epoch = math.ceil(data.init_info["pool_size"] / cfg.init.batch_size)
-        eta = official_eta(
-            cfg.train.lr, cfg.train.warmup_ratio, batches_per_epoch, cfg.train.local_epochs or 1.0
-        )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = make_train_loader(
-        data.init_data,
-        cfg.init.batch_size,
-        seed=derive_seed(cfg.seed, "init") % (2**63),
-        pad_token_id=pad_id,
-        pad_to_multiple_of=cfg.data.pad_to_multiple,
-    )
-    t0 = time.perf_counter()
-    basis = compute_basis(
-        model,
-        rank=cfg.adapter.rank,
-        targets=cfg.adapter.targets,
-        rank_overflow=cfg.adapter.rank_overflow,
-        init=cfg.init.method,
-        batches=batches if cfg.init.method == "lora-sb" else None,
-        num_samples=n if cfg.init.method == "lora-sb" else None,
-        eta=eta,
-        scaling=cfg.adapter.scaling,
+    init_batches = None
+    if data is not None:
+        make_loader = _loader_factory(cfg, tokenizer, cfg.init.batch_size)(data.init_data)
+
+        def init_batches() -> Any:
+            return make_loader(derive_seed(cfg.seed, "init"))
+
+    ctx = SetupContext(
+        cfg=cfg,
+        init_batches=init_batches,
+        num_samples=data.init_info["num_samples"] if data else None,
         loss_fn=causal_lm_loss,
-        svd=cfg.init.svd,
-        oversample=cfg.init.oversample,
-        power_iters=cfg.init.power_iters,
-        generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "basis")),
+        setup_dir=out,
+        resume=resume,
+        info=data.init_info if data else {},
     )
-    data.init_info.update(
-        eta=eta, eta_rule=cfg.init.eta_rule, method=cfg.init.method, seconds=time.perf_counter() - t0
-    )
-    if cfg.init.method != "lora-sb":
-        data.init_info.update(num_samples=0, federated=True, note=f"data-free {cfg.init.method} init")
-    basis.info.update(data.init_info)
-    return basis
+    return get_method_class(cfg.fed.method).create(model, ctx)
 
 
 def resolve_resume_config(resume: Path, overrides: list[str]) -> RunConfig:
     """The saved config of a run; only fed.rounds may be overridden (to extend a run)."""
-    from fedsb.config import merge_overrides
-
     path = resume / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{resume} is not a fedsb run directory ({CONFIG_FILE} missing)")
@@ -195,15 +187,11 @@ def run_job(
 ) -> dict[str, Any]:
     """Run (or resume) a federated fine-tuning job and return the results dict (also in results.json)."""
     from fedsb.eval.generate import evaluate_generation
-    from fedsb.export import export_peft, save_adapter
-    from fedsb.fed.base import get_method_class
     from fedsb.fed.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from fedsb.fed.ledger import Ledger
-    from fedsb.fed.rounds import Server, run_rounds
+    from fedsb.fed.rounds import RoundRecord, Server, run_rounds
     from fedsb.fed.sampling import ClientSampler
     from fedsb.fed.simulate import InProcessExecutor
-    from fedsb.init.basis import Basis
-    from fedsb.init.initialize import attach_basis
     from fedsb.models import load_model
     from fedsb.results import (
         final_table,
@@ -218,7 +206,8 @@ def run_job(
     configure_torch(cfg)
     out = Path(resume) if resume else Path(cfg.output_dir) if cfg.output_dir else default_output_dir()
     out.mkdir(parents=True, exist_ok=True)
-    if not resume and (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
+    ckpt_root = out / "checkpoints"
+    if not resume and ckpt_root.exists() and any(ckpt_root.iterdir()):
         raise ConfigError(
             field="output_dir",
             value=str(out),
@@ -226,52 +215,42 @@ def run_job(
             fix=f"use --resume {out} or another output_dir",
         )
     (out / CONFIG_FILE).write_text(config_to_yaml(cfg))
-    echo(f"fedsb: results in {out}")
+    echo(f"fedsb: {cfg.fed.method} run, results in {out}")
 
-    # ---- model and data --------------------------------------------------------------------------------
+    # ---- model, data, method (Fed-SB: the server's one-time basis) --------------------------------------
     loaded = load_model(
         cfg.model.name, task="causal_lm", dtype=cfg.model.dtype, seed=derive_seed(cfg.seed, "model") % (2**32)
     )
     model, tokenizer = loaded.model, loaded.tokenizer
     data = prepare_data(cfg, tokenizer)
     echo(
-        f"clients: {len(data.clients)} with sizes {list(data.client_sizes.values())}; test examples: {len(data.test)}"
+        f"clients: {len(data.clients)} with sizes {list(data.client_sizes.values())}; evaluation examples: {len(data.test)}"
     )
-
-    # ---- basis: computed once by the server (or loaded when resuming) -----------------------------------
-    basis_dir = out / "basis"
-    if resume and basis_dir.exists():
-        basis = Basis.load(basis_dir)
-        data.init_info.update(
-            {k: basis.info[k] for k in ("eta", "eta_rule", "method", "seconds") if k in basis.info}
+    method = build_method(cfg, model, tokenizer, data, out, resume=bool(resume))
+    adapted = method.adapted
+    if method.basis_fingerprint:
+        echo(
+            f"basis: {cfg.init.method} from {data.init_info['num_samples']} {cfg.init.source} examples, "
+            f"eta={data.init_info.get('eta')}, fingerprint {method.basis_fingerprint[:12]}"
         )
-    else:
-        basis = compute_run_basis(cfg, model, data, tokenizer)
-        basis.save(basis_dir)
-    echo(
-        f"basis: {cfg.init.method} from {data.init_info['num_samples']} {cfg.init.source} examples, "
-        f"eta={data.init_info.get('eta')}, fingerprint {basis.fingerprint[:12]}"
-    )
-    adapted = attach_basis(
-        model, basis, dropout=cfg.adapter.dropout, extra_trainable=cfg.adapter.extra_trainable
-    )
-    method = get_method_class(cfg.fed.method)(adapted, basis, weighting=cfg.fed.weighting)
 
     # ---- ledger one-time lines, server, executor ------------------------------------------------------------
     ledger = Ledger(wire_dtype=cfg.fed.wire_dtype)
-    ledger.record_one_time(
-        item="basis broadcast (B, A per layer, fp32, with fingerprint)",
-        direction="down",
-        clients=len(data.clients),
-        tensors=method.setup_payload(),
-        note="once per client; not part of the per-round figures",
-    )
-    ledger.record_one_time(
-        item=f"initialization data ({cfg.init.source})",
-        direction="none" if cfg.init.source == "server" else "up",
-        clients=0 if cfg.init.source == "server" else len(data.clients),
-        note=data.init_info["note"] + f"; {data.init_info['num_samples']} examples",
-    )
+    setup = method.setup_payload()
+    if setup:
+        ledger.record_one_time(
+            item="basis broadcast (B, A per layer, fp32, with fingerprint)",
+            direction="down",
+            clients=len(data.clients),
+            tensors=setup,
+            note="once per client; not part of the per-round figures",
+        )
+        ledger.record_one_time(
+            item=f"initialization data ({cfg.init.source})",
+            direction="none" if data.init_info["federated"] else "up",
+            clients=0 if data.init_info["federated"] else len(data.clients),
+            note=data.init_info["note"] + f"; {data.init_info['num_samples']} examples",
+        )
     sampler = ClientSampler(
         list(data.clients), cfg.fed.clients_per_round, seed=derive_seed(cfg.seed, "sampling")
     )
@@ -308,17 +287,16 @@ def run_job(
         )
         return res.to_dict()
 
-    # ---- resume or evaluate the untuned model ----------------------------------------------------------------
+    # ---- resume, or evaluate the untuned model ---------------------------------------------------------------
     start_round, before = 1, None
-    ckpt_root = out / "checkpoints"
     if resume:
         latest = latest_checkpoint(ckpt_root)
         if latest is None:
             raise CheckpointError(f"{ckpt_root} holds no checkpoint to resume from")
         rnd, tensors, state = load_checkpoint(latest)
-        if state["basis_fingerprint"] != basis.fingerprint:
+        if state["basis_fingerprint"] != method.basis_fingerprint:
             raise CheckpointError(
-                f"checkpoint {latest} belongs to basis {state['basis_fingerprint'][:12]}, not {basis.fingerprint[:12]}"
+                f"checkpoint {latest} belongs to basis {state['basis_fingerprint']}, not {method.basis_fingerprint}"
             )
         method.load_state_tensors(
             {k.removeprefix("global/"): v for k, v in tensors.items() if k.startswith("global/")}
@@ -327,31 +305,28 @@ def run_job(
             {k: v for k, v in tensors.items() if k.startswith("opt/")}, state["executor"]
         )
         ledger.load_state_dict(state["ledger"])
-        from fedsb.fed.rounds import RoundRecord
-
         server.history = [RoundRecord(**r) for r in state["history"]]
         before = state.get("before")
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         start_round = rnd + 1
         echo(f"resuming after round {rnd} from {latest}")
     else:
-        r_names = {f"{p}.lora_sb_R.weight" for p in adapted.layers}
-        adapted.set_state(
-            {k: (torch.zeros_like(v) if k in r_names else v) for k, v in method.state.items()}
-        )  # R = 0: W0
+        adapted.set_state(method.untuned_state())  # the model computes exactly W0
         before = evaluate(0)
         method.install_global()
         echo(f"untuned accuracy: {100 * before['accuracy']:.1f}% ({before['correct']}/{before['total']})")
 
     results: dict[str, Any] = {
         "method": cfg.fed.method,
+        "exact": method.exact,
         "task": cfg.data.task,
         "model": cfg.model.name,
         "num_clients": len(data.clients),
         "output_dir": str(out),
         "before": before,
         "init": data.init_info,
-        "basis_fingerprint": basis.fingerprint,
+        "basis_fingerprint": method.basis_fingerprint,
+        "trainable_params": adapted.num_trainable(),
     }
     manifest = {
         "command": command or sys.argv,
@@ -366,11 +341,12 @@ def run_job(
             "init": derive_seed(cfg.seed, "init"),
             "basis": derive_seed(cfg.seed, "basis"),
         },
-        "basis_fingerprint": basis.fingerprint,
+        "method": cfg.fed.method,
+        "basis_fingerprint": method.basis_fingerprint,
         "model": {"name": loaded.name, "source": loaded.source, "model_type": loaded.model_type},
         "adapter": {
-            "modules": len(basis.factors),
-            "ranks": sorted(set(basis.ranks.values())),
+            "modules": len(adapted.layers),
+            "ranks": sorted({layer.rank for layer in adapted.layers.values()}),
             "trainable": adapted.num_trainable(),
         },
         "init": data.init_info,
@@ -392,12 +368,12 @@ def run_job(
         )
         return results
 
-    def on_round_end(record: Any) -> None:
+    def on_round_end(record: RoundRecord) -> None:
         tensors = {f"global/{k}": v for k, v in method.state_tensors().items()}
         opt_tensors, opt_meta = executor.state_dict()
         tensors.update(opt_tensors)
         state = {
-            "basis_fingerprint": basis.fingerprint,
+            "basis_fingerprint": method.basis_fingerprint,
             "history": [r.to_dict() for r in server.history],
             "ledger": ledger.state_dict(),
             "sampler": sampler.state_dict(),
@@ -436,18 +412,8 @@ def run_job(
 
     # ---- export and report --------------------------------------------------------------------------------------
     method.install_global()
-    save_adapter(
-        adapted,
-        out / "adapter",
-        base_model=loaded.name,
-        basis_fingerprint=basis.fingerprint,
-        extra_meta={"rounds": last_round},
-    )
-    if cfg.export_peft:
-        summary = export_peft(
-            adapted, out / "peft", base_model=loaded.source if os.path.isdir(loaded.source) else loaded.name
-        )
-        results["export"] = summary
+    if cfg.export:
+        results["export"] = export_final(method, loaded, tokenizer, out, rounds=last_round)
     finish_results(last_round)
     write_json(out / "results.json", results)
     manifest["finished"] = datetime.now().isoformat(timespec="seconds")
@@ -455,6 +421,29 @@ def run_job(
     plot_learning_curve(results, out / "learning_curve.png")
     echo(final_table(results))
     return results
+
+
+def export_final(method: Any, loaded: Any, tokenizer: Any, out: Path, *, rounds: int) -> dict[str, Any]:
+    """adapter/ (the trained tensors) and peft/ where the export is lossless, else merged/ (W0 changed)."""
+    from fedsb.export import export_merged, export_peft, has_folds, save_adapter
+
+    adapted = method.adapted
+    save_adapter(
+        adapted,
+        out / "adapter",
+        base_model=loaded.name,
+        basis_fingerprint=method.basis_fingerprint,
+        extra_meta={"method": method.name, "rounds": rounds},
+    )
+    if has_folds(adapted):
+        export_merged(adapted, out / "merged", tokenizer=tokenizer)
+        return {
+            "format": "merged",
+            "directory": str(out / "merged"),
+            "why": f"{method.name} folds updates into W0",
+        }
+    base = loaded.source if os.path.isdir(loaded.source) else loaded.name
+    return {"format": "peft", **export_peft(adapted, out / "peft", base_model=base)}
 
 
 class _StopRequested(Exception):
@@ -482,38 +471,50 @@ def _timing(history: list[dict[str, Any]], total: float) -> dict[str, Any]:
 
 
 def load_trained(run_dir: str | Path) -> tuple[Any, Any, Any]:
-    """(adapted model, tokenizer, loaded model info) of a finished run: base model + basis + adapter."""
-    from fedsb.export import load_adapter
-    from fedsb.init.basis import Basis
-    from fedsb.init.initialize import attach_basis
+    """(method with the final global state installed, tokenizer, loaded model info) of a run directory.
+
+    Rebuilds the base model, the method's adapters (Fed-SB: from basis/) and the last checkpoint's global
+    state (and, for FedEx-LoRA / FLoRA, the updates folded into W0).
+    """
+    from fedsb.fed.checkpoint import latest_checkpoint, load_checkpoint
     from fedsb.models import load_model
 
     d = Path(run_dir)
-    if not (d / CONFIG_FILE).is_file() or not (d / "adapter").is_dir():
-        raise CheckpointError(f"{d} is not a finished fedsb run (config.yaml and adapter/ expected)")
+    latest = latest_checkpoint(d / "checkpoints") if (d / CONFIG_FILE).is_file() else None
+    if latest is None:
+        raise CheckpointError(
+            f"{d} is not a fedsb run with a checkpoint (config.yaml and checkpoints/ expected)"
+        )
     cfg = config_from_dict(load_yaml(d / CONFIG_FILE))
     loaded = load_model(
         cfg.model.name, task="causal_lm", dtype=cfg.model.dtype, seed=derive_seed(cfg.seed, "model") % (2**32)
     )
-    basis = Basis.load(d / "basis")
-    adapted = attach_basis(
-        loaded.model, basis, dropout=cfg.adapter.dropout, extra_trainable=cfg.adapter.extra_trainable
+    method = build_method(cfg, loaded.model, loaded.tokenizer, None, d, resume=True)
+    _, tensors, _ = load_checkpoint(latest)
+    method.load_state_tensors(
+        {k.removeprefix("global/"): v for k, v in tensors.items() if k.startswith("global/")}
     )
-    load_adapter(adapted, d / "adapter", basis_fingerprint=basis.fingerprint)
-    return adapted, loaded.tokenizer, loaded
+    return method, loaded.tokenizer, loaded
 
 
 def export_run(run_dir: str | Path, fmt: str, out: str | Path) -> dict[str, Any]:
-    """Export a finished run as a standard PEFT LoRA directory or a merged HF checkpoint."""
-    from fedsb.export import export_merged, export_peft
+    """Export a run's final model as a standard PEFT LoRA directory or a merged HF checkpoint."""
+    from fedsb.export import export_merged, export_peft, has_folds
 
-    adapted, tokenizer, loaded = load_trained(run_dir)
+    method, tokenizer, loaded = load_trained(run_dir)
     if fmt == "peft":
+        if has_folds(method.adapted):
+            raise ConfigError(
+                field="--format",
+                value=fmt,
+                what=f"cannot represent {method.name}: it folds updates into W0",
+                fix="use --format merged",
+            )
         base = loaded.source if os.path.isdir(loaded.source) else loaded.name
-        summary = export_peft(adapted, out, base_model=base)
+        summary = export_peft(method.adapted, out, base_model=base)
         tokenizer.save_pretrained(str(out))
         return summary
     if fmt == "merged":
-        export_merged(adapted, out, tokenizer=tokenizer)
+        export_merged(method.adapted, out, tokenizer=tokenizer)
         return {"directory": str(out), "format": "merged"}
     raise ConfigError(field="--format", value=fmt, fix="use peft or merged")

@@ -118,6 +118,14 @@ def find_target_modules(
     return found
 
 
+def resolve_targets(
+    model: nn.Module, targets: Sequence[str] | str, exclude: Sequence[str] = DEFAULT_EXCLUDE
+) -> dict[str, nn.Module]:
+    """Module path -> base layer for `targets` ('auto' = the architecture family's defaults)."""
+    specs = default_targets(model) if targets == "auto" else targets
+    return find_target_modules(model, specs, exclude=exclude)
+
+
 def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model

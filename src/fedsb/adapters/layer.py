@@ -1,6 +1,12 @@
-"""The LoRA-SB layer: y = W0 x + b + s * B (R (A x)); B and A frozen, only the r x r matrix R trains."""
+"""The LoRA-SB layer: y = W0 x + b + s * B (R (A x)); B and A frozen, only the r x r matrix R trains.
+
+`AdapterLayer` holds what every low-rank adapter shares (a frozen base layer, the scale, dropout, the
+fp32/autocast forward, merge/unmerge, folding a dense update into W0); `LoraSBLinear` adds B, R, A.
+"""
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -8,6 +14,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from fedsb.errors import FedsbError
+
+log = logging.getLogger("fedsb.adapters")
 
 SUPPORTED_BASE_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
 
@@ -45,7 +53,99 @@ def _check_rank(rank: object, m: int, n: int) -> int:
     return rank
 
 
-class LoraSBLinear(nn.Module):
+class AdapterLayer(nn.Module):
+    """A frozen base linear layer plus a low-rank update s * delta; subclasses define the branch.
+
+    The branch is computed in fp32 (the adapter's tensors are fp32 whatever the base dtype) and cast to
+    the base output's dtype, or in the autocast dtype under autocast, where fp32 master weights stay fp32.
+    """
+
+    adapter_kind = "adapter"
+    trainable_names: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module, rank: int, *, scaling: float, dropout: float) -> None:
+        super().__init__()
+        m, n = linear_dims(base_layer)
+        self.rank = _check_rank(rank, m, n)
+        if (
+            isinstance(scaling, bool)
+            or not isinstance(scaling, int | float)
+            or not torch.isfinite(torch.tensor(float(scaling)))
+        ):
+            raise FedsbError(
+                field="scaling", value=scaling, fix="use a finite number, usually 1.0 (alpha = r)"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise FedsbError(field="dropout", value=dropout, fix="use a probability in [0, 1)")
+        self.base_layer = base_layer
+        for p in self.base_layer.parameters():
+            p.requires_grad_(False)
+        self.out_features, self.in_features = m, n
+        self.scaling = float(scaling)
+        self.adapter_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.fold_round = 0  # the last federated round whose dense fold this layer's W0 holds
+
+    def branch(self, h: torch.Tensor) -> torch.Tensor:
+        """The low-rank update applied to the (dropped-out) input, without the scale: (..., n) -> (..., m)."""
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * (the update) in fp32, shape (m, n) in `nn.Linear` layout."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = base(x) + s * branch(dropout(x)); x: (..., n) -> y: (..., m)."""
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        h = self.adapter_dropout(x)
+        if torch.is_autocast_enabled(x.device.type):
+            update = self.branch(h)
+        else:
+            update = self.branch(h.to(torch.float32)).to(result.dtype)
+        if self.scaling != 1.0:
+            update = update * self.scaling
+        return result + update
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W0 <- W0 + delta (computed in fp32, cast to W0's dtype); forward then skips the branch."""
+        if self.merged:
+            raise RuntimeError("layer is already merged")
+        delta = self.delta_weight()
+        if not torch.isfinite(delta).all():
+            raise FloatingPointError("adapter delta weight has NaN/Inf entries; refusing to merge")
+        self._add_to_base(delta)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W0 <- W0 - delta; inverse of `merge` up to rounding in W0's dtype."""
+        if not self.merged:
+            raise RuntimeError("layer is not merged")
+        self._add_to_base(-self.delta_weight())
+        self.merged = False
+
+    @torch.no_grad()
+    def fold(self, delta: torch.Tensor) -> None:
+        """W0 <- W0 + delta for a dense (m, n) update (FedEx-LoRA residuals, FLoRA stacks)."""
+        if self.merged:
+            raise RuntimeError("unmerge the layer before folding an update into it")
+        w = weight_in_linear_layout(self.base_layer)
+        if w.dtype != torch.float32:
+            log.warning("folding into a %s base weight loses precision; load the model in float32", w.dtype)
+        self._add_to_base(delta)
+
+    def _add_to_base(self, delta: torch.Tensor) -> None:
+        w = weight_in_linear_layout(self.base_layer)
+        w.copy_((w.float() + delta.float()).to(w.dtype))
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scaling={self.scaling}, merged={self.merged}"
+
+
+class LoraSBLinear(AdapterLayer):
     """A frozen linear layer plus the LoRA-SB update s * B R A.
 
     Shapes (weight orientation, m = out_features, n = in_features):
@@ -61,32 +161,13 @@ class LoraSBLinear(nn.Module):
     trainable_names: tuple[str, ...] = ("lora_sb_R.weight",)
 
     def __init__(self, base_layer: nn.Module, rank: int, *, scaling: float = 1.0, dropout: float = 0.0):
-        super().__init__()
-        m, n = linear_dims(base_layer)
-        self.rank = _check_rank(rank, m, n)
-        if not isinstance(scaling, int | float) or not torch.isfinite(torch.tensor(float(scaling))):
-            raise FedsbError(
-                field="scaling", value=scaling, fix="use a finite number, usually 1.0 (alpha = r)"
-            )
-        if not 0.0 <= dropout < 1.0:
-            raise FedsbError(field="dropout", value=dropout, fix="use a probability in [0, 1)")
-        self.base_layer = base_layer
-        for p in self.base_layer.parameters():
-            p.requires_grad_(False)
-        self.out_features, self.in_features = m, n
-        self.scaling = float(scaling)
-        self.lora_sb_A = nn.Parameter(
-            torch.zeros(rank, n, dtype=torch.float32), requires_grad=False
-        )  # (r, n)
-        self.lora_sb_B = nn.Parameter(
-            torch.zeros(m, rank, dtype=torch.float32), requires_grad=False
-        )  # (m, r)
-        self.lora_sb_R = nn.Linear(rank, rank, bias=False, dtype=torch.float32)  # weight (r, r)
+        super().__init__(base_layer, rank, scaling=scaling, dropout=dropout)
+        r, m, n = self.rank, self.out_features, self.in_features
+        self.lora_sb_A = nn.Parameter(torch.zeros(r, n, dtype=torch.float32), requires_grad=False)  # (r, n)
+        self.lora_sb_B = nn.Parameter(torch.zeros(m, r, dtype=torch.float32), requires_grad=False)  # (m, r)
+        self.lora_sb_R = nn.Linear(r, r, bias=False, dtype=torch.float32)  # weight (r, r)
         nn.init.zeros_(self.lora_sb_R.weight)
-        self.lora_sb_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
 
-    # ---- factors -------------------------------------------------------------------------------------
     @torch.no_grad()
     def set_factors(self, B: torch.Tensor, A: torch.Tensor, R: torch.Tensor | None = None) -> None:
         """Install B (m, r), A (r, n) and optionally R (r, r); all stored as fp32."""
@@ -101,50 +182,11 @@ class LoraSBLinear(nn.Module):
         if R is not None:
             self.lora_sb_R.weight.copy_(R.to(torch.float32))
 
+    def branch(self, h: torch.Tensor) -> torch.Tensor:
+        """B(R(A h)): (..., n) -> (..., r) -> (..., r) -> (..., m)."""
+        return F.linear(self.lora_sb_R(F.linear(h, self.lora_sb_A)), self.lora_sb_B)
+
     def delta_weight(self) -> torch.Tensor:
         """s * B @ R @ A in fp32, shape (m, n) in `nn.Linear` layout."""
         B, R, A = self.lora_sb_B, self.lora_sb_R.weight, self.lora_sb_A
         return self.scaling * (B.float() @ (R.float() @ A.float()))  # (m, r) @ ((r, r) @ (r, n)) -> (m, n)
-
-    # ---- forward -------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """y = base(x) + s * B(R(A(dropout(x)))); x: (..., n) -> y: (..., m)."""
-        result = self.base_layer(x)
-        if self.merged:
-            return result
-        h = self.lora_sb_dropout(x)
-        if torch.is_autocast_enabled(x.device.type):
-            # autocast casts the fp32 factors to the compute dtype; R's fp32 master weight stays fp32.
-            update = F.linear(self.lora_sb_R(F.linear(h, self.lora_sb_A)), self.lora_sb_B)
-        else:
-            # compute the low-rank branch in fp32 (a no-op cast for fp32 models), then match the base dtype
-            a = F.linear(h.to(torch.float32), self.lora_sb_A)  # (..., r)
-            update = F.linear(self.lora_sb_R(a), self.lora_sb_B).to(result.dtype)  # (..., m)
-        if self.scaling != 1.0:
-            update = update * self.scaling
-        return result + update
-
-    # ---- merge ---------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def merge(self) -> None:
-        """W0 <- W0 + s B R A (computed in fp32, cast to W0's dtype); forward then skips the branch."""
-        if self.merged:
-            raise RuntimeError("layer is already merged")
-        delta = self.delta_weight()
-        if not torch.isfinite(delta).all():
-            raise FloatingPointError("LoRA-SB delta weight has NaN/Inf entries; refusing to merge")
-        w = weight_in_linear_layout(self.base_layer)
-        w.copy_((w.float() + delta).to(w.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """W0 <- W0 - s B R A; inverse of `merge` up to rounding in W0's dtype."""
-        if not self.merged:
-            raise RuntimeError("layer is not merged")
-        w = weight_in_linear_layout(self.base_layer)
-        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
-        self.merged = False
-
-    def extra_repr(self) -> str:
-        return f"rank={self.rank}, scaling={self.scaling}, merged={self.merged}"

@@ -9,16 +9,21 @@ only talk to this interface.
 from __future__ import annotations
 
 import importlib
-from abc import ABC
-from collections.abc import Mapping
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from torch import nn
 
 from fedsb.adapters.inject import AdaptedModel
 from fedsb.errors import FedsbError
 from fedsb.fed.registry import METHODS
+
+if TYPE_CHECKING:
+    from fedsb.config import RunConfig
 
 Tensors = dict[str, torch.Tensor]
 
@@ -77,21 +82,49 @@ class WeightedMean:
         return out
 
 
+@dataclass
+class SetupContext:
+    """What a method needs to build its adapted model: the config, seeds, and (for LoRA-SB) init data.
+
+    `setup_dir` holds the one-time setup (Fed-SB's basis) so a resumed run loads it instead of recomputing.
+    """
+
+    cfg: RunConfig
+    init_batches: Callable[[], Iterable[Mapping[str, torch.Tensor]]] | None = None
+    num_samples: int | None = None
+    loss_fn: Callable[..., torch.Tensor] | None = None
+    setup_dir: Path | None = None
+    resume: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+
 class FederatedMethod(ABC):
     """Server-side state and rules of one federated method (see the module docstring).
 
     The default implementation is FedAvg of the trainable tensors: download the global trainable state,
     upload the client's trainable state, aggregate with a weighted mean, install it. Methods whose server
-    rule differs (folding residuals, stacking factors) override `new_aggregator` and `apply`.
+    rule differs (folding residuals, stacking factors) override `new_aggregator`, `apply`, `download` and
+    `client_receive`.
     """
 
     name: ClassVar[str]
     exact: ClassVar[bool]
+    default_scaling: ClassVar[float] = 1.0
 
     def __init__(self, adapted: AdaptedModel, *, weighting: str = "examples") -> None:
         self.adapted = adapted
         self.weighting = weighting
         self.state: Tensors = adapted.get_state()  # the global trainable state (fp32)
+
+    @classmethod
+    @abstractmethod
+    def create(cls, model: nn.Module, ctx: SetupContext) -> FederatedMethod:
+        """Inject this method's adapters into `model` (the server's, or the shared simulator model)."""
+
+    @classmethod
+    def scaling_of(cls, cfg: RunConfig) -> float:
+        """s = adapter.scaling, or the method's default when it is null."""
+        return cls.default_scaling if cfg.adapter.scaling is None else float(cfg.adapter.scaling)
 
     # ---- one-time setup ----------------------------------------------------------------------------------
     @property
@@ -108,8 +141,8 @@ class FederatedMethod(ABC):
         """What the server sends every sampled client at the start of a round."""
         return {k: v.clone() for k, v in self.state.items()}
 
-    def client_receive(self, adapted: AdaptedModel, payload: Mapping[str, torch.Tensor]) -> None:
-        """Client side: install the downloaded global state."""
+    def client_receive(self, adapted: AdaptedModel, payload: Mapping[str, torch.Tensor], round: int) -> None:
+        """Client side: install the downloaded global state before training round `round`."""
         adapted.set_state({k: v.to(torch.float32) for k, v in payload.items()})
 
     def client_upload(self, adapted: AdaptedModel) -> Tensors:
@@ -123,8 +156,8 @@ class FederatedMethod(ABC):
     def new_aggregator(self) -> WeightedMean:
         return WeightedMean(self.weighting)
 
-    def apply(self, aggregate: Tensors) -> None:
-        """Make the aggregate the new global state and install it in the server's model."""
+    def apply(self, aggregate: Tensors, round: int) -> None:
+        """Make round `round`'s aggregate the new global state and install it in the server's model."""
         self.state = {k: v.clone() for k, v in aggregate.items()}
         self.adapted.set_state(self.state)
 
@@ -132,8 +165,13 @@ class FederatedMethod(ABC):
         """Put the global state into the server's model (before evaluation or export)."""
         self.adapted.set_state(self.state)
 
+    def untuned_state(self) -> Tensors:
+        """A trainable state under which the model computes exactly W0 (for the 'before' evaluation)."""
+        return {k: v.clone() for k, v in self.state.items()}
+
     # ---- checkpointing ------------------------------------------------------------------------------------
     def state_tensors(self) -> Tensors:
+        """Everything the server must checkpoint to resume (the global state, and any folds)."""
         return {k: v.clone() for k, v in self.state.items()}
 
     def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:

@@ -8,11 +8,21 @@ A travel once, with a fingerprint every update must match.
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import ClassVar
 
+import torch
+from torch import nn
+
 from fedsb.adapters.inject import AdaptedModel
-from fedsb.fed.base import FederatedMethod, Tensors
+from fedsb.fed.base import FederatedMethod, SetupContext, Tensors
 from fedsb.init.basis import Basis
+from fedsb.init.initialize import attach_basis, compute_basis
+from fedsb.init.svd import official_eta
+from fedsb.seeding import derive_seed
+
+log = logging.getLogger("fedsb.fed")
 
 
 class FedSB(FederatedMethod):
@@ -20,10 +30,59 @@ class FedSB(FederatedMethod):
 
     name: ClassVar[str] = "fedsb"
     exact: ClassVar[bool] = True
+    default_scaling: ClassVar[float] = 1.0
 
     def __init__(self, adapted: AdaptedModel, basis: Basis, *, weighting: str = "examples") -> None:
         super().__init__(adapted, weighting=weighting)
         self.basis = basis
+
+    @classmethod
+    def create(cls, model: nn.Module, ctx: SetupContext) -> FedSB:
+        """The server computes the basis once from the configured init data (or loads it when resuming)."""
+        cfg = ctx.cfg
+        basis_dir = ctx.setup_dir / "basis" if ctx.setup_dir else None
+        if ctx.resume and basis_dir is not None and basis_dir.exists():
+            basis = Basis.load(basis_dir)
+        else:
+            eta = cfg.init.eta
+            if cfg.init.eta_rule == "official":
+                batches = -(-ctx.info.get("pool_size", ctx.num_samples or 1) // cfg.init.batch_size)
+                eta = official_eta(
+                    cfg.train.lr, cfg.train.warmup_ratio, batches, cfg.train.local_epochs or 1.0
+                )
+            data_init = cfg.init.method == "lora-sb"
+            t0 = time.perf_counter()
+            basis = compute_basis(
+                model,
+                rank=cfg.adapter.rank,
+                targets=cfg.adapter.targets,
+                rank_overflow=cfg.adapter.rank_overflow,
+                init=cfg.init.method,
+                batches=ctx.init_batches() if data_init and ctx.init_batches else None,
+                num_samples=ctx.num_samples if data_init else None,
+                loss_fn=ctx.loss_fn,
+                eta=eta,
+                scaling=cls.scaling_of(cfg),
+                svd=cfg.init.svd,
+                oversample=cfg.init.oversample,
+                power_iters=cfg.init.power_iters,
+                generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "basis")),
+            )
+            ctx.info.update(
+                eta=eta, eta_rule=cfg.init.eta_rule, method=cfg.init.method, seconds=time.perf_counter() - t0
+            )
+            if not data_init:
+                ctx.info.update(num_samples=0, federated=True, note=f"data-free {cfg.init.method} init")
+            basis.info.update(ctx.info)
+            if basis_dir is not None:
+                basis.save(basis_dir)
+        ctx.info.update(
+            {k: basis.info[k] for k in ("eta", "eta_rule", "method", "seconds") if k in basis.info}
+        )
+        adapted = attach_basis(
+            model, basis, dropout=cfg.adapter.dropout, extra_trainable=cfg.adapter.extra_trainable
+        )
+        return cls(adapted, basis, weighting=cfg.fed.weighting)
 
     @property
     def basis_fingerprint(self) -> str:
@@ -36,3 +95,8 @@ class FedSB(FederatedMethod):
             out[f"{path}.lora_sb_B"] = f.B
             out[f"{path}.lora_sb_A"] = f.A
         return out
+
+    def untuned_state(self) -> Tensors:
+        """R = 0 in every layer (B 0 A = 0, so the model is W0); heads as they are."""
+        r_names = {f"{p}.lora_sb_R.weight" for p in self.adapted.layers}
+        return {k: (torch.zeros_like(v) if k in r_names else v.clone()) for k, v in self.state.items()}

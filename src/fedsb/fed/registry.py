@@ -5,6 +5,10 @@ from __future__ import annotations
 #: method name -> "module:Class" (loaded lazily by `fedsb.fed.methods.get_method_class`)
 METHODS: dict[str, str] = {
     "fedsb": "fedsb.fed.fedsb:FedSB",
+    "fedit": "fedsb.fed.fedit:FedIT",
+    "ffa": "fedsb.fed.ffa:FFALoRA",
+    "fedex": "fedsb.fed.fedex:FedExLoRA",
+    "flora": "fedsb.fed.flora:FLoRA",
 }
 
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)

@@ -92,7 +92,7 @@ class Server:
         sampled = self.sampler.sample(round)
         record = RoundRecord(round=round, sampled=sampled)
         download = encode(self.method.download(), self.wire_dtype)
-        reference = decode(download)
+        reference = dict(self.method.state)  # what every client starts this round from
         spec = self.method.upload_spec()
         for cid in sampled:
             self.ledger.record(
@@ -144,7 +144,7 @@ class Server:
                 f"(sampled {len(sampled)}, rejected {len(record.rejected)}, dropped {len(record.dropped)}; {reasons})"
             )
         t_agg = time.perf_counter()
-        self.method.apply(aggregator.result())
+        self.method.apply(aggregator.result(), round)
         record.train_loss = weighted_loss / loss_weight if loss_weight else float("nan")
         now = time.perf_counter()
         record.seconds = {"total": now - t0, "clients": client_seconds, "aggregate": now - t_agg}

@@ -70,7 +70,7 @@ class InProcessExecutor:
     def train_client(self, round: int, cid: str, download: Tensors) -> ClientUpdate:
         """One client's round: load the global state, train locally, return its (wire-encoded) update."""
         data = self.clients[cid]
-        self.method.client_receive(self.adapted, decode(download))
+        self.method.client_receive(self.adapted, decode(download), round)
         steps = steps_for(data.num_examples, self.cfg)
         schedule, offset = round_schedule(
             base_lr=self.cfg.lr,

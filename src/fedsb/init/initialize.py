@@ -13,11 +13,10 @@ from fedsb.adapters.inject import (
     DEFAULT_EXCLUDE,
     AdaptedModel,
     check_model_dtype,
-    default_targets,
-    find_target_modules,
     inject_adapters,
     lora_sb_factory,
     resolve_ranks,
+    resolve_targets,
 )
 from fedsb.adapters.layer import LoraSBLinear, linear_dims, weight_in_linear_layout
 from fedsb.errors import FedsbError
@@ -25,14 +24,6 @@ from fedsb.init.basis import INIT_KINDS, Basis, lora_sb_basis, lora_xs_basis, ra
 from fedsb.init.grad_estimate import Batch, LossFn, default_loss, estimate_gradients
 
 log = logging.getLogger("fedsb.init")
-
-
-def resolve_targets(
-    model: nn.Module, targets: Sequence[str] | str, exclude: Sequence[str]
-) -> dict[str, nn.Module]:
-    """Module path -> base layer for `targets` ('auto' = the architecture family's defaults)."""
-    specs = default_targets(model) if targets == "auto" else targets
-    return find_target_modules(model, specs, exclude=exclude)
 
 
 def compute_basis(

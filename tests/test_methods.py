@@ -1,0 +1,193 @@
+"""Every method's aggregation against the mean of the clients' updates (one parametrized table).
+
+Fed-SB, FedEx-LoRA and FLoRA must equal the weighted mean of the client models exactly; FFA-LoRA is exact
+for its B-only update; FedIT is not, and its gap must equal minus the weighted covariance of the factors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedsb.cli import main
+from fedsb.config import TrainConfig, resolve_config
+from fedsb.fed.base import ClientUpdate, SetupContext, get_method_class
+from fedsb.fed.ledger import Ledger
+from fedsb.fed.lora_base import lora_names
+from fedsb.fed.rounds import Server, decode
+from fedsb.fed.sampling import ClientSampler
+from fedsb.fed.simulate import ClientData, InProcessExecutor
+from fedsb.train.local import causal_lm_loss
+from tiny import lm_batches, make_tiny_llama
+
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+METHODS = ["fedsb", "fedit", "ffa", "fedex", "flora"]
+SIZES = {"c0": 10, "c1": 30, "c2": 25, "c3": 5}
+
+
+def _method(name: str, seed: int = 0, *extra: str):
+    cfg = resolve_config(TINY, [f"fed.method={name}", "adapter.rank=4", f"seed={seed}", *extra])
+    ctx = SetupContext(cfg=cfg, init_batches=lambda: lm_batches(), num_samples=8, loss_fn=causal_lm_loss)
+    return get_method_class(name).create(make_tiny_llama(), ctx)
+
+
+@torch.no_grad()
+def _weights(method) -> dict[str, torch.Tensor]:
+    """Effective dense weight W0 (+ folds) + s * update of every adapted layer, fp64."""
+    out = {}
+    for path, layer in method.adapted.layers.items():
+        w0 = layer.base_layer.weight.detach().double()
+        out[path] = w0 + layer.delta_weight().double()
+    return out
+
+
+class RandomClients:
+    """Each client returns its starting state plus seeded noise (B gets noise too, so B_i A_i != 0)."""
+
+    def __init__(self, method, sizes: dict[str, int], drop: tuple[str, ...] = ()) -> None:
+        self.method, self.sizes, self.drop = method, sizes, set(drop)
+        self.client_models: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+        self.sent: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+
+    def train_round(self, round: int, client_ids, download) -> Iterator[ClientUpdate]:
+        self.method.client_receive(self.method.adapted, decode(download), round)
+        start = self.method.adapted.get_state(self.method.upload_spec())
+        w0 = {
+            p: layer.base_layer.weight.detach().double().clone()
+            for p, layer in self.method.adapted.layers.items()
+        }
+        for i, cid in enumerate(client_ids):
+            g = torch.Generator().manual_seed(1000 * round + i)
+            tensors = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in start.items()}
+            self.method.adapted.set_state(tensors)
+            if cid not in self.drop:  # what client cid's model computes: W0 + s * its update
+                self.client_models.setdefault(round, {})[cid] = {
+                    p: w0[p] + layer.delta_weight().detach().double()
+                    for p, layer in self.method.adapted.layers.items()
+                }
+                self.sent.setdefault(round, {})[cid] = {k: v.clone() for k, v in tensors.items()}
+                yield ClientUpdate(
+                    cid, round, self.sizes[cid], tensors, self.method.basis_fingerprint, {"loss": 1.0}
+                )
+
+
+def _server(method, min_clients: int = 1) -> Server:
+    return Server(method, ClientSampler(list(SIZES), 3, seed=4), Ledger(), min_clients=min_clients)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_aggregate_vs_mean_of_client_models(name: str) -> None:
+    method = _method(name)
+    server = _server(method)
+    clients = RandomClients(method, SIZES, drop=("c1",))  # partial participation (3 of 4) and a dropout
+    for rnd in (1, 2):  # round 2 starts from folded W0 for FedEx / FLoRA
+        record = server.run_round(rnd, clients)
+        models = clients.client_models[rnd]
+        assert set(record.accepted) == set(models) and "c1" not in record.accepted
+        total = sum(SIZES[c] for c in models)
+        expected = {p: sum(SIZES[c] * models[c][p] for c in models) / total for p in method.adapted.layers}
+        got = _weights(method)
+        gaps = {p: got[p] - expected[p] for p in expected}
+        worst = max(float(g.abs().max()) for g in gaps.values())
+        if method.exact:
+            assert worst < 1e-6, f"{name} round {rnd}: max |W_global - mean_i W_i| = {worst:.2e}"
+        else:  # FedIT: the gap is -s * sum_i p_i (B_i - B_bar)(A_i - A_bar), and it is not small
+            assert worst > 1e-5
+            for path, layer in method.adapted.layers.items():
+                a_name, b_name = lora_names(path)
+                ups = [
+                    (SIZES[c], t[b_name].double(), t[a_name].double()) for c, t in clients.sent[rnd].items()
+                ]
+                Bbar = sum(w * B for w, B, _ in ups) / total
+                Abar = sum(w * A for w, _, A in ups) / total
+                cov = sum(w * (B - Bbar) @ (A - Abar) for w, B, A in ups) / total
+                torch.testing.assert_close(gaps[path], -layer.scaling * cov, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["fedex", "flora"])
+def test_a_separate_client_model_folds_to_the_same_weights(name: str) -> None:
+    """Flower-style clients hold their own model copy: the download's stack must bring them to W_global."""
+    server_method = _method(name)
+    server = _server(server_method)
+    clients = RandomClients(server_method, SIZES)
+    server.run_round(1, clients)
+    client_side = _method(name)  # a fresh party: W0 and seeded LoRA, no fold yet
+    download = decode(server_method.download())
+    client_side.client_receive(client_side.adapted, download, 2)
+    a, b = _weights(server_method), _weights(client_side)
+    for p in a:
+        torch.testing.assert_close(a[p], b[p], atol=1e-6, rtol=0)
+    # and receiving the same round again does not fold twice
+    client_side.client_receive(client_side.adapted, download, 2)
+    c = _weights(client_side)
+    for p in a:
+        torch.testing.assert_close(a[p], c[p], atol=1e-6, rtol=0)
+
+
+def test_ffa_a_is_frozen_shared_and_distinct_per_module() -> None:
+    one, two = _method("ffa"), _method("ffa")
+    A1 = {p: layer.lora_A.weight for p, layer in one.adapted.layers.items()}
+    A2 = {p: layer.lora_A.weight for p, layer in two.adapted.layers.items()}
+    assert all(torch.equal(A1[p], A2[p]) for p in A1)  # every party draws the same A
+    q = [A1[p] for p in A1 if p.endswith("q_proj")]
+    assert not torch.equal(q[0], q[1])  # same shape, different modules: different A (pitfall P9)
+    assert all(not n.endswith("lora_A.weight") for n in one.adapted.trainable_names())
+    assert not torch.equal(
+        A1[next(iter(A1))], _method("ffa", seed=1).adapted.layers[next(iter(A1))].lora_A.weight
+    )
+
+
+def test_upload_and_download_sizes_per_method() -> None:
+    r = 4
+    layers = [(32, 32), (16, 32), (16, 32), (32, 32), (48, 32), (48, 32), (32, 48)] * 2  # tests/tiny.py Llama
+    fedit_params = sum(r * (m + n) for m, n in layers)
+    expect_up = {
+        "fedsb": len(layers) * r * r,
+        "fedit": fedit_params,
+        "ffa": sum(r * m for m, _ in layers),
+        "fedex": fedit_params,
+        "flora": fedit_params,
+    }
+    for name in METHODS:
+        method = _method(name)
+        assert sum(int(torch.Size(s).numel()) for s in method.upload_spec().values()) == expect_up[name], name
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_real_local_training_round_trip(name: str) -> None:
+    """Two rounds with the real trainer on the shared model; every method runs and stays finite."""
+    method = _method(name)
+    clients = {
+        f"c{i}": ClientData(
+            num_examples=8 + i, loader=lambda seed, b=lm_batches(n_batches=2, batch=2, seed=i): b
+        )
+        for i in range(3)
+    }
+    cfg = TrainConfig(lr=1e-2, local_steps=2, batch_size=2, bf16=False)
+    executor = InProcessExecutor(method, method.adapted, clients, cfg, rounds=2, seed=0)
+    server = Server(method, ClientSampler(list(clients), 1.0, seed=0), Ledger())
+    for rnd in (1, 2):
+        record = server.run_round(rnd, executor)
+        assert record.accepted == list(clients) and torch.isfinite(torch.tensor(record.train_loss))
+    assert all(torch.isfinite(v).all() for v in method.state.values())
+
+
+@pytest.mark.parametrize("name", ["fedit", "fedex", "flora"])
+def test_cli_runs_each_baseline_and_resumes_bit_identically(name: str, tmp_path: Path) -> None:
+    args = ["run", "--config", TINY, "--no-progress", f"fed.method={name}", "fed.rounds=3"]
+    assert main([*args, "--output", str(tmp_path / "a")]) == 0
+    assert main([*args, "--output", str(tmp_path / "b"), "--stop-after-round", "2"]) == 0
+    assert main(["run", "--resume", str(tmp_path / "b"), "--no-progress"]) == 0
+    a = load_file(str(tmp_path / "a" / "adapter" / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "b" / "adapter" / "adapter.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    export = "merged" if name in ("fedex", "flora") else "peft"
+    assert (tmp_path / "a" / export).is_dir()
+    if export == "merged":  # the folded W0 survived the resume too
+        wa = load_file(str(tmp_path / "a" / "merged" / "model.safetensors"))
+        wb = load_file(str(tmp_path / "b" / "merged" / "model.safetensors"))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
