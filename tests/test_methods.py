@@ -161,11 +161,9 @@ def test_upload_and_download_sizes_per_method() -> None:
 def test_real_local_training_round_trip(name: str) -> None:
     """Two rounds with the real trainer on the shared model; every method runs and stays finite."""
     method = _method(name)
+    batches = [lm_batches(n_batches=2, batch=2, seed=i) for i in range(3)]
     clients = {
-        f"c{i}": ClientData(
-            num_examples=8 + i, loader=lambda seed, b=lm_batches(n_batches=2, batch=2, seed=i): b
-        )
-        for i in range(3)
+        f"c{i}": ClientData(num_examples=8 + i, loader=lambda seed, b=b: b) for i, b in enumerate(batches)
     }
     cfg = TrainConfig(lr=1e-2, local_steps=2, batch_size=2, bf16=False)
     executor = InProcessExecutor(method, method.adapted, clients, cfg, rounds=2, seed=0)
