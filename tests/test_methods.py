@@ -189,3 +189,39 @@ def test_cli_runs_each_baseline_and_resumes_bit_identically(name: str, tmp_path:
         wa = load_file(str(tmp_path / "a" / "merged" / "model.safetensors"))
         wb = load_file(str(tmp_path / "b" / "merged" / "model.safetensors"))
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_compare_writes_table_and_plot_and_reuses_runs(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cmp"
+    args = [
+        "compare",
+        "--config",
+        TINY,
+        "--output",
+        str(out),
+        "--no-progress",
+        "--methods",
+        "fedsb:2,4",
+        "ffa",
+    ]
+    assert main(args) == 0
+    import json
+
+    rows = json.loads((out / "compare.json").read_text())
+    assert [r["variant"] for r in rows] == ["fedsb-r2", "fedsb-r4", "ffa"]
+    assert (out / "pareto.png").stat().st_size > 0 and "| fedsb-r2 | 2 | yes |" in (
+        out / "compare.md"
+    ).read_text()
+    assert (
+        rows[0]["params_per_client_round_up"] == 14 * 2 * 2
+        and rows[1]["params_per_client_round_up"] == 14 * 4 * 4
+    )
+    parts = {
+        json.loads((out / v / "manifest.json").read_text())["partition"]["sizes"].__repr__()
+        for v in ("fedsb-r2", "ffa")
+    }
+    assert len(parts) == 1  # identical partitions
+    capsys.readouterr()
+    assert main(args) == 0  # second time: everything reused
+    assert capsys.readouterr().out.count("reusing the finished run") == 3
+    assert main(["compare", "--config", TINY, "--output", str(out), "--methods", "fedavg"]) == 2

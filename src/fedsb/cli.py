@@ -66,6 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", help="a finished run directory (holds config.yaml, basis/, adapter/)")
     export.add_argument("--format", choices=("peft", "merged"), default="peft")
     export.add_argument("--out", required=True, metavar="DIR", help="where to write the export")
+    compare = sub.add_parser(
+        "compare",
+        help="run several methods/ranks under identical partitions and seeds; table and Pareto plot",
+        description="Run each variant as a normal `fedsb run` in OUTPUT/<method>-r<rank>/ with the same data, "
+        "partitions and seeds, then write OUTPUT/compare.{json,md} and OUTPUT/pareto.png (accuracy vs bytes). "
+        "Finished variants are reused.",
+    )
+    compare.add_argument(
+        "--methods", nargs="+", required=True, metavar="METHOD[:R1,R2]", help="e.g. fedsb:32,64 fedit:8 ffa:8"
+    )
+    compare.add_argument("--config", metavar="FILE", help="YAML preset shared by every variant")
+    compare.add_argument("--output", required=True, metavar="DIR")
+    compare.add_argument("--no-progress", action="store_true")
+    compare.add_argument("overrides", nargs="*", metavar="key=value")
     from fedsb.comm import add_comm_parser
 
     add_comm_parser(sub)
@@ -147,6 +161,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _cmd_run(args)
+        if args.command == "compare":
+            from fedsb.compare import parse_variants, run_comparison
+
+            overrides = [*args.overrides, *(["progress=false"] if args.no_progress else [])]
+            run_comparison(
+                parse_variants(args.methods), output=args.output, config_file=args.config, overrides=overrides
+            )
+            return 0
         if args.command == "export":
             return _cmd_export(args)
         if args.command == "comm":

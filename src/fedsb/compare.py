@@ -1,0 +1,175 @@
+"""`fedsb compare`: several methods and ranks under identical data, partitions and seeds; table + Pareto plot.
+
+Each variant is an ordinary `fedsb run` in <output>/<method>-r<rank>/ (so it can be inspected, resumed or
+exported on its own); a finished variant is reused, so re-running a comparison only runs what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedsb.config import config_from_dict, merge_overrides, resolve_config
+from fedsb.errors import ConfigError
+from fedsb.fed.registry import METHOD_NAMES
+
+
+@dataclass(frozen=True)
+class Variant:
+    method: str
+    rank: int | None  # None: the config's adapter.rank
+
+    @property
+    def label(self) -> str:
+        return self.method if self.rank is None else f"{self.method}-r{self.rank}"
+
+
+def parse_variants(specs: Sequence[str]) -> list[Variant]:
+    """'fedsb:32,64' -> [fedsb r32, fedsb r64]; 'fedit' -> [fedit at the config's rank]."""
+    out: list[Variant] = []
+    for spec in specs:
+        name, _, ranks = spec.partition(":")
+        if name not in METHOD_NAMES:
+            raise ConfigError(
+                field="--methods",
+                value=spec,
+                fix=f"use method[:r1,r2] with a method in {', '.join(METHOD_NAMES)}",
+            )
+        if not ranks:
+            out.append(Variant(name, None))
+            continue
+        for r in ranks.split(","):
+            if not r.strip().isdigit() or int(r) <= 0:
+                raise ConfigError(
+                    field="--methods", value=spec, fix="ranks must be positive integers, e.g. fedsb:32,64"
+                )
+            out.append(Variant(name, int(r)))
+    if not out:
+        raise ConfigError(
+            field="--methods", value=list(specs), fix="name at least one method, e.g. fedsb fedit"
+        )
+    return out
+
+
+def _finished(run_dir: Path, rounds: int) -> dict[str, Any] | None:
+    path = run_dir / "results.json"
+    if not path.is_file():
+        return None
+    results = json.loads(path.read_text())
+    return results if results.get("rounds_completed") == rounds and results.get("final") else None
+
+
+def run_comparison(
+    variants: Sequence[Variant],
+    *,
+    output: str | Path,
+    config_file: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    echo: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Run (or reuse) every variant and write compare.json, compare.md and pareto.png into `output`."""
+    from fedsb.run import run_job
+
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    base = resolve_config(config_file, list(overrides))  # validate once, before any run starts
+    rows = []
+    for v in variants:
+        run_dir = out / v.label
+        extra = [f"fed.method={v.method}", f"output_dir={run_dir}"] + (
+            [f"adapter.rank={v.rank}"] if v.rank else []
+        )
+        cfg = config_from_dict(merge_overrides(base.to_dict(), extra))
+        results = _finished(run_dir, cfg.fed.rounds)
+        if results is None:
+            if (run_dir / "checkpoints").exists():
+                results = run_job(cfg, resume=run_dir, echo=echo)
+            else:
+                results = run_job(cfg, echo=echo)
+        else:
+            echo(f"{v.label}: reusing the finished run in {run_dir}")
+        rows.append(_row(v, cfg, results))
+    (out / "compare.json").write_text(json.dumps(rows, indent=2))
+    (out / "compare.md").write_text(markdown_table(rows))
+    pareto_plot(rows, out / "pareto.png")
+    echo(markdown_table(rows))
+    return rows
+
+
+def _row(v: Variant, cfg: Any, results: dict[str, Any]) -> dict[str, Any]:
+    ledger = results["ledger"]
+    n_rounds = max(1, len(ledger["rounds"]))
+    return {
+        "variant": v.label,
+        "method": v.method,
+        "rank": cfg.adapter.rank,
+        "exact": results.get("exact"),
+        "accuracy": results["final"]["accuracy"],
+        "accuracy_before": (results.get("before") or {}).get("accuracy"),
+        "trainable_params": results.get("trainable_params"),
+        "params_per_client_round_up": ledger["params_per_client_per_round_one_way"],
+        "bytes_per_round": ledger["totals"]["bytes_rounds"] / n_rounds,
+        "bytes_total": ledger["totals"]["bytes_rounds"],
+        "bytes_one_time": ledger["totals"]["bytes_one_time"],
+        "wall_seconds": results["timing"]["total_seconds"],
+        "run_dir": results["output_dir"],
+    }
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    from fedsb.results import human_bytes
+
+    head = "| variant | r | exact | accuracy | bytes / round | total bytes | one-time | wall s |\n|---|---|---|---|---|---|---|---|"
+    lines = [
+        f"| {r['variant']} | {r['rank']} | {'yes' if r['exact'] else 'no'} | {100 * r['accuracy']:.1f}% | "
+        f"{human_bytes(r['bytes_per_round'])} | {human_bytes(r['bytes_total'])} | {human_bytes(r['bytes_one_time'])} | "
+        f"{r['wall_seconds']:.0f} |"
+        for r in rows
+    ]
+    return "\n".join([head, *lines]) + "\n"
+
+
+def pareto_plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Accuracy against bytes per round (log x); the Pareto front (more accurate for fewer bytes) joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    colors: dict[str, str] = {}
+    for r in rows:
+        c = colors.setdefault(r["method"], f"C{len(colors)}")
+        ax.scatter(r["bytes_per_round"], 100 * r["accuracy"], color=c, s=40, zorder=3)
+        ax.annotate(
+            r["variant"],
+            (r["bytes_per_round"], 100 * r["accuracy"]),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=8,
+        )
+    front, best = [], -math.inf
+    for r in sorted(rows, key=lambda r: r["bytes_per_round"]):
+        if r["accuracy"] > best:
+            front.append(r)
+            best = r["accuracy"]
+    ax.plot(
+        [r["bytes_per_round"] for r in front],
+        [100 * r["accuracy"] for r in front],
+        "k--",
+        lw=1,
+        label="Pareto front",
+    )
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes per round (all clients, up + down, log scale)")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
