@@ -25,7 +25,8 @@ from fedsb.train.local import causal_lm_loss
 from tiny import lm_batches, make_tiny_llama
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
-METHODS = ["fedsb", "fedit", "ffa", "fedex", "flora"]
+ADAPTER_METHODS = ["fedsb", "fedit", "ffa", "fedex", "flora"]
+METHODS = [*ADAPTER_METHODS, "full"]
 SIZES = {"c0": 10, "c1": 30, "c2": 25, "c3": 5}
 
 
@@ -79,7 +80,7 @@ def _server(method, min_clients: int = 1) -> Server:
     return Server(method, ClientSampler(list(SIZES), 3, seed=4), Ledger(), min_clients=min_clients)
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", ADAPTER_METHODS)
 def test_aggregate_vs_mean_of_client_models(name: str) -> None:
     method = _method(name)
     server = _server(method)
@@ -128,6 +129,18 @@ def test_a_separate_client_model_folds_to_the_same_weights(name: str) -> None:
         torch.testing.assert_close(a[p], c[p], atol=1e-6, rtol=0)
 
 
+def test_full_fine_tuning_averages_every_weight() -> None:
+    method = _method("full")
+    server = _server(method)
+    clients = RandomClients(method, SIZES, drop=("c1",))
+    server.run_round(1, clients)
+    sent = clients.sent[1]
+    total = sum(SIZES[c] for c in sent)
+    for name, p in method.adapted.trainable_parameters().items():
+        expected = sum(SIZES[c] * t[name].double() for c, t in sent.items()) / total
+        torch.testing.assert_close(p.detach().double(), expected, atol=1e-6, rtol=1e-6)
+
+
 def test_ffa_a_is_frozen_shared_and_distinct_per_module() -> None:
     one, two = _method("ffa"), _method("ffa")
     A1 = {p: layer.lora_A.weight for p, layer in one.adapted.layers.items()}
@@ -151,6 +164,7 @@ def test_upload_and_download_sizes_per_method() -> None:
         "ffa": sum(r * m for m, _ in layers),
         "fedex": fedit_params,
         "flora": fedit_params,
+        "full": sum(p.numel() for p in make_tiny_llama().parameters()),  # every weight, tied ones once
     }
     for name in METHODS:
         method = _method(name)

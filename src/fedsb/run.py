@@ -435,13 +435,10 @@ def export_final(method: Any, loaded: Any, tokenizer: Any, out: Path, *, rounds:
         basis_fingerprint=method.basis_fingerprint,
         extra_meta={"method": method.name, "rounds": rounds},
     )
-    if has_folds(adapted):
+    if has_folds(adapted) or not adapted.layers:
         export_merged(adapted, out / "merged", tokenizer=tokenizer)
-        return {
-            "format": "merged",
-            "directory": str(out / "merged"),
-            "why": f"{method.name} folds updates into W0",
-        }
+        why = f"{method.name} folds updates into W0" if adapted.layers else "full fine-tuning has no adapter"
+        return {"format": "merged", "directory": str(out / "merged"), "why": why}
     base = loaded.source if os.path.isdir(loaded.source) else loaded.name
     return {"format": "peft", **export_peft(adapted, out / "peft", base_model=base)}
 

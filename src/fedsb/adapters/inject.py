@@ -224,9 +224,12 @@ class AdaptedModel:
         for path, layer in self.layers.items():
             for suffix in layer.trainable_names:
                 params[f"{path}.{suffix}"] = layer.get_parameter(suffix)
+        seen = {id(p) for p in params.values()}
         for path, module in self.extra_modules.items():
             for suffix, p in module.named_parameters():
-                params[f"{path}.{suffix}"] = p
+                if id(p) not in seen:  # tied weights (embeddings = LM head) count once
+                    params[f"{path}.{suffix}"] = p
+                    seen.add(id(p))
         return params
 
     def trainable_names(self) -> list[str]:

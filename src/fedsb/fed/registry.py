@@ -9,6 +9,7 @@ METHODS: dict[str, str] = {
     "ffa": "fedsb.fed.ffa:FFALoRA",
     "fedex": "fedsb.fed.fedex:FedExLoRA",
     "flora": "fedsb.fed.flora:FLoRA",
+    "full": "fedsb.fed.full:FullFineTune",
 }
 
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)

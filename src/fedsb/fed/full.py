@@ -1,0 +1,28 @@
+"""Full fine-tuning with FedAvg of every weight: the (expensive) reference where a model is small enough.
+
+Exact by definition (the average of the client models is what FedAvg computes), and each round moves the
+whole model each way. With partition.num_clients=1 it is centralized full fine-tuning, an upper bound.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import nn
+
+from fedsb.adapters.inject import AdaptedModel
+from fedsb.fed.base import FederatedMethod, SetupContext
+
+
+class FullFineTune(FederatedMethod):
+    """Trains and averages all parameters (tied weights once)."""
+
+    name: ClassVar[str] = "full"
+    exact: ClassVar[bool] = True
+
+    @classmethod
+    def create(cls, model: nn.Module, ctx: SetupContext) -> FullFineTune:
+        adapted = AdaptedModel(model=model, layers={}, extra_modules=dict(model.named_children()))
+        adapted.set_trainable()
+        ctx.info.update(num_samples=0, federated=True, note="full fine-tuning: no adapter, no init data")
+        return cls(adapted, weighting=ctx.cfg.fed.weighting)
