@@ -145,3 +145,49 @@ def test_export_merged_and_peft_match_the_trained_model(tiny_run: Path, tmp_path
         peft_model = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
         torch.testing.assert_close(peft_model(input_ids=ids).logits, ours, atol=1e-5, rtol=1e-5)
     assert main(["export", str(tmp_path), "--format", "peft", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_classification_run_trains_and_communicates_the_head(tmp_path: Path) -> None:
+    """tiny-bert + classification head on a user jsonl file: the head is trained, averaged and exported."""
+    import random
+
+    rng = random.Random(0)
+    for split, n in (("train", 160), ("test", 24)):
+        rows = []
+        for _ in range(n):
+            label = rng.randrange(2)
+            word = rng.choice(["great", "fine", "lovely"] if label else ["awful", "bad", "dull"])
+            rows.append(json.dumps({"sentence": f"the film was {word}", "label": ["neg", "pos"][label]}))
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    options = (
+        "data.options={label_names: [neg, pos], columns: {text: sentence, label: label}, "
+        f"data_files: {{train: {tmp_path / 'train.jsonl'}, test: {tmp_path / 'test.jsonl'}}}}}"
+    )
+    out = tmp_path / "run"
+    args = [
+        "run",
+        "--output",
+        str(out),
+        "--no-progress",
+        "model.name=tiny-bert",
+        "data.task=classify",
+        options,
+    ]
+    args += [
+        "data.train_size=null",
+        "data.test_size=null",
+        "data.max_length=64",
+        "partition.num_clients=2",
+        "adapter.rank=4",
+    ]
+    args += ["train.local_steps=3", "train.batch_size=8", "fed.rounds=2", "init.min_samples=2"]
+    assert main([*args, "init.server_size=256"]) == 2  # the init split holds 3 rows
+    assert main([*args, "init.server_size=3"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["final"]["total"] == 24 and set(results["final"]["per_category"]) == {"neg", "pos"}
+    head = 32 * 2 + 2  # tiny-bert classifier: hidden 32 -> 2 labels
+    per_message = 2 * 6 * 4 * 4 + head  # 2 layers x 6 adapted modules x r^2 + the head
+    assert results["ledger"]["params_per_client_per_round_one_way"] == per_message
+    adapter = load_file(str(out / "adapter" / "adapter.safetensors"))
+    assert "classifier.weight" in adapter and "classifier.bias" in adapter
+    assert (out / "peft" / "head.safetensors").is_file()

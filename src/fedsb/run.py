@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from fedsb.config import RunConfig, config_from_dict, config_to_yaml, load_yaml, merge_overrides
-from fedsb.errors import CheckpointError, ConfigError
+from fedsb.errors import CheckpointError, ConfigError, FedsbError
 from fedsb.seeding import derive_seed
 
 log = logging.getLogger("fedsb.run")
@@ -52,14 +52,19 @@ def configure_torch(cfg: RunConfig) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _loader_factory(cfg: RunConfig, tokenizer: Any, batch_size: int) -> Callable[[Any], Callable[[int], Any]]:
+def _loader_factory(
+    cfg: RunConfig, task: Any, tokenizer: Any, batch_size: int
+) -> Callable[[Any], Callable[[int], Any]]:
+    """ds -> loader(seed): seeded epochs of padded batches (answer-masked LM batches or classification)."""
+    from fedsb.data.classification import make_classification_loader
     from fedsb.data.tasks import make_train_loader
 
+    make = make_classification_loader if task.kind == "classify" else make_train_loader
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def for_dataset(ds: Any) -> Callable[[int], Any]:
         def loader(seed: int) -> Any:
-            return make_train_loader(
+            return make(
                 ds,
                 batch_size,
                 seed=seed % (2**63),
@@ -72,17 +77,36 @@ def _loader_factory(cfg: RunConfig, tokenizer: Any, batch_size: int) -> Callable
     return for_dataset
 
 
-def prepare_data(cfg: RunConfig, tokenizer: Any) -> PreparedData:
+def _tokenize(task: Any, ds: Any, tokenizer: Any, max_length: int) -> Any:
+    from fedsb.data.classification import tokenize_for_classification
+    from fedsb.data.tasks import tokenize_for_training
+
+    if task.kind == "classify":
+        return tokenize_for_classification(ds, task, tokenizer, max_length)
+    return tokenize_for_training(ds, task, tokenizer, max_length)
+
+
+def model_task(task: Any) -> dict[str, Any]:
+    """`load_model` arguments for a task: a causal LM, or a sequence classifier with the task's labels."""
+    return (
+        {"task": "seq_cls", "num_labels": task.num_labels}
+        if task.kind == "classify"
+        else {"task": "causal_lm"}
+    )
+
+
+def loss_for(task: Any) -> Callable[..., torch.Tensor]:
+    """Training loss: answer-only next-token loss for generation tasks, the head's cross-entropy otherwise."""
+    from fedsb.train.local import causal_lm_loss, default_loss
+
+    return default_loss if task.kind == "classify" else causal_lm_loss
+
+
+def prepare_data(cfg: RunConfig, task: Any, tokenizer: Any) -> PreparedData:
     """Load and partition the task's data, tokenize each client's shard, and pick the init data."""
     from fedsb.data.partition import partition_dataset, partition_stats
-    from fedsb.data.tasks import get_task, tokenize_for_training
     from fedsb.fed.simulate import ClientData
 
-    task = get_task(cfg.data.task, **cfg.data.options)
-    if task.kind != "generate":
-        raise ConfigError(
-            field="data.task", value=cfg.data.task, fix="the simulator currently runs generation tasks"
-        )
     train = task.load("train", cfg.data.train_size, cfg.seed)
     test = task.load(cfg.data.eval_split, cfg.data.test_size, cfg.seed)
     column = cfg.partition.column or task.partition_column
@@ -97,10 +121,10 @@ def prepare_data(cfg: RunConfig, tokenizer: Any) -> PreparedData:
     )
     stats = partition_stats(parts, column if column in train.column_names else None)
     width = max(2, len(str(len(parts) - 1)))
-    make_loader = _loader_factory(cfg, tokenizer, cfg.train.batch_size)
+    make_loader = _loader_factory(cfg, task, tokenizer, cfg.train.batch_size)
     clients: dict[str, ClientData] = {}
     for i, part in enumerate(parts):
-        tokenized = tokenize_for_training(part, task, tokenizer, cfg.data.max_length)
+        tokenized = _tokenize(task, part, tokenizer, cfg.data.max_length)
         clients[f"client-{i:0{width}d}"] = ClientData(
             num_examples=len(tokenized), loader=make_loader(tokenized)
         )
@@ -108,14 +132,22 @@ def prepare_data(cfg: RunConfig, tokenizer: Any) -> PreparedData:
     stats["client_ids"] = list(clients)
     # init data: the server's own proxy sample (federated) or the clients' pooled data (paper; not federated)
     if cfg.init.source == "server":
-        init_rows = task.load("init", cfg.init.server_size, cfg.seed)
+        try:
+            init_rows = task.load("init", cfg.init.server_size, cfg.seed)
+        except FedsbError as exc:
+            raise ConfigError(
+                field="init.server_size",
+                value=cfg.init.server_size,
+                what=f"cannot be served ({exc})",
+                fix="lower init.server_size",
+            ) from None
     else:
         import datasets
 
         init_rows = datasets.concatenate_datasets(parts).shuffle(
             seed=derive_seed(cfg.seed, "pooled-init") % (2**32)
         )
-    init_data = tokenize_for_training(init_rows, task, tokenizer, cfg.data.max_length)
+    init_data = _tokenize(task, init_rows, tokenizer, cfg.data.max_length)
     n = cfg.init.num_samples or max(
         cfg.init.min_samples, math.ceil(cfg.init.sample_fraction * len(init_data))
     )
@@ -134,6 +166,7 @@ def prepare_data(cfg: RunConfig, tokenizer: Any) -> PreparedData:
 def build_method(
     cfg: RunConfig,
     model: torch.nn.Module,
+    task: Any,
     tokenizer: Any,
     data: PreparedData | None,
     out: Path,
@@ -142,11 +175,10 @@ def build_method(
 ) -> Any:
     """Create the configured method on `model` (Fed-SB computes or loads its basis here)."""
     from fedsb.fed.base import SetupContext, get_method_class
-    from fedsb.train.local import causal_lm_loss
 
     init_batches = None
     if data is not None:
-        make_loader = _loader_factory(cfg, tokenizer, cfg.init.batch_size)(data.init_data)
+        make_loader = _loader_factory(cfg, task, tokenizer, cfg.init.batch_size)(data.init_data)
 
         def init_batches() -> Any:
             return make_loader(derive_seed(cfg.seed, "init"))
@@ -155,7 +187,7 @@ def build_method(
         cfg=cfg,
         init_batches=init_batches,
         num_samples=data.init_info["num_samples"] if data else None,
-        loss_fn=causal_lm_loss,
+        loss_fn=loss_for(task),
         setup_dir=out,
         resume=resume,
         info=data.init_info if data else {},
@@ -186,6 +218,7 @@ def run_job(
     command: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a federated fine-tuning job and return the results dict (also in results.json)."""
+    from fedsb.eval.classify import evaluate_classification
     from fedsb.eval.generate import evaluate_generation
     from fedsb.fed.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from fedsb.fed.ledger import Ledger
@@ -218,15 +251,21 @@ def run_job(
     echo(f"fedsb: {cfg.fed.method} run, results in {out}")
 
     # ---- model, data, method (Fed-SB: the server's one-time basis) --------------------------------------
+    from fedsb.data.tasks import get_task
+
+    task = get_task(cfg.data.task, **cfg.data.options)
     loaded = load_model(
-        cfg.model.name, task="causal_lm", dtype=cfg.model.dtype, seed=derive_seed(cfg.seed, "model") % (2**32)
+        cfg.model.name,
+        dtype=cfg.model.dtype,
+        seed=derive_seed(cfg.seed, "model") % (2**32),
+        **model_task(task),
     )
     model, tokenizer = loaded.model, loaded.tokenizer
-    data = prepare_data(cfg, tokenizer)
+    data = prepare_data(cfg, task, tokenizer)
     echo(
         f"clients: {len(data.clients)} with sizes {list(data.client_sizes.values())}; evaluation examples: {len(data.test)}"
     )
-    method = build_method(cfg, model, tokenizer, data, out, resume=bool(resume))
+    method = build_method(cfg, model, task, tokenizer, data, out, resume=bool(resume))
     adapted = method.adapted
     if method.basis_fingerprint:
         echo(
@@ -270,21 +309,34 @@ def run_job(
         rounds=cfg.fed.rounds,
         seed=cfg.seed,
         wire_dtype=cfg.fed.wire_dtype,
+        loss_fn=loss_for(task),
         progress=cfg.progress,
     )
     eval_bf16 = cfg.train.bf16 if cfg.eval.bf16 is None else cfg.eval.bf16
 
     def evaluate(_: int) -> dict[str, Any]:
-        res = evaluate_generation(
-            adapted.model,
-            tokenizer,
-            data.task,
-            data.test,
-            batch_size=cfg.eval.batch_size,
-            max_new_tokens=cfg.eval.max_new_tokens,
-            bf16=eval_bf16,
-            progress=cfg.progress,
-        )
+        if task.kind == "classify":
+            res = evaluate_classification(
+                adapted.model,
+                tokenizer,
+                task,
+                data.test,
+                batch_size=cfg.eval.batch_size,
+                max_length=cfg.data.max_length,
+                bf16=eval_bf16,
+                progress=cfg.progress,
+            )
+        else:
+            res = evaluate_generation(
+                adapted.model,
+                tokenizer,
+                task,
+                data.test,
+                batch_size=cfg.eval.batch_size,
+                max_new_tokens=cfg.eval.max_new_tokens,
+                bf16=eval_bf16,
+                progress=cfg.progress,
+            )
         return res.to_dict()
 
     # ---- resume, or evaluate the untuned model ---------------------------------------------------------------
@@ -482,11 +534,17 @@ def load_trained(run_dir: str | Path) -> tuple[Any, Any, Any]:
         raise CheckpointError(
             f"{d} is not a fedsb run with a checkpoint (config.yaml and checkpoints/ expected)"
         )
+    from fedsb.data.tasks import get_task
+
     cfg = config_from_dict(load_yaml(d / CONFIG_FILE))
+    task = get_task(cfg.data.task, **cfg.data.options)
     loaded = load_model(
-        cfg.model.name, task="causal_lm", dtype=cfg.model.dtype, seed=derive_seed(cfg.seed, "model") % (2**32)
+        cfg.model.name,
+        dtype=cfg.model.dtype,
+        seed=derive_seed(cfg.seed, "model") % (2**32),
+        **model_task(task),
     )
-    method = build_method(cfg, loaded.model, loaded.tokenizer, None, d, resume=True)
+    method = build_method(cfg, loaded.model, task, loaded.tokenizer, None, d, resume=True)
     _, tensors, _ = load_checkpoint(latest)
     method.load_state_tensors(
         {k.removeprefix("global/"): v for k, v in tensors.items() if k.startswith("global/")}

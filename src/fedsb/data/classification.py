@@ -224,7 +224,7 @@ class ClassificationTask(Task):
                 field="size", value=size, what=f"exceeds the {n} rows of split {split!r} of task {self.name!r}",
                 fix=f"use at most {n} (or null for the whole split)",
             )  # fmt: skip
-        return ds.shuffle(seed=seed).select(range(size)).flatten_indices()
+        return ds.shuffle(seed=seed).select(range(size))
 
     # ------------------------------------------------------------------ sources and held-out slices
 
@@ -258,7 +258,7 @@ class ClassificationTask(Task):
         perm = np.random.default_rng(self.holdout_seed).permutation(n)
         bounds = {"validation": (0, n_val), "init": (n_val, n_val + n_init), "train": (n_val + n_init, n)}
         lo, hi = bounds[split]
-        return raw.select(np.sort(perm[lo:hi]).tolist()).flatten_indices()
+        return raw.select(np.sort(perm[lo:hi]).tolist())
 
     def _task_dir(self) -> Path | None:
         root = self.data_dir if self.data_dir is not None else default_data_dir()

@@ -87,6 +87,8 @@ def register_task(cls: type[Task]) -> type[Task]:
 
 def get_task(name: str, **options: Any) -> Task:
     """Instantiate the registered task ``name`` with its keyword ``options``."""
+    import fedsb.data.classification  # noqa: F401 - registers sst2, snli, mnli, classify (imports this module)
+
     if name not in TASKS:
         raise FedsbError(
             field="task", value=name, what="is not a known task", fix=f"use one of {sorted(TASKS)}"
