@@ -162,7 +162,7 @@ class DataConfig:
     eval_split: str = _f("test", "split evaluated each round: test (report) or validation (tuning)")
     max_length: int = _f(96, "maximum tokens of prompt + answer")
     pad_to_multiple: int = _f(8, "round padded batch lengths up to a multiple of this (bounds kernel caches)")
-    options: dict = _f({}, "task-specific options, e.g. {max_value: 50}")
+    options: dict = _f({}, "task-specific options, e.g. {max_value: 50} for arithmetic")
 
     def __post_init__(self) -> None:
         _check(
@@ -197,14 +197,14 @@ class PartitionConfig:
 @dataclass
 class TrainConfig:
     optimizer: str = _f("adamw", "local optimizer: adamw or sgd")
-    lr: float = _f(3e-3, "learning rate")
+    lr: float = _f(5e-3, "learning rate")
     weight_decay: float = _f(0.0, "weight decay")
     betas: list = _f([0.9, 0.999], "AdamW betas")
     eps: float = _f(1e-6, "AdamW epsilon")
     momentum: float = _f(0.0, "SGD momentum")
-    batch_size: int = _f(16, "examples per micro-batch")
+    batch_size: int = _f(8, "examples per micro-batch")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
-    local_steps: int | None = _f(8, "optimizer steps per client per round (null: use local_epochs)")
+    local_steps: int | None = _f(16, "optimizer steps per client per round (null: use local_epochs)")
     local_epochs: float | None = _f(
         None, "epochs over the client's data per round (when local_steps is null)"
     )
