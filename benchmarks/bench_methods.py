@@ -3,9 +3,11 @@
     python benchmarks/bench_methods.py                       # MiniLM-L6 on SST-2, 5 clients (configs/sst2-minilm.yaml)
     python benchmarks/bench_methods.py --methods fedsb:16,32,64 fedit:8 ffa:8 fedex:8 flora:8 -- train.lr=2e-3
 
-Runs `fedsb compare` (finished variants are reused, so the command is idempotent) into
-benchmarks/out/methods-<preset>/, then checks the claim: the best Fed-SB variant reaches at least the best
-baseline's accuracy with at most a tenth of that baseline's bytes per round.
+With --tune-lr, every variant first runs at each learning rate on the VALIDATION split
+(benchmarks/out/methods-<preset>/tune/), and the final comparison on the test split uses each variant's
+best rate. Then `fedsb compare` (finished variants are reused, so the command is idempotent) runs into
+benchmarks/out/methods-<preset>/, and the claim is checked: the best Fed-SB variant reaches at least the
+best baseline's accuracy with at most a tenth of that baseline's bytes per round.
 """
 
 from __future__ import annotations

@@ -223,7 +223,7 @@ def test_compare_writes_table_and_plot_and_reuses_runs(tmp_path: Path, capsys) -
 
     rows = json.loads((out / "compare.json").read_text())
     assert [r["variant"] for r in rows] == ["fedsb-r2", "fedsb-r4", "ffa"]
-    assert (out / "pareto.png").stat().st_size > 0 and "| fedsb-r2 | 2 | yes |" in (
+    assert (out / "pareto.png").stat().st_size > 0 and "| fedsb-r2 | 2 | 0.005 | yes |" in (
         out / "compare.md"
     ).read_text()
     assert (

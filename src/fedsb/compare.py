@@ -69,9 +69,13 @@ def run_comparison(
     output: str | Path,
     config_file: str | Path | None = None,
     overrides: Sequence[str] = (),
+    variant_overrides: dict[str, list[str]] | None = None,
     echo: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Run (or reuse) every variant and write compare.json, compare.md and pareto.png into `output`."""
+    """Run (or reuse) every variant and write compare.json, compare.md and pareto.png into `output`.
+
+    `variant_overrides` maps a variant label (e.g. 'fedit-r8') to extra settings for it alone (a tuned
+    learning rate); everything else is shared."""
     from fedsb.run import run_job
 
     out = Path(output)
@@ -107,6 +111,7 @@ def _row(v: Variant, cfg: Any, results: dict[str, Any]) -> dict[str, Any]:
         "variant": v.label,
         "method": v.method,
         "rank": cfg.adapter.rank,
+        "lr": cfg.train.lr,
         "exact": results.get("exact"),
         "accuracy": results["final"]["accuracy"],
         "accuracy_before": (results.get("before") or {}).get("accuracy"),
@@ -123,9 +128,9 @@ def _row(v: Variant, cfg: Any, results: dict[str, Any]) -> dict[str, Any]:
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     from fedsb.results import human_bytes
 
-    head = "| variant | r | exact | accuracy | bytes / round | total bytes | one-time | wall s |\n|---|---|---|---|---|---|---|---|"
+    head = "| variant | r | lr | exact | accuracy | bytes / round | total bytes | one-time | wall s |\n|---|---|---|---|---|---|---|---|---|"
     lines = [
-        f"| {r['variant']} | {r['rank']} | {'yes' if r['exact'] else 'no'} | {100 * r['accuracy']:.1f}% | "
+        f"| {r['variant']} | {r['rank']} | {r.get('lr', '')} | {'yes' if r['exact'] else 'no'} | {100 * r['accuracy']:.1f}% | "
         f"{human_bytes(r['bytes_per_round'])} | {human_bytes(r['bytes_total'])} | {human_bytes(r['bytes_one_time'])} | "
         f"{r['wall_seconds']:.0f} |"
         for r in rows
