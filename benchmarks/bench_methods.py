@@ -13,6 +13,7 @@ best baseline's accuracy with at most a tenth of that baseline's bytes per round
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -47,16 +48,32 @@ def main() -> int:
     p.add_argument("--config", default=str(ROOT / "configs" / "sst2-minilm.yaml"))
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
     p.add_argument("--output", default=None, help="default: benchmarks/out/methods-<preset name>")
+    p.add_argument(
+        "--tune-lr", default="", help="comma-separated learning rates tried per variant on validation"
+    )
     p.add_argument("overrides", nargs="*", help="key=value settings for every variant")
     args = p.parse_args()
     from fedsb.compare import parse_variants, run_comparison
 
     out = Path(args.output or ROOT / "benchmarks" / "out" / f"methods-{Path(args.config).stem}")
+    variants = parse_variants(args.methods)
+    shared = [*args.overrides, "progress=false"]
+    chosen: dict[str, list[str]] = {}
+    if args.tune_lr:
+        scores: dict[str, dict[str, float]] = {}
+        for lr in args.tune_lr.split(","):
+            tune = [*shared, f"train.lr={lr}", "data.eval_split=validation", "data.test_size=872"]
+            for r in run_comparison(
+                variants, output=out / "tune" / f"lr{lr}", config_file=args.config, overrides=tune
+            ):
+                scores.setdefault(r["variant"], {})[lr] = r["accuracy"]
+        for label, by_lr in scores.items():
+            best = max(by_lr, key=lambda k: by_lr[k])
+            chosen[label] = [f"train.lr={best}"]
+            print(f"{label}: validation accuracy by lr {by_lr} -> lr {best}")
+        (out / "tuned_lr.json").write_text(json.dumps(scores, indent=2))
     rows = run_comparison(
-        parse_variants(args.methods),
-        output=out,
-        config_file=args.config,
-        overrides=[*args.overrides, "progress=false"],
+        variants, output=out, config_file=args.config, overrides=shared, variant_overrides=chosen
     )
     ok, text = check_claim(rows)
     print(text)
