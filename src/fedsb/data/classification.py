@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from fedsb.data.tasks import Task, register_task
+from fedsb.data.tasks import Task, register_task, seeded_loader
 from fedsb.errors import FedsbError
 
 __all__ = [
@@ -621,15 +621,7 @@ def make_classification_loader(
             field="ds", value=ds.column_names, what=f"lacks columns {missing}",
             fix="tokenize with tokenize_for_classification first",
         )  # fmt: skip
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        ds,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=generator,
-        drop_last=drop_last,
-        num_workers=0,
-        collate_fn=partial(
-            collate_for_classification, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of
-        ),
+    collate = partial(
+        collate_for_classification, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of
     )
+    return seeded_loader(ds, batch_size, collate, seed=seed, shuffle=shuffle, drop_last=drop_last)

@@ -31,6 +31,7 @@ __all__ = [
     "get_task",
     "make_train_loader",
     "register_task",
+    "seeded_loader",
     "tokenize_for_training",
 ]
 
@@ -288,15 +289,26 @@ def make_train_loader(
             what=f"lacks columns {missing}",
             fix="tokenize with tokenize_for_training first",
         )
-    generator = torch.Generator().manual_seed(seed)
+    collate = partial(collate_for_training, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
+    return seeded_loader(ds, batch_size, collate, seed=seed, shuffle=shuffle, drop_last=drop_last)
+
+
+def seeded_loader(
+    ds: datasets.Dataset,
+    batch_size: int,
+    collate: Any,
+    *,
+    seed: int,
+    shuffle: bool = True,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader owning its `torch.Generator` seeded with `seed`: the order depends on nothing else."""
     return DataLoader(
         ds,
         batch_size=batch_size,
         shuffle=shuffle,
-        generator=generator,
+        generator=torch.Generator().manual_seed(seed),
         drop_last=drop_last,
         num_workers=0,
-        collate_fn=partial(
-            collate_for_training, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of
-        ),
+        collate_fn=collate,
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 
 import datasets
 import torch
@@ -16,7 +15,7 @@ from fedsb.data.classification import (
     tokenize_for_classification,
 )
 from fedsb.errors import FedsbError
-from fedsb.eval.generate import NUM_EXAMPLES, EvalResult
+from fedsb.eval.generate import EvalResult, summarize
 
 __all__ = ["evaluate_classification"]
 
@@ -101,25 +100,8 @@ def evaluate_classification(
 
     examples = list(dataset)
     names = task.label_names
-    correct = [task.is_correct(names[p], ex) for p, ex in zip(predicted, examples, strict=True)]
-    hits: dict[int, list[bool]] = defaultdict(list)
-    for ex, ok in zip(examples, correct, strict=True):
-        hits[int(ex["label"])].append(ok)
-    per_category = {names[label]: sum(v) / len(v) for label, v in sorted(hits.items())}
-    shown = [
-        {
-            "prompt": task.prompt(examples[i]),
-            "generated": names[predicted[i]],
-            "answer": task.reference(examples[i]),
-            "correct": correct[i],
-        }
-        for i in range(min(NUM_EXAMPLES, len(examples)))
-    ]
-    return EvalResult(
-        accuracy=sum(correct) / len(correct),
-        correct=sum(correct),
-        total=len(correct),
-        seconds=seconds,
-        examples=shown,
-        per_category=per_category,
-    )
+    outputs = [names[p] for p in predicted]
+    correct = [task.is_correct(out, ex) for out, ex in zip(outputs, examples, strict=True)]
+    categories = [names[int(ex["label"])] for ex in examples]
+    prompts = [task.prompt(ex) for ex in examples]
+    return summarize(task, examples, prompts, outputs, correct, seconds, categories)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -149,17 +150,35 @@ def evaluate_generation(
         model.train(was_training)
 
     correct = [task.is_correct(text, ex) for text, ex in zip(generated, examples, strict=True)]
-    per_category = None
     column = task.partition_column
-    if column is not None and column in dataset.column_names:
+    categories = (
+        [str(ex[column]) for ex in examples]
+        if column is not None and column in dataset.column_names
+        else None
+    )
+    return summarize(task, examples, prompts, generated, correct, seconds, categories)
+
+
+def summarize(
+    task: Task,
+    examples: list[Mapping[str, Any]],
+    prompts: list[str],
+    outputs: list[str],
+    correct: list[bool],
+    seconds: float,
+    categories: list[str] | None = None,
+) -> EvalResult:
+    """Accuracy, per-category accuracy (when `categories` gives each example's group) and the first examples."""
+    per_category = None
+    if categories is not None:
         hits: dict[str, list[bool]] = defaultdict(list)
-        for ex, ok in zip(examples, correct, strict=True):
-            hits[str(ex[column])].append(ok)
+        for key, ok in zip(categories, correct, strict=True):
+            hits[key].append(ok)
         per_category = {key: sum(v) / len(v) for key, v in sorted(hits.items())}
     shown = [
         {
             "prompt": prompts[i],
-            "generated": generated[i],
+            "generated": outputs[i],
             "answer": task.reference(examples[i]),
             "correct": correct[i],
         }
