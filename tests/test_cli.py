@@ -129,7 +129,7 @@ def test_export_merged_and_peft_match_the_trained_model(tiny_run: Path, tmp_path
     from transformers import AutoModelForCausalLM
 
     from fedsb.models import load_model
-    from fedsb.run import load_trained
+    from fedsb.trained import load_trained
     from fedsb.seeding import derive_seed
 
     assert main(["export", str(tiny_run), "--format", "merged", "--out", str(tmp_path / "merged")]) == 0

@@ -112,7 +112,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from fedsb.run import export_run
+    from fedsb.trained import export_run
 
     summary = export_run(args.run_dir, args.format, args.out)
     print(f"exported {args.format} to {args.out}")

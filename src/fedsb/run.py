@@ -8,12 +8,10 @@ export (peft/ where lossless, merged/ for methods that fold updates into W0).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -21,25 +19,14 @@ from typing import Any
 import torch
 
 from fedsb.config import RunConfig, config_from_dict, config_to_yaml, load_yaml, merge_overrides
-from fedsb.errors import CheckpointError, ConfigError, FedsbError
+from fedsb.data.prepare import PreparedData, loader_factory, model_task, prepare_data
+from fedsb.errors import CheckpointError, ConfigError
 from fedsb.seeding import derive_seed
+from fedsb.train.local import loss_for
 
 log = logging.getLogger("fedsb.run")
 
 CONFIG_FILE = "config.yaml"
-
-
-@dataclass
-class PreparedData:
-    """Everything data-side the rounds need: per-client loaders, the evaluation set, the init data."""
-
-    task: Any
-    clients: dict[str, Any]
-    client_sizes: dict[str, int]
-    partition_stats: dict[str, Any]
-    test: Any
-    init_data: Any
-    init_info: dict[str, Any] = field(default_factory=dict)
 
 
 def default_output_dir() -> Path:
@@ -50,117 +37,6 @@ def configure_torch(cfg: RunConfig) -> None:
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def _loader_factory(
-    cfg: RunConfig, task: Any, tokenizer: Any, batch_size: int
-) -> Callable[[Any], Callable[[int], Any]]:
-    """ds -> loader(seed): seeded epochs of padded batches (answer-masked LM batches or classification)."""
-    from fedsb.data.classification import make_classification_loader
-    from fedsb.data.tasks import make_train_loader
-
-    make = make_classification_loader if task.kind == "classify" else make_train_loader
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-    def for_dataset(ds: Any) -> Callable[[int], Any]:
-        def loader(seed: int) -> Any:
-            return make(
-                ds,
-                batch_size,
-                seed=seed % (2**63),
-                pad_token_id=pad_id,
-                pad_to_multiple_of=cfg.data.pad_to_multiple,
-            )
-
-        return loader
-
-    return for_dataset
-
-
-def _tokenize(task: Any, ds: Any, tokenizer: Any, max_length: int) -> Any:
-    from fedsb.data.classification import tokenize_for_classification
-    from fedsb.data.tasks import tokenize_for_training
-
-    if task.kind == "classify":
-        return tokenize_for_classification(ds, task, tokenizer, max_length)
-    return tokenize_for_training(ds, task, tokenizer, max_length)
-
-
-def model_task(task: Any) -> dict[str, Any]:
-    """`load_model` arguments for a task: a causal LM, or a sequence classifier with the task's labels."""
-    return (
-        {"task": "seq_cls", "num_labels": task.num_labels}
-        if task.kind == "classify"
-        else {"task": "causal_lm"}
-    )
-
-
-def loss_for(task: Any) -> Callable[..., torch.Tensor]:
-    """Training loss: answer-only next-token loss for generation tasks, the head's cross-entropy otherwise."""
-    from fedsb.train.local import causal_lm_loss, default_loss
-
-    return default_loss if task.kind == "classify" else causal_lm_loss
-
-
-def prepare_data(cfg: RunConfig, task: Any, tokenizer: Any) -> PreparedData:
-    """Load and partition the task's data, tokenize each client's shard, and pick the init data."""
-    from fedsb.data.partition import partition_dataset, partition_stats
-    from fedsb.fed.simulate import ClientData
-
-    train = task.load("train", cfg.data.train_size, cfg.seed)
-    test = task.load(cfg.data.eval_split, cfg.data.test_size, cfg.seed)
-    column = cfg.partition.column or task.partition_column
-    parts = partition_dataset(
-        train,
-        scheme=cfg.partition.scheme,
-        num_clients=cfg.partition.num_clients,
-        seed=derive_seed(cfg.seed, "partition") % (2**32),
-        column=column if cfg.partition.scheme in ("dirichlet", "natural") else None,
-        alpha=cfg.partition.alpha,
-        min_size=cfg.partition.min_size,
-    )
-    stats = partition_stats(parts, column if column in train.column_names else None)
-    width = max(2, len(str(len(parts) - 1)))
-    make_loader = _loader_factory(cfg, task, tokenizer, cfg.train.batch_size)
-    clients: dict[str, ClientData] = {}
-    for i, part in enumerate(parts):
-        tokenized = _tokenize(task, part, tokenizer, cfg.data.max_length)
-        clients[f"client-{i:0{width}d}"] = ClientData(
-            num_examples=len(tokenized), loader=make_loader(tokenized)
-        )
-    sizes = {cid: c.num_examples for cid, c in clients.items()}
-    stats["client_ids"] = list(clients)
-    # init data: the server's own proxy sample (federated) or the clients' pooled data (paper; not federated)
-    if cfg.init.source == "server":
-        try:
-            init_rows = task.load("init", cfg.init.server_size, cfg.seed)
-        except FedsbError as exc:
-            raise ConfigError(
-                field="init.server_size",
-                value=cfg.init.server_size,
-                what=f"cannot be served ({exc})",
-                fix="lower init.server_size",
-            ) from None
-    else:
-        import datasets
-
-        init_rows = datasets.concatenate_datasets(parts).shuffle(
-            seed=derive_seed(cfg.seed, "pooled-init") % (2**32)
-        )
-    init_data = _tokenize(task, init_rows, tokenizer, cfg.data.max_length)
-    n = cfg.init.num_samples or max(
-        cfg.init.min_samples, math.ceil(cfg.init.sample_fraction * len(init_data))
-    )
-    info = {
-        "source": cfg.init.source,
-        "federated": cfg.init.source == "server",
-        "pool_size": len(init_data),
-        "num_samples": min(n, len(init_data)),
-        "note": "gradient estimate on the server's proxy sample; no client data touched"
-        if cfg.init.source == "server"
-        else "NOT FEDERATED: the basis is computed from raw examples of the clients' pooled training data",
-    }
-    return PreparedData(task, clients, sizes, stats, test, init_data, info)
 
 
 def build_method(
@@ -178,7 +54,7 @@ def build_method(
 
     init_batches = None
     if data is not None:
-        make_loader = _loader_factory(cfg, task, tokenizer, cfg.init.batch_size)(data.init_data)
+        make_loader = loader_factory(cfg, task, tokenizer, cfg.init.batch_size)(data.init_data)
 
         def init_batches() -> Any:
             return make_loader(derive_seed(cfg.seed, "init"))
@@ -234,6 +110,7 @@ def run_job(
         system_info,
         write_json,
     )
+    from fedsb.trained import export_final
 
     t_start = time.perf_counter()
     configure_torch(cfg)
@@ -475,26 +352,6 @@ def run_job(
     return results
 
 
-def export_final(method: Any, loaded: Any, tokenizer: Any, out: Path, *, rounds: int) -> dict[str, Any]:
-    """adapter/ (the trained tensors) and peft/ where the export is lossless, else merged/ (W0 changed)."""
-    from fedsb.export import export_merged, export_peft, has_folds, save_adapter
-
-    adapted = method.adapted
-    save_adapter(
-        adapted,
-        out / "adapter",
-        base_model=loaded.name,
-        basis_fingerprint=method.basis_fingerprint,
-        extra_meta={"method": method.name, "rounds": rounds},
-    )
-    if has_folds(adapted) or not adapted.layers:
-        export_merged(adapted, out / "merged", tokenizer=tokenizer)
-        why = f"{method.name} folds updates into W0" if adapted.layers else "full fine-tuning has no adapter"
-        return {"format": "merged", "directory": str(out / "merged"), "why": why}
-    base = loaded.source if os.path.isdir(loaded.source) else loaded.name
-    return {"format": "peft", **export_peft(adapted, out / "peft", base_model=base)}
-
-
 class _StopRequested(Exception):
     def __init__(self, round: int) -> None:
         self.round = round
@@ -517,59 +374,3 @@ def _timing(history: list[dict[str, Any]], total: float) -> dict[str, Any]:
         "round_overhead_seconds": overhead,
         "round_overhead_fraction": overhead / rounds_total if rounds_total > 0 else 0.0,
     }
-
-
-def load_trained(run_dir: str | Path) -> tuple[Any, Any, Any]:
-    """(method with the final global state installed, tokenizer, loaded model info) of a run directory.
-
-    Rebuilds the base model, the method's adapters (Fed-SB: from basis/) and the last checkpoint's global
-    state (and, for FedEx-LoRA / FLoRA, the updates folded into W0).
-    """
-    from fedsb.fed.checkpoint import latest_checkpoint, load_checkpoint
-    from fedsb.models import load_model
-
-    d = Path(run_dir)
-    latest = latest_checkpoint(d / "checkpoints") if (d / CONFIG_FILE).is_file() else None
-    if latest is None:
-        raise CheckpointError(
-            f"{d} is not a fedsb run with a checkpoint (config.yaml and checkpoints/ expected)"
-        )
-    from fedsb.data.tasks import get_task
-
-    cfg = config_from_dict(load_yaml(d / CONFIG_FILE))
-    task = get_task(cfg.data.task, **cfg.data.options)
-    loaded = load_model(
-        cfg.model.name,
-        dtype=cfg.model.dtype,
-        seed=derive_seed(cfg.seed, "model") % (2**32),
-        **model_task(task),
-    )
-    method = build_method(cfg, loaded.model, task, loaded.tokenizer, None, d, resume=True)
-    _, tensors, _ = load_checkpoint(latest)
-    method.load_state_tensors(
-        {k.removeprefix("global/"): v for k, v in tensors.items() if k.startswith("global/")}
-    )
-    return method, loaded.tokenizer, loaded
-
-
-def export_run(run_dir: str | Path, fmt: str, out: str | Path) -> dict[str, Any]:
-    """Export a run's final model as a standard PEFT LoRA directory or a merged HF checkpoint."""
-    from fedsb.export import export_merged, export_peft, has_folds
-
-    method, tokenizer, loaded = load_trained(run_dir)
-    if fmt == "peft":
-        if has_folds(method.adapted):
-            raise ConfigError(
-                field="--format",
-                value=fmt,
-                what=f"cannot represent {method.name}: it folds updates into W0",
-                fix="use --format merged",
-            )
-        base = loaded.source if os.path.isdir(loaded.source) else loaded.name
-        summary = export_peft(method.adapted, out, base_model=base)
-        tokenizer.save_pretrained(str(out))
-        return summary
-    if fmt == "merged":
-        export_merged(method.adapted, out, tokenizer=tokenizer)
-        return {"directory": str(out), "format": "merged"}
-    raise ConfigError(field="--format", value=fmt, fix="use peft or merged")

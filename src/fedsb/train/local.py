@@ -166,3 +166,8 @@ def train_local(
             p.grad = None
     result.seconds = time.perf_counter() - start
     return result, opt.state_dict()
+
+
+def loss_for(task: Any) -> LossFn:
+    """Training loss: answer-only next-token loss for generation tasks, the head's cross-entropy otherwise."""
+    return default_loss if task.kind == "classify" else causal_lm_loss

@@ -1,0 +1,129 @@
+"""Data for a run: load the task's splits, partition, tokenize per client, pick the init data."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedsb.config import RunConfig
+from fedsb.errors import ConfigError, FedsbError
+from fedsb.seeding import derive_seed
+
+
+@dataclass
+class PreparedData:
+    """Everything data-side the rounds need: per-client loaders, the evaluation set, the init data."""
+
+    task: Any
+    clients: dict[str, Any]
+    client_sizes: dict[str, int]
+    partition_stats: dict[str, Any]
+    test: Any
+    init_data: Any
+    init_info: dict[str, Any] = field(default_factory=dict)
+
+
+def loader_factory(
+    cfg: RunConfig, task: Any, tokenizer: Any, batch_size: int
+) -> Callable[[Any], Callable[[int], Any]]:
+    """ds -> loader(seed): seeded epochs of padded batches (answer-masked LM batches or classification)."""
+    from fedsb.data.classification import make_classification_loader
+    from fedsb.data.tasks import make_train_loader
+
+    make = make_classification_loader if task.kind == "classify" else make_train_loader
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def for_dataset(ds: Any) -> Callable[[int], Any]:
+        def loader(seed: int) -> Any:
+            return make(
+                ds,
+                batch_size,
+                seed=seed % (2**63),
+                pad_token_id=pad_id,
+                pad_to_multiple_of=cfg.data.pad_to_multiple,
+            )
+
+        return loader
+
+    return for_dataset
+
+
+def tokenize_task(task: Any, ds: Any, tokenizer: Any, max_length: int) -> Any:
+    from fedsb.data.classification import tokenize_for_classification
+    from fedsb.data.tasks import tokenize_for_training
+
+    if task.kind == "classify":
+        return tokenize_for_classification(ds, task, tokenizer, max_length)
+    return tokenize_for_training(ds, task, tokenizer, max_length)
+
+
+def model_task(task: Any) -> dict[str, Any]:
+    """`load_model` arguments for a task: a causal LM, or a sequence classifier with the task's labels."""
+    return (
+        {"task": "seq_cls", "num_labels": task.num_labels}
+        if task.kind == "classify"
+        else {"task": "causal_lm"}
+    )
+
+
+def prepare_data(cfg: RunConfig, task: Any, tokenizer: Any) -> PreparedData:
+    """Load and partition the task's data, tokenize each client's shard, and pick the init data."""
+    from fedsb.data.partition import partition_dataset, partition_stats
+    from fedsb.fed.simulate import ClientData
+
+    train = task.load("train", cfg.data.train_size, cfg.seed)
+    test = task.load(cfg.data.eval_split, cfg.data.test_size, cfg.seed)
+    column = cfg.partition.column or task.partition_column
+    parts = partition_dataset(
+        train,
+        scheme=cfg.partition.scheme,
+        num_clients=cfg.partition.num_clients,
+        seed=derive_seed(cfg.seed, "partition") % (2**32),
+        column=column if cfg.partition.scheme in ("dirichlet", "natural") else None,
+        alpha=cfg.partition.alpha,
+        min_size=cfg.partition.min_size,
+    )
+    stats = partition_stats(parts, column if column in train.column_names else None)
+    width = max(2, len(str(len(parts) - 1)))
+    make_loader = loader_factory(cfg, task, tokenizer, cfg.train.batch_size)
+    clients: dict[str, ClientData] = {}
+    for i, part in enumerate(parts):
+        tokenized = tokenize_task(task, part, tokenizer, cfg.data.max_length)
+        clients[f"client-{i:0{width}d}"] = ClientData(
+            num_examples=len(tokenized), loader=make_loader(tokenized)
+        )
+    sizes = {cid: c.num_examples for cid, c in clients.items()}
+    stats["client_ids"] = list(clients)
+    # init data: the server's own proxy sample (federated) or the clients' pooled data (paper; not federated)
+    if cfg.init.source == "server":
+        try:
+            init_rows = task.load("init", cfg.init.server_size, cfg.seed)
+        except FedsbError as exc:
+            raise ConfigError(
+                field="init.server_size",
+                value=cfg.init.server_size,
+                what=f"cannot be served ({exc})",
+                fix="lower init.server_size",
+            ) from None
+    else:
+        import datasets
+
+        init_rows = datasets.concatenate_datasets(parts).shuffle(
+            seed=derive_seed(cfg.seed, "pooled-init") % (2**32)
+        )
+    init_data = tokenize_task(task, init_rows, tokenizer, cfg.data.max_length)
+    n = cfg.init.num_samples or max(
+        cfg.init.min_samples, math.ceil(cfg.init.sample_fraction * len(init_data))
+    )
+    info = {
+        "source": cfg.init.source,
+        "federated": cfg.init.source == "server",
+        "pool_size": len(init_data),
+        "num_samples": min(n, len(init_data)),
+        "note": "gradient estimate on the server's proxy sample; no client data touched"
+        if cfg.init.source == "server"
+        else "NOT FEDERATED: the basis is computed from raw examples of the clients' pooled training data",
+    }
+    return PreparedData(task, clients, sizes, stats, test, init_data, info)
