@@ -129,8 +129,8 @@ def test_export_merged_and_peft_match_the_trained_model(tiny_run: Path, tmp_path
     from transformers import AutoModelForCausalLM
 
     from fedsb.models import load_model
-    from fedsb.trained import load_trained
     from fedsb.seeding import derive_seed
+    from fedsb.trained import load_trained
 
     assert main(["export", str(tiny_run), "--format", "merged", "--out", str(tmp_path / "merged")]) == 0
     assert main(["export", str(tiny_run), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
