@@ -92,8 +92,13 @@ def run_job(
     stop_after_round: int | None = None,
     echo: Callable[[str], None] = print,
     command: list[str] | None = None,
+    make_executor: Callable[[Any, Any], Any] | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) a federated fine-tuning job and return the results dict (also in results.json)."""
+    """Run (or resume) a federated fine-tuning job and return the results dict (also in results.json).
+
+    `make_executor(method, data)` replaces the in-process simulator with another `ClientExecutor` (the
+    Flower app's); it must also offer `state_dict()` / `load_state_dict()` for checkpoints.
+    """
     from fedsb.eval.classify import evaluate_classification
     from fedsb.eval.generate import evaluate_generation
     from fedsb.fed.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -178,16 +183,20 @@ def run_job(
         min_clients=cfg.fed.min_clients,
         max_update_norm=cfg.fed.max_update_norm,
     )
-    executor = InProcessExecutor(
-        method,
-        adapted,
-        data.clients,
-        cfg.train,
-        rounds=cfg.fed.rounds,
-        seed=cfg.seed,
-        wire_dtype=cfg.fed.wire_dtype,
-        loss_fn=loss_for(task),
-        progress=cfg.progress,
+    executor = (
+        make_executor(method, data)
+        if make_executor is not None
+        else InProcessExecutor(
+            method,
+            adapted,
+            data.clients,
+            cfg.train,
+            rounds=cfg.fed.rounds,
+            seed=cfg.seed,
+            wire_dtype=cfg.fed.wire_dtype,
+            loss_fn=loss_for(task),
+            progress=cfg.progress,
+        )
     )
     eval_bf16 = cfg.train.bf16 if cfg.eval.bf16 is None else cfg.eval.bf16
 
