@@ -131,9 +131,9 @@ def _cmd_models() -> int:
 
 
 def _cmd_tasks() -> int:
-    from fedsb.data.tasks import TASKS
+    from fedsb.data.tasks import register_builtin_tasks
 
-    for name, cls in TASKS.items():
+    for name, cls in register_builtin_tasks().items():
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         print(f"{name:14s} {doc}")
     return 0

@@ -6,31 +6,19 @@ Importing this module registers the tasks ``sst2``, ``snli``, ``mnli`` and ``cla
 Rows of every split have the task's text columns (strings) and ``label`` (an int id into
 ``label_names``, stored as a ``datasets.ClassLabel``); other columns of the files are dropped.
 
-Splits. ``test`` (and ``validation`` where the task has a file for it) come from their own files. When a
-task has no validation file, ``validation`` is a held-out slice of the training file, and ``init`` (the
-server's proxy sample for the adapter initialisation) is always one unless the task has an init file:
-the training file's rows are permuted ONCE with ``holdout_seed`` (independent of the run seed), the first
-``round(validation_fraction * n)`` rows form ``validation``, the next ``round(init_fraction * n)`` rows
-``init``, and ``train`` is the rest. The three are disjoint for every seed and size, and tuning on
-``validation`` never sees ``test``. With the defaults (5 % and 2 %) SST-2's 67,349 training rows give
-train 62,635 / validation 3,367 / init 1,347, and SNLI's 20,000 give train 19,600 / init 400 (its
-validation is ``dev.jsonl``). ``load(split, size, seed)`` returns the whole split (file order) for
-``size=None``, else ``split.shuffle(seed).select(range(size))``.
-
-Data folder: option ``data_dir``, else ``$FEDSB_DATA_DIR``, else the first existing of
-``<repo root>/../shared/data`` and ``./shared/data``. Either the folder holding the task's files or its
-parent holding ``<task folder>/`` (e.g. ``sst2/``) may be given.
+Splits and the data folder follow ``fedsb.data.sources`` (held-out validation and init slices of the
+training file where a task has no file for them). With the defaults (5 % and 2 %) SST-2's 67,349 training
+rows give train 62,635 / validation 3,367 / init 1,347, and SNLI's 20,000 give train 19,600 / init 400
+(its validation is ``dev.jsonl``).
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
 from functools import partial
-from pathlib import Path
 from typing import Any, ClassVar
 
 import datasets
@@ -39,7 +27,8 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from fedsb.data.tasks import Task, register_task, seeded_loader
+from fedsb.data.sources import DATA_DIR_ENV, SPLITS, SourcedTask, default_data_dir
+from fedsb.data.tasks import first_choice, register_task, seeded_loader
 from fedsb.errors import FedsbError
 
 __all__ = [
@@ -49,6 +38,7 @@ __all__ = [
     "ClassificationTask",
     "GenericClassificationTask",
     "MNLITask",
+    "RTETask",
     "SNLITask",
     "SST2Task",
     "collate_for_classification",
@@ -57,34 +47,8 @@ __all__ = [
     "tokenize_for_classification",
 ]
 
-CLASSIFY_SPLITS: tuple[str, ...] = ("train", "validation", "test", "init")
+CLASSIFY_SPLITS: tuple[str, ...] = SPLITS
 CLS_COLUMNS: tuple[str, ...] = ("input_ids", "attention_mask", "labels")  # plus token_type_ids if produced
-DATA_DIR_ENV = "FEDSB_DATA_DIR"
-_REPO_ROOT = Path(__file__).resolve().parents[3]  # src/fedsb/data/classification.py -> repo root
-_FORMATS: dict[str, str] = {
-    ".jsonl": "json",
-    ".json": "json",
-    ".csv": "csv",
-    ".tsv": "csv",
-    ".parquet": "parquet",
-}
-
-
-def default_data_dir() -> Path | None:
-    """``$FEDSB_DATA_DIR``, else the first existing of ``<repo root>/../shared/data`` and ``./shared/data``."""
-    env = os.environ.get(DATA_DIR_ENV, "").strip()
-    if env:
-        return Path(env).expanduser()
-    for candidate in (_REPO_ROOT.parent / "shared" / "data", Path.cwd() / "shared" / "data"):
-        if candidate.is_dir():
-            return candidate
-    return None
-
-
-def _check_fraction(field: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
-        raise FedsbError(field=field, value=value, fix="use a fraction in [0, 1), e.g. 0.05")
-    return float(value)
 
 
 def _positive_int(field: str, value: object, fix: str) -> int:
@@ -93,84 +57,90 @@ def _positive_int(field: str, value: object, fix: str) -> int:
     return value
 
 
-def _read_file(path: Path) -> datasets.Dataset:
-    """All rows of a jsonl / json / csv / tsv / parquet file (csv and tsv: every column read as a string)."""
-    builder = _FORMATS.get(path.suffix.lower())
-    if builder is None:
-        raise FedsbError(
-            field="data file", value=str(path), what="has an unknown extension",
-            fix=f"use one of {', '.join(_FORMATS)}",
-        )  # fmt: skip
-    kwargs: dict[str, Any] = {}
-    if builder == "csv":
-        sep = "\t" if path.suffix.lower() == ".tsv" else ","
-        quoting = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL  # GLUE TSVs use no quoting
-        with open(path, newline="", encoding="utf-8") as fh:
-            header = next(csv.reader(fh, delimiter=sep, quoting=quoting), [])
-        # strings throughout: no "nan"/"null" sentences turned into missing values, no "007" into 7
-        features = datasets.Features({name: datasets.Value("string") for name in header})
-        kwargs = {"sep": sep, "quoting": quoting, "keep_default_na": False, "na_filter": False}
-        kwargs["features"] = features
-    return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
-
-
-class ClassificationTask(Task):
+class ClassificationTask(SourcedTask):
     """A sentence or sentence-pair classification task: label ids, a per-label partition, exact-match scoring.
 
     Subclasses set ``name``, ``label_names`` (in label-id order), ``text_columns`` (one column, or two for a
     pair), ``data_subdir`` and ``files`` ({split: file name}); ``hub_splits`` ({split: hub split}) is used
-    with the ``hub_id`` option. Options: ``data_dir``, ``columns`` ({our column: file column}),
-    ``validation_fraction``, ``init_fraction``, ``holdout_seed``, ``hub_id``, ``hub_config`` (see the module
-    docstring for the split rules).
+    with the ``hub_id`` option. Options (besides those of ``SourcedTask``): ``mode`` "head" (an encoder or
+    any model with a classification head; kind "classify") or "lm" (a causal LM continuing ``template``
+    with one of ``label_words``; kind "generate", scored by label-word likelihood or generation).
     """
 
     kind = "classify"
-    max_new_tokens = 0  # nothing is generated
+    max_new_tokens = 0  # nothing is generated (mode "head")
     partition_column = "label"  # Dirichlet non-IID over labels
+    default_scorer = "likelihood"  # mode "lm"
     label_names: tuple[str, ...] = ()
     text_columns: tuple[str, ...] = ()
-    data_subdir: ClassVar[str] = ""
-    files: ClassVar[dict[str, str]] = {}
-    hub_splits: ClassVar[dict[str, str]] = {}
-    unavailable: ClassVar[dict[str, str]] = {}  # split -> why it is missing (for the error)
+    default_columns: ClassVar[dict[str, str]] = {}  # {canonical column: file column} without `columns`
+    lm_template: ClassVar[str] = ""  # str.format over the text columns; "" = one "<col>: {col}" line each
+    lm_label_words: ClassVar[tuple[str, ...]] = ()  # default: label_names
 
     def __init__(
         self,
         *,
         data_dir: str | os.PathLike[str] | None = None,
+        data_files: Mapping[str, str | os.PathLike[str]] | None = None,
         columns: Mapping[str, str] | None = None,
         validation_fraction: float = 0.05,
         init_fraction: float = 0.02,
         holdout_seed: int = 0,
         hub_id: str | None = None,
         hub_config: str | None = None,
+        mode: str = "head",
+        label_words: Sequence[str] | None = None,
+        template: str | None = None,
     ) -> None:
-        self.data_dir = None if data_dir is None else Path(data_dir).expanduser()
-        self.validation_fraction = _check_fraction("validation_fraction", validation_fraction)
-        self.init_fraction = _check_fraction("init_fraction", init_fraction)
-        if self.validation_fraction + self.init_fraction >= 1:
+        super().__init__(
+            data_dir=data_dir,
+            data_files=data_files,
+            columns={**self.default_columns, **dict(columns or {})},
+            validation_fraction=validation_fraction,
+            init_fraction=init_fraction,
+            holdout_seed=holdout_seed,
+            hub_id=hub_id,
+            hub_config=hub_config,
+        )
+        if mode not in ("head", "lm"):
             raise FedsbError(
-                field="validation_fraction + init_fraction",
-                value=self.validation_fraction + self.init_fraction,
-                what="leaves no training rows",
-                fix="keep their sum below 1, e.g. 0.05 and 0.02",
-            )
-        if isinstance(holdout_seed, bool) or not isinstance(holdout_seed, int) or holdout_seed < 0:
-            raise FedsbError(field="holdout_seed", value=holdout_seed, fix="use a non-negative integer")
-        self.holdout_seed = holdout_seed
-        if hub_id is not None and (not isinstance(hub_id, str) or not hub_id):
-            raise FedsbError(field="hub_id", value=hub_id, fix="use a dataset id such as 'glue', or None")
-        self.hub_id, self.hub_config = hub_id, hub_config
-        known = (*self.text_columns, "label")
-        mapping = dict(columns or {})
-        bad = sorted(set(mapping) - set(known))
-        if bad:
-            raise FedsbError(
-                field="columns", value=mapping, what=f"maps unknown columns {bad}",
-                fix=f"map only {list(known)} to the columns of your files",
+                field="mode", value=mode,
+                fix="use 'head' (classification head) or 'lm' (causal LM with label words)",
             )  # fmt: skip
-        self.columns: dict[str, str] = {name: mapping.get(name, name) for name in known}
-        self._cache: dict[str, datasets.Dataset] = {}
+        self.mode = mode
+        words = tuple(label_words) if label_words is not None else self.lm_label_words or self.label_names
+        if (
+            len(words) != len(self.label_names)
+            or len(set(words)) != len(words)
+            or not all(isinstance(w, str) and w.strip() for w in words)
+        ):
+            raise FedsbError(
+                field="label_words", value=label_words,
+                fix=f"give {len(self.label_names)} distinct non-empty words, one per label {list(self.label_names)}",
+            )  # fmt: skip
+        self.label_words = tuple(w.strip() for w in words)
+        self.template = template if template is not None else self.lm_template or self._default_template()
+        if not isinstance(self.template, str):
+            raise FedsbError(field="template", value=template, fix="use a str.format template string")
+        try:
+            self.template.format(**{col: "x" for col in self.text_columns})
+        except (KeyError, IndexError, ValueError) as err:
+            raise FedsbError(
+                field="template", value=self.template, what=f"does not format ({err!r})",
+                fix=f"use only the fields {{{'}, {'.join(self.text_columns)}}}",
+            ) from None  # fmt: skip
+        if mode == "lm":
+            self.kind = "generate"  # type: ignore[misc]
+            self.max_new_tokens = 4  # type: ignore[misc]  # a label word and eos
+        self.columns: dict[str, str] = {name: self.column(name) for name in self.column_names()}
+
+    def _default_template(self) -> str:
+        lines = [f"{col.replace('_', ' ').capitalize()}: {{{col}}}" for col in self.text_columns]
+        return "\n".join([*lines, "Label:"])
+
+    def column_names(self) -> tuple[str, ...]:
+        """The text columns and ``label``."""
+        return (*self.text_columns, "label")
 
     # ------------------------------------------------------------------ Task interface
 
@@ -180,145 +150,47 @@ class ClassificationTask(Task):
         return len(self.label_names)
 
     def prompt(self, example: Mapping[str, Any]) -> str:
-        """The text; for a pair ``"<col a>: <a>\\n<col b>: <b>"`` (display only; the model sees both texts)."""
+        """Mode "lm": ``template`` filled with the texts (the model input). Mode "head": the text; for a pair
+        ``"<col a>: <a>\\n<col b>: <b>"`` (display only; the model sees both texts)."""
+        if self.mode == "lm":
+            return self.template.format(**{col: str(example[col]) for col in self.text_columns})
         if len(self.text_columns) == 1:
             return str(example[self.text_columns[0]])
         return "\n".join(f"{col}: {example[col]}" for col in self.text_columns)
 
     def target(self, example: Mapping[str, Any]) -> str:
-        """The gold label name."""
+        """Mode "lm": a space and the gold label word. Mode "head": the gold label name."""
+        if self.mode == "lm":
+            return f" {self.label_words[int(example['label'])]}"
         return self.label_names[int(example["label"])]
 
+    def choices(self, example: Mapping[str, Any]) -> list[str] | None:
+        """Mode "lm": the target of every label, in label-id order; mode "head": None."""
+        return [f" {w}" for w in self.label_words] if self.mode == "lm" else None
+
+    def gold_index(self, example: Mapping[str, Any]) -> int:
+        """The label id."""
+        return int(example["label"])
+
     def is_correct(self, generated: str, example: Mapping[str, Any]) -> bool:
-        """The predicted label name (or id) equals the gold label."""
+        """Mode "head": the predicted label name (or id) equals the gold label. Mode "lm": the first label
+        word in the generation (whole word, any case) is the gold one."""
         if isinstance(generated, int) and not isinstance(generated, bool):
             return generated == int(example["label"])
+        if self.mode == "lm":
+            found = first_choice(generated, self.label_words)
+            return found == int(example["label"])
         return generated == self.target(example)
 
     def texts(self, example: Mapping[str, Any]) -> tuple[str, ...]:
         """The model input: one text, or the two texts of a pair."""
         return tuple(str(example[col]) for col in self.text_columns)
 
-    def load(self, split: str, size: int | None, seed: int) -> datasets.Dataset:
-        """Rows of ``split`` (train, validation, test, init); the whole split for ``size=None``, else a
-        seeded sample of ``size`` rows (``shuffle(seed).select(range(size))``)."""
-        if split not in CLASSIFY_SPLITS:
-            raise FedsbError(field="split", value=split, fix=f"use one of {', '.join(CLASSIFY_SPLITS)}")
-        sources = self._sources()
-        if split in sources and not (split == "train" and self._holdout_from_train(sources)):
-            ds = self._raw(split)
-        elif split in ("train", "validation", "init") and "train" in sources:
-            ds = self._holdout(split, sources)
-        else:
-            why = self.unavailable.get(split, f"task {self.name!r} has no {split!r} split")
-            have = [s for s in CLASSIFY_SPLITS if s in sources or (s != "test" and "train" in sources)]
-            raise FedsbError(
-                field="split", value=split, what=f"is not available ({why})", fix=f"use one of {have}"
-            )
-        n = len(ds)
-        if size is None or size == n:
-            return ds
-        _positive_int("size", size, "use a positive number of rows or None for the whole split")
-        if size > n:
-            raise FedsbError(
-                field="size", value=size, what=f"exceeds the {n} rows of split {split!r} of task {self.name!r}",
-                fix=f"use at most {n} (or null for the whole split)",
-            )  # fmt: skip
-        return ds.shuffle(seed=seed).select(range(size))
-
-    # ------------------------------------------------------------------ sources and held-out slices
-
-    def _sources(self) -> dict[str, str]:
-        """{split: where it comes from}: hub splits with ``hub_id``, else the task's files."""
-        return dict(self.hub_splits) if self.hub_id is not None else dict(self.files)
-
-    @staticmethod
-    def _holdout_from_train(sources: Mapping[str, str]) -> bool:
-        return "validation" not in sources or "init" not in sources
-
-    def _holdout(self, split: str, sources: Mapping[str, str]) -> datasets.Dataset:
-        """``split`` as the train/validation/init slice of the training source (module docstring)."""
-        raw = self._raw("train")
-        n = len(raw)
-        n_val = round(self.validation_fraction * n) if "validation" not in sources else 0
-        n_init = round(self.init_fraction * n) if "init" not in sources else 0
-        if split in ("validation", "init") and (n_val if split == "validation" else n_init) == 0:
-            option = f"{split}_fraction"
-            raise FedsbError(
-                field=option, value=getattr(self, option), what=f"holds out no {split} rows of {n}",
-                fix=f"set data.options.{option} > 0 (e.g. 0.05) to hold out a {split} slice of train",
-            )  # fmt: skip
-        if n - n_val - n_init < 1:
-            raise FedsbError(
-                field="validation_fraction + init_fraction",
-                value=self.validation_fraction + self.init_fraction,
-                what=f"leaves no training rows of {n}",
-                fix="use smaller fractions or a larger training file",
-            )
-        perm = np.random.default_rng(self.holdout_seed).permutation(n)
-        bounds = {"validation": (0, n_val), "init": (n_val, n_val + n_init), "train": (n_val + n_init, n)}
-        lo, hi = bounds[split]
-        return raw.select(np.sort(perm[lo:hi]).tolist())
-
-    def _task_dir(self) -> Path | None:
-        root = self.data_dir if self.data_dir is not None else default_data_dir()
-        if root is None:
-            return None
-        if self.data_subdir and (root / self.data_subdir).is_dir():
-            return root / self.data_subdir
-        return root
-
-    def _file_path(self, split: str, name: str) -> Path:
-        path = Path(name).expanduser()
-        if path.is_absolute():
-            found = path
-        else:
-            base = self._task_dir()
-            if base is None:
-                raise FedsbError(
-                    field="data.options.data_dir", value=None,
-                    what=f"is not set and no shared data folder was found (task {self.name!r} needs {name})",
-                    fix=self._dir_fix(name),
-                )  # fmt: skip
-            found = base / path
-        if not found.is_file():
-            raise FedsbError(
-                field="data.options.data_dir", value=str(found.parent),
-                what=f"has no {found.name} (split {split!r} of task {self.name!r}; looked for {found})",
-                fix=self._dir_fix(name),
-            )  # fmt: skip
-        return found
-
-    def _dir_fix(self, name: str) -> str:
-        sub = f"{self.data_subdir}/" if self.data_subdir else ""
-        return (
-            f"pass data.options.data_dir=<folder holding {name}> or set {DATA_DIR_ENV}=<folder holding "
-            f"{sub}{name}>"
-            + (", or data.options.hub_id=<dataset id> for hub access" if self.hub_splits else "")
-        )
-
-    def _raw(self, split: str) -> datasets.Dataset:
-        """The normalized rows of source ``split`` (cached): canonical columns, int labels."""
-        if split not in self._cache:
-            source = self._sources()[split]
-            if self.hub_id is not None:
-                ds = datasets.load_dataset(self.hub_id, self.hub_config, split=source)
-                where = f"{self.hub_id}/{self.hub_config or ''}:{source}"
-            else:
-                path = self._file_path(split, source)
-                ds = _read_file(path)
-                where = path.name
-            self._cache[split] = self._normalize(ds, where)
-        return self._cache[split]
+    # ------------------------------------------------------------------ raw rows
 
     def _normalize(self, ds: datasets.Dataset, where: str) -> datasets.Dataset:
         """Rename to our columns, map labels to ids and drop rows without a gold label or text."""
-        missing = sorted({src for src in self.columns.values() if src not in ds.column_names})
-        if missing:
-            raise FedsbError(
-                field="columns", value=self.columns, what=f"names {missing}, absent from {where}",
-                fix=f"map {list(self.columns)} to columns of {ds.column_names} with data.options.columns",
-            )  # fmt: skip
+        self._require_columns(ds, self.column_names(), where)
         by_name = {name: i for i, name in enumerate(self.label_names)}
         data = ds.select_columns(sorted(set(self.columns.values()))).to_dict()  # python lists
         texts = {col: data[self.columns[col]] for col in self.text_columns}
@@ -393,9 +265,11 @@ class SST2Task(ClassificationTask):
 
     ``train.tsv`` (67,349 rows) gives train, validation (held out, 5 %) and init (2 %); ``dev.tsv`` (872,
     the GLUE dev set) is ``test``. Hub: ``hub_id="glue", hub_config="sst2"`` (its validation is our test).
+    Mode "lm": ``"Review: <sentence>\\nSentiment:"`` continued by " negative" or " positive".
     """
 
     name = "sst2"
+    lm_template = "Review: {sentence}\nSentiment:"
     label_names = ("negative", "positive")
     text_columns = ("sentence",)
     data_subdir = "sst2"
@@ -409,8 +283,14 @@ class SNLITask(ClassificationTask):
 
     ``train_subset_20k.jsonl`` gives train and init (2 %), ``dev.jsonl`` is validation and ``test.jsonl``
     test (its text is tokenised, the others are not). Rows with gold label "-" are dropped with a warning.
-    Hub: ``hub_id="stanfordnlp/snli"`` (label -1 = no gold label).
+    Hub: ``hub_id="stanfordnlp/snli"`` (label -1 = no gold label). Mode "lm": premise, hypothesis and
+    "Does the premise entail the hypothesis? Answer:" continued by " yes", " maybe" or " no".
     """
+
+    lm_template = (
+        "Premise: {premise}\nHypothesis: {hypothesis}\nDoes the premise entail the hypothesis? Answer:"
+    )
+    lm_label_words = ("yes", "maybe", "no")
 
     name = "snli"
     label_names = ("entailment", "neutral", "contradiction")
@@ -429,7 +309,13 @@ class MNLITask(ClassificationTask):
     """MultiNLI dev-matched as ``test`` only (evaluation / transfer, e.g. after training on snli).
 
     Hub: ``hub_id="glue", hub_config="mnli"`` adds train (with held-out validation and init slices).
+    Mode "lm": as snli.
     """
+
+    lm_template = (
+        "Premise: {premise}\nHypothesis: {hypothesis}\nDoes the premise entail the hypothesis? Answer:"
+    )
+    lm_label_words = ("yes", "maybe", "no")
 
     name = "mnli"
     label_names = ("entailment", "neutral", "contradiction")
@@ -445,12 +331,37 @@ class MNLITask(ClassificationTask):
 
 
 @register_task
+class RTETask(ClassificationTask):
+    """RTE (GLUE): ``premise``, ``hypothesis`` -> entailment / not_entailment; hub only.
+
+    No local copy ships (no clear licence): pass ``hub_id="glue", hub_config="rte"`` (its validation set is
+    our test; train gives held-out validation and init slices) or ``data_files`` with columns mapped.
+    Mode "lm": premise, hypothesis and "Does the premise entail the hypothesis? Answer:" + " yes" / " no".
+    """
+
+    name = "rte"
+    label_names = ("entailment", "not_entailment")
+    text_columns = ("premise", "hypothesis")
+    default_columns: ClassVar[dict[str, str]] = {"premise": "sentence1", "hypothesis": "sentence2"}
+    hub_splits: ClassVar[dict[str, str]] = {"train": "train", "test": "validation"}
+    unavailable: ClassVar[dict[str, str]] = {
+        split: "RTE has no local copy: pass data.options.hub_id=glue and data.options.hub_config=rte"
+        for split in SPLITS
+    }
+    lm_template = (
+        "Premise: {premise}\nHypothesis: {hypothesis}\nDoes the premise entail the hypothesis? Answer:"
+    )
+    lm_label_words = ("yes", "no")
+
+
+@register_task
 class GenericClassificationTask(ClassificationTask):
     """User files: ``data_files={split: path}`` (jsonl, json, csv, tsv, parquet; relative paths are under
     ``data_dir`` if given, else the working directory), ``label_names`` in id order, and ``columns``
     mapping ``text`` (and ``text_pair`` for pairs) and ``label`` to file columns. Labels may be names or
     ids. A split without a file is held out of ``train`` as for the builtin tasks. With ``hub_id``,
-    ``hub_splits`` ({split: hub split}) replaces ``data_files``.
+    ``hub_splits`` ({split: hub split}) take precedence over ``data_files``. Mode "lm" defaults: the
+    template ``"Text: {text}\\nLabel:"`` (plus a ``Text pair`` line for pairs) and the label names as words.
     """
 
     name = "classify"
@@ -468,6 +379,9 @@ class GenericClassificationTask(ClassificationTask):
         hub_id: str | None = None,
         hub_config: str | None = None,
         hub_splits: Mapping[str, str] | None = None,
+        mode: str = "head",
+        label_words: Sequence[str] | None = None,
+        template: str | None = None,
     ) -> None:
         names = tuple(label_names) if isinstance(label_names, list | tuple) else ()
         if (
@@ -493,20 +407,20 @@ class GenericClassificationTask(ClassificationTask):
                     field="data_files", value=dict(data_files), what=f"has unknown splits {bad}",
                     fix=f"use keys among {list(CLASSIFY_SPLITS)}",
                 )  # fmt: skip
-        self.files = {split: str(path) for split, path in (data_files or {}).items()}  # type: ignore[misc]
         self.hub_splits = dict(hub_splits or {s: s for s in ("train", "validation", "test")})  # type: ignore[misc]
         super().__init__(
             data_dir=data_dir,
+            data_files=data_files,
             columns=columns,
             validation_fraction=validation_fraction,
             init_fraction=init_fraction,
             holdout_seed=holdout_seed,
             hub_id=hub_id,
             hub_config=hub_config,
+            mode=mode,
+            label_words=label_words,
+            template=template,
         )
-
-    def _task_dir(self) -> Path | None:
-        return self.data_dir if self.data_dir is not None else Path.cwd()
 
 
 # --------------------------------------------------------------------------- tokenization and loading

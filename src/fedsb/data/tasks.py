@@ -28,8 +28,10 @@ __all__ = [
     "collate_for_training",
     "encode_prompts",
     "extract_number",
+    "first_choice",
     "get_task",
     "make_train_loader",
+    "register_builtin_tasks",
     "register_task",
     "seeded_loader",
     "tokenize_for_training",
@@ -51,6 +53,7 @@ class Task(ABC):
     kind: ClassVar[str]
     max_new_tokens: ClassVar[int]
     partition_column: ClassVar[str | None] = None
+    default_scorer: ClassVar[str] = "generate"  # "generate" or "likelihood" (tasks with `choices`)
 
     @abstractmethod
     def load(self, split: str, size: int | None, seed: int) -> datasets.Dataset:
@@ -72,6 +75,17 @@ class Task(ABC):
         """The expected answer as shown in reports (the stripped target by default)."""
         return self.target(example).strip()
 
+    def choices(self, example: Mapping[str, Any]) -> list[str] | None:
+        """The candidate targets of a multiple-choice example, in option order (likelihood scoring compares
+        them after the same prompt); None for a free-form task."""
+        return None
+
+    def gold_index(self, example: Mapping[str, Any]) -> int:
+        """Index into ``choices(example)`` of the correct option."""
+        raise FedsbError(
+            field="task", value=self.name, what="has no options", fix="score it with the generation scorer"
+        )
+
 
 TASKS: dict[str, type[Task]] = {}
 
@@ -86,10 +100,18 @@ def register_task(cls: type[Task]) -> type[Task]:
     return cls
 
 
+def register_builtin_tasks() -> dict[str, type[Task]]:
+    """Import the task families (they register themselves; each imports this module) and return TASKS."""
+    import fedsb.data.classification  # noqa: F401 - sst2, snli, mnli, rte, classify
+    import fedsb.data.commonsense  # noqa: F401 - boolq ... openbookqa, commonsense
+    import fedsb.data.reasoning  # noqa: F401 - gsm8k, metamathqa
+
+    return TASKS
+
+
 def get_task(name: str, **options: Any) -> Task:
     """Instantiate the registered task ``name`` with its keyword ``options``."""
-    import fedsb.data.classification  # noqa: F401 - registers sst2, snli, mnli, classify (imports this module)
-
+    register_builtin_tasks()
     if name not in TASKS:
         raise FedsbError(
             field="task", value=name, what="is not a known task", fix=f"use one of {sorted(TASKS)}"
@@ -109,6 +131,16 @@ def get_task(name: str, **options: Any) -> Task:
 
 
 _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?")
+
+
+def first_choice(text: str, words: Sequence[str]) -> int | None:
+    """Index of the word of ``words`` occurring first in ``text`` (whole word, any case); None if none does."""
+    if not words:
+        return None
+    by_lower = {w.lower(): i for i, w in reversed(list(enumerate(words)))}
+    alternatives = "|".join(re.escape(w) for w in sorted(by_lower, key=len, reverse=True))
+    match = re.search(rf"(?<!\w)(?:{alternatives})(?!\w)", text, flags=re.IGNORECASE)
+    return None if match is None else by_lower[match.group().lower()]
 
 
 def extract_number(text: str) -> Fraction | None:

@@ -1,0 +1,345 @@
+"""Where a task's rows come from: local files (jsonl, json, csv, tsv, parquet) or Hugging Face dataset ids.
+
+`SourcedTask` is the base of every file- or hub-backed task (classification, GSM8K, commonsense). It owns
+the split rules, the data-folder discovery, the column mapping check and the hub loading; a subclass only
+turns raw rows into its canonical columns (`_normalize`).
+
+Splits. Each split comes from its own source when there is one: a hub split (with ``hub_id``), a file the
+user named (``data_files``) or one of the task's own files. When a task has no validation or init source,
+``validation`` and ``init`` (the server's proxy sample for the adapter initialisation) are held-out slices
+of the training source: its rows are permuted ONCE with ``holdout_seed`` (independent of the run seed), the
+first ``round(validation_fraction * n)`` rows form ``validation``, the next ``round(init_fraction * n)``
+rows ``init``, and ``train`` is the rest. The three are disjoint for every seed and size, and tuning on
+``validation`` never sees ``test``. ``load(split, size, seed)`` returns the whole split (file order) for
+``size=None``, else ``split.shuffle(seed).select(range(size))``.
+
+Data folder: option ``data_dir``, else ``$FEDSB_DATA_DIR``, else the first existing of
+``<repo root>/../shared/data`` and ``./shared/data``. Either the folder holding the task's files or its
+parent holding ``<task folder>/`` (e.g. ``sst2/``) may be given. Hub ids are only used when a task's
+options name one: no default ever touches the network.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from abc import abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import datasets
+import numpy as np
+
+from fedsb.data.tasks import Task
+from fedsb.errors import FedsbError
+
+__all__ = [
+    "DATA_DIR_ENV",
+    "FILE_FORMATS",
+    "SPLITS",
+    "SourcedTask",
+    "default_data_dir",
+    "load_hub",
+    "read_file",
+]
+
+SPLITS: tuple[str, ...] = ("train", "validation", "test", "init")
+DATA_DIR_ENV = "FEDSB_DATA_DIR"
+_REPO_ROOT = Path(__file__).resolve().parents[3]  # src/fedsb/data/sources.py -> repo root
+FILE_FORMATS: dict[str, str] = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".parquet": "parquet",
+}
+
+
+def default_data_dir() -> Path | None:
+    """``$FEDSB_DATA_DIR``, else the first existing of ``<repo root>/../shared/data`` and ``./shared/data``."""
+    env = os.environ.get(DATA_DIR_ENV, "").strip()
+    if env:
+        return Path(env).expanduser()
+    for candidate in (_REPO_ROOT.parent / "shared" / "data", Path.cwd() / "shared" / "data"):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def read_file(path: Path) -> datasets.Dataset:
+    """All rows of a jsonl / json (lines or one array) / csv / tsv / parquet file; csv and tsv columns are
+    read as strings (no "nan"/"null" sentences turned into missing values, no "007" into 7)."""
+    builder = FILE_FORMATS.get(path.suffix.lower())
+    if builder is None:
+        raise FedsbError(
+            field="data file", value=str(path), what="has an unknown extension",
+            fix=f"use one of {', '.join(FILE_FORMATS)}",
+        )  # fmt: skip
+    kwargs: dict[str, Any] = {}
+    if builder == "csv":
+        sep = "\t" if path.suffix.lower() == ".tsv" else ","
+        quoting = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL  # GLUE TSVs use no quoting
+        with open(path, newline="", encoding="utf-8") as fh:
+            header = next(csv.reader(fh, delimiter=sep, quoting=quoting), [])
+        features = datasets.Features({name: datasets.Value("string") for name in header})
+        kwargs = {"sep": sep, "quoting": quoting, "keep_default_na": False, "na_filter": False}
+        kwargs["features"] = features
+    return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+
+
+def load_hub(hub_id: str, config: str | None, split: str, *, task: str) -> datasets.Dataset:
+    """``datasets.load_dataset(hub_id, config, split=split)``; failures (offline, unknown id) name the fix."""
+    try:
+        return datasets.load_dataset(hub_id, config, split=split)
+    except Exception as err:  # ConnectionError, FileNotFoundError, DatasetNotFoundError, ValueError, ...
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        why = "HF_HUB_OFFLINE is set" if offline else (str(err).splitlines() or [type(err).__name__])[0]
+        raise FedsbError(
+            field="data.options.hub_id", value=hub_id,
+            what=f"could not be loaded (task {task!r}, config {config!r}, split {split!r}: {why})",
+            fix="run with hub access (unset HF_HUB_OFFLINE), or give local files with data.options.data_files",
+        ) from err  # fmt: skip
+
+
+def _check_fraction(field: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise FedsbError(field=field, value=value, fix="use a fraction in [0, 1), e.g. 0.05")
+    return float(value)
+
+
+def _positive_int(field: str, value: object, fix: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise FedsbError(field=field, value=value, fix=fix)
+    return value
+
+
+class SourcedTask(Task):
+    """A task whose splits come from local files or a hub dataset (module docstring: split rules).
+
+    Subclasses set ``data_subdir`` and ``files`` ({split: file name under the task folder}), optionally
+    ``hub_splits`` ({split: hub split}, used with ``hub_id``) and ``unavailable`` ({split: why}), list
+    their canonical columns in ``column_names()`` and implement ``_normalize``. Options: ``data_dir``,
+    ``data_files`` ({split: path}: relative to ``data_dir`` if given, else to the working directory),
+    ``columns`` ({canonical column: file column}), ``validation_fraction``, ``init_fraction``,
+    ``holdout_seed``, ``hub_id``, ``hub_config``.
+    """
+
+    data_subdir: ClassVar[str] = ""
+    files: ClassVar[dict[str, str]] = {}
+    hub_splits: ClassVar[dict[str, str]] = {}
+    unavailable: ClassVar[dict[str, str]] = {}  # split -> why it is missing (for the error)
+
+    def __init__(
+        self,
+        *,
+        data_dir: str | os.PathLike[str] | None = None,
+        data_files: Mapping[str, str | os.PathLike[str]] | None = None,
+        columns: Mapping[str, str] | None = None,
+        validation_fraction: float = 0.05,
+        init_fraction: float = 0.02,
+        holdout_seed: int = 0,
+        hub_id: str | None = None,
+        hub_config: str | None = None,
+    ) -> None:
+        self.data_dir = None if data_dir is None else Path(data_dir).expanduser()
+        self.validation_fraction = _check_fraction("validation_fraction", validation_fraction)
+        self.init_fraction = _check_fraction("init_fraction", init_fraction)
+        if self.validation_fraction + self.init_fraction >= 1:
+            raise FedsbError(
+                field="validation_fraction + init_fraction",
+                value=self.validation_fraction + self.init_fraction,
+                what="leaves no training rows",
+                fix="keep their sum below 1, e.g. 0.05 and 0.02",
+            )
+        if isinstance(holdout_seed, bool) or not isinstance(holdout_seed, int) or holdout_seed < 0:
+            raise FedsbError(field="holdout_seed", value=holdout_seed, fix="use a non-negative integer")
+        self.holdout_seed = holdout_seed
+        if hub_id is not None and (not isinstance(hub_id, str) or not hub_id):
+            raise FedsbError(field="hub_id", value=hub_id, fix="use a dataset id such as 'glue', or None")
+        self.hub_id, self.hub_config = hub_id, hub_config
+        self.user_files = self._check_data_files(data_files)
+        known = self.column_names()
+        mapping = dict(columns or {})
+        bad = sorted(set(mapping) - set(known))
+        if bad:
+            raise FedsbError(
+                field="columns", value=mapping, what=f"maps unknown columns {bad}",
+                fix=f"map only {list(known)} to the columns of your files",
+            )  # fmt: skip
+        self.column_map: dict[str, str] = mapping
+        self._cache: dict[str, datasets.Dataset] = {}
+
+    def _check_data_files(self, data_files: Mapping[str, Any] | None) -> dict[str, Path]:
+        if data_files is None:
+            return {}
+        if not isinstance(data_files, Mapping):
+            raise FedsbError(
+                field="data_files",
+                value=data_files,
+                fix="map splits to files, e.g. {train: data/train.jsonl}",
+            )
+        bad = sorted(set(data_files) - set(SPLITS))
+        if bad:
+            raise FedsbError(
+                field="data_files", value=dict(data_files), what=f"has unknown splits {bad}",
+                fix=f"use keys among {list(SPLITS)}",
+            )  # fmt: skip
+        base = self.data_dir if self.data_dir is not None else Path.cwd()
+        return {split: base / Path(p).expanduser() for split, p in data_files.items()}
+
+    # ------------------------------------------------------------------ subclass hooks
+
+    @abstractmethod
+    def column_names(self) -> tuple[str, ...]:
+        """The canonical columns a ``columns`` mapping may name."""
+
+    @abstractmethod
+    def _normalize(self, ds: datasets.Dataset, where: str) -> datasets.Dataset:
+        """Raw rows of one source -> the task's canonical columns (``where`` names the source in errors)."""
+
+    def column(self, name: str) -> str:
+        """The file column holding canonical column ``name`` (the ``columns`` mapping, else ``name``)."""
+        return self.column_map.get(name, name)
+
+    # ------------------------------------------------------------------ splits
+
+    def load(self, split: str, size: int | None, seed: int) -> datasets.Dataset:
+        """Rows of ``split`` (train, validation, test, init); the whole split for ``size=None``, else a
+        seeded sample of ``size`` rows (``shuffle(seed).select(range(size))``)."""
+        if split not in SPLITS:
+            raise FedsbError(field="split", value=split, fix=f"use one of {', '.join(SPLITS)}")
+        sources = self.sources()
+        if split in sources and not (split == "train" and self._holdout_from_train(sources)):
+            ds = self._raw(split)
+        elif split in ("train", "validation", "init") and "train" in sources:
+            ds = self._holdout(split, sources)
+        else:
+            raise self._unavailable(split, sources)
+        n = len(ds)
+        if size is None or size == n:
+            return ds
+        _positive_int("size", size, "use a positive number of rows or None for the whole split")
+        if size > n:
+            raise FedsbError(
+                field="size", value=size, what=f"exceeds the {n} rows of split {split!r} of task {self.name!r}",
+                fix=f"use at most {n} (or null for the whole split)",
+            )  # fmt: skip
+        return ds.shuffle(seed=seed).select(range(size))
+
+    def available_splits(self) -> list[str]:
+        """The splits ``load`` can serve with the current options (without reading any file)."""
+        sources = self.sources()
+        return [s for s in SPLITS if s in sources or (s != "test" and "train" in sources)]
+
+    def _unavailable(self, split: str, sources: Mapping[str, Any]) -> FedsbError:
+        why = self.unavailable.get(split, f"task {self.name!r} has no {split!r} split")
+        have = self.available_splits()
+        lead = f"use one of {have}" if have else "this task has no split available with these options"
+        return FedsbError(
+            field="split", value=split, what=f"is not available ({why})", fix=lead + self._source_hint()
+        )
+
+    def _source_hint(self) -> str:
+        return ", or give the split a file with data.options.data_files={split: path}"
+
+    def sources(self) -> dict[str, tuple[str, str | Path]]:
+        """{split: (kind, where)}: ("hub", hub split) with ``hub_id``, ("file", path) for ``data_files``,
+        ("task", file name) for the task's own files; in that order of precedence."""
+        out: dict[str, tuple[str, str | Path]] = {s: ("task", f) for s, f in self.files.items()}
+        out.update({s: ("file", p) for s, p in self.user_files.items()})
+        if self.hub_id is not None:
+            out.update({s: ("hub", h) for s, h in self.hub_splits.items()})
+        return out
+
+    @staticmethod
+    def _holdout_from_train(sources: Mapping[str, Any]) -> bool:
+        return "validation" not in sources or "init" not in sources
+
+    def _holdout(self, split: str, sources: Mapping[str, Any]) -> datasets.Dataset:
+        """``split`` as the train/validation/init slice of the training source (module docstring)."""
+        raw = self._raw("train")
+        n = len(raw)
+        n_val = round(self.validation_fraction * n) if "validation" not in sources else 0
+        n_init = round(self.init_fraction * n) if "init" not in sources else 0
+        if split in ("validation", "init") and (n_val if split == "validation" else n_init) == 0:
+            option = f"{split}_fraction"
+            raise FedsbError(
+                field=option, value=getattr(self, option), what=f"holds out no {split} rows of {n}",
+                fix=f"set data.options.{option} > 0 (e.g. 0.05) to hold out a {split} slice of train",
+            )  # fmt: skip
+        if n - n_val - n_init < 1:
+            raise FedsbError(
+                field="validation_fraction + init_fraction",
+                value=self.validation_fraction + self.init_fraction,
+                what=f"leaves no training rows of {n}",
+                fix="use smaller fractions or a larger training file",
+            )
+        perm = np.random.default_rng(self.holdout_seed).permutation(n)
+        bounds = {"validation": (0, n_val), "init": (n_val, n_val + n_init), "train": (n_val + n_init, n)}
+        lo, hi = bounds[split]
+        return raw.select(np.sort(perm[lo:hi]).tolist())
+
+    # ------------------------------------------------------------------ files and hub
+
+    def _task_dir(self) -> Path | None:
+        root = self.data_dir if self.data_dir is not None else default_data_dir()
+        if root is None:
+            return None
+        if self.data_subdir and (root / self.data_subdir).is_dir():
+            return root / self.data_subdir
+        return root
+
+    def _file_path(self, split: str, name: str | Path) -> Path:
+        path = Path(name).expanduser()
+        if path.is_absolute():
+            found = path
+        else:
+            base = self._task_dir()
+            if base is None:
+                raise FedsbError(
+                    field="data.options.data_dir", value=None,
+                    what=f"is not set and no shared data folder was found (task {self.name!r} needs {name})",
+                    fix=self._dir_fix(str(name)),
+                )  # fmt: skip
+            found = base / path
+        if not found.is_file():
+            raise FedsbError(
+                field="data.options.data_dir", value=str(found.parent),
+                what=f"has no {found.name} (split {split!r} of task {self.name!r}; looked for {found})",
+                fix=self._dir_fix(str(name)),
+            )  # fmt: skip
+        return found
+
+    def _dir_fix(self, name: str) -> str:
+        sub = f"{self.data_subdir}/" if self.data_subdir else ""
+        return (
+            f"pass data.options.data_dir=<folder holding {name}> or set {DATA_DIR_ENV}=<folder holding "
+            f"{sub}{name}>"
+            + (", or data.options.hub_id=<dataset id> for hub access" if self.hub_splits else "")
+        )
+
+    def _raw(self, split: str) -> datasets.Dataset:
+        """The normalized rows of source ``split`` (cached per task object)."""
+        if split not in self._cache:
+            kind, where = self.sources()[split]
+            if kind == "hub":
+                assert self.hub_id is not None
+                ds = load_hub(self.hub_id, self.hub_config, str(where), task=self.name)
+                label = f"{self.hub_id}/{self.hub_config or ''}:{where}"
+            else:
+                path = self._file_path(split, where)
+                ds = read_file(path)
+                label = path.name
+            self._cache[split] = self._normalize(ds, label)
+        return self._cache[split]
+
+    def _require_columns(self, ds: datasets.Dataset, names: tuple[str, ...], where: str) -> None:
+        """Raise (naming the mapping fix) unless every canonical column in ``names`` is in ``ds``."""
+        sources = {n: self.column(n) for n in names}
+        missing = sorted({src for src in sources.values() if src not in ds.column_names})
+        if missing:
+            raise FedsbError(
+                field="columns", value=sources, what=f"names {missing}, absent from {where}",
+                fix=f"map {list(sources)} to columns of {ds.column_names} with data.options.columns",
+            )  # fmt: skip
