@@ -1,0 +1,144 @@
+"""The client side of the Flower app, free of Flower types: rebuild the model, the method and one client.
+
+A SuperNode hosts one client: partition `partition-id` of the run's data. Everything it needs besides its
+data arrives once from the server (the resolved config and, for Fed-SB, B and A with their fingerprint);
+per round it trains with the simulator's own `InProcessExecutor.train_client`, so local training, seeding
+and encoding are the simulator's, not a copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import yaml
+
+from fedsb.config import RunConfig, config_from_dict
+from fedsb.errors import ConfigError, FedsbError
+from fedsb.fed.base import ClientUpdate, FederatedMethod, SetupContext, Tensors, get_method_class
+from fedsb.fed.simulate import InProcessExecutor
+from fedsb.seeding import derive_seed
+
+#: methods whose server state every client can rebuild from one round's download
+SUPPORTED_METHODS = ("fedsb", "fedit", "ffa", "full")
+#: why the others are refused (a SuperNode keeps its own W0, and these fold updates into it every round)
+UNSUPPORTED_REASON = (
+    "folds every round's stacked factors into each client's own W0, so a SuperNode that misses a round "
+    "(not sampled, or down) would train on a stale W0"
+)
+
+
+def check_flower_config(cfg: RunConfig) -> None:
+    """Refuse settings the Flower path cannot honour, naming field, value and fix."""
+    if cfg.fed.method not in SUPPORTED_METHODS:
+        raise ConfigError(
+            field="fed.method",
+            value=cfg.fed.method,
+            what=f"is not supported by the Flower app ({UNSUPPORTED_REASON})",
+            fix=f"use one of {', '.join(SUPPORTED_METHODS)}, or the in-process simulator (fedsb run)",
+        )
+    if cfg.train.keep_optimizer_state:
+        raise ConfigError(
+            field="train.keep_optimizer_state",
+            value=True,
+            what="is not supported by the Flower app (a ClientApp process lives for one message)",
+            fix="set train.keep_optimizer_state=false",
+        )
+
+
+@dataclass
+class ClientRuntime:
+    """One client's model, method and trainer, built from the server's setup."""
+
+    cfg: RunConfig
+    client_id: str
+    method: FederatedMethod
+    executor: InProcessExecutor
+
+    def train(self, round: int, download: Tensors) -> ClientUpdate:
+        """Train round `round` from the downloaded global state; the update is in the wire dtype."""
+        return self.executor.train_client(round, self.client_id, download)
+
+
+def basis_from_payload(payload: Mapping[str, torch.Tensor], scaling: float) -> Any:
+    """A `Basis` from `<path>.lora_sb_B` (m, r) / `<path>.lora_sb_A` (r, n); R0 = 0 (R is downloaded)."""
+    from fedsb.init.basis import Basis, ModuleFactors
+
+    paths = sorted({k.rsplit(".", 1)[0] for k in payload})
+    factors = {}
+    for p in paths:
+        B = payload[f"{p}.lora_sb_B"].to(torch.float32)  # (m, r)
+        A = payload[f"{p}.lora_sb_A"].to(torch.float32)  # (r, n)
+        factors[p] = ModuleFactors(B=B, A=A, R0=torch.zeros(B.shape[1], B.shape[1]))
+    return Basis(factors=factors, scaling=scaling)
+
+
+def verified_basis(payload: Mapping[str, torch.Tensor], scaling: float, fingerprint: str) -> Any:
+    """The received basis, or an error if B, A do not hash to the fingerprint the server announced."""
+    basis = basis_from_payload(payload, scaling)
+    if basis.fingerprint != fingerprint:
+        raise FedsbError(
+            field="basis fingerprint",
+            value=basis.fingerprint[:12],
+            what=f"does not match the server's {fingerprint[:12]} (corrupted or foreign setup message)",
+            fix="restart the run so every SuperNode receives the same basis",
+        )
+    return basis
+
+
+def build_runtime(
+    config_yaml: str, partition_id: int, setup: Mapping[str, torch.Tensor], fingerprint: str | None
+) -> ClientRuntime:
+    """Rebuild everything client-side: the same model seed, data partition and method as `run_job`."""
+    from fedsb.data.prepare import model_task, prepare_data
+    from fedsb.data.tasks import get_task
+    from fedsb.models import load_model
+    from fedsb.train.local import loss_for
+
+    cfg = config_from_dict(yaml.safe_load(config_yaml))
+    check_flower_config(cfg)
+    torch.set_num_threads(cfg.threads or 1)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    task = get_task(cfg.data.task, **cfg.data.options)
+    loaded = load_model(
+        cfg.model.name,
+        dtype=cfg.model.dtype,
+        seed=derive_seed(cfg.seed, "model") % (2**32),
+        **model_task(task),
+    )
+    data = prepare_data(cfg, task, loaded.tokenizer)
+    ids = list(data.clients)
+    if not 0 <= partition_id < len(ids):
+        raise ConfigError(
+            field="partition-id",
+            value=partition_id,
+            what=f"is outside the run's {len(ids)} partitions",
+            fix=f"start SuperNodes with --node-config 'partition-id=<0..{len(ids) - 1}>'",
+        )
+    cls = get_method_class(cfg.fed.method)
+    if fingerprint is not None:
+        from fedsb.fed.fedsb import FedSB
+        from fedsb.init.initialize import attach_basis
+
+        basis = verified_basis(setup, cls.scaling_of(cfg), fingerprint)
+        adapted = attach_basis(
+            loaded.model, basis, dropout=cfg.adapter.dropout, extra_trainable=cfg.adapter.extra_trainable
+        )
+        method: FederatedMethod = FedSB(adapted, basis, weighting=cfg.fed.weighting)
+    else:
+        method = cls.create(loaded.model, SetupContext(cfg=cfg, loss_fn=loss_for(task)))
+    cid = ids[partition_id]
+    executor = InProcessExecutor(
+        method,
+        method.adapted,
+        {cid: data.clients[cid]},
+        cfg.train,
+        rounds=cfg.fed.rounds,
+        seed=cfg.seed,
+        wire_dtype=cfg.fed.wire_dtype,
+        loss_fn=loss_for(task),
+    )
+    return ClientRuntime(cfg=cfg, client_id=cid, method=method, executor=executor)

@@ -1,0 +1,95 @@
+"""The Flower ClientApp: translate Messages to `fedsb.flower.client` calls and back; nothing else.
+
+`query.setup` stores the server's config and one-time payload in the node's `context.state` (checking the
+basis fingerprint); `train` rebuilds the client (cached per process) and runs one round of the simulator's
+local trainer. Start SuperNodes with `--node-config 'partition-id=<i>'`; in simulation Flower sets it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedsb.flower import protocol as P
+
+log = logging.getLogger("fedsb.flower.client")
+
+app = ClientApp()
+
+#: (config, partition, fingerprint) -> ClientRuntime, most recent last; a simulation process may host
+#: several nodes, a deployment ClientApp process lives for one message
+_CACHE: dict[tuple[str, int, str], Any] = {}
+CACHE_SIZE = 2
+
+
+def partition_id(context: Context) -> int:
+    if "partition-id" not in context.node_config:
+        from fedsb.errors import ConfigError
+
+        raise ConfigError(
+            field="node_config.partition-id",
+            value=None,
+            what="is missing",
+            fix="start the SuperNode with --node-config 'partition-id=<i> num-partitions=<n>'",
+        )
+    return int(context.node_config["partition-id"])
+
+
+@app.query("setup")
+def setup(msg: Message, context: Context) -> Message:
+    """Keep the config and the basis for later rounds; reply with this node's partition id.
+
+    Cheap on purpose (no torch): the basis fingerprint is checked when the client is built for training.
+    """
+    cfg_rec = msg.content.config_records[P.SETUP_CONFIG]
+    context.state[P.SETUP_CONFIG] = ConfigRecord(dict(cfg_rec))
+    context.state[P.SETUP_ARRAYS] = msg.content.array_records.get(P.SETUP_ARRAYS, ArrayRecord())
+    pid = partition_id(context)
+    return Message(RecordDict({P.NODE_INFO: ConfigRecord({"partition-id": pid})}), reply_to=msg)
+
+
+def runtime(context: Context) -> Any:
+    """This node's client, built from the stored setup (once per process)."""
+    from fedsb.flower.client import build_runtime
+    from fedsb.flower.records import from_record
+
+    if P.SETUP_CONFIG not in context.state:
+        raise RuntimeError("train message before setup: this node never received the run's setup message")
+    cfg_rec = context.state[P.SETUP_CONFIG]
+    key = (str(cfg_rec["config"]), partition_id(context), str(cfg_rec["fingerprint"]))
+    if key not in _CACHE:
+        setup_tensors = from_record(context.state.array_records.get(P.SETUP_ARRAYS, ArrayRecord()))
+        _CACHE[key] = build_runtime(key[0], key[1], setup_tensors, key[2] or None)
+    _CACHE[key] = _CACHE.pop(key)
+    while len(_CACHE) > CACHE_SIZE:
+        _CACHE.pop(next(iter(_CACHE)))
+    return _CACHE[key]
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of local training from the downloaded global state."""
+    from fedsb.flower.records import from_record, to_record
+
+    rt = runtime(context)
+    rnd = msg.content.config_records[P.ROUND_CONFIG]
+    if str(rnd["client-id"]) != rt.client_id:
+        raise RuntimeError(f"asked to train {rnd['client-id']}, but this node holds {rt.client_id}")
+    update = rt.train(int(rnd["round"]), from_record(msg.content.array_records[P.DOWNLOAD]))
+    meta = {
+        "round": update.round,
+        "client-id": update.client_id,
+        "num-examples": update.num_examples,
+        "fingerprint": update.basis_fingerprint or "",
+    }
+    content = RecordDict(
+        {
+            P.UPDATE: to_record(update.tensors),
+            P.UPDATE_META: ConfigRecord(meta),
+            P.METRICS: MetricRecord({k: float(v) for k, v in update.metrics.items()}),
+        }
+    )
+    return Message(content, reply_to=msg)

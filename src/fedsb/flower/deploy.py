@@ -1,0 +1,279 @@
+"""A loopback deployment: one SuperLink and N SuperNodes as separate processes, TLS and node auth on.
+
+Used by the deployment tests and the benchmark, and runnable by hand (`python -m fedsb.flower.deploy
+--help`). Every process is started here, its PID recorded at spawn, and stopped by that PID (with the
+ServerApp/ClientApp processes they spawned, found through /proc); nothing is ever killed by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedsb.flower.certs import make_node_keys, make_tls
+
+APP_DIR = Path(__file__).resolve().parent / "app"
+CONNECTION = "fedsb-local"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Environment for flwr commands: our venv first on PATH, a private FLWR_HOME, nothing downloaded."""
+    env = dict(os.environ)
+    bin_dir = str(Path(sys.executable).parent)
+    env.update(
+        PATH=bin_dir + os.pathsep + env.get("PATH", ""),
+        FLWR_HOME=str(flwr_home),
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+    )
+    return env
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of a process's children, grandchildren, ... (Linux /proc), deepest first."""
+    out: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            kids = [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for kid in kids:
+            out.extend(descendants(kid))
+            out.append(kid)
+    return out
+
+
+def stop_pid(pid: int, sig: int = signal.SIGTERM) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+class LocalDeployment:
+    """SuperLink (TLS, SuperNode auth) + `num_nodes` SuperNodes on 127.0.0.1; a context manager."""
+
+    def __init__(
+        self, num_nodes: int, workdir: Path | None = None, *, node_ready_timeout: float = 60.0
+    ) -> None:
+        self.num_nodes = num_nodes
+        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="fedsb-flower-")
+        self.root = Path(workdir or self._tmp.name)  # type: ignore[union-attr]
+        self.home = self.root / "flwr-home"
+        self.logs = self.root / "logs"
+        self.env = flower_env(self.home)
+        self.port = free_port()
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}  # name -> process (PID recorded at spawn)
+        self.node_ready_timeout = node_ready_timeout
+
+    # ---- start ----------------------------------------------------------------------------------------------
+    def _spawn(self, name: str, cmd: Sequence[str]) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - kept open for the process's life
+        proc = subprocess.Popen(list(cmd), env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
+        self.procs[name] = proc
+        return proc
+
+    def _flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["flwr", *args], env=self.env, cwd=self.root, capture_output=True, text=True, timeout=timeout
+        )
+
+    def start(self) -> LocalDeployment:
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        tls = make_tls(self.root / "tls")
+        self._spawn(
+            "superlink",
+            [
+                "flower-superlink",
+                "--ssl-ca-certfile", str(tls.ca_cert),
+                "--ssl-certfile", str(tls.server_cert),
+                "--ssl-keyfile", str(tls.server_key),
+                "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
+                "--host", "127.0.0.1",
+                "--port", str(self.port),
+            ],
+        )  # fmt: skip
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{tls.ca_cert}"\n'
+        )
+        self._wait_port(self.port, "superlink")
+        for i in range(self.num_nodes):
+            private, public = make_node_keys(self.root / "keys", f"node{i}")
+            self._register(public)
+            self._spawn(
+                f"supernode{i}",
+                [
+                    "flower-supernode",
+                    "--superlink", f"127.0.0.1:{self.port}",
+                    "--root-certificates", str(tls.ca_cert),
+                    "--auth-supernode-private-key", str(private),
+                    "--node-config", f"partition-id={i} num-partitions={self.num_nodes}",
+                    "--port", str(free_port()),
+                ],
+            )  # fmt: skip
+        return self
+
+    def _wait_port(self, port: int, name: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.procs[name].poll() is not None:
+                raise RuntimeError(
+                    f"{name} exited with {self.procs[name].returncode}: {self.log(name)[-2000:]}"
+                )
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise RuntimeError(f"{name} did not open port {port} within {timeout:g} s")
+
+    def _register(self, public_key: Path) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            res = self._flwr("supernode", "register", str(public_key), CONNECTION)
+            if res.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"flwr supernode register failed: {res.stdout}{res.stderr}")
+            time.sleep(0.5)
+
+    # ---- use ------------------------------------------------------------------------------------------------
+    def start_app(self, run_config: Mapping[str, Any], *, app: Path = APP_DIR) -> subprocess.Popen[str]:
+        """Start `flwr run <app> fedsb-local --stream` with `run_config` (TOML values); output to a pipe."""
+        items = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
+        proc = subprocess.Popen(
+            ["flwr", "run", str(app), CONNECTION, "--stream", "--run-config", items],
+            env=self.env,
+            cwd=self.root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.procs[f"flwr-run-{len(self.procs)}"] = proc  # type: ignore[assignment]
+        return proc
+
+    def run_app(
+        self, run_config: Mapping[str, Any], *, app: Path = APP_DIR, timeout: float = 600.0
+    ) -> tuple[int, str]:
+        """Run the app to completion: (exit code, streamed log)."""
+        proc = self.start_app(run_config, app=app)
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out
+
+    def clientapp_pids(self, i: int) -> list[int]:
+        """Live `flwr-clientapp` processes under SuperNode i (one per message it is handling)."""
+        out = []
+        for pid in descendants(self.procs[f"supernode{i}"].pid):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"flwr-clientapp" in cmd:
+                out.append(pid)
+        return out
+
+    def kill_node(self, i: int) -> None:
+        """SIGKILL SuperNode i and whatever it spawned (a dead machine, not a clean shutdown)."""
+        proc = self.procs[f"supernode{i}"]
+        for pid in [*descendants(proc.pid), proc.pid]:
+            stop_pid(pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def pids(self) -> list[int]:
+        """Every live process of this deployment: those started here and their descendants."""
+        out = []
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                out.extend([*descendants(proc.pid), proc.pid])
+        return out
+
+    # ---- stop -----------------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """SIGTERM every process started here (SuperNodes first) and their descendants; SIGKILL stragglers."""
+        order = [n for n in self.procs if n != "superlink"] + ["superlink"]
+        for name in order:
+            proc = self.procs.get(name)
+            if proc is None or proc.poll() is not None:
+                continue
+            kids = descendants(proc.pid)
+            stop_pid(proc.pid)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                stop_pid(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+            for kid in kids:
+                stop_pid(kid, signal.SIGKILL)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> LocalDeployment:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m fedsb.flower.deploy",
+        description="Run the fedsb Flower app on a loopback deployment: SuperLink + N SuperNodes, TLS and "
+        "node authentication with throw-away credentials; everything is stopped at the end.",
+    )
+    p.add_argument("--nodes", type=int, default=2, help="SuperNodes (= partition.num_clients)")
+    p.add_argument("--config", default="", help="fedsb YAML preset")
+    p.add_argument("--overrides", default="", help='"section.key=value ..." overrides')
+    p.add_argument("--output", default="", help="results directory")
+    p.add_argument("--workdir", default=None, help="keep certificates, keys and logs here")
+    args = p.parse_args(argv)
+    overrides = f"partition.num_clients={args.nodes} {args.overrides}".strip()
+    run_config = {"config": str(Path(args.config).resolve()) if args.config else "", "overrides": overrides}
+    if args.output:
+        run_config["output-dir"] = str(Path(args.output).resolve())
+    with LocalDeployment(args.nodes, Path(args.workdir) if args.workdir else None) as dep:
+        code, log = dep.run_app(run_config)
+        print(log)
+        return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,207 @@
+"""`FlowerExecutor`: the round loop's `ClientExecutor` over a Flower Grid.
+
+`Server.run_round` samples, broadcasts, validates and aggregates exactly as in the simulator; this class
+only carries the download to the sampled clients' SuperNodes and turns their replies into `ClientUpdate`s
+as they arrive. A node that errors, or does not answer within `round_timeout` (or within
+`straggler_timeout` of the first reply, when set), is left out: the round loop counts it as dropped and
+goes on if `fed.min_clients` updates remain. A reply that cannot be decoded becomes an update the
+validator rejects, as in the simulator.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedsb.fed.base import ClientUpdate, Tensors
+from fedsb.flower import protocol as P
+from fedsb.flower.records import from_record, payload_bytes, to_record
+
+log = logging.getLogger("fedsb.flower.server")
+
+POLL_SECONDS = 0.1
+
+
+class FlowerExecutor:
+    """Sends each round's download through `grid` and yields the replies as client updates."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        client_ids: Sequence[str],
+        *,
+        config_yaml: str,
+        setup: Tensors,
+        fingerprint: str | None,
+        round_timeout: float = 600.0,
+        straggler_timeout: float = 0.0,
+        connect_timeout: float = 120.0,
+    ) -> None:
+        self.grid = grid
+        self.client_ids = list(client_ids)
+        self.config_yaml = config_yaml
+        self.setup = setup
+        self.fingerprint = fingerprint
+        self.round_timeout = round_timeout
+        self.straggler_timeout = straggler_timeout
+        self.connect_timeout = connect_timeout
+        self.nodes: dict[str, int] = {}  # client id -> node id
+        #: Flower's own count of every ArrayRecord sent or received: round (0 = setup), client, direction
+        self.wire: list[dict[str, Any]] = []
+
+    # ---- once: find the nodes, send every node the config and the basis ----------------------------------
+    def connect(self) -> dict[str, int]:
+        """Wait for one SuperNode per client, send the setup, map client ids to node ids by partition id."""
+        want = len(self.client_ids)
+        deadline = time.monotonic() + self.connect_timeout
+        node_ids = sorted(self.grid.get_node_ids())
+        while len(node_ids) < want and time.monotonic() < deadline:
+            time.sleep(0.5)
+            node_ids = sorted(self.grid.get_node_ids())
+        if len(node_ids) < want:
+            raise RuntimeError(
+                f"{len(node_ids)} SuperNode(s) connected within {self.connect_timeout:g} s, the run has {want} "
+                "clients (one SuperNode per partition): start more SuperNodes or raise connect-timeout"
+            )
+        arrays = to_record(self.setup)
+        messages = [
+            Message(
+                RecordDict(
+                    {
+                        P.SETUP_CONFIG: ConfigRecord(
+                            {"config": self.config_yaml, "fingerprint": self.fingerprint or ""}
+                        ),
+                        P.SETUP_ARRAYS: arrays,
+                    }
+                ),
+                dst_node_id=node,
+                message_type=P.SETUP_MESSAGE,
+                group_id="setup",
+            )
+            for node in node_ids
+        ]
+        by_partition: dict[int, int] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.connect_timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                raise RuntimeError(f"SuperNode {node} failed the setup: {reply.error.reason}")
+            pid = int(reply.content.config_records[P.NODE_INFO]["partition-id"])
+            if pid in by_partition:
+                raise RuntimeError(
+                    f"SuperNodes {by_partition[pid]} and {node} both hold partition-id={pid}: "
+                    "give each SuperNode its own --node-config 'partition-id=<i>'"
+                )
+            by_partition[pid] = node
+        missing = [i for i in range(want) if i not in by_partition]
+        if missing:
+            raise RuntimeError(
+                f"no SuperNode answered the setup for partition-id {missing} "
+                f"(the run has {want} partitions, 0..{want - 1})"
+            )
+        self.nodes = {cid: by_partition[i] for i, cid in enumerate(self.client_ids)}
+        for cid in self.client_ids:
+            self.wire.append({"round": 0, "client": cid, "direction": "down", "bytes": payload_bytes(arrays)})
+        return self.nodes
+
+    # ---- per round --------------------------------------------------------------------------------------
+    def train_round(self, round: int, client_ids: Sequence[str], download: Tensors) -> Iterator[ClientUpdate]:
+        """Push the download to the sampled clients' nodes; yield each reply as it arrives."""
+        if not self.nodes:
+            self.connect()
+        record = to_record(download)
+        sent: dict[int, str] = {}  # node id -> client id
+        messages = []
+        for cid in client_ids:
+            node = self.nodes[cid]
+            sent[node] = cid
+            messages.append(
+                Message(
+                    RecordDict(
+                        {
+                            P.DOWNLOAD: record,
+                            P.ROUND_CONFIG: ConfigRecord({"round": round, "client-id": cid}),
+                        }
+                    ),
+                    dst_node_id=node,
+                    message_type=P.TRAIN_MESSAGE,
+                    group_id=str(round),
+                )
+            )
+            self.wire.append(
+                {"round": round, "client": cid, "direction": "down", "bytes": payload_bytes(record)}
+            )
+        pending = set(self.grid.push_messages(messages))
+        deadline = time.monotonic() + self.round_timeout
+        while pending and time.monotonic() < deadline:
+            replies = list(self.grid.pull_messages(list(pending)))
+            for reply in replies:
+                pending.discard(reply.metadata.reply_to_message_id)
+                cid = sent.get(reply.metadata.src_node_id)
+                if cid is None:
+                    log.warning(
+                        "round %d: reply from unknown node %s ignored", round, reply.metadata.src_node_id
+                    )
+                    continue
+                if reply.has_error():
+                    log.warning("round %d: %s failed: %s", round, cid, reply.error.reason)
+                    continue
+                update = decode_reply(reply.content, cid, round)
+                if P.UPDATE in reply.content.array_records:
+                    self.wire.append(
+                        {
+                            "round": round,
+                            "client": cid,
+                            "direction": "up",
+                            "bytes": payload_bytes(reply.content.array_records[P.UPDATE]),
+                        }
+                    )
+                yield update
+            if replies and self.straggler_timeout > 0:
+                deadline = min(deadline, time.monotonic() + self.straggler_timeout)
+            if pending and not replies:
+                time.sleep(POLL_SECONDS)
+        if pending:
+            log.warning(
+                "round %d: %d node(s) did not answer within round-timeout=%g s",
+                round,
+                len(pending),
+                self.round_timeout,
+            )
+
+    # ---- checkpoints: nothing client-side lives on the server ----------------------------------------------
+    def state_dict(self) -> tuple[Tensors, dict[str, Any]]:
+        return {}, {}
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        return None
+
+
+def decode_reply(content: RecordDict, client_id: str, round: int) -> ClientUpdate:
+    """A reply as a `ClientUpdate`, best effort: whatever is missing or wrong is left for the validator.
+
+    The client id is the one the server sent to that node (not what the reply claims); a missing round or
+    example count stays invalid (-1 / None) so `validate_update` rejects the update with its reason.
+    """
+    meta: Mapping[str, Any] = content.config_records.get(P.UPDATE_META, ConfigRecord())
+    arrays = content.array_records.get(P.UPDATE)
+    try:
+        tensors = from_record(arrays) if arrays is not None else {}
+    except (TypeError, ValueError, RuntimeError) as exc:
+        log.warning("round %d: %s sent undecodable arrays (%s)", round, client_id, exc)
+        tensors = {}
+    metrics = content.metric_records.get(P.METRICS)
+    num = meta.get("num-examples")
+    return ClientUpdate(
+        client_id=client_id,
+        round=int(meta["round"]) if isinstance(meta.get("round"), int) else -1,
+        num_examples=num if isinstance(num, int) else None,  # type: ignore[arg-type]
+        tensors=tensors,
+        basis_fingerprint=str(meta["fingerprint"]) or None if "fingerprint" in meta else None,
+        metrics={k: float(v) for k, v in metrics.items()} if metrics is not None else {},
+    )

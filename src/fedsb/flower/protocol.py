@@ -1,0 +1,65 @@
+"""Names shared by the ServerApp and the ClientApp: message types, record keys, run-config keys."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+#: server -> every node once: the resolved config and the one-time setup (Fed-SB's B and A)
+SETUP_MESSAGE = "query.setup"
+#: server -> a sampled node each round: the download; the reply carries the update
+TRAIN_MESSAGE = "train"
+
+SETUP_CONFIG = "fedsb.setup"  # ConfigRecord: config (YAML), fingerprint ("" if none)
+SETUP_ARRAYS = "fedsb.basis"  # ArrayRecord: the setup payload (fp32)
+NODE_INFO = "fedsb.node"  # ConfigRecord in the setup reply: partition-id
+ROUND_CONFIG = "fedsb.round"  # ConfigRecord: round, client-id
+DOWNLOAD = "fedsb.download"  # ArrayRecord: the round's download in the wire dtype
+UPDATE = "fedsb.update"  # ArrayRecord: the client's upload in the wire dtype
+UPDATE_META = "fedsb.meta"  # ConfigRecord: round, client-id, num-examples, fingerprint
+METRICS = "metrics"  # MetricRecord: loss, first_loss, steps, seconds
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """The app's `[tool.flwr.app.config]`, hyphenated there and snake_case here (mapped only here)."""
+
+    config: str = ""  # YAML preset path ("" = defaults)
+    overrides: str = ""  # `section.key=value` items separated by spaces
+    output_dir: str = ""  # results directory ("" = runs/<timestamp>)
+    round_timeout: float = 600.0  # seconds to wait for a round's replies before going on without them
+    straggler_timeout: float = 0.0  # once one reply arrived, wait at most this long for the rest (0: off)
+    connect_timeout: float = 120.0  # seconds to wait for enough SuperNodes to connect
+    secagg: bool = False  # SecAgg+ rounds (Fed-SB-style linear aggregates only)
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> AppSettings:
+        known = {
+            "config",
+            "overrides",
+            "output-dir",
+            "round-timeout",
+            "straggler-timeout",
+            "connect-timeout",
+            "secagg",
+        }
+        unknown = sorted(set(run_config) - known)
+        if unknown:
+            from fedsb.errors import ConfigError
+
+            raise ConfigError(
+                field="run config", value=unknown, fix=f"use only the app's keys: {', '.join(sorted(known))}"
+            )
+        return cls(
+            config=str(run_config.get("config", "")),
+            overrides=str(run_config.get("overrides", "")),
+            output_dir=str(run_config.get("output-dir", "")),
+            round_timeout=float(run_config.get("round-timeout", 600.0)),
+            straggler_timeout=float(run_config.get("straggler-timeout", 0.0)),
+            connect_timeout=float(run_config.get("connect-timeout", 120.0)),
+            secagg=bool(run_config.get("secagg", False)),
+        )
+
+    def override_list(self) -> list[str]:
+        return self.overrides.split()

@@ -1,0 +1,120 @@
+"""Deployment on loopback: SuperLink + 2 SuperNodes as processes, TLS and node auth, a node killed mid-round.
+
+One run of 3 rounds serves every check (each ClientApp message is a fresh process that imports torch, so
+runs are costly): after round 1 the global R equals the in-process simulator's; SuperNode 1 is SIGKILLed
+while it trains round 2, rounds 2 and 3 complete with client-00 alone; Flower's count of every ArrayRecord
+equals the ledger line by line. Every process is stopped by PID in `LocalDeployment.stop`.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedsb.config import resolve_config
+from fedsb.fed.checkpoint import load_checkpoint
+from fedsb.flower.deploy import LocalDeployment
+from fedsb.run import run_job
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+OVERRIDES = [
+    "threads=1",
+    "progress=false",
+    "export=false",
+    "eval.every=100",
+    "data.test_size=4",
+    "fed.rounds=3",
+    "fed.keep_checkpoints=3",
+    "fed.min_clients=1",
+]
+
+
+def global_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    _, tensors, _ = load_checkpoint(checkpoint)
+    return {k.removeprefix("global/"): v for k, v in tensors.items() if k.startswith("global/")}
+
+
+def kill_node_in_round(dep: LocalDeployment, node: int, nth_message: int, stop: threading.Event) -> None:
+    """SIGKILL SuperNode `node` once its `nth_message`-th ClientApp process is running (1 = setup)."""
+    seen: set[int] = set()
+    while not stop.is_set():
+        seen.update(dep.clientapp_pids(node))
+        if len(seen) >= nth_message:
+            time.sleep(0.5)  # the ClientApp is loading the model / training
+            dep.kill_node(node)
+            return
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_deployment_with_tls_and_auth_matches_simulator_and_survives_a_killed_supernode(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "flower"
+    dep = LocalDeployment(2, tmp_path / "deployment")
+    stop = threading.Event()
+    try:
+        dep.start()
+        # TLS: the SuperLink speaks TLS with the certificate our test CA issued for 127.0.0.1
+        ctx = ssl.create_default_context(cafile=str(dep.root / "tls" / "ca.crt"))
+        with (
+            socket.create_connection(("127.0.0.1", dep.port)) as raw,
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        killer = threading.Thread(target=kill_node_in_round, args=(dep, 1, 3, stop), daemon=True)
+        killer.start()
+        code, log = dep.run_app(
+            {
+                "config": TINY,
+                "overrides": " ".join(OVERRIDES),
+                "output-dir": str(out),
+                "straggler-timeout": 8.0,
+                "round-timeout": 300.0,
+            },
+            timeout=400,
+        )
+        assert code == 0, log[-3000:]
+        assert dep.procs["supernode1"].poll() is not None, "SuperNode 1 was never killed:\n" + log[-3000:]
+        assert "supernode-auth" in " ".join(map(str, dep.procs["superlink"].args))
+    finally:
+        stop.set()
+        live = dep.pids()
+        dep.stop()
+    for pid in live:  # everything this test started is gone
+        assert (
+            not Path(f"/proc/{pid}").exists() or b"zombie" in Path(f"/proc/{pid}/status").read_bytes().lower()
+        )
+
+    results = json.loads((out / "results.json").read_text())
+    rounds = results["rounds"]
+    assert results["rounds_completed"] == 3
+    assert sorted(rounds[0]["accepted"]) == ["client-00", "client-01"]
+    for r in rounds[1:]:  # the killed node's round and the one after: the rest carries on
+        assert r["accepted"] == ["client-00"] and r["dropped"] == ["client-01"]
+
+    # round 1 with both clients: R equals the in-process simulator's (same config and seeds)
+    cfg = resolve_config(TINY, [*OVERRIDES, f"output_dir={tmp_path / 'sim'}"])
+    run_job(cfg, stop_after_round=1, echo=lambda s: None)
+    ref = global_state(tmp_path / "sim" / "checkpoints" / "round-0001")
+    got = global_state(out / "checkpoints" / "round-0001")
+    assert any(k.endswith("lora_sb_R.weight") for k in ref)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6)
+
+    # Flower's byte count of every ArrayRecord = the ledger, message by message
+    wire = json.loads((out / "flower_wire.json").read_text())
+    ledger = results["ledger"]["entries"]
+    flwr = sorted((w["round"], w["client"], w["direction"], w["bytes"]) for w in wire if w["round"] > 0)
+    ours = sorted((e["round"], e["client"], e["direction"], e["bytes"]) for e in ledger)
+    assert flwr == ours
+    setup = [w["bytes"] for w in wire if w["round"] == 0]
+    assert sum(setup) == results["ledger"]["one_time"][0]["bytes"]
