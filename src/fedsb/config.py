@@ -163,6 +163,7 @@ class DataConfig:
     max_length: int = _f(96, "maximum tokens of prompt + answer")
     pad_to_multiple: int = _f(8, "round padded batch lengths up to a multiple of this (bounds kernel caches)")
     options: dict = _f({}, "task-specific options, e.g. {max_value: 50} for arithmetic")
+    cache: bool = _f(True, "cache tokenized client shards and init data on disk ($FEDSB_CACHE/tokenized)")
 
     def __post_init__(self) -> None:
         _check(
@@ -177,6 +178,7 @@ class DataConfig:
         _positive_int("data.max_length", self.max_length)
         _positive_int("data.pad_to_multiple", self.pad_to_multiple)
         _check(isinstance(self.options, dict), "data.options", self.options, "use a mapping of option: value")
+        _check(isinstance(self.cache, bool), "data.cache", self.cache, "use true or false")
 
 
 @dataclass
@@ -285,16 +287,69 @@ class FedConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    mode: str = _f(
+        "none",
+        "none; sample (record-level DP-SGD inside each client, Opacus); client (DP-FedAvg: per-client "
+        "update clipping and Gaussian noise at the server)",
+    )
+    target_epsilon: float | None = _f(
+        None, "epsilon for the WHOLE planned training (all rounds); the noise multiplier is solved from it"
+    )
+    noise_multiplier: float | None = _f(None, "sigma, instead of target_epsilon")
+    delta: float | None = _f(None, "delta (null: 1/N_client for mode=sample, 1/num_clients for mode=client)")
+    max_grad_norm: float = _f(0.1, "mode=sample: per-example clipping norm C of the trained tensors")
+    accountant: str = _f("prv", "privacy accountant: prv (Opacus default) or rdp")
+    poisson: bool = _f(True, "mode=sample: Poisson sampling with rate train.batch_size / N_client")
+    clip_update: float = _f(1.0, "mode=client: clip each client's update (all its tensors) to this L2 norm")
+
+    def __post_init__(self) -> None:
+        _choice("privacy.mode", self.mode, ("none", "sample", "client"))
+        _positive_float("privacy.target_epsilon", self.target_epsilon, allow_none=True)
+        _positive_float("privacy.noise_multiplier", self.noise_multiplier, zero=True, allow_none=True)
+        if self.delta is not None:
+            _check(
+                isinstance(self.delta, float | int) and 0 < self.delta < 1,
+                "privacy.delta",
+                self.delta,
+                "use a probability in (0, 1), well below 1/N (null: 1/N)",
+            )
+        _positive_float("privacy.max_grad_norm", self.max_grad_norm)
+        _choice("privacy.accountant", self.accountant, ("prv", "rdp"))
+        _positive_float("privacy.clip_update", self.clip_update)
+        if self.mode != "none":
+            _check(
+                (self.target_epsilon is None) != (self.noise_multiplier is None),
+                "privacy.target_epsilon",
+                self.target_epsilon,
+                "set exactly one of privacy.target_epsilon and privacy.noise_multiplier",
+                what=f"with privacy.noise_multiplier={self.noise_multiplier} is ambiguous or missing",
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+
+@dataclass
 class EvalConfig:
     every: int = _f(1, "evaluate the global model every k rounds (and always before and after)")
     batch_size: int = _f(32, "evaluation batch size")
     max_new_tokens: int | None = _f(None, "generation length (null: the task's default)")
     bf16: bool | None = _f(None, "bf16 autocast for evaluation (null: same as train.bf16)")
+    scorer: str = _f(
+        "auto",
+        "generate (greedy decoding + answer extraction), likelihood (argmax of option log-likelihoods; "
+        "multiple-choice tasks) or auto (the task's default); head tasks always use their classifier",
+    )
+    normalize: str = _f("sum", "likelihood scorer: sum or mean (per token) of each option's log-probabilities")
 
     def __post_init__(self) -> None:
         _positive_int("eval.every", self.every)
         _positive_int("eval.batch_size", self.batch_size)
         _positive_int("eval.max_new_tokens", self.max_new_tokens, allow_none=True)
+        _choice("eval.scorer", self.scorer, ("auto", "generate", "likelihood"))
+        _choice("eval.normalize", self.normalize, ("sum", "mean"))
 
 
 @dataclass
@@ -317,6 +372,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     fed: FedConfig = field(default_factory=FedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         _check(
@@ -332,6 +388,31 @@ class RunConfig:
                 value=self.fed.min_clients,
                 what=f"exceeds the {self.expected_clients_per_round()} clients sampled per round",
                 fix="lower fed.min_clients or sample more clients (fed.clients_per_round)",
+            )
+        self._check_privacy()
+
+    def _check_privacy(self) -> None:
+        mode, method = self.privacy.mode, self.fed.method
+        if mode == "sample" and self.train.grad_accum != 1:
+            raise ConfigError(
+                field="train.grad_accum",
+                value=self.train.grad_accum,
+                what="is not supported with privacy.mode=sample (a Poisson batch is one DP-SGD step)",
+                fix="use train.grad_accum=1 and set the expected batch with train.batch_size",
+            )
+        if mode == "sample" and method == "full":
+            raise ConfigError(
+                field="fed.method",
+                value=method,
+                what="is not supported with privacy.mode=sample (Opacus rejects trainable modules with buffers)",
+                fix="use an adapter method (fedsb, fedit, ffa, fedex, flora)",
+            )
+        if mode == "client" and method in ("fedex", "flora"):
+            raise ConfigError(
+                field="privacy.mode",
+                value=mode,
+                what=f"does not apply to fed.method={method}: its aggregate is not a mean of the sent tensors",
+                fix="use privacy.mode=sample, or fed.method fedsb, fedit, ffa or full",
             )
 
     def expected_clients_per_round(self) -> int:

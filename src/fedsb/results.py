@@ -165,6 +165,12 @@ def final_table(results: dict[str, Any]) -> str:
         ("one-time bytes (basis broadcast)", human_bytes(ledger["totals"]["bytes_one_time"])),
         ("wall time", f"{results['timing']['total_seconds']:.1f} s"),
     ]
+    privacy = results.get("privacy")
+    if privacy and privacy.get("mode", "none") != "none":
+        where = "max over clients" if privacy["mode"] == "sample" else "client-level"
+        rows.append(
+            (f"privacy epsilon ({where})", f"{privacy['max_epsilon']:.3f} at delta <= {privacy['delta']:.2e}")
+        )
     width = max(len(k) for k, _ in rows)
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
     rule = "-" * (width + 30)

@@ -99,8 +99,7 @@ def run_job(
     `make_executor(method, data)` replaces the in-process simulator with another `ClientExecutor` (the
     Flower app's); it must also offer `state_dict()` / `load_state_dict()` for checkpoints.
     """
-    from fedsb.eval.classify import evaluate_classification
-    from fedsb.eval.generate import evaluate_generation
+    from fedsb.eval.evaluate import evaluate_task
     from fedsb.fed.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from fedsb.fed.ledger import Ledger
     from fedsb.fed.rounds import RoundRecord, Server, run_rounds
@@ -172,6 +171,7 @@ def run_job(
             clients=0 if data.init_info["federated"] else len(data.clients),
             note=data.init_info["note"] + f"; {data.init_info['num_samples']} examples",
         )
+    privacy = plan_privacy(cfg, data, echo) if cfg.privacy.enabled else None
     sampler = ClientSampler(
         list(data.clients), cfg.fed.clients_per_round, seed=derive_seed(cfg.seed, "sampling")
     )
@@ -182,6 +182,7 @@ def run_job(
         wire_dtype=cfg.fed.wire_dtype,
         min_clients=cfg.fed.min_clients,
         max_update_norm=cfg.fed.max_update_norm,
+        aggregator=privacy.client_level_aggregator if privacy and privacy.mode == "client" else None,
     )
     executor = (
         make_executor(method, data)
@@ -194,35 +195,27 @@ def run_job(
             rounds=cfg.fed.rounds,
             seed=cfg.seed,
             wire_dtype=cfg.fed.wire_dtype,
-            loss_fn=loss_for(task),
+            loss_fn=loss_for(task, per_example=cfg.privacy.mode == "sample"),
             progress=cfg.progress,
+            privacy=privacy if cfg.privacy.mode == "sample" else None,
         )
     )
     eval_bf16 = cfg.train.bf16 if cfg.eval.bf16 is None else cfg.eval.bf16
 
     def evaluate(_: int) -> dict[str, Any]:
-        if task.kind == "classify":
-            res = evaluate_classification(
-                adapted.model,
-                tokenizer,
-                task,
-                data.test,
-                batch_size=cfg.eval.batch_size,
-                max_length=cfg.data.max_length,
-                bf16=eval_bf16,
-                progress=cfg.progress,
-            )
-        else:
-            res = evaluate_generation(
-                adapted.model,
-                tokenizer,
-                task,
-                data.test,
-                batch_size=cfg.eval.batch_size,
-                max_new_tokens=cfg.eval.max_new_tokens,
-                bf16=eval_bf16,
-                progress=cfg.progress,
-            )
+        res = evaluate_task(
+            adapted.model,
+            tokenizer,
+            task,
+            data.test,
+            scorer=cfg.eval.scorer,
+            batch_size=cfg.eval.batch_size,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            max_length=cfg.data.max_length,
+            normalize=cfg.eval.normalize,
+            bf16=eval_bf16,
+            progress=cfg.progress,
+        )
         return res.to_dict()
 
     # ---- resume, or evaluate the untuned model ---------------------------------------------------------------
@@ -243,6 +236,8 @@ def run_job(
             {k: v for k, v in tensors.items() if k.startswith("opt/")}, state["executor"]
         )
         ledger.load_state_dict(state["ledger"])
+        if privacy is not None:
+            privacy.load_state_dict(state["privacy"])
         server.history = [RoundRecord(**r) for r in state["history"]]
         before = state.get("before")
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
@@ -291,6 +286,7 @@ def run_job(
         "federated_init": data.init_info["federated"],
         "partition": data.partition_stats,
         "resumed": bool(resume),
+        "privacy": privacy.summary() if privacy else {"mode": "none"},
     }
     write_json(out / "manifest.json", manifest)
 
@@ -304,9 +300,13 @@ def run_job(
             ledger={**ledger.summary(), "schemas": ledger.schemas, "entries": ledger.entries},
             timing=_timing(hist, time.perf_counter() - t_start),
         )
+        if privacy is not None:
+            results["privacy"] = privacy.summary()
         return results
 
     def on_round_end(record: RoundRecord) -> None:
+        if privacy is not None:
+            record.privacy = privacy.end_round(record.round)
         tensors = {f"global/{k}": v for k, v in method.state_tensors().items()}
         opt_tensors, opt_meta = executor.state_dict()
         tensors.update(opt_tensors)
@@ -318,6 +318,7 @@ def run_job(
             "executor": opt_meta,
             "before": before,
             "torch_rng": torch.get_rng_state().tolist(),
+            "privacy": privacy.state_dict() if privacy is not None else None,
         }
         save_checkpoint(ckpt_root, record.round, tensors, state, keep=cfg.fed.keep_checkpoints)
         write_json(out / "results.json", finish_results(record.round))
@@ -359,6 +360,29 @@ def run_job(
     plot_learning_curve(results, out / "learning_curve.png")
     echo(final_table(results))
     return results
+
+
+def plan_privacy(cfg: RunConfig, data: PreparedData, echo: Callable[[str], None]) -> Any:
+    """The run's privacy ledger, with every account's noise multiplier solved for the whole training."""
+    from fedsb.privacy.ledger import PrivacyLedger
+    from fedsb.train.local import steps_for
+
+    steps = {cid: steps_for(n, cfg.train) for cid, n in data.client_sizes.items()}
+    ledger = PrivacyLedger.plan(cfg, data.client_sizes, steps, init_info=data.init_info)
+    summary = ledger.summary()
+    lo, hi = summary["noise_multiplier_range"]
+    target = cfg.privacy.target_epsilon
+    kind = "record-level DP-SGD in each client" if ledger.mode == "sample" else "client-level DP-FedAvg"
+    echo(
+        f"privacy: {kind} ({cfg.privacy.accountant}), "
+        + (f"target epsilon {target:g} over all {cfg.fed.rounds} rounds, " if target else "")
+        + f"sigma {lo:.3f}"
+        + (f"..{hi:.3f}" if hi != lo else "")
+        + f", delta <= {summary['delta']:.2e}"
+    )
+    if not data.init_info.get("federated", True):
+        log.warning("privacy: %s", ledger.init_note)
+    return ledger
 
 
 class _StopRequested(Exception):

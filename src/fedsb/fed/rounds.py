@@ -58,6 +58,7 @@ class RoundRecord:
     client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     train_loss: float = float("nan")
     eval: dict[str, Any] | None = None
+    privacy: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -76,6 +77,7 @@ class Server:
         wire_dtype: str = "float32",
         min_clients: int = 1,
         max_update_norm: float | None = None,
+        aggregator: Callable[[Tensors, int], Any] | None = None,
     ) -> None:
         self.method = method
         self.sampler = sampler
@@ -84,6 +86,7 @@ class Server:
         self.wire_dtype = WIRE_DTYPES[wire_dtype]
         self.min_clients = min_clients
         self.max_update_norm = max_update_norm
+        self.aggregator = aggregator  # (global state, round) -> the round's aggregator; default the method's
         self.history: list[RoundRecord] = []
 
     def run_round(self, round: int, executor: ClientExecutor, *, progress: bool = False) -> RoundRecord:
@@ -98,7 +101,9 @@ class Server:
             self.ledger.record(
                 round=round, client=cid, direction="down", tensors=download, dtype=self.wire_dtype_name
             )
-        aggregator = self.method.new_aggregator()
+        aggregator = (
+            self.aggregator(reference, round) if self.aggregator is not None else self.method.new_aggregator()
+        )
         seen: set[str] = set()
         weighted_loss, loss_weight = 0.0, 0.0
         client_seconds = 0.0

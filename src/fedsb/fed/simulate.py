@@ -19,6 +19,8 @@ from fedsb.fed.base import ClientUpdate, FederatedMethod, Tensors
 from fedsb.fed.checkpoint import flatten_optimizer_state, unflatten_optimizer_state
 from fedsb.fed.rounds import decode, encode
 from fedsb.fed.validate import WIRE_DTYPES
+from fedsb.privacy.dpsgd import private_state
+from fedsb.privacy.ledger import PrivacyLedger
 from fedsb.seeding import derive_seed
 from fedsb.train.local import LossFn, causal_lm_loss, steps_for, train_local
 from fedsb.train.schedule import round_schedule
@@ -51,6 +53,7 @@ class InProcessExecutor:
         wire_dtype: str = "float32",
         loss_fn: LossFn = causal_lm_loss,
         progress: bool = False,
+        privacy: PrivacyLedger | None = None,
     ) -> None:
         self.method = method
         self.adapted = adapted
@@ -61,6 +64,7 @@ class InProcessExecutor:
         self.wire_dtype = WIRE_DTYPES[wire_dtype]
         self.loss_fn = loss_fn
         self.progress = progress
+        self.privacy = privacy  # DP-SGD accounts per client (privacy.mode=sample), persisted across rounds
         self.optimizer_states: dict[str, dict[str, Any]] = {}
 
     def train_round(self, round: int, client_ids: Sequence[str], download: Tensors) -> Iterator[ClientUpdate]:
@@ -70,6 +74,7 @@ class InProcessExecutor:
     def train_client(self, round: int, cid: str, download: Tensors) -> ClientUpdate:
         """One client's round: load the global state, train locally, return its (wire-encoded) update."""
         data = self.clients[cid]
+        dp = self.privacy.dpsgd_for(cid) if self.privacy is not None else None
         self.method.client_receive(self.adapted, decode(download), round)
         steps = steps_for(data.num_examples, self.cfg)
         schedule, offset = round_schedule(
@@ -102,6 +107,7 @@ class InProcessExecutor:
             seed=derive_seed(self.seed, "dropout", cid, round),
             loss_fn=self.loss_fn,
             on_step=(lambda k, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}"))) if bar else None,
+            privacy=dp,
         )
         if bar is not None:
             bar.close()
@@ -115,9 +121,10 @@ class InProcessExecutor:
             basis_fingerprint=self.method.basis_fingerprint,
             metrics={
                 "loss": result.mean_loss,
-                "first_loss": result.losses[0],
+                "first_loss": result.losses[0] if result.losses else float("nan"),
                 "steps": result.steps,
                 "seconds": result.seconds,
+                **private_state(dp),
             },
         )
 

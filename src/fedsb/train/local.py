@@ -16,6 +16,7 @@ from torch import nn
 
 from fedsb.config import TrainConfig
 from fedsb.data.tasks import IGNORE_INDEX
+from fedsb.privacy.dpsgd import DPSGD, batch_size_of
 from fedsb.train.schedule import Schedule
 
 Batch = Mapping[str, torch.Tensor]
@@ -34,25 +35,44 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
         return False
 
 
-def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled (answer) tokens, from the last positions' logits only.
+def _answer_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pred (B, K, V) fp32, target (B, K)): next-token logits and labels over the answer window.
 
     Labels are -100 outside the answers. If the earliest labelled position in the batch is `first`, only
     logits of positions first-1 .. T-1 can matter, so the LM head runs on those T - first + 1 positions
-    (`logits_to_keep`); with left-padded batches that is the answer length, not the sequence length. The
-    value equals HF's loss: sum over labelled tokens / their count.
+    (`logits_to_keep`); with left-padded batches that is the answer length, not the sequence length.
     """
     labels = batch["labels"]  # (B, T)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     labelled = (labels != IGNORE_INDEX).any(dim=0).nonzero()  # (k, 1) columns holding any label
-    if labelled.numel() == 0 or not _accepts_logits_to_keep(model):
-        return model(**batch).loss
-    first = max(1, int(labelled[0]))
+    first = max(1, int(labelled[0])) if labelled.numel() else 1
     T = labels.shape[1]
-    logits = model(**inputs, logits_to_keep=T - first + 1).logits  # (B, T - first + 1, V)
-    pred = logits[:, :-1].float()  # (B, T - first, V): position t predicts token t + 1
-    target = labels[:, first:]  # (B, T - first)
+    if _accepts_logits_to_keep(model):
+        logits = model(**inputs, logits_to_keep=T - first + 1).logits  # (B, T - first + 1, V)
+    else:
+        logits = model(**inputs).logits[:, first - 1 :]  # (B, T - first + 1, V)
+    return logits[:, :-1].float(), labels[:, first:]  # position t predicts token t + 1
+
+
+def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean next-token cross-entropy over all labelled (answer) tokens of the batch (HF's loss)."""
+    if not (batch["labels"] != IGNORE_INDEX).any():
+        return model(**batch).loss
+    pred, target = _answer_logits(model, batch)
     return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def per_example_causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """mean_i [ sum_t CE_it m_it / max(1, sum_t m_it) ]: each example's own token mean, then the batch mean.
+
+    DP-SGD needs this form: the batch loss is a mean of per-example losses, so each example's gradient
+    depends on that example alone (HF's token-pooled loss couples the examples of a batch).
+    """
+    pred, target = _answer_logits(model, batch)  # (B, K, V), (B, K)
+    mask = target != IGNORE_INDEX  # (B, K)
+    ce = F.cross_entropy(pred.transpose(1, 2), target.clamp(min=0), reduction="none")  # (B, K)
+    per_example = (ce * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # (B,)
+    return per_example.mean()
 
 
 @dataclass
@@ -85,7 +105,8 @@ def steps_for(num_examples: int, cfg: TrainConfig) -> int:
     return max(1, math.ceil(cfg.local_epochs * num_examples / (cfg.batch_size * cfg.grad_accum)))
 
 
-def _cycle(make_epoch: Callable[[int], Iterable[Batch]]) -> Iterator[Batch]:
+def cycle_epochs(make_epoch: Callable[[int], Iterable[Batch]]) -> Iterator[Batch]:
+    """Batches of epoch 0, 1, 2, ... without end."""
     epoch = 0
     while True:
         empty = True
@@ -110,6 +131,7 @@ def train_local(
     seed: int = 0,
     loss_fn: LossFn = causal_lm_loss,
     on_step: Callable[[int, float], None] | None = None,
+    privacy: DPSGD | None = None,
 ) -> tuple[LocalResult, dict[str, Any]]:
     """Run `steps` optimizer steps on `params` (everything else frozen) and return (result, optimizer state).
 
@@ -118,6 +140,9 @@ def train_local(
     micro-batch losses; gradients are clipped to `max_grad_norm` over the trained tensors; the learning
     rate of step k is `schedule.lr(step_offset + k)`. Dropout draws come from a generator forked from the
     global RNG and seeded with `seed`, so the caller's RNG state is untouched and runs are repeatable.
+
+    With `privacy` (DP-SGD), every step is one Poisson batch with per-example clipping and noise (Opacus);
+    `loss_fn` must then be a mean of per-example losses (`per_example_causal_lm_loss` for LMs).
     """
     plist = list(params.values())
     flags = {p: p.requires_grad for p in model.parameters()}
@@ -133,33 +158,48 @@ def train_local(
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
     result = LocalResult(steps=0, num_examples=0)
     start = time.perf_counter()
+    private = privacy.attach(model, opt, seed) if privacy is not None else None
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            batches = _cycle(make_epoch)
+            batches = privacy.batches(make_epoch, steps, seed) if privacy else cycle_epochs(make_epoch)
             for k in range(steps):
                 lr = schedule.lr(step_offset + k)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                opt.zero_grad(set_to_none=True)
-                step_loss = 0.0
-                for _ in range(cfg.grad_accum):
+                if private is not None:
+                    private.zero_grad()
                     batch = next(batches)
+                    if not batch:  # an empty Poisson draw: noise only, no loss to report
+                        private.noise_only_step()
+                        result.steps += 1
+                        continue
+                else:
+                    opt.zero_grad(set_to_none=True)
+                step_loss = 0.0
+                for i in range(cfg.grad_accum):
+                    if private is None or i > 0:
+                        batch = next(batches)
                     with autocast:
                         loss = loss_fn(model, batch)
                     (loss / cfg.grad_accum).backward()
                     step_loss += float(loss.detach()) / cfg.grad_accum
-                    result.num_examples += int(next(iter(batch.values())).shape[0])
+                    result.num_examples += batch_size_of(batch)
                 if not math.isfinite(step_loss):
                     raise FloatingPointError(f"local loss became {step_loss} at step {k}; lower train.lr")
-                if cfg.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(plist, cfg.max_grad_norm)
-                opt.step()
+                if private is not None:
+                    private.step()  # per-example clipping and noise replace the global clip
+                else:
+                    if cfg.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(plist, cfg.max_grad_norm)
+                    opt.step()
                 result.losses.append(step_loss)
                 result.steps += 1
                 if on_step is not None:
                     on_step(k, step_loss)
     finally:
+        if private is not None:
+            private.detach()
         model.train(was_training)
         for p, flag in flags.items():
             p.requires_grad_(flag)
@@ -168,6 +208,12 @@ def train_local(
     return result, opt.state_dict()
 
 
-def loss_for(task: Any) -> LossFn:
-    """Training loss: answer-only next-token loss for generation tasks, the head's cross-entropy otherwise."""
-    return default_loss if task.kind == "classify" else causal_lm_loss
+def loss_for(task: Any, *, per_example: bool = False) -> LossFn:
+    """Training loss: answer-only next-token loss for generation tasks, the head's cross-entropy otherwise.
+
+    `per_example=True` (DP-SGD) gives the mean of per-example token means for generation tasks; the
+    classification loss already is a mean of per-example losses.
+    """
+    if task.kind == "classify":
+        return default_loss
+    return per_example_causal_lm_loss if per_example else causal_lm_loss

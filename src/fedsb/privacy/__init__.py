@@ -1,0 +1,1 @@
+"""Differential privacy: record-level DP-SGD in each client (Opacus), client-level DP-FedAvg, accounting."""

@@ -1,0 +1,143 @@
+"""Record-level DP-SGD inside a client, through Opacus: per-example gradients of the trained tensors only.
+
+One step: a Poisson batch (each of the client's N examples independently with probability q = b / N),
+per-example gradients g_i of R (and a trained head) from Opacus' hooks, g_i <- g_i * min(1, C / ||g_i||),
+g = (sum_i g_i + N(0, sigma^2 C^2 I)) / (q N), then the optimizer step. The frozen model gets no hooks
+and no gradients. The client's `PrivacyAccount` persists across rounds and records every step.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from opacus.grad_sample import GradSampleHooks
+from opacus.optimizers import DPOptimizer
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fedsb.errors import FedsbError
+from fedsb.privacy.accounting import PrivacyAccount
+from fedsb.seeding import derive_seed
+
+Batch = Mapping[str, torch.Tensor]
+
+# Opacus' backward hooks sit on modules whose inputs need no gradient (R's input is A x): expected here.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+
+
+def batch_size_of(batch: Batch) -> int:
+    """Examples in a batch (0 for the empty dict a Poisson draw of no example gives)."""
+    return int(next(iter(batch.values())).shape[0]) if batch else 0
+
+
+def poisson_batches(
+    loader: DataLoader, *, sample_rate: float, steps: int, generator: torch.Generator
+) -> Iterator[Batch]:
+    """`steps` Poisson batches over `loader`'s dataset, collated by its collate_fn; an empty draw gives {}."""
+    if not isinstance(loader, DataLoader):
+        raise FedsbError(
+            field="client loader",
+            value=type(loader).__name__,
+            fix="give DP-SGD a torch DataLoader (it resamples its dataset with Poisson sampling)",
+        )
+    ds, collate = loader.dataset, loader.collate_fn
+    sampler = UniformWithReplacementSampler(
+        num_samples=len(ds), sample_rate=sample_rate, generator=generator, steps=steps
+    )
+    for indices in sampler:
+        yield collate([ds[int(i)] for i in indices]) if len(indices) else {}
+
+
+@dataclass
+class DPSGD:
+    """DP-SGD settings of one client for one round: its account (sigma, q, delta) and the clipping norm C."""
+
+    account: PrivacyAccount
+    max_grad_norm: float
+    num_examples: int
+    poisson: bool = True
+
+    @property
+    def expected_batch_size(self) -> float:
+        return self.account.sample_rate * self.num_examples
+
+    def batches(self, make_epoch: Callable[[int], Iterable[Batch]], steps: int, seed: int) -> Iterator[Batch]:
+        """Poisson batches at rate q (or, with poisson=False, the loader's own shuffled batches)."""
+        if not self.poisson:
+            from fedsb.train.local import cycle_epochs
+
+            return cycle_epochs(make_epoch)
+        gen = torch.Generator().manual_seed(derive_seed(seed, "poisson") % (2**63))
+        return poisson_batches(
+            make_epoch(0), sample_rate=self.account.sample_rate, steps=steps, generator=gen
+        )
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, seed: int) -> PrivateStep:
+        """Hook Opacus onto the model's trainable modules and wrap the optimizer (undo with `.detach()`)."""
+        return PrivateStep(self, model, optimizer, seed)
+
+
+class PrivateStep:
+    """Opacus attached to a model for one local round: per-sample gradient hooks and a `DPOptimizer`."""
+
+    def __init__(self, dp: DPSGD, model: nn.Module, optimizer: torch.optim.Optimizer, seed: int) -> None:
+        self.dp = dp
+        self.model = model
+        try:
+            self.hooks = GradSampleHooks(model, batch_first=True, loss_reduction="mean", strict=True)
+        except NotImplementedError as exc:
+            raise FedsbError(
+                field="privacy.mode",
+                value="sample",
+                what=f"cannot hook this model's trainable modules ({exc})",
+                fix="train only adapter factors and linear heads under DP",
+            ) from None
+        noise_gen = torch.Generator().manual_seed(derive_seed(seed, "dp-noise") % (2**63))
+        self.optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=dp.account.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            expected_batch_size=max(1, round(dp.expected_batch_size)),
+            loss_reduction="mean",
+            generator=noise_gen,
+        )
+        self.params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+
+    def step(self) -> None:
+        """Clip the per-example gradients, add noise, step, and charge the account one step."""
+        self.optimizer.step()
+        self.dp.account.step()
+
+    def noise_only_step(self) -> None:
+        """An empty Poisson batch still releases the noise: the step runs on zero summed gradients."""
+        for p in self.params:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+        self.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def detach(self) -> None:
+        """Remove every hook and every attribute Opacus added to the parameters."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.hooks.cleanup()
+        for p in self.params:
+            for attr in ("summed_grad", "grad_sample", "_processed"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+
+
+def private_state(dp: DPSGD | None) -> dict[str, Any]:
+    """What a client reports about its privacy after a round (merged into its update's metrics)."""
+    if dp is None:
+        return {}
+    return {
+        "epsilon": dp.account.epsilon(),
+        "noise_multiplier": dp.account.noise_multiplier,
+        "dp_steps": dp.account.steps,
+    }
