@@ -61,7 +61,7 @@ class LocalGrid(Grid):
             if node in self.silent and msg.metadata.message_type == "train":
                 continue
             reply = self.client_app(msg, self.contexts[node])
-            if node in self.tamper:
+            if node in self.tamper and msg.metadata.message_type == "train":
                 reply = self.tamper[node](reply)
             self.replies[mid] = reply
         return ids

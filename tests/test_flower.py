@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from fedsb.config import resolve_config
@@ -42,6 +43,13 @@ def test_flower_matches_the_simulator_and_its_bytes_equal_the_ledger(tmp_path: P
     assert set(a) == set(b) and any(k.endswith("lora_sb_R.weight") for k in a)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+    from fedsb.init.basis import Basis
+
+    r0 = Basis.load(tmp_path / "sim" / "basis").factors
+    moved = [
+        (a[k] - r0[k.removesuffix(".lora_sb_R.weight")].R0).abs().max() for k in a if k.endswith("R.weight")
+    ]
+    assert min(moved) > 1e-6  # training moved every R, so equality is not trivial
     wire = res["flower_wire"]
     ledger = res["ledger"]
     for direction in ("up", "down"):
@@ -50,3 +58,145 @@ def test_flower_matches_the_simulator_and_its_bytes_equal_the_ledger(tmp_path: P
     setup = sum(w["bytes"] for w in wire if w["round"] == 0)
     assert setup == ledger["one_time"][0]["bytes"] > 0
     assert res["rounds_completed"] == ref["rounds_completed"] == 2
+
+
+def test_flower_fedit_bfloat16_on_the_wire_matches_the_simulator(tmp_path: Path) -> None:
+    extra = ["fed.method=fedit", "fed.wire_dtype=bfloat16", "fed.rounds=1"]
+    simulate(tmp_path / "sim", extra)
+    res = flower(tmp_path / "flwr", extra)
+    a, b = final_state(tmp_path / "sim"), final_state(tmp_path / "flwr")
+    assert any("lora_A" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+    up = [w["bytes"] for w in res["flower_wire"] if w["direction"] == "up"]
+    params = res["ledger"]["params_per_client_per_round_one_way"]
+    assert up == [2 * params, 2 * params]  # two bytes per parameter
+
+
+def test_records_carry_every_wire_dtype_bit_exactly_and_count_payload_bytes() -> None:
+    from fedsb.flower.records import from_record, payload_bytes, to_record
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.lora_sb_R.weight": torch.randn(4, 4, generator=g),
+        "b": torch.randn(3, 5, generator=g).to(torch.bfloat16),
+        "c": torch.randn(7, generator=g).to(torch.float16),
+    }
+    record = to_record(tensors)
+    back = from_record(record)
+    for k, t in tensors.items():
+        assert back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t)
+    assert payload_bytes(record) == 16 * 4 + 15 * 2 + 7 * 2
+    assert record.count_bytes() == payload_bytes(record) + sum(len(k) for k in tensors)
+
+
+def test_a_silent_node_is_dropped_and_the_run_goes_on(tmp_path: Path) -> None:
+    grid = LocalGrid(client_app, 2)
+    grid.silent.add(1001)  # partition 1 answers the setup, then never again
+    settings = AppSettings(
+        config=TINY,
+        overrides=" ".join([*BASE, "fed.min_clients=1"]),
+        output_dir=str(tmp_path),
+        round_timeout=0.5,
+    )
+    res = run_flower_job(grid, settings)
+    assert res["rounds_completed"] == 2
+    for r in res["rounds"]:
+        assert r["accepted"] == ["client-00"] and r["dropped"] == ["client-01"]
+
+
+def test_a_silent_node_below_min_clients_fails_the_round(tmp_path: Path) -> None:
+    from fedsb.fed.rounds import RoundFailed
+
+    grid = LocalGrid(client_app, 2)
+    grid.silent.add(1001)
+    settings = AppSettings(
+        config=TINY,
+        overrides=" ".join([*BASE, "fed.min_clients=2"]),
+        output_dir=str(tmp_path),
+        round_timeout=0.5,
+    )
+    with pytest.raises(RoundFailed, match="1 usable update"):
+        run_flower_job(grid, settings)
+
+
+def _tamper(round_to_change: dict[int, object]):  # noqa: ANN202 - returns a reply rewriter
+    """A reply rewriter that breaks the update differently in each round (see the test)."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+    from fedsb.flower import protocol as P
+    from fedsb.flower.records import from_record, to_record
+
+    def rewrite(reply: Message) -> Message:
+        meta = dict(reply.content.config_records[P.UPDATE_META])
+        tensors = from_record(reply.content.array_records[P.UPDATE])
+        kind = round_to_change[int(meta["round"])]
+        name = next(iter(tensors))
+        if kind == "nan":
+            tensors[name] = tensors[name].clone()
+            tensors[name].view(-1)[0] = float("nan")
+        elif kind == "dtype":
+            tensors[name] = tensors[name].double()
+        elif kind == "stale":
+            meta["round"] = int(meta["round"]) - 1
+        elif kind == "no-count":
+            del meta["num-examples"]
+        elif kind == "fingerprint":
+            meta["fingerprint"] = "0" * 64
+        elif kind == "extra":
+            tensors["smuggled"] = torch.zeros(2)
+        content = RecordDict({P.UPDATE: to_record(tensors), P.UPDATE_META: ConfigRecord(meta)})
+        if kind == "no-arrays":
+            content = RecordDict({P.UPDATE_META: ConfigRecord(meta), "x": ArrayRecord()})
+        reply.content = content
+        return reply
+
+    return rewrite
+
+
+def test_malformed_replies_are_rejected_by_the_simulators_validator(tmp_path: Path) -> None:
+    kinds = {1: "nan", 2: "dtype", 3: "stale", 4: "no-count", 5: "fingerprint", 6: "extra", 7: "no-arrays"}
+    reasons = {
+        "nan": "contains NaN or Inf",
+        "dtype": "expected the wire dtype",
+        "stale": "stale or future",
+        "no-count": "num_examples=None must be a positive integer",
+        "fingerprint": "basis fingerprint 000000000000 does not match",
+        "extra": "unexpected tensors ['smuggled']",
+        "no-arrays": "missing tensors",
+    }
+    grid = LocalGrid(client_app, 2)
+    grid.tamper[1001] = _tamper(kinds)
+    overrides = [*BASE, "fed.min_clients=1", f"fed.rounds={len(kinds)}", "train.local_steps=1"]
+    settings = AppSettings(config=TINY, overrides=" ".join(overrides), output_dir=str(tmp_path))
+    res = run_flower_job(grid, settings)
+    assert res["rounds_completed"] == len(kinds)
+    for r in res["rounds"]:
+        assert r["accepted"] == ["client-00"]
+        assert reasons[kinds[r["round"]]] in r["rejected"]["client-01"], r["rejected"]
+    # rejected uploads are on the ledger (they did travel), marked as such
+    statuses = {(e["round"], e["status"]) for e in res["ledger"]["entries"] if e["client"] == "client-01"}
+    assert (1, "rejected") in statuses
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("fed.method=fedex", "fed.method"),
+        ("fed.method=flora", "fed.method"),
+        ("train.keep_optimizer_state=true", "train.keep_optimizer_state"),
+    ],
+)
+def test_settings_the_flower_app_cannot_honour_are_refused(tmp_path: Path, override: str, field: str) -> None:
+    from fedsb.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=field) as err:
+        flower(tmp_path, [override])
+    assert "fix:" in str(err.value)
+
+
+def test_unknown_run_config_keys_are_refused() -> None:
+    from fedsb.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="round-timout"):
+        AppSettings.from_run_config({"round-timout": 3.0})
