@@ -239,3 +239,32 @@ def test_compare_writes_table_and_plot_and_reuses_runs(tmp_path: Path, capsys) -
     assert main(args) == 0  # second time: everything reused
     assert capsys.readouterr().out.count("reusing the finished run") == 3
     assert main(["compare", "--config", TINY, "--output", str(out), "--methods", "fedavg"]) == 2
+
+
+def test_compare_applies_variant_overrides_and_never_reuses_a_run_with_other_settings(tmp_path: Path) -> None:
+    from fedsb.compare import parse_variants, run_comparison
+
+    variants = parse_variants(["fedsb:2", "ffa"])
+    shared = ["fed.rounds=1", "export=false", "progress=false", "threads=1"]
+    echoed: list[str] = []
+    rows = run_comparison(
+        variants,
+        output=tmp_path,
+        config_file=TINY,
+        overrides=shared,
+        variant_overrides={"ffa": ["train.lr=0.02"]},
+        echo=echoed.append,
+    )
+    assert [r["lr"] for r in rows] == [0.005, 0.02]  # only ffa got its own learning rate
+    echoed.clear()
+    rows = run_comparison(
+        variants,
+        output=tmp_path,
+        config_file=TINY,
+        overrides=shared,
+        variant_overrides={"ffa": ["train.lr=0.01"]},
+        echo=echoed.append,
+    )
+    assert [r["lr"] for r in rows] == [0.005, 0.01]
+    assert any("fedsb-r2: reusing the finished run" in e for e in echoed)
+    assert any("ffa: settings changed" in e for e in echoed) and (tmp_path / "ffa.stale").is_dir()

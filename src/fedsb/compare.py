@@ -63,6 +63,37 @@ def _finished(run_dir: Path, rounds: int) -> dict[str, Any] | None:
     return results if results.get("rounds_completed") == rounds and results.get("final") else None
 
 
+_VOLATILE = ("output_dir", "progress", "threads")  # settings that do not change a run's results
+
+
+def _set_aside_if_changed(run_dir: Path, cfg: Any, echo: Callable[[str], None]) -> None:
+    """A run directory made with other settings is renamed to <dir>.stale (never reused, never deleted)."""
+    from fedsb.config import load_yaml
+
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    try:  # through the dataclasses, so settings added since then compare at their defaults
+        saved = config_from_dict(load_yaml(saved_path)).to_dict()
+    except ConfigError:
+        saved = {}
+    wanted = cfg.to_dict()
+    for key in _VOLATILE:
+        saved.pop(key, None)
+        wanted.pop(key, None)
+    if saved == wanted:
+        return
+    stale = run_dir.with_name(run_dir.name + ".stale")
+    if stale.exists():
+        import shutil
+
+        shutil.rmtree(stale)
+    run_dir.rename(stale)
+    echo(
+        f"{run_dir.name}: settings changed since the run in {run_dir}; moved it to {stale} and running again"
+    )
+
+
 def run_comparison(
     variants: Sequence[Variant],
     *,
@@ -84,10 +115,14 @@ def run_comparison(
     rows = []
     for v in variants:
         run_dir = out / v.label
-        extra = [f"fed.method={v.method}", f"output_dir={run_dir}"] + (
-            [f"adapter.rank={v.rank}"] if v.rank else []
-        )
+        extra = [
+            f"fed.method={v.method}",
+            f"output_dir={run_dir}",
+            *([f"adapter.rank={v.rank}"] if v.rank else []),
+            *(variant_overrides or {}).get(v.label, []),
+        ]
         cfg = config_from_dict(merge_overrides(base.to_dict(), extra))
+        _set_aside_if_changed(run_dir, cfg, echo)
         results = _finished(run_dir, cfg.fed.rounds)
         if results is None:
             if (run_dir / "checkpoints").exists():
