@@ -72,6 +72,45 @@ def stop_pid(pid: int, sig: int = signal.SIGTERM) -> None:
         pass
 
 
+def pids_mentioning(text: str) -> list[int]:
+    """PIDs whose command line contains `text` (e.g. a private FLWR_HOME: `flwr run` starts its local
+    SuperLink detached, with --database and --log-file under FLWR_HOME)."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if text.encode() in (proc / "cmdline").read_bytes():
+                out.append(int(proc.name))
+        except OSError:
+            continue
+    return out
+
+
+def stop_local_superlink(flwr_home: Path, timeout: float = 15.0) -> list[int]:
+    """Stop what `flwr run ... local` left running under `flwr_home`, by PID; return the PIDs stopped."""
+    roots = pids_mentioning(str(flwr_home))
+    targets = [*roots, *(kid for pid in roots for kid in descendants(pid))]
+    for pid in roots:
+        stop_pid(pid)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(
+        Path(f"/proc/{p}").exists() and not is_zombie(p) for p in targets
+    ):
+        time.sleep(0.2)
+    for pid in targets:
+        if Path(f"/proc/{pid}").exists() and not is_zombie(pid):
+            stop_pid(pid, signal.SIGKILL)
+    return targets
+
+
+def is_zombie(pid: int) -> bool:
+    try:
+        return "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+
+
 class LocalDeployment:
     """SuperLink (TLS, SuperNode auth) + `num_nodes` SuperNodes on 127.0.0.1; a context manager."""
 

@@ -1,0 +1,56 @@
+"""`flwr run` on the app with Flower's simulation runtime (Ray): the documented command, end to end.
+
+`flwr run ... local` leaves a detached local SuperLink running; it is found by the test's private
+FLWR_HOME in its command line and stopped by PID, even when the run fails.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedsb.config import resolve_config
+from fedsb.fed.checkpoint import latest_checkpoint, load_checkpoint
+from fedsb.flower.deploy import APP_DIR, flower_env, is_zombie, pids_mentioning, stop_local_superlink
+from fedsb.run import run_job
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+OVERRIDES = ["threads=1", "progress=false", "export=false", "data.test_size=4", "fed.rounds=1"]
+
+
+def global_state(out: Path) -> dict[str, torch.Tensor]:
+    _, tensors, _ = load_checkpoint(latest_checkpoint(out / "checkpoints"))
+    return {k.removeprefix("global/"): v for k, v in tensors.items() if k.startswith("global/")}
+
+
+@pytest.mark.slow
+def test_flwr_run_simulation_matches_the_in_process_simulator(tmp_path: Path) -> None:
+    home = tmp_path / "flwr-home"
+    out = tmp_path / "flower"
+    run_config = f'config="{TINY}" overrides="{" ".join(OVERRIDES)}" output-dir="{out}"'
+    cmd = ["flwr", "run", str(APP_DIR), "local", "--stream", "--run-config", run_config]
+    cmd += ["--federation-config", "num-supernodes=2 client-resources-num-cpus=1"]
+    stopped: list[int] = []
+    try:
+        res = subprocess.run(
+            cmd, env=flower_env(home), capture_output=True, text=True, timeout=300, cwd=tmp_path
+        )
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        assert (out / "results.json").exists(), res.stdout[-3000:] + res.stderr[-3000:]
+    finally:
+        stopped = stop_local_superlink(home)
+    assert stopped, "flwr run left no local SuperLink behind (has Flower changed?)"
+    assert not [p for p in pids_mentioning(str(home)) if not is_zombie(p)]
+
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results["rounds"][0]["accepted"]) == ["client-00", "client-01"]
+    cfg = resolve_config(TINY, [*OVERRIDES, f"output_dir={tmp_path / 'sim'}"])
+    run_job(cfg, echo=lambda s: None)
+    ref, got = global_state(tmp_path / "sim"), global_state(out)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6)
