@@ -1,4 +1,4 @@
-"""The `fedsb` command line: run | models | tasks. Parses, loads the config, dispatches; nothing else.
+"""The `fedsb` command line: run | eval | export | compare | comm | models | tasks. Parses, loads the config, dispatches; nothing else.
 
 Heavy imports (torch, transformers) happen inside the commands so `fedsb --help` stays fast.
 """
@@ -19,6 +19,15 @@ examples:
   fedsb run --config configs/tiny.yaml        # a preset
   fedsb run fed.rounds=5 adapter.rank=64      # overrides (section.key=value), applied after the preset
   fedsb run --resume runs/20261125-101500     # continue an interrupted run from its last checkpoint
+"""
+
+
+EVAL_EPILOG = """\
+examples:
+  fedsb eval runs/20261125-101500                        # the run's final model on its own test set
+  fedsb eval runs/20261125-101500 --size all --out eval.json
+  fedsb eval runs/x/peft --task commonsense --scorer likelihood
+  fedsb eval --model smollm2-135m --task boolq --size 100  # an untuned base model
 """
 
 
@@ -80,6 +89,34 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--output", required=True, metavar="DIR")
     compare.add_argument("--no-progress", action="store_true")
     compare.add_argument("overrides", nargs="*", metavar="key=value")
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a finished run, an exported PEFT adapter or a base model (no training)",
+        description="Evaluate without training. TARGET is a run directory (the final global model; the run's "
+        "task, split, size and scorer are the defaults), an exported PEFT LoRA directory (base model from its "
+        "adapter_config.json or --model; needs --task), or omitted to evaluate the base model --model.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EVAL_EPILOG,
+    )
+    ev.add_argument("target", nargs="?", help="run directory or PEFT directory (omit to evaluate --model)")
+    ev.add_argument("--task", help="task name (fedsb tasks); default: the run's task")
+    ev.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="task option (YAML value)"
+    )
+    ev.add_argument("--model", help="base model: for a PEFT directory or without a target")
+    ev.add_argument("--split", help="test or validation (default: the run's eval split, else test)")
+    ev.add_argument("--size", help="number of examples, or 'all' (default: the run's test_size, else 200)")
+    ev.add_argument(
+        "--scorer", choices=("auto", "generate", "likelihood"), help="default: the run's, else auto"
+    )
+    ev.add_argument("--normalize", choices=("sum", "mean"), help="likelihood: sum or per-token mean")
+    ev.add_argument("--batch-size", type=int, metavar="N")
+    ev.add_argument("--max-new-tokens", type=int, metavar="N", help="generation length (default: the task's)")
+    ev.add_argument("--max-length", type=int, metavar="N", help="classification: truncate inputs to N tokens")
+    ev.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    ev.add_argument("--threads", type=int, metavar="N", help="torch threads")
+    ev.add_argument("--out", metavar="FILE", help="also write the report as JSON")
+    ev.add_argument("--no-progress", action="store_true")
     from fedsb.comm import add_comm_parser
 
     add_comm_parser(sub)
@@ -118,6 +155,54 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"exported {args.format} to {args.out}")
     if summary.get("max_lora_rank"):
         print(f"serve with vLLM: --enable-lora --max-lora-rank {summary['max_lora_rank']}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+    import yaml
+
+    from fedsb.errors import ConfigError
+    from fedsb.eval.saved import evaluate_saved, format_report
+
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(field="--option", value=item, fix="use KEY=VALUE, e.g. --option template=plain")
+        options[key.strip()] = yaml.safe_load(value)
+    size: int | None | str = "auto"
+    if args.size is not None:
+        if args.size == "all":
+            size = None
+        elif args.size.isdigit() and int(args.size) > 0:
+            size = int(args.size)
+        else:
+            raise ConfigError(field="--size", value=args.size, fix="use a positive integer or 'all'")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = evaluate_saved(
+        args.target,
+        task_name=args.task,
+        task_options=options,
+        model=args.model,
+        split=args.split,
+        size=size,
+        scorer=args.scorer,
+        normalize=args.normalize,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        max_length=args.max_length,
+        bf16=args.bf16,
+        progress=not args.no_progress,
+    )
+    print(format_report(report))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+        print(f"report written to {args.out}")
     return 0
 
 
@@ -171,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "export":
             return _cmd_export(args)
+        if args.command == "eval":
+            return _cmd_eval(args)
         if args.command == "comm":
             from fedsb.comm import cmd_comm
 

@@ -50,13 +50,29 @@ def loader_factory(
     return for_dataset
 
 
-def tokenize_task(task: Any, ds: Any, tokenizer: Any, max_length: int) -> Any:
+def tokenize_task(task: Any, ds: Any, tokenizer: Any, max_length: int, *, cache: bool = False) -> Any:
+    """Tokenize ``ds`` for training (answer-masked LM rows, or classification rows); with ``cache``, through
+    the on-disk cache keyed by tokenizer, recipe, ``max_length`` and the rows as the task renders them."""
     from fedsb.data.classification import tokenize_for_classification
     from fedsb.data.tasks import tokenize_for_training
 
+    def build() -> Any:
+        if task.kind == "classify":
+            return tokenize_for_classification(ds, task, tokenizer, max_length)
+        return tokenize_for_training(ds, task, tokenizer, max_length)
+
+    if not cache:
+        return build()
+    from fedsb.data.cache import cached_tokenized, content_key, tokenizer_fingerprint
+
     if task.kind == "classify":
-        return tokenize_for_classification(ds, task, tokenizer, max_length)
-    return tokenize_for_training(ds, task, tokenizer, max_length)
+        recipe = "classify"
+        rows = ("\x1d".join([*task.texts(ex), str(int(ex["label"]))]) for ex in ds)
+    else:
+        recipe = "causal-lm-answer-only"
+        rows = (task.prompt(ex) + "\x1d" + task.target(ex) for ex in ds)
+    key = content_key(tokenizer_fingerprint(tokenizer), recipe, str(max_length), rows)
+    return cached_tokenized(key, build)
 
 
 def model_task(task: Any) -> dict[str, Any]:
@@ -90,7 +106,7 @@ def prepare_data(cfg: RunConfig, task: Any, tokenizer: Any) -> PreparedData:
     make_loader = loader_factory(cfg, task, tokenizer, cfg.train.batch_size)
     clients: dict[str, ClientData] = {}
     for i, part in enumerate(parts):
-        tokenized = tokenize_task(task, part, tokenizer, cfg.data.max_length)
+        tokenized = tokenize_task(task, part, tokenizer, cfg.data.max_length, cache=cfg.data.cache)
         clients[f"client-{i:0{width}d}"] = ClientData(
             num_examples=len(tokenized), loader=make_loader(tokenized)
         )
@@ -113,7 +129,7 @@ def prepare_data(cfg: RunConfig, task: Any, tokenizer: Any) -> PreparedData:
         init_rows = datasets.concatenate_datasets(parts).shuffle(
             seed=derive_seed(cfg.seed, "pooled-init") % (2**32)
         )
-    init_data = tokenize_task(task, init_rows, tokenizer, cfg.data.max_length)
+    init_data = tokenize_task(task, init_rows, tokenizer, cfg.data.max_length, cache=cfg.data.cache)
     n = cfg.init.num_samples or max(
         cfg.init.min_samples, math.ceil(cfg.init.sample_fraction * len(init_data))
     )

@@ -104,4 +104,4 @@ def evaluate_classification(
     correct = [task.is_correct(out, ex) for out, ex in zip(outputs, examples, strict=True)]
     categories = [names[int(ex["label"])] for ex in examples]
     prompts = [task.prompt(ex) for ex in examples]
-    return summarize(task, examples, prompts, outputs, correct, seconds, categories)
+    return summarize(task, examples, prompts, outputs, correct, seconds, categories, scorer="classify")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,6 +31,9 @@ class EvalResult:
     seconds: float
     examples: list[dict[str, Any]] = field(default_factory=list)  # {prompt, generated, answer, correct}
     per_category: dict[str, float] | None = None  # accuracy per value of task.partition_column
+    per_category_counts: dict[str, dict[str, int]] | None = None  # {category: {correct, total}}
+    macro_accuracy: float | None = None  # mean of the per-category accuracies (e.g. a suite's average)
+    scorer: str = "generate"  # generate, likelihood or classify
 
     @property
     def examples_per_second(self) -> float:
@@ -87,6 +90,7 @@ def evaluate_generation(
     bf16: bool = False,
     limit: int | None = None,
     progress: bool = False,
+    prompt_ids: Sequence[list[int]] | None = None,
 ) -> EvalResult:
     """Greedy-decode ``task.prompt`` for each example and score with ``task.is_correct``.
 
@@ -94,10 +98,12 @@ def evaluate_generation(
     longest-first; only new tokens up to the first eos are decoded. The model runs in eval mode under
     ``torch.inference_mode`` (bf16 autocast if ``bf16``); its train/eval mode and the tokenizer's padding
     side are restored. ``max_new_tokens`` defaults to ``task.max_new_tokens``; ``limit`` keeps the first rows.
+    ``prompt_ids`` (optional) are the precomputed ``encode_prompts`` of the rows.
     """
     _check_args(task, dataset, batch_size, limit)
     if limit is not None and limit < len(dataset):
         dataset = dataset.select(range(limit))
+        prompt_ids = None if prompt_ids is None else prompt_ids[:limit]
     new_tokens = task.max_new_tokens if max_new_tokens is None else max_new_tokens
     if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
         raise FedsbError(field="max_new_tokens", value=new_tokens, fix="use a positive integer, e.g. 8")
@@ -112,7 +118,7 @@ def evaluate_generation(
 
     examples = list(dataset)
     prompts = [task.prompt(ex) for ex in examples]
-    prompt_ids = encode_prompts(tokenizer, prompts)
+    prompt_ids = list(prompt_ids) if prompt_ids is not None else encode_prompts(tokenizer, prompts)
     order = sorted(range(len(examples)), key=lambda i: -len(prompt_ids[i]))  # longest first: less padding
     generated: list[str] = [""] * len(examples)
     device = torch.device(getattr(model, "device", "cpu"))  # PreTrainedModel.device
@@ -156,7 +162,7 @@ def evaluate_generation(
         if column is not None and column in dataset.column_names
         else None
     )
-    return summarize(task, examples, prompts, generated, correct, seconds, categories)
+    return summarize(task, examples, prompts, generated, correct, seconds, categories, scorer="generate")
 
 
 def summarize(
@@ -167,14 +173,19 @@ def summarize(
     correct: list[bool],
     seconds: float,
     categories: list[str] | None = None,
+    *,
+    scorer: str = "generate",
 ) -> EvalResult:
-    """Accuracy, per-category accuracy (when `categories` gives each example's group) and the first examples."""
-    per_category = None
+    """Accuracy; per-category accuracy, counts and their mean (when `categories` gives each example's
+    group); the first examples."""
+    per_category = counts = macro = None
     if categories is not None:
         hits: dict[str, list[bool]] = defaultdict(list)
         for key, ok in zip(categories, correct, strict=True):
             hits[key].append(ok)
         per_category = {key: sum(v) / len(v) for key, v in sorted(hits.items())}
+        counts = {key: {"correct": sum(v), "total": len(v)} for key, v in sorted(hits.items())}
+        macro = sum(per_category.values()) / len(per_category)
     shown = [
         {
             "prompt": prompts[i],
@@ -191,4 +202,7 @@ def summarize(
         seconds=seconds,
         examples=shown,
         per_category=per_category,
+        per_category_counts=counts,
+        macro_accuracy=macro,
+        scorer=scorer,
     )

@@ -1,0 +1,146 @@
+"""Tokenization cache: tokenized datasets on disk, keyed by a content hash; prompt ids in memory.
+
+The key of a tokenized dataset hashes the tokenizer (its full serialized definition), the tokenization
+recipe and ``max_length``, and every row as the task renders it (prompt and target, or texts and label),
+so a change of template, data, task options or tokenizer is a new entry, never a stale hit. Entries live
+under ``<fedsb cache>/tokenized/`` (``$FEDSB_CACHE``, else ``~/.cache/fedsb``); delete the folder to clear
+it. Warnings raised while tokenizing (e.g. examples dropped for length) are stored and replayed on a hit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import datasets
+from transformers import PreTrainedTokenizerBase
+
+__all__ = ["CacheStats", "cached_prompt_ids", "cached_tokenized", "content_key", "tokenizer_fingerprint"]
+
+_FORMAT_VERSION = "1"  # bump when the tokenization functions change what they produce
+_MEMORY_ENTRIES = 16
+
+
+class CacheStats:
+    """Hit and miss counters (tests and reports read them)."""
+
+    hits = 0
+    misses = 0
+
+
+_FINGERPRINTS: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, str] = weakref.WeakKeyDictionary()
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of the tokenizer's behaviour: the serialized fast tokenizer (vocabulary, merges, pre/post
+    processing) plus its special tokens; for slow tokenizers the vocabulary itself. Memoized per object."""
+    try:
+        return _FINGERPRINTS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    value = _fingerprint(tokenizer)
+    try:
+        _FINGERPRINTS[tokenizer] = value
+    except TypeError:  # pragma: no cover - not weak-referenceable
+        pass
+    return value
+
+
+def _fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:  # pragma: no cover - slow tokenizers
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps({k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}).encode())
+    h.update(type(tokenizer).__name__.encode())
+    return h.hexdigest()
+
+
+def content_key(*parts: str | Iterable[str]) -> str:
+    """sha256 over ``parts``; an iterable part is hashed item by item with separators."""
+    h = hashlib.sha256(_FORMAT_VERSION.encode())
+    for part in parts:
+        h.update(b"\x1e")
+        if isinstance(part, str):
+            h.update(part.encode())
+        else:
+            for item in part:
+                h.update(item.encode())
+                h.update(b"\x1f")
+    return h.hexdigest()
+
+
+def _cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
+    from fedsb.models.load import default_cache_dir
+
+    return default_cache_dir(cache_dir) / "tokenized"
+
+
+def cached_tokenized(
+    key: str,
+    build: Callable[[], datasets.Dataset],
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> datasets.Dataset:
+    """The dataset stored under ``key``, else ``build()`` stored there first (written atomically)."""
+    entry = _cache_root(cache_dir) / key[:2] / key
+    meta = entry / "fedsb_cache.json"
+    if meta.is_file():
+        try:
+            ds = datasets.load_from_disk(str(entry))
+        except (OSError, ValueError, FileNotFoundError):  # a broken entry: rebuild it below
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            CacheStats.hits += 1
+            for message in json.loads(meta.read_text())["warnings"]:
+                warnings.warn(message, stacklevel=3)
+            return ds
+    CacheStats.misses += 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = build()
+    messages = [str(w.message) for w in caught]
+    for message in messages:
+        warnings.warn(message, stacklevel=3)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key[:8]}-", dir=entry.parent))
+    try:
+        ds.save_to_disk(str(tmp))
+        (tmp / "fedsb_cache.json").write_text(json.dumps({"warnings": messages, "rows": len(ds)}))
+        tmp.replace(entry) if not entry.exists() else shutil.rmtree(tmp)
+    except OSError:  # a read-only or full cache must not fail the run
+        shutil.rmtree(tmp, ignore_errors=True)
+        return ds
+    return datasets.load_from_disk(str(entry))  # memory-mapped, like a hit
+
+
+_PROMPTS: OrderedDict[str, list[list[int]]] = OrderedDict()
+
+
+def cached_prompt_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    encode: Callable[[PreTrainedTokenizerBase, Sequence[str]], list[list[int]]],
+) -> list[list[int]]:
+    """``encode(tokenizer, prompts)``, memoized in memory (the evaluation set is re-scored every round)."""
+    key = content_key(tokenizer_fingerprint(tokenizer), prompts)
+    if key in _PROMPTS:
+        _PROMPTS.move_to_end(key)
+        CacheStats.hits += 1
+        return _PROMPTS[key]
+    CacheStats.misses += 1
+    ids = encode(tokenizer, prompts)
+    _PROMPTS[key] = ids
+    while len(_PROMPTS) > _MEMORY_ENTRIES:
+        _PROMPTS.popitem(last=False)
+    return ids

@@ -1,0 +1,98 @@
+"""One entry point for evaluating any task: picks the scorer (generation, option likelihood or the
+classification head) and reuses cached prompt ids across rounds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import datasets
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from fedsb.data.cache import cached_prompt_ids
+from fedsb.data.tasks import Task, encode_prompts
+from fedsb.errors import FedsbError
+from fedsb.eval.generate import EvalResult
+
+__all__ = ["SCORERS", "evaluate_task", "resolve_scorer"]
+
+SCORERS: tuple[str, ...] = ("auto", "generate", "likelihood")
+
+
+def resolve_scorer(task: Task, scorer: str, example: Any | None = None) -> str:
+    """ "classify" for head tasks; else ``scorer``, with "auto" meaning the task's ``default_scorer``.
+
+    "likelihood" needs answer options (``task.choices(example)``, checked when ``example`` is given).
+    """
+    if scorer not in SCORERS:
+        raise FedsbError(field="eval.scorer", value=scorer, fix=f"use one of {', '.join(SCORERS)}")
+    if task.kind == "classify":
+        if scorer != "auto":
+            raise FedsbError(
+                field="eval.scorer", value=scorer,
+                what=f"does not apply to task {task.name!r} (a classification head predicts its labels)",
+                fix="use eval.scorer=auto, or data.options.mode=lm to score label words with a causal LM",
+            )  # fmt: skip
+        return "classify"
+    chosen = task.default_scorer if scorer == "auto" else scorer
+    if chosen == "likelihood" and example is not None and task.choices(example) is None:
+        if scorer == "auto":
+            return "generate"
+        raise FedsbError(
+            field="eval.scorer", value=scorer, what=f"needs answer options, and task {task.name!r} has none",
+            fix="use eval.scorer=generate (free-form answers)",
+        )  # fmt: skip
+    return chosen
+
+
+def evaluate_task(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    dataset: datasets.Dataset,
+    *,
+    scorer: str = "auto",
+    batch_size: int = 32,
+    max_new_tokens: int | None = None,
+    max_length: int = 128,
+    normalize: str = "sum",
+    bf16: bool = False,
+    limit: int | None = None,
+    progress: bool = False,
+) -> EvalResult:
+    """Evaluate ``model`` on ``dataset`` with the resolved scorer (``resolve_scorer``).
+
+    Generation: greedy, ``max_new_tokens`` (default: the task's). Likelihood: ``normalize`` "sum" or
+    "mean" (per token). Classification: argmax of the head, inputs truncated to ``max_length``.
+    """
+    if len(dataset) == 0:
+        raise FedsbError(field="dataset", value="<empty dataset>", fix="pass at least one example")
+    chosen = resolve_scorer(task, scorer, dataset[0])
+    if chosen == "classify":
+        from fedsb.eval.classify import evaluate_classification
+
+        return evaluate_classification(
+            model, tokenizer, task, dataset, batch_size=batch_size, max_length=max_length, bf16=bf16,
+            limit=limit, progress=progress,
+        )  # type: ignore[arg-type]  # fmt: skip
+    if (
+        limit is not None
+        and isinstance(limit, int)
+        and not isinstance(limit, bool)
+        and 0 < limit < len(dataset)
+    ):
+        dataset = dataset.select(range(limit))
+    prompt_ids = cached_prompt_ids(tokenizer, [task.prompt(ex) for ex in dataset], encode_prompts)
+    if chosen == "likelihood":
+        from fedsb.eval.likelihood import evaluate_likelihood
+
+        return evaluate_likelihood(
+            model, tokenizer, task, dataset, batch_size=batch_size, normalize=normalize, bf16=bf16,
+            progress=progress, prompt_ids=prompt_ids,
+        )  # fmt: skip
+    from fedsb.eval.generate import evaluate_generation
+
+    return evaluate_generation(
+        model, tokenizer, task, dataset, batch_size=batch_size, max_new_tokens=max_new_tokens, bf16=bf16,
+        progress=progress, prompt_ids=prompt_ids,
+    )  # fmt: skip
