@@ -6,6 +6,7 @@ client); everything else is the real ClientApp handling real Flower Messages.
 
 from __future__ import annotations
 
+import copy
 import uuid
 from collections.abc import Callable, Iterable
 
@@ -60,7 +61,8 @@ class LocalGrid(Grid):
             node = msg.metadata.dst_node_id
             if node in self.silent and msg.metadata.message_type == "train":
                 continue
-            reply = self.client_app(msg, self.contexts[node])
+            # a copy, as after transport: a client must not share objects with the server or other nodes
+            reply = copy.deepcopy(self.client_app(copy.deepcopy(msg), self.contexts[node]))
             if node in self.tamper and msg.metadata.message_type == "train":
                 reply = self.tamper[node](reply)
             self.replies[mid] = reply

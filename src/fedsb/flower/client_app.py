@@ -17,7 +17,22 @@ from fedsb.flower import protocol as P
 
 log = logging.getLogger("fedsb.flower.client")
 
-app = ClientApp()
+
+def secagg_router(msg: Message, context: Context, call_next: Any) -> Message:
+    """Route SecAgg+ train messages (they carry the protocol's config record) through Flower's
+    `secaggplus_mod` around `fedsb.flower.secagg.secagg_train`; everything else goes on unchanged."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    if msg.metadata.message_type == P.TRAIN_MESSAGE and RECORD_KEY_CONFIGS in msg.content.config_records:
+        from flwr.client.mod import secaggplus_mod
+
+        from fedsb.flower.secagg import secagg_train
+
+        return secaggplus_mod(msg, context, secagg_train)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[secagg_router])
 
 #: (config, partition, fingerprint) -> ClientRuntime, most recent last; a simulation process may host
 #: several nodes, a deployment ClientApp process lives for one message

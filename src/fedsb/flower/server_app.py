@@ -64,4 +64,13 @@ def run_flower_job(grid: Grid, settings: AppSettings) -> dict[str, Any]:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_flower_job(grid, AppSettings.from_run_config(context.run_config))
+    settings = AppSettings.from_run_config(context.run_config)
+    if settings.secagg:
+        from fedsb.flower.secagg import run_secagg_job
+
+        overrides = settings.override_list()
+        if settings.output_dir:
+            overrides.append(f"output_dir={settings.output_dir}")
+        run_secagg_job(grid, context, settings.config or None, overrides)
+    else:
+        run_flower_job(grid, settings)
