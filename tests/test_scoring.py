@@ -65,15 +65,22 @@ def _reference_score(model: Any, prompt: list[int], cont: list[int]) -> float:
     return sum(float(logp[len(prompt) + t - 1, tok]) for t, tok in enumerate(cont))
 
 
-def test_option_scores_match_an_unpadded_reference(tiny: LoadedModel, mc_root: Path) -> None:
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_option_scores_match_an_unpadded_reference(
+    tiny: LoadedModel, mc_root: Path, share_prompt: bool
+) -> None:
     task = _suite(mc_root)
     rows = task.load("test", None, 0)
     prompts = encode_prompts(tiny.tokenizer, [task.prompt(ex) for ex in rows])
     options = [task.choices(ex) for ex in rows]
+    options[0] = [*options[0], "x", " a much longer option"]  # unequal option lengths and counts
     tiny.model.eval()
     with torch.inference_mode():
-        batched = option_scores(tiny.model, tiny.tokenizer, prompts, options, batch_size=5)
-        mean = option_scores(tiny.model, tiny.tokenizer, prompts, options, batch_size=64, normalize="mean")
+        kw: dict[str, Any] = {"share_prompt": share_prompt}
+        batched = option_scores(tiny.model, tiny.tokenizer, prompts, options, batch_size=5, **kw)
+        mean = option_scores(
+            tiny.model, tiny.tokenizer, prompts, options, batch_size=64, normalize="mean", **kw
+        )
     for i in (0, 7, 11):
         for k, text in enumerate(options[i]):
             cont = tiny.tokenizer(text, add_special_tokens=False)["input_ids"]

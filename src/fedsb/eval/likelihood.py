@@ -2,9 +2,10 @@
 
 Each option's target (``task.choices(example)``) is scored after the task's prompt: the sum (or, with
 ``normalize="mean"``, the per-token mean) of its tokens' log-probabilities. The prediction is the argmax
-(ties: the first option). Sequences are built and padded exactly as in training (``encode_prompts`` +
-target ids, ``collate_for_training``: left padding, real-token positions), so the gold option is scored on
-the very ids the model was trained on.
+(ties: the first option). The ids are those of training (``encode_prompts`` + target ids; left padding,
+positions counting real tokens), so the gold option is scored on the very ids the model was trained on.
+Each prompt runs once; its KV cache is repeated for the options (``share_prompt``; a full-sequence path
+is the reference and the fallback).
 """
 
 from __future__ import annotations
@@ -61,15 +62,17 @@ def option_scores(
     *,
     batch_size: int = 32,
     normalize: str = "sum",
+    share_prompt: bool = True,
     progress: bool = False,
     desc: str = "score",
 ) -> list[list[float]]:
     """Log-likelihood of every option's ids after its example's prompt ids: ``scores[i][k]``.
 
-    All (example, option) pairs are batched together, longest first; the LM head runs only on the last
-    ``max option length + 1`` positions (``logits_to_keep``). Options tokenize without special tokens.
+    ``share_prompt`` (default): each prompt runs ONCE with a KV cache, which is then repeated for the
+    example's options, so an example costs one prompt pass plus its option tokens. Otherwise every
+    (prompt, option) sequence runs in full (the reference path; also the fallback for models without a
+    cache). Options tokenize without special tokens; ``batch_size`` bounds the sequences per forward pass.
     """
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     distinct = sorted({text for opts in options for text in opts})
     encoded = tokenizer(distinct, add_special_tokens=False, padding=False, truncation=False)["input_ids"]
     ids_of = dict(zip(distinct, encoded, strict=True))
@@ -78,42 +81,142 @@ def option_scores(
         raise FedsbError(
             field="options", value=empty[:3], what="tokenize to nothing", fix="use non-empty options"
         )
-    pairs = [(i, k) for i, opts in enumerate(options) for k in range(len(opts))]
-    length = {p: len(prompt_ids[p[0]]) + len(ids_of[options[p[0]][p[1]]]) for p in pairs}
-    pairs.sort(key=lambda p: -length[p])  # longest first: less padding
-    scores: list[list[float]] = [[0.0] * len(opts) for opts in options]
+    conts = [[ids_of[text] for text in opts] for opts in options]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    with tqdm(total=len(options), desc=desc, disable=not progress) as bar:
+        if share_prompt and _supports_cache(model):
+            token_logp = _shared_prompt_logp(model, prompt_ids, conts, batch_size, pad_id, bar)
+        else:
+            token_logp = _full_sequence_logp(model, prompt_ids, conts, batch_size, pad_id, bar)
+    return [
+        [sum(lp) / (len(lp) if normalize == "mean" else 1) for lp in per_option] for per_option in token_logp
+    ]
+
+
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The forward argument taking a KV cache: "cache" (transformers >= 5.x) or "past_key_values"."""
+    try:
+        return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    except (TypeError, ValueError):  # pragma: no cover
+        return "past_key_values"
+
+
+def _supports_cache(model: torch.nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "use_cache", False)) and hasattr(model, "generate")
+
+
+def _full_sequence_logp(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[list[int]],
+    conts: Sequence[Sequence[list[int]]],
+    batch_size: int,
+    pad_id: int,
+    bar: Any,
+) -> list[list[list[float]]]:
+    """Per-token log-probabilities of every option, one full (prompt + option) sequence per pair."""
+    pairs = [(i, k) for i, opts in enumerate(conts) for k in range(len(opts))]
+    pairs.sort(key=lambda p: -(len(prompt_ids[p[0]]) + len(conts[p[0]][p[1]])))  # longest first
+    out: list[list[list[float]]] = [[[] for _ in opts] for opts in conts]
     keep = _accepts_logits_to_keep(model)
     device = torch.device(getattr(model, "device", "cpu"))
-    with tqdm(total=len(pairs), desc=desc, disable=not progress) as bar:
-        for begin in range(0, len(pairs), batch_size):
-            chunk = pairs[begin : begin + batch_size]
-            feats = []
-            for i, k in chunk:
-                cont = ids_of[options[i][k]]
-                ids = [*prompt_ids[i], *cont]
-                feats.append(
-                    {"input_ids": ids, "attention_mask": [1] * len(ids),
-                     "labels": [IGNORE_INDEX] * len(prompt_ids[i]) + cont}
-                )  # fmt: skip
-            batch = collate_for_training(feats, pad_token_id=pad_id)
-            labels = batch.pop("labels")  # (B, T), the options right-aligned
-            n_opt = max(len(f["labels"]) - len(prompt_ids[i]) for f, (i, _) in zip(feats, chunk, strict=True))
-            inputs = {name: t.to(device) for name, t in batch.items()}
-            if keep:
-                logits = model(**inputs, logits_to_keep=n_opt + 1).logits  # (B, n_opt + 1, V)
-            else:
-                logits = model(**inputs).logits[:, -(n_opt + 1) :]  # (B, n_opt + 1, V)
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position t predicts token t + 1
-            target = labels[:, -n_opt:].to(device)  # (B, n_opt)
-            mask = target != IGNORE_INDEX
-            token_logp = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask  # (B, n_opt)
-            total = token_logp.sum(dim=1)
-            if normalize == "mean":
-                total = total / mask.sum(dim=1)
-            for (i, k), value in zip(chunk, total.tolist(), strict=True):
-                scores[i][k] = value
-            bar.update(len(chunk))
-    return scores
+    done: set[int] = set()
+    for begin in range(0, len(pairs), batch_size):
+        chunk = pairs[begin : begin + batch_size]
+        feats = []
+        for i, k in chunk:
+            cont = conts[i][k]
+            ids = [*prompt_ids[i], *cont]
+            feats.append(
+                {
+                    "input_ids": ids,
+                    "attention_mask": [1] * len(ids),
+                    "labels": [IGNORE_INDEX] * len(prompt_ids[i]) + cont,
+                }
+            )
+        batch = collate_for_training(feats, pad_token_id=pad_id)
+        labels = batch.pop("labels")  # (B, T), the options right-aligned
+        n_opt = max(len(conts[i][k]) for i, k in chunk)
+        inputs = {name: t.to(device) for name, t in batch.items()}
+        if keep:
+            logits = model(**inputs, logits_to_keep=n_opt + 1).logits  # (B, n_opt + 1, V)
+        else:
+            logits = model(**inputs).logits[:, -(n_opt + 1) :]  # (B, n_opt + 1, V)
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position t predicts token t + 1
+        target = labels[:, -n_opt:].to(device)  # (B, n_opt)
+        picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, n_opt)
+        for row, (i, k) in enumerate(chunk):
+            out[i][k] = picked[row, n_opt - len(conts[i][k]) :].tolist()
+        new = {i for i, _ in chunk} - done
+        done |= new
+        bar.update(len(new))
+    return out
+
+
+def _shared_prompt_logp(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[list[int]],
+    conts: Sequence[Sequence[list[int]]],
+    batch_size: int,
+    pad_id: int,
+    bar: Any,
+) -> list[list[list[float]]]:
+    """Per-token log-probabilities of every option: one cached prompt pass per example, then the options.
+
+    Prompts are left-padded (positions count real tokens, as in training); the cache rows are repeated
+    per option; option tokens are right-padded after the cache, with positions continuing the prompt's.
+    """
+    out: list[list[list[float]]] = [[[] for _ in opts] for opts in conts]
+    order = sorted(range(len(conts)), key=lambda i: -len(prompt_ids[i]))  # less padding
+    device = torch.device(getattr(model, "device", "cpu"))
+    keep = _accepts_logits_to_keep(model)
+    per_example = max(len(opts) for opts in conts)
+    step = max(1, batch_size // per_example)  # examples per prompt pass: their options fill one batch
+    for begin in range(0, len(order), step):
+        rows = order[begin : begin + step]
+        T = max(len(prompt_ids[i]) for i in rows)
+        ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T), left-padded
+        mask = torch.zeros((len(rows), T), dtype=torch.long)
+        for r, i in enumerate(rows):
+            ids[r, T - len(prompt_ids[i]) :] = torch.as_tensor(prompt_ids[i])
+            mask[r, T - len(prompt_ids[i]) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        kwargs: dict[str, Any] = {"logits_to_keep": 1} if keep else {}
+        first = model(
+            input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+            use_cache=True, **kwargs,
+        )  # fmt: skip
+        first_logp = torch.log_softmax(first.logits[:, -1].float(), dim=-1)  # (B, V): the first option token
+        pairs = [(r, i, k) for r, i in enumerate(rows) for k in range(len(conts[i]))]
+        for r, i, k in pairs:
+            out[i][k] = [float(first_logp[r, conts[i][k][0]])]
+        rest = [(r, i, k) for r, i, k in pairs if len(conts[i][k]) > 1]
+        if rest:
+            L = max(len(conts[i][k]) for _, i, k in rest) - 1
+            cache = getattr(first, "cache", None) or getattr(first, "past_key_values", None)
+            cache.batch_select_indices(torch.as_tensor([r for r, _, _ in rest], device=device))  # (P, ...)
+            cont = torch.full((len(rest), L), pad_id, dtype=torch.long)  # (P, L): tokens 0..n-2, right-padded
+            cont_mask = torch.zeros((len(rest), L), dtype=torch.long)
+            for p, (_, i, k) in enumerate(rest):
+                toks = conts[i][k][:-1]
+                cont[p, : len(toks)] = torch.as_tensor(toks)
+                cont_mask[p, : len(toks)] = 1
+            prompt_mask = mask[[r for r, _, _ in rest]]  # (P, T)
+            start = prompt_mask.sum(-1, keepdim=True)  # (P, 1): the prompt's real length
+            logits = model(
+                input_ids=cont.to(device),
+                attention_mask=torch.cat([prompt_mask, cont_mask], dim=1).to(device),
+                position_ids=(start + torch.arange(L)).to(device),
+                **{_cache_argument(model): cache},
+                use_cache=True,
+            ).logits  # (P, L, V): position j predicts option token j + 1
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            for p, (_, i, k) in enumerate(rest):
+                toks = conts[i][k]
+                nxt = torch.as_tensor(toks[1:], device=device)
+                out[i][k] += logp[p, : len(toks) - 1].gather(-1, nxt.unsqueeze(-1)).squeeze(-1).tolist()
+        bar.update(len(rows))
+    return out
 
 
 def evaluate_likelihood(
