@@ -1,8 +1,8 @@
 """The Flower ClientApp: translate Messages to `fedsb.flower.client` calls and back; nothing else.
 
-`query.setup` stores the server's config and one-time payload in the node's `context.state` (checking the
-basis fingerprint); `train` rebuilds the client (cached per process) and runs one round of the simulator's
-local trainer. Start SuperNodes with `--node-config 'partition-id=<i>'`; in simulation Flower sets it.
+`query.setup` stores the server's config and one-time payload in the node's `context.state`; `train`
+rebuilds the client (cached per process; the basis fingerprint is checked there) and runs one round of the
+simulator's local trainer; SecAgg+ train messages go through `secaggplus_mod` (`secagg_router`). Start SuperNodes with `--node-config 'partition-id=<i>'`; in simulation Flower sets it.
 """
 
 from __future__ import annotations
