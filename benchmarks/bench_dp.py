@@ -1,0 +1,242 @@
+"""Fed-SB vs the LoRA baselines under record-level DP (DP-SGD in each client), and the DP step cost.
+
+    python benchmarks/bench_dp.py                         # MiniLM-L6 on SST-2, 3 clients, eps 1,3,5,7.5,10
+    python benchmarks/bench_dp.py --epsilons 1,10 --methods fedsb:32 ffa:8
+    python benchmarks/bench_dp.py --step-time-only        # DP vs non-DP step time only
+
+Accuracy part: for every epsilon, `fedsb compare` runs the variants under identical partitions and seeds
+with privacy.mode=sample and privacy.target_epsilon=eps (sigma solved per client for ALL planned steps;
+delta = 1/N_client; PRV accountant; Poisson sampling; C = 0.1), into benchmarks/out/dp-<preset>/eps<eps>/;
+a non-private reference runs into .../nodp/. Learning rates: each variant's rate tuned WITHOUT DP on the
+validation split by bench_methods.py --tune-lr (benchmarks/out/methods-<preset>/tuned_lr.json) if present,
+else the preset's. Finished runs are reused (idempotent). Writes dp.md, dp.json and dp.png (accuracy vs
+epsilon) and checks the paper's claim: Fed-SB >= FFA-LoRA > FedIT at every epsilon.
+
+Step-time part: one client's local round (DP-SGD vs plain AdamW) on the same model, data and batch size,
+interleaved repeats, median seconds per step and their ratio (target <= 1.3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_METHODS = ["fedsb:32,64", "fedit:8", "ffa:8", "fedex:8"]
+DEFAULT_EPSILONS = "1,3,5,7.5,10"
+SHARED = [
+    "partition.num_clients=3",
+    "data.train_size=3000",  # 1,000 sentences per client
+    "train.batch_size=32",  # the expected Poisson batch
+    "train.local_steps=20",
+    "fed.rounds=2",
+    "eval.every=2",
+    "privacy.max_grad_norm=0.1",
+    "privacy.accountant=prv",
+    "export=false",
+    "progress=false",
+]
+
+
+def tuned_rates(preset: str) -> dict[str, list[str]]:
+    path = ROOT / "benchmarks" / "out" / f"methods-{preset}" / "tuned_lr.json"
+    if not path.is_file():
+        return {}
+    scores = json.loads(path.read_text())
+    return {label: [f"train.lr={max(by_lr, key=lambda k: by_lr[k])}"] for label, by_lr in scores.items()}
+
+
+def check_claim(table: dict[str, dict[str, float]], epsilons: list[str]) -> tuple[bool, list[str]]:
+    """Fed-SB (best rank) >= FFA-LoRA > FedIT at every epsilon."""
+    lines, ok = [], True
+    for eps in epsilons:
+        row = table[eps]
+        sb = max((v for k, v in row.items() if k.startswith("fedsb")), default=float("nan"))
+        ffa = max((v for k, v in row.items() if k.startswith("ffa")), default=float("nan"))
+        fedit = max((v for k, v in row.items() if k.startswith("fedit")), default=float("nan"))
+        holds = sb >= ffa > fedit
+        ok &= holds
+        lines.append(
+            f"eps {eps}: Fed-SB {100 * sb:.1f}% {'>=' if sb >= ffa else '<'} FFA {100 * ffa:.1f}% "
+            f"{'>' if ffa > fedit else '<='} FedIT {100 * fedit:.1f}%  {'holds' if holds else 'DOES NOT HOLD'}"
+        )
+    return ok, lines
+
+
+def plot(table: dict[str, dict[str, float]], nodp: dict[str, float], epsilons: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    xs = [float(e) for e in epsilons]
+    for label in table[epsilons[0]]:
+        line = ax.plot(xs, [100 * table[e][label] for e in epsilons], marker="o", label=label)
+        if label in nodp:
+            ax.axhline(100 * nodp[label], color=line[0].get_color(), linestyle=":", linewidth=1)
+    ax.set_xlabel("epsilon (record-level, max over clients; delta = 1/N_client)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("DP-SGD in each client: accuracy vs privacy (dotted: no DP)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- DP step time --------------------------------------------------------------------------------------------
+
+
+def step_times(config: str, rank: int, steps: int, repeats: int, threads: int) -> dict[str, Any]:
+    """Median seconds per local step, DP-SGD vs plain, same model, data, batch size and threads."""
+    import torch
+
+    from fedsb.config import resolve_config
+    from fedsb.data.prepare import model_task, prepare_data
+    from fedsb.data.tasks import get_task
+    from fedsb.fed.base import SetupContext, get_method_class
+    from fedsb.models import load_model
+    from fedsb.privacy.ledger import PrivacyLedger
+    from fedsb.train.local import loss_for, train_local
+    from fedsb.train.schedule import Schedule
+
+    torch.set_num_threads(threads)
+    overrides = [*SHARED, f"adapter.rank={rank}", "init.method=random", f"train.local_steps={steps}"]
+    cfg = resolve_config(config, [*overrides, "privacy.mode=sample", "privacy.noise_multiplier=1.0"])
+    task = get_task(cfg.data.task, **cfg.data.options)
+    loaded = load_model(cfg.model.name, **model_task(task))
+    data = prepare_data(cfg, task, loaded.tokenizer)
+    method = get_method_class("fedsb").create(loaded.model, SetupContext(cfg=cfg))
+    cid, client = next(iter(data.clients.items()))
+    ledger = PrivacyLedger.plan(cfg, data.client_sizes, dict.fromkeys(data.clients, steps), init_info={})
+    params = method.adapted.trainable_parameters()
+    sched = Schedule(base_lr=cfg.train.lr, total=steps, warmup=0, kind="constant")
+    times: dict[str, list[float]] = {"dp": [], "plain": []}
+    batch_sizes: list[float] = []
+    for rep in range(repeats + 1):  # the first repeat warms up kernels and caches, not timed
+        for kind in ("plain", "dp"):
+            dp = ledger.dpsgd_for(cid) if kind == "dp" else None
+            t0 = time.perf_counter()
+            result, _ = train_local(
+                method.adapted.model,
+                params,
+                client.loader,
+                cfg.train,
+                steps=steps,
+                schedule=sched,
+                seed=rep,
+                loss_fn=loss_for(task, per_example=kind == "dp"),
+                privacy=dp,
+            )
+            if rep > 0:
+                times[kind].append((time.perf_counter() - t0) / steps)
+                if kind == "dp":
+                    batch_sizes.append(result.num_examples / steps)
+    dp_med, plain_med = statistics.median(times["dp"]), statistics.median(times["plain"])
+    return {
+        "model": cfg.model.name,
+        "rank": rank,
+        "threads": threads,
+        "steps_per_repeat": steps,
+        "repeats": repeats,
+        "batch_size": cfg.train.batch_size,
+        "dp_mean_poisson_batch": statistics.mean(batch_sizes),
+        "dp_seconds_per_step": times["dp"],
+        "plain_seconds_per_step": times["plain"],
+        "dp_median": dp_med,
+        "plain_median": plain_med,
+        "ratio": dp_med / plain_med,
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "configs" / "sst2-minilm.yaml"))
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
+    p.add_argument("--epsilons", default=DEFAULT_EPSILONS)
+    p.add_argument("--output", default=None, help="default: benchmarks/out/dp-<preset name>")
+    p.add_argument("--step-time-only", action="store_true")
+    p.add_argument("--skip-step-time", action="store_true")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("overrides", nargs="*", help="key=value settings for every run")
+    args = p.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    from fedsb.compare import parse_variants, run_comparison
+
+    preset = Path(args.config).stem
+    out = Path(args.output or ROOT / "benchmarks" / "out" / f"dp-{preset}")
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"config": args.config, "shared": SHARED + args.overrides}
+    if not args.step_time_only:
+        variants = parse_variants(args.methods)
+        rates = tuned_rates(preset)
+        shared = [*SHARED, f"threads={args.threads}", *args.overrides]
+        epsilons = args.epsilons.split(",")
+        nodp_rows = run_comparison(
+            variants, output=out / "nodp", config_file=args.config, overrides=shared, variant_overrides=rates
+        )
+        nodp = {r["variant"]: r["accuracy"] for r in nodp_rows}
+        table: dict[str, dict[str, float]] = {}
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for eps in epsilons:
+            rows = run_comparison(
+                variants,
+                output=out / f"eps{eps}",
+                config_file=args.config,
+                overrides=[*shared, "privacy.mode=sample", f"privacy.target_epsilon={eps}"],
+                variant_overrides=rates,
+            )
+            runs[eps] = rows
+            table[eps] = {r["variant"]: r["accuracy"] for r in rows}
+        eps_spent = {
+            eps: {
+                r["variant"]: json.loads((Path(r["run_dir"]) / "results.json").read_text())["privacy"][
+                    "max_epsilon"
+                ]
+                for r in rows
+            }
+            for eps, rows in runs.items()
+        }
+        labels = list(table[epsilons[0]])
+        head = "| epsilon | " + " | ".join(labels) + " |\n|---|" + "---|" * len(labels)
+        body = [
+            f"| {eps} | " + " | ".join(f"{100 * table[eps][v]:.1f}%" for v in labels) + " |"
+            for eps in epsilons
+        ]
+        body.append("| no DP | " + " | ".join(f"{100 * nodp[v]:.1f}%" for v in labels) + " |")
+        md = "\n".join([head, *body]) + "\n"
+        (out / "dp.md").write_text(md)
+        plot(table, nodp, epsilons, out / "dp.png")
+        ok, lines = check_claim(table, epsilons)
+        report.update(
+            accuracy=table,
+            no_dp=nodp,
+            epsilon_spent=eps_spent,
+            learning_rates=rates,
+            claim_holds=ok,
+            claim=lines,
+        )
+        print(md)
+        print("\n".join(lines))
+        print(f"claim (Fed-SB >= FFA-LoRA > FedIT at every epsilon): {'holds' if ok else 'DOES NOT HOLD'}")
+    if not args.skip_step_time:
+        st = step_times(args.config, rank=32, steps=10, repeats=3, threads=args.threads)
+        report["step_time"] = st
+        print(
+            f"DP step {st['dp_median']:.3f} s vs plain {st['plain_median']:.3f} s (median of {st['repeats']} x "
+            f"{st['steps_per_repeat']} steps, batch {st['batch_size']}, {st['threads']} threads): ratio "
+            f"{st['ratio']:.2f} (target <= 1.3)"
+        )
+    (out / "dp.json").write_text(json.dumps(report, indent=2))
+    print(f"table: {out / 'dp.md'}  plot: {out / 'dp.png'}  json: {out / 'dp.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
