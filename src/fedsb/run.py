@@ -356,6 +356,8 @@ def run_job(
     finish_results(last_round)
     write_json(out / "results.json", results)
     manifest["finished"] = datetime.now().isoformat(timespec="seconds")
+    if privacy is not None:
+        manifest["privacy"] = results["privacy"]  # the epsilons actually spent
     write_json(out / "manifest.json", manifest)
     plot_learning_curve(results, out / "learning_curve.png")
     echo(final_table(results))

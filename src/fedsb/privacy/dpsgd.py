@@ -107,11 +107,33 @@ class PrivateStep:
             generator=noise_gen,
         )
         self.params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        self.checked = False
 
     def step(self) -> None:
-        """Clip the per-example gradients, add noise, step, and charge the account one step."""
+        """Clip the per-example gradients, add noise, step, and charge the account one step.
+
+        The first step of a round checks itself (opacus#820-style silent failures): every trained tensor
+        moved, and no frozen parameter holds a gradient.
+        """
+        before = None if self.checked else [p.detach().clone() for p in self.params]
         self.optimizer.step()
         self.dp.account.step()
+        if before is not None:
+            self._self_check(before)
+
+    def _self_check(self, before: list[torch.Tensor]) -> None:
+        self.checked = True
+        still = [  # a tensor with a non-zero (noised) gradient must move
+            i
+            for i, (p, b) in enumerate(zip(self.params, before, strict=True))
+            if torch.equal(p, b) and p.grad is not None and bool(p.grad.any())
+        ]
+        if still and any(group["lr"] > 0 for group in self.optimizer.param_groups):
+            raise RuntimeError(f"DP-SGD self-check: {len(still)} trained tensor(s) did not move in a step")
+        trained = {id(p) for p in self.params}
+        leaked = [n for n, p in self.model.named_parameters() if id(p) not in trained and p.grad is not None]
+        if leaked:
+            raise RuntimeError(f"DP-SGD self-check: frozen parameters received gradients: {leaked[:3]}")
 
     def noise_only_step(self) -> None:
         """An empty Poisson batch still releases the noise: the step runs on zero summed gradients."""
