@@ -168,10 +168,11 @@ class FlowerExecutor:
                 time.sleep(POLL_SECONDS)
         if pending:
             log.warning(
-                "round %d: %d node(s) did not answer within round-timeout=%g s",
+                "round %d: %d node(s) did not answer in time (round-timeout=%g s, straggler-timeout=%g s)",
                 round,
                 len(pending),
                 self.round_timeout,
+                self.straggler_timeout,
             )
 
     # ---- checkpoints: nothing client-side lives on the server ----------------------------------------------
@@ -203,5 +204,5 @@ def decode_reply(content: RecordDict, client_id: str, round: int) -> ClientUpdat
         num_examples=num if isinstance(num, int) else None,  # type: ignore[arg-type]
         tensors=tensors,
         basis_fingerprint=str(meta["fingerprint"]) or None if "fingerprint" in meta else None,
-        metrics={k: float(v) for k, v in metrics.items()} if metrics is not None else {},
+        metrics={k: float(v) for k, v in (metrics or {}).items() if isinstance(v, int | float)},
     )
