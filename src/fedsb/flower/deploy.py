@@ -104,6 +104,13 @@ def stop_local_superlink(flwr_home: Path, timeout: float = 15.0) -> list[int]:
     return targets
 
 
+def wait_gone(pids: Sequence[int], timeout: float = 10.0) -> None:
+    """Wait until every PID has exited (gone, or a zombie awaiting its parent)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() and not is_zombie(p) for p in pids):
+        time.sleep(0.1)
+
+
 def is_zombie(pid: int) -> bool:
     try:
         return "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
@@ -238,9 +245,11 @@ class LocalDeployment:
     def kill_node(self, i: int) -> None:
         """SIGKILL SuperNode i and whatever it spawned (a dead machine, not a clean shutdown)."""
         proc = self.procs[f"supernode{i}"]
-        for pid in [*descendants(proc.pid), proc.pid]:
+        pids = [*descendants(proc.pid), proc.pid]
+        for pid in pids:
             stop_pid(pid, signal.SIGKILL)
         proc.wait(timeout=10)
+        wait_gone(pids)
 
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")
@@ -270,6 +279,7 @@ class LocalDeployment:
                 proc.wait(timeout=10)
             for kid in kids:
                 stop_pid(kid, signal.SIGKILL)
+            wait_gone(kids)
         if self._tmp is not None:
             self._tmp.cleanup()
 
