@@ -17,7 +17,8 @@ import tempfile
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import datasets
@@ -80,6 +81,20 @@ def content_key(*parts: str | Iterable[str]) -> str:
     return h.hexdigest()
 
 
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """No `datasets` progress bars while saving or loading cache entries (restored afterwards)."""
+    from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
+
+
 def _cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
     from fedsb.models.load import default_cache_dir
 
@@ -97,7 +112,8 @@ def cached_tokenized(
     meta = entry / "fedsb_cache.json"
     if meta.is_file():
         try:
-            ds = datasets.load_from_disk(str(entry))
+            with _quiet():
+                ds = datasets.load_from_disk(str(entry))
         except (OSError, ValueError, FileNotFoundError):  # a broken entry: rebuild it below
             shutil.rmtree(entry, ignore_errors=True)
         else:
@@ -115,13 +131,15 @@ def cached_tokenized(
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key[:8]}-", dir=entry.parent))
     try:
-        ds.save_to_disk(str(tmp))
+        with _quiet():
+            ds.save_to_disk(str(tmp))
         (tmp / "fedsb_cache.json").write_text(json.dumps({"warnings": messages, "rows": len(ds)}))
         tmp.replace(entry) if not entry.exists() else shutil.rmtree(tmp)
     except OSError:  # a read-only or full cache must not fail the run
         shutil.rmtree(tmp, ignore_errors=True)
         return ds
-    return datasets.load_from_disk(str(entry))  # memory-mapped, like a hit
+    with _quiet():
+        return datasets.load_from_disk(str(entry))  # memory-mapped, like a hit
 
 
 _PROMPTS: OrderedDict[str, list[list[int]]] = OrderedDict()
