@@ -39,6 +39,14 @@ def check_flower_config(cfg: RunConfig) -> None:
             what=f"is not supported by the Flower app ({UNSUPPORTED_REASON})",
             fix=f"use one of {', '.join(SUPPORTED_METHODS)}, or the in-process simulator (fedsb run)",
         )
+    if cfg.privacy.mode == "sample":
+        raise ConfigError(
+            field="privacy.mode",
+            value="sample",
+            what="is not supported by the Flower app yet (each client's DP-SGD accountant must persist on its "
+            "SuperNode across rounds; without it the stated epsilon would not hold)",
+            fix="use privacy.mode=client (server-side DP-FedAvg) with Flower, or the in-process simulator",
+        )
     if cfg.train.keep_optimizer_state:
         raise ConfigError(
             field="train.keep_optimizer_state",
