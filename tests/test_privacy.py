@@ -357,3 +357,11 @@ def test_client_level_run_accounts_one_release_per_round(tmp_path: Path) -> None
     for _ in range(2):
         ref.step(noise_multiplier=0.8, sample_rate=1.0)
     assert p["max_epsilon"] == pytest.approx(ref.get_epsilon(delta=0.5), rel=1e-9)
+
+
+def test_flower_refuses_sample_level_dp_instead_of_overstating_privacy() -> None:
+    from fedsb.flower.client import check_flower_config
+
+    with pytest.raises(ConfigError, match="privacy.mode='sample' is not supported by the Flower app"):
+        check_flower_config(resolve_config(TINY, ["privacy.mode=sample", "privacy.target_epsilon=3"]))
+    check_flower_config(resolve_config(TINY, ["privacy.mode=client", "privacy.noise_multiplier=1"]))
