@@ -171,18 +171,22 @@ class LocalDeployment:
         for i in range(self.num_nodes):
             private, public = make_node_keys(self.root / "keys", f"node{i}")
             self._register(public)
-            self._spawn(
-                f"supernode{i}",
-                [
-                    "flower-supernode",
-                    "--superlink", f"127.0.0.1:{self.port}",
-                    "--root-certificates", str(tls.ca_cert),
-                    "--auth-supernode-private-key", str(private),
-                    "--node-config", f"partition-id={i} num-partitions={self.num_nodes}",
-                    "--port", str(free_port()),
-                ],
-            )  # fmt: skip
+            self.add_supernode(f"supernode{i}", private, partition_id=i)
         return self
+
+    def add_supernode(self, name: str, private_key: Path, *, partition_id: int) -> subprocess.Popen[bytes]:
+        """Start a SuperNode that authenticates with `private_key` (registered beforehand, or refused)."""
+        return self._spawn(
+            name,
+            [
+                "flower-supernode",
+                "--superlink", f"127.0.0.1:{self.port}",
+                "--root-certificates", str(self.root / "tls" / "ca.crt"),
+                "--auth-supernode-private-key", str(private_key),
+                "--node-config", f"partition-id={partition_id} num-partitions={self.num_nodes}",
+                "--port", str(free_port()),
+            ],
+        )  # fmt: skip
 
     def _wait_port(self, port: int, name: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
