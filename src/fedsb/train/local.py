@@ -144,6 +144,8 @@ def train_local(
     With `privacy` (DP-SGD), every step is one Poisson batch with per-example clipping and noise (Opacus);
     `loss_fn` must then be a mean of per-example losses (`per_example_causal_lm_loss` for LMs).
     """
+    if privacy is not None and cfg.grad_accum != 1:
+        raise ValueError("DP-SGD takes one Poisson batch per step: use grad_accum=1")
     plist = list(params.values())
     flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
@@ -158,8 +160,9 @@ def train_local(
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
     result = LocalResult(steps=0, num_examples=0)
     start = time.perf_counter()
-    private = privacy.attach(model, opt, seed) if privacy is not None else None
+    private = None
     try:
+        private = privacy.attach(model, opt, seed) if privacy is not None else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             batches = privacy.batches(make_epoch, steps, seed) if privacy else cycle_epochs(make_epoch)
@@ -169,22 +172,23 @@ def train_local(
                     group["lr"] = lr
                 if private is not None:
                     private.zero_grad()
-                    batch = next(batches)
-                    if not batch:  # an empty Poisson draw: noise only, no loss to report
-                        private.noise_only_step()
-                        result.steps += 1
-                        continue
                 else:
                     opt.zero_grad(set_to_none=True)
-                step_loss = 0.0
-                for i in range(cfg.grad_accum):
-                    if private is None or i > 0:
-                        batch = next(batches)
+                step_loss, empty = 0.0, False
+                for _ in range(cfg.grad_accum):
+                    batch = next(batches)
+                    if not batch:  # only a Poisson draw can be empty (DP-SGD, grad_accum = 1)
+                        empty = True
+                        break
                     with autocast:
                         loss = loss_fn(model, batch)
                     (loss / cfg.grad_accum).backward()
                     step_loss += float(loss.detach()) / cfg.grad_accum
                     result.num_examples += batch_size_of(batch)
+                if empty and private is not None:  # the noise is released all the same; no loss to report
+                    private.noise_only_step()
+                    result.steps += 1
+                    continue
                 if not math.isfinite(step_loss):
                     raise FloatingPointError(f"local loss became {step_loss} at step {k}; lower train.lr")
                 if private is not None:
