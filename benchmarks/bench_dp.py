@@ -3,6 +3,9 @@
     python benchmarks/bench_dp.py                         # MiniLM-L6 on SST-2, 3 clients, eps 1,3,5,7.5,10
     python benchmarks/bench_dp.py --epsilons 1,10 --methods fedsb:32 ffa:8
     python benchmarks/bench_dp.py --step-time-only        # DP vs non-DP step time only
+    python benchmarks/bench_dp.py --runs-only --epsilons 1,3 --threads 1 &   # split the runs over
+    python benchmarks/bench_dp.py --runs-only --epsilons 5,7.5,10 --threads 1  # processes, then the
+    python benchmarks/bench_dp.py --threads 1             # full command reuses them for the table
 
 Accuracy part: for every epsilon, `fedsb compare` runs the variants under identical partitions and seeds
 with privacy.mode=sample and privacy.target_epsilon=eps (sigma solved per client for ALL planned steps;
@@ -33,7 +36,7 @@ SHARED = [
     "partition.num_clients=3",
     "data.train_size=3000",  # 1,000 sentences per client
     "train.batch_size=32",  # the expected Poisson batch
-    "train.local_steps=20",
+    "train.local_steps=10",
     "fed.rounds=2",
     "eval.every=2",
     "privacy.max_grad_norm=0.1",
@@ -163,6 +166,11 @@ def main() -> int:
     p.add_argument("--output", default=None, help="default: benchmarks/out/dp-<preset name>")
     p.add_argument("--step-time-only", action="store_true")
     p.add_argument("--skip-step-time", action="store_true")
+    p.add_argument(
+        "--runs-only",
+        action="store_true",
+        help="only run the given epsilons (no reference, table or step time): split the work over processes",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("overrides", nargs="*", help="key=value settings for every run")
     args = p.parse_args()
@@ -178,6 +186,16 @@ def main() -> int:
         rates = tuned_rates(preset)
         shared = [*SHARED, f"threads={args.threads}", *args.overrides]
         epsilons = args.epsilons.split(",")
+        if args.runs_only:
+            for eps in epsilons:
+                run_comparison(
+                    variants,
+                    output=out / f"eps{eps}",
+                    config_file=args.config,
+                    overrides=[*shared, "privacy.mode=sample", f"privacy.target_epsilon={eps}"],
+                    variant_overrides=rates,
+                )
+            return 0
         nodp_rows = run_comparison(
             variants, output=out / "nodp", config_file=args.config, overrides=shared, variant_overrides=rates
         )
