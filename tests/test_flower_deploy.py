@@ -4,8 +4,9 @@ TLS is checked by a handshake against the test CA, node authentication by a thir
 unregistered key, which the SuperLink refuses.
 
 One run of 2 rounds serves every check (each ClientApp message is a fresh process that imports torch, so
-runs are costly): after round 1 the global R equals the in-process simulator's; SuperNode 1 is SIGKILLed
-while it trains round 2, round 2 completes with client-00 alone and the run finishes (final evaluation);
+runs are costly): SuperNode 1 is SIGKILLed while it trains round 2, round 2 completes with client-00 alone
+and the run finishes (final evaluation); the global R after each round, the final one included, equals the
+in-process simulator's for the same config and seeds with client-01 dropped in round 2;
 Flower's count of every ArrayRecord equals the ledger line by line. Every process is stopped by PID in
 `LocalDeployment.stop`. (Later rounds without the dead node: `test_flower.py`'s silent-node test.)
 """
@@ -17,7 +18,9 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -44,6 +47,37 @@ OVERRIDES = [
 def global_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     _, tensors, _ = load_checkpoint(checkpoint)
     return {k.removeprefix("global/"): v for k, v in tensors.items() if k.startswith("global/")}
+
+
+class DropInRound:
+    """The in-process simulator's executor, except that `client` never answers in round `round`."""
+
+    def __init__(self, method: Any, data: Any, cfg: Any, round: int, client: str) -> None:
+        from fedsb.fed.simulate import InProcessExecutor
+        from fedsb.train.local import loss_for
+
+        self.inner = InProcessExecutor(
+            method,
+            method.adapted,
+            data.clients,
+            cfg.train,
+            rounds=cfg.fed.rounds,
+            seed=cfg.seed,
+            wire_dtype=cfg.fed.wire_dtype,
+            loss_fn=loss_for(data.task),
+        )
+        self.skip = (round, client)
+
+    def train_round(self, round: int, client_ids: list[str], download: Any) -> Iterator[Any]:
+        for cid in client_ids:
+            if (round, cid) != self.skip:
+                yield self.inner.train_client(round, cid, download)
+
+    def state_dict(self) -> Any:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, tensors: Any, meta: Any) -> None:
+        self.inner.load_state_dict(tensors, meta)
 
 
 def kill_node_in_round(dep: LocalDeployment, node: int, nth_message: int, stop: threading.Event) -> None:
@@ -107,14 +141,19 @@ def test_deployment_with_tls_and_auth_matches_simulator_and_survives_a_killed_su
     assert sorted(rounds[0]["accepted"]) == ["client-00", "client-01"]
     assert rounds[1]["accepted"] == ["client-00"] and rounds[1]["dropped"] == ["client-01"]
 
-    # round 1 with both clients: R equals the in-process simulator's (same config and seeds)
+    # the same job in the in-process simulator, with client-01 dropped in round 2: R equals after every round
     cfg = resolve_config(TINY, [*OVERRIDES, f"output_dir={tmp_path / 'sim'}"])
-    run_job(cfg, stop_after_round=1, echo=lambda s: None)
-    ref = global_state(tmp_path / "sim" / "checkpoints" / "round-0001")
-    got = global_state(out / "checkpoints" / "round-0001")
-    assert any(k.endswith("lora_sb_R.weight") for k in ref)
-    for k in ref:
-        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6)
+    run_job(
+        cfg,
+        echo=lambda s: None,
+        make_executor=lambda method, data: DropInRound(method, data, cfg, 2, "client-01"),
+    )
+    for rnd in ("round-0001", "round-0002"):
+        ref = global_state(tmp_path / "sim" / "checkpoints" / rnd)
+        got = global_state(out / "checkpoints" / rnd)
+        assert any(k.endswith("lora_sb_R.weight") for k in ref)
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6)
 
     # Flower's byte count of every ArrayRecord = the ledger, message by message
     wire = json.loads((out / "flower_wire.json").read_text())
