@@ -185,13 +185,14 @@ def test_malformed_replies_are_rejected_by_the_simulators_validator(tmp_path: Pa
         ("fed.method=fedex", "fed.method"),
         ("fed.method=flora", "fed.method"),
         ("train.keep_optimizer_state=true", "train.keep_optimizer_state"),
+        ("privacy.mode=sample privacy.noise_multiplier=1.0", "privacy.mode"),
     ],
 )
 def test_settings_the_flower_app_cannot_honour_are_refused(tmp_path: Path, override: str, field: str) -> None:
     from fedsb.errors import ConfigError
 
     with pytest.raises(ConfigError, match=field) as err:
-        flower(tmp_path, [override])
+        flower(tmp_path, override.split())
     assert "fix:" in str(err.value)
 
 
@@ -200,3 +201,18 @@ def test_unknown_run_config_keys_are_refused() -> None:
 
     with pytest.raises(ConfigError, match="round-timout"):
         AppSettings.from_run_config({"round-timout": 3.0})
+
+
+def test_client_level_dp_runs_through_the_same_server_and_matches_the_simulator(tmp_path: Path) -> None:
+    extra = [
+        "privacy.mode=client",
+        "privacy.noise_multiplier=0.5",
+        "privacy.clip_update=0.01",
+        "fed.rounds=1",
+    ]
+    ref = simulate(tmp_path / "sim", extra)
+    res = flower(tmp_path / "flwr", extra)
+    a, b = final_state(tmp_path / "sim"), final_state(tmp_path / "flwr")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+    assert res["privacy"] == ref["privacy"] and res["privacy"]["mode"] == "client"

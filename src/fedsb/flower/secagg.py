@@ -169,6 +169,15 @@ def run_secagg_job(
     settings = settings or SecAggSettings()
     cfg = resolve_config(config, overrides)
     check_flower_config(cfg)
+    if cfg.privacy.mode != "none":
+        from fedsb.errors import ConfigError
+
+        raise ConfigError(
+            field="privacy.mode",
+            value=cfg.privacy.mode,
+            what="is not supported with SecAgg+ here (the server never sees single updates to clip)",
+            fix="set privacy.mode=none, or run without secagg",
+        )
     configure_torch(cfg)
     out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir()
     task = get_task(cfg.data.task, **cfg.data.options)
