@@ -218,6 +218,9 @@ def test_fedsb_eval_reproduces_the_run_and_its_peft_export(suite_run: Path, caps
     peft = json.loads(out.read_text())
     assert peft["kind"] == "peft" and peft["correct"] == final["correct"]
     assert [e["generated"] for e in peft["examples"]] == [e["generated"] for e in final["examples"]]
+    capsys.readouterr()
+    assert main(["eval", str(suite_run / "run"), "--task", "sst2", "--no-progress"]) == 2  # a head task
+    assert "--option mode=lm" in capsys.readouterr().err
 
 
 def test_fedsb_eval_base_model_and_errors(tmp_path: Path, capsys) -> None:

@@ -128,11 +128,19 @@ def evaluate_saved(
     same_task = run_cfg is not None and name == run_cfg.data.task
     options = {**(run_cfg.data.options if same_task else {}), **(task_options or {})}
     task = get_task(name, **options)
-    if run_cfg is not None and task_name and not same_task and getattr(task, "kind", "") == "classify":
-        raise ConfigError(
-            field="--task", value=task_name, what=f"differs from the run's task {run_cfg.data.task!r}",
-            fix="a classification head is tied to its task's labels; evaluate on the run's task",
-        )  # fmt: skip
+    if run_cfg is not None and not same_task:
+        trained = get_task(run_cfg.data.task, **run_cfg.data.options)
+        if "classify" in (task.kind, trained.kind):
+            fix = (
+                "score label words with the run's causal LM: --option mode=lm"
+                if trained.kind == "generate"
+                else "a classification head is tied to its task's labels; evaluate on the run's task"
+            )
+            raise ConfigError(
+                field="--task", value=task_name,
+                what=f"({task.kind}) does not fit the run's model, trained on {run_cfg.data.task!r} ({trained.kind})",
+                fix=fix,
+            )  # fmt: skip
     loaded = load_target(target, model=model, task=task, dtype=cfg.model.dtype, seed=cfg.seed)
     the_split = split or cfg.data.eval_split
     n = cfg.data.test_size if size == "auto" else size
