@@ -88,7 +88,9 @@ def run_simulation(cfg_file: str, ov: list[str], out: Path, clients: int) -> flo
     cmd += ["--federation-config", f"num-supernodes={clients} client-resources-num-cpus=1"]
     t0 = time.perf_counter()
     try:
-        res = subprocess.run(cmd, env=flower_env(home), capture_output=True, text=True, timeout=900)
+        res = subprocess.run(
+            cmd, env=flower_env(home, own_local_superlink=True), capture_output=True, text=True, timeout=900
+        )
         wall = time.perf_counter() - t0
         if res.returncode != 0 or not (out / "results.json").exists():
             raise RuntimeError(f"flwr run failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")

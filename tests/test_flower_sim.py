@@ -1,7 +1,8 @@
 """`flwr run` on the app with Flower's simulation runtime (Ray): the documented command, end to end.
 
 `flwr run ... local` leaves a detached local SuperLink running; it is found by the test's private
-FLWR_HOME in its command line and stopped by PID, even when the run fails.
+FLWR_HOME in its command line and stopped by PID, even when the run fails. Its ports are free ones picked
+here: on the default ports flwr would reuse any SuperLink already running there (a concurrent run's).
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ def test_flwr_run_simulation_matches_the_in_process_simulator(tmp_path: Path) ->
     stopped: list[int] = []
     try:
         res = subprocess.run(
-            cmd, env=flower_env(home), capture_output=True, text=True, timeout=300, cwd=tmp_path
+            cmd,
+            env=flower_env(home, own_local_superlink=True),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
         )
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         assert (out / "results.json").exists(), res.stdout[-3000:] + res.stderr[-3000:]

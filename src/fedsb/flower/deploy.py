@@ -31,8 +31,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def flower_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for flwr commands: our venv first on PATH, a private FLWR_HOME, nothing downloaded."""
+def flower_env(flwr_home: Path, *, own_local_superlink: bool = False) -> dict[str, str]:
+    """Environment for flwr commands: our venv first on PATH, a private FLWR_HOME, nothing downloaded.
+
+    `own_local_superlink`: give `flwr run ... local` free ports for its managed SuperLink. By default it
+    uses 127.0.0.1:39091/39093 and silently reuses ANY SuperLink already answering there (another user's,
+    another test's), so concurrent runs would share one.
+    """
     env = dict(os.environ)
     bin_dir = str(Path(sys.executable).parent)
     env.update(
@@ -44,6 +49,9 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
         TRANSFORMERS_OFFLINE="1",
         OMP_NUM_THREADS="1",
     )
+    if own_local_superlink:
+        env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
+        env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
     return env
 
 
