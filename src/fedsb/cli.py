@@ -113,7 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, metavar="N")
     ev.add_argument("--max-new-tokens", type=int, metavar="N", help="generation length (default: the task's)")
     ev.add_argument("--max-length", type=int, metavar="N", help="classification: truncate inputs to N tokens")
-    ev.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    ev.add_argument(
+        "--bf16", action=argparse.BooleanOptionalAction, default=None,
+        help="bf16 autocast (default: as the run evaluated, else on, like train.bf16)",
+    )  # fmt: skip
     ev.add_argument("--threads", type=int, metavar="N", help="torch threads")
     ev.add_argument("--out", metavar="FILE", help="also write the report as JSON")
     ev.add_argument("--no-progress", action="store_true")

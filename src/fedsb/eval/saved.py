@@ -104,15 +104,15 @@ def evaluate_saved(
     batch_size: int | None = None,
     max_new_tokens: int | None = None,
     max_length: int | None = None,
-    bf16: bool = False,
+    bf16: bool | None = None,
     seed: int | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``target`` (see ``load_target``) and return a JSON-ready report.
 
     For a run directory every unset argument comes from the run's config (task, options, evaluation split
-    and size, scorer, batch size, ...), so the report reproduces the run's final evaluation. Otherwise
-    ``task_name`` is required and the defaults are the config defaults.
+    and size, scorer, batch size, bf16 autocast, ...), so the report reproduces the run's final
+    evaluation. Otherwise ``task_name`` is required and the defaults are the config defaults.
     """
     from fedsb.config import RunConfig, config_from_dict, load_yaml
     from fedsb.data.tasks import get_task
@@ -160,7 +160,7 @@ def evaluate_saved(
         max_new_tokens=max_new_tokens if max_new_tokens is not None else cfg.eval.max_new_tokens,
         max_length=max_length or cfg.data.max_length,
         normalize=normalize or cfg.eval.normalize,
-        bf16=bf16,
+        bf16=(cfg.train.bf16 if cfg.eval.bf16 is None else cfg.eval.bf16) if bf16 is None else bf16,
         progress=progress,
     )
     return {
