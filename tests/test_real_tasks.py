@@ -234,6 +234,14 @@ def test_suite_per_task_rows_skip_and_natural_partition(data_root: Path) -> None
     parts = partition_dataset(train, scheme="natural", num_clients=None, seed=0, column="category")
     assert sorted(p["category"][0] for p in parts) == ["arc_easy", "boolq"]
     assert all(len(set(p["category"])) == 1 for p in parts)
+    balanced = CommonsenseSuite(tasks=["boolq", "arc_easy", "piqa"], data_dir=str(data_root), balanced=True)
+    sample = balanced.load("test", 11, 0)  # 6 + 6 + 4 rows: 4 / 4 / 3, PIQA included
+    assert sorted(sample["category"].count(n) for n in ("boolq", "arc_easy", "piqa")) == [3, 4, 4]
+    assert balanced.load("test", 11, 0)["instruction"] == sample["instruction"]
+    assert (
+        len(balanced.load("test", 15, 0)) == 15
+        and balanced.load("test", 15, 0)["category"].count("piqa") == 4
+    )
     strict = CommonsenseSuite(tasks=["boolq", "piqa"], data_dir=str(data_root), missing="error")
     with pytest.raises(FedsbError, match="hub=true"):
         strict.load("train", None, 0)

@@ -340,7 +340,9 @@ class CommonsenseSuite(Task):
     """Commonsense suite: several datasets as one task (per-dataset accuracy and their average).
 
     Options: ``tasks`` (default all eight), ``missing`` ("skip": leave out, with a warning, a dataset
-    lacking the requested split, e.g. HellaSwag offline or PIQA's train; "error"), ``hub``, ``data_dir``,
+    lacking the requested split, e.g. HellaSwag offline or PIQA's train; "error"), ``balanced`` (a
+    sized sample takes the same number of rows from every dataset, instead of a sample of the
+    concatenation, so small test sets such as OpenBookQA's are not crowded out), ``hub``, ``data_dir``,
     ``template``, ``validation_fraction``, ``init_fraction``, ``holdout_seed`` (passed to each dataset).
     ``category`` names the dataset, so ``partition.scheme=natural`` gives one dataset per client.
     """
@@ -356,6 +358,7 @@ class CommonsenseSuite(Task):
         *,
         tasks: Sequence[str] | None = None,
         missing: str = "skip",
+        balanced: bool = False,
         hub: bool = False,
         template: str = COMMONSENSE_TEMPLATE,
         data_dir: str | os.PathLike[str] | None = None,
@@ -372,6 +375,9 @@ class CommonsenseSuite(Task):
         if missing not in ("skip", "error"):
             raise FedsbError(field="missing", value=missing, fix="use 'skip' or 'error'")
         self.missing = missing
+        if not isinstance(balanced, bool):
+            raise FedsbError(field="balanced", value=balanced, fix="use true or false")
+        self.balanced = balanced
         from fedsb.data.tasks import TASKS
 
         self.tasks: dict[str, CommonsenseTask] = {
@@ -408,12 +414,30 @@ class CommonsenseSuite(Task):
         ds = datasets.concatenate_datasets(parts)
         if size is None or size == len(ds):
             return ds
+        if self.balanced and isinstance(size, int) and not isinstance(size, bool) and 0 < size < len(ds):
+            return self._balanced(parts, size, seed)
         if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= len(ds):
             raise FedsbError(
                 field="size", value=size, what=f"is not in 1..{len(ds)} (split {split!r} of the suite)",
                 fix=f"use at most {len(ds)} (or null for the whole split)",
             )  # fmt: skip
         return ds.shuffle(seed=seed).select(range(size))
+
+    @staticmethod
+    def _balanced(parts: list[datasets.Dataset], size: int, seed: int) -> datasets.Dataset:
+        """``size`` rows split evenly over ``parts`` (a part with fewer rows gives all of them and the rest
+        goes to the others), each a seeded sample of its dataset; concatenated in dataset order."""
+        quota, left, sizes = [0] * len(parts), size, [len(p) for p in parts]
+        while left > 0:
+            open_parts = [i for i in range(len(parts)) if quota[i] < sizes[i]]
+            share = max(1, left // len(open_parts))
+            for i in open_parts:
+                take = min(share, sizes[i] - quota[i], left)
+                quota[i] += take
+                left -= take
+        return datasets.concatenate_datasets(
+            [p.shuffle(seed=seed).select(range(q)) for p, q in zip(parts, quota, strict=True) if q]
+        )
 
     def prompt(self, example: Mapping[str, Any]) -> str:
         """As every dataset of the suite (one template)."""
