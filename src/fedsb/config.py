@@ -342,7 +342,7 @@ class EvalConfig:
         "generate (greedy decoding + answer extraction), likelihood (argmax of option log-likelihoods; "
         "multiple-choice tasks) or auto (the task's default); head tasks always use their classifier",
     )
-    normalize: str = _f("sum", "likelihood scorer: sum or mean (per token) of each option's log-probabilities")
+    normalize: str = _f("sum", "likelihood scorer: sum or per-token mean of each option's log-probabilities")
 
     def __post_init__(self) -> None:
         _positive_int("eval.every", self.every)
