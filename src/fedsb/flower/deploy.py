@@ -73,6 +73,15 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def adopted(pid: int) -> list[int]:
+    """Processes started with `--parent-pid <pid>` (Flower's SuperExec and app processes) and their
+    descendants: when their parent exits first they are re-parented to init and no longer its descendants."""
+    out: list[int] = []
+    for p in pids_mentioning(f"--parent-pid\0{pid}\0"):
+        out.extend([*descendants(p), p])
+    return out
+
+
 def stop_pid(pid: int, sig: int = signal.SIGTERM) -> None:
     try:
         os.kill(pid, sig)
@@ -98,7 +107,7 @@ def pids_mentioning(text: str) -> list[int]:
 def stop_local_superlink(flwr_home: Path, timeout: float = 15.0) -> list[int]:
     """Stop what `flwr run ... local` left running under `flwr_home`, by PID; return the PIDs stopped."""
     roots = pids_mentioning(str(flwr_home))
-    targets = [*roots, *(kid for pid in roots for kid in descendants(pid))]
+    targets = [*roots, *(kid for pid in roots for kid in [*descendants(pid), *adopted(pid)])]
     for pid in roots:
         stop_pid(pid)
     deadline = time.monotonic() + timeout
@@ -267,28 +276,33 @@ class LocalDeployment:
         return (self.logs / f"{name}.log").read_text(errors="replace")
 
     def pids(self) -> list[int]:
-        """Every live process of this deployment: those started here and their descendants."""
+        """Every live process of this deployment: those started here, their descendants, and the orphans
+        they left (found by `--parent-pid`)."""
         out = []
         for proc in self.procs.values():
             if proc.poll() is None:
                 out.extend([*descendants(proc.pid), proc.pid])
+            out.extend(adopted(proc.pid))
         return out
 
     # ---- stop -----------------------------------------------------------------------------------------------
     def stop(self) -> None:
-        """SIGTERM every process started here (SuperNodes first) and their descendants; SIGKILL stragglers."""
+        """SIGTERM every process started here (SuperNodes first), SIGKILL their descendants and orphans and
+        anything still running after 10 s; return once all are gone."""
         order = [n for n in self.procs if n != "superlink"] + ["superlink"]
         for name in order:
             proc = self.procs.get(name)
-            if proc is None or proc.poll() is not None:
+            if proc is None:
                 continue
-            kids = descendants(proc.pid)
-            stop_pid(proc.pid)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                stop_pid(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+            kids = [*descendants(proc.pid), *adopted(proc.pid)]
+            if proc.poll() is None:
+                stop_pid(proc.pid)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    stop_pid(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=10)
+            kids += adopted(proc.pid)
             for kid in kids:
                 stop_pid(kid, signal.SIGKILL)
             wait_gone(kids)
