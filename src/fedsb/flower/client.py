@@ -47,14 +47,6 @@ def check_flower_config(cfg: RunConfig) -> None:
             "SuperNode across rounds; without it the stated epsilon would not hold)",
             fix="use privacy.mode=client (server-side DP-FedAvg) with Flower, or the in-process simulator",
         )
-    if cfg.privacy.mode == "sample":
-        raise ConfigError(
-            field="privacy.mode",
-            value="sample",
-            what="is not supported by the Flower app (record-level DP-SGD keeps per-client accountants "
-            "across rounds, which a ClientApp process does not)",
-            fix="use privacy.mode=client (server-side clipping and noise) or the in-process simulator",
-        )
     if cfg.train.keep_optimizer_state:
         raise ConfigError(
             field="train.keep_optimizer_state",
