@@ -365,3 +365,10 @@ def test_flower_refuses_sample_level_dp_instead_of_overstating_privacy() -> None
     with pytest.raises(ConfigError, match="privacy.mode='sample' is not supported by the Flower app"):
         check_flower_config(resolve_config(TINY, ["privacy.mode=sample", "privacy.target_epsilon=3"]))
     check_flower_config(resolve_config(TINY, ["privacy.mode=client", "privacy.noise_multiplier=1"]))
+
+
+def test_noise_free_steps_have_no_finite_epsilon() -> None:
+    acc = PrivacyAccount("c", 0.0, 0.1, 1e-3, "prv", planned_steps=2)
+    assert acc.epsilon() == 0.0
+    acc.step(2)
+    assert acc.epsilon() == math.inf

@@ -82,6 +82,8 @@ def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant
     """Epsilon at `delta` after the composed mechanisms of `history` (0.0 before any step)."""
     if not history:
         return 0.0
+    if any(float(sigma) <= 0 for sigma, _, _ in history):
+        return math.inf  # a release without noise: no finite guarantee
     acc = make_accountant(accountant)
     acc.history = [tuple(h) for h in history]
     with _quiet_accounting():
