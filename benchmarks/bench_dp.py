@@ -36,7 +36,7 @@ SHARED = [
     "partition.num_clients=3",
     "data.train_size=3000",  # 1,000 sentences per client
     "train.batch_size=32",  # the expected Poisson batch
-    "train.local_steps=10",
+    "train.local_steps=25",
     "fed.rounds=2",
     "eval.every=2",
     "privacy.max_grad_norm=0.1",
@@ -152,6 +152,7 @@ def step_times(config: str, rank: int, steps: int, repeats: int, threads: int) -
         "dp_mean_poisson_batch": statistics.mean(batch_sizes),
         "dp_seconds_per_step": times["dp"],
         "plain_seconds_per_step": times["plain"],
+        "pair_ratios": [d / q for d, q in zip(times["dp"], times["plain"], strict=True)],
         "dp_median": dp_med,
         "plain_median": plain_med,
         "ratio": dp_med / plain_med,
@@ -165,6 +166,7 @@ def main() -> int:
     p.add_argument("--epsilons", default=DEFAULT_EPSILONS)
     p.add_argument("--output", default=None, help="default: benchmarks/out/dp-<preset name>")
     p.add_argument("--step-time-only", action="store_true")
+    p.add_argument("--no-reference", action="store_true", help="skip the non-private reference runs")
     p.add_argument("--skip-step-time", action="store_true")
     p.add_argument(
         "--runs-only",
@@ -196,10 +198,16 @@ def main() -> int:
                     variant_overrides=rates,
                 )
             return 0
-        nodp_rows = run_comparison(
-            variants, output=out / "nodp", config_file=args.config, overrides=shared, variant_overrides=rates
-        )
-        nodp = {r["variant"]: r["accuracy"] for r in nodp_rows}
+        nodp: dict[str, float] = {}
+        if not args.no_reference:
+            nodp_rows = run_comparison(
+                variants,
+                output=out / "nodp",
+                config_file=args.config,
+                overrides=shared,
+                variant_overrides=rates,
+            )
+            nodp = {r["variant"]: r["accuracy"] for r in nodp_rows}
         table: dict[str, dict[str, float]] = {}
         runs: dict[str, list[dict[str, Any]]] = {}
         for eps in epsilons:
@@ -227,7 +235,8 @@ def main() -> int:
             f"| {eps} | " + " | ".join(f"{100 * table[eps][v]:.1f}%" for v in labels) + " |"
             for eps in epsilons
         ]
-        body.append("| no DP | " + " | ".join(f"{100 * nodp[v]:.1f}%" for v in labels) + " |")
+        if nodp:
+            body.append("| no DP | " + " | ".join(f"{100 * nodp[v]:.1f}%" for v in labels) + " |")
         md = "\n".join([head, *body]) + "\n"
         (out / "dp.md").write_text(md)
         plot(table, nodp, epsilons, out / "dp.png")
@@ -244,7 +253,7 @@ def main() -> int:
         print("\n".join(lines))
         print(f"claim (Fed-SB >= FFA-LoRA > FedIT at every epsilon): {'holds' if ok else 'DOES NOT HOLD'}")
     if not args.skip_step_time:
-        st = step_times(args.config, rank=32, steps=10, repeats=3, threads=args.threads)
+        st = step_times(args.config, rank=32, steps=10, repeats=5, threads=args.threads)
         report["step_time"] = st
         print(
             f"DP step {st['dp_median']:.3f} s vs plain {st['plain_median']:.3f} s (median of {st['repeats']} x "

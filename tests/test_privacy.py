@@ -372,3 +372,51 @@ def test_noise_free_steps_have_no_finite_epsilon() -> None:
     assert acc.epsilon() == 0.0
     acc.step(2)
     assert acc.epsilon() == math.inf
+
+
+def test_dp_step_on_an_encoder_with_a_head_clips_per_example_like_an_explicit_loop() -> None:
+    """BERT-style encoder + classification head (trained and clipped with R), fp32, sigma = 0, SGD lr 1."""
+    from fedsb.init.initialize import attach_basis, compute_basis
+    from tiny import make_tiny_bert_cls
+
+    model = make_tiny_bert_cls(num_labels=3)
+    for m in model.modules():  # no dropout: the explicit loop and the DP step must see the same function
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (5, 9), generator=g)
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": torch.tensor([0, 1, 2, 1, 0]),
+    }
+    basis = compute_basis(model, rank=4, init="random", generator=torch.Generator().manual_seed(1))
+    adapted = attach_basis(model, basis)
+    params = adapted.trainable_parameters()
+    assert any("classifier" in k for k in params) and any("lora_sb_R" in k for k in params)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    C, expected = 0.05, {k: torch.zeros_like(p) for k, p in params.items()}
+    for i in range(5):
+        one = {k: v[i : i + 1] for k, v in batch.items()}
+        grads = torch.autograd.grad(model(**one).loss, list(params.values()))
+        norm = float(torch.sqrt(sum((gr * gr).sum() for gr in grads)))
+        for (k, _), gr in zip(params.items(), grads, strict=True):
+            expected[k] -= gr * min(1.0, C / (norm + 1e-6)) / 5
+    before = {k: p.detach().clone() for k, p in params.items()}
+    cfg = TrainConfig(optimizer="sgd", lr=1.0, batch_size=5, local_steps=1, bf16=False, max_grad_norm=None)
+    dp = DPSGD(_account(0.0, 5 / 50), max_grad_norm=C, num_examples=50, poisson=False)
+    train_local(
+        model,
+        params,
+        lambda e: [batch],
+        cfg,
+        steps=1,
+        schedule=Schedule(base_lr=1.0, total=1, warmup=0, kind="constant"),
+        loss_fn=lambda m, b: m(**b).loss,
+        privacy=dp,
+    )
+    for k, p in params.items():
+        torch.testing.assert_close(p.detach() - before[k], expected[k], rtol=1e-4, atol=1e-7)

@@ -49,8 +49,13 @@ def poisson_batches(
     sampler = UniformWithReplacementSampler(
         num_samples=len(ds), sample_rate=sample_rate, generator=generator, steps=steps
     )
+    fetch = getattr(ds, "__getitems__", None)  # one batched read (HF datasets) instead of one per row
     for indices in sampler:
-        yield collate([ds[int(i)] for i in indices]) if len(indices) else {}
+        if not len(indices):
+            yield {}
+            continue
+        rows = fetch([int(i) for i in indices]) if fetch else [ds[int(i)] for i in indices]
+        yield collate(rows)
 
 
 @dataclass
