@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,11 +19,12 @@ from fedsb.fed.base import ClientUpdate, FederatedMethod, Tensors
 from fedsb.fed.checkpoint import flatten_optimizer_state, unflatten_optimizer_state
 from fedsb.fed.rounds import decode, encode
 from fedsb.fed.validate import WIRE_DTYPES
-from fedsb.privacy.dpsgd import private_state
-from fedsb.privacy.ledger import PrivacyLedger
 from fedsb.seeding import derive_seed
 from fedsb.train.local import LossFn, causal_lm_loss, steps_for, train_local
 from fedsb.train.schedule import round_schedule
+
+if TYPE_CHECKING:  # Opacus loads only when DP-SGD is used
+    from fedsb.privacy.ledger import PrivacyLedger
 
 log = logging.getLogger("fedsb.simulate")
 
@@ -75,6 +76,7 @@ class InProcessExecutor:
         """One client's round: load the global state, train locally, return its (wire-encoded) update."""
         data = self.clients[cid]
         dp = self.privacy.dpsgd_for(cid) if self.privacy is not None else None
+        privacy_metrics: dict[str, float] = {}
         self.method.client_receive(self.adapted, decode(download), round)
         steps = steps_for(data.num_examples, self.cfg)
         schedule, offset = round_schedule(
@@ -111,6 +113,10 @@ class InProcessExecutor:
         )
         if bar is not None:
             bar.close()
+        if dp is not None:
+            from fedsb.privacy.dpsgd import private_state
+
+            privacy_metrics = private_state(dp)
         if self.cfg.keep_optimizer_state:
             self.optimizer_states[cid] = opt_state
         return ClientUpdate(
@@ -124,7 +130,7 @@ class InProcessExecutor:
                 "first_loss": result.losses[0] if result.losses else float("nan"),
                 "steps": result.steps,
                 "seconds": result.seconds,
-                **private_state(dp),
+                **privacy_metrics,
             },
         )
 

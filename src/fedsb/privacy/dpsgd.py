@@ -30,11 +30,6 @@ Batch = Mapping[str, torch.Tensor]
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
 
 
-def batch_size_of(batch: Batch) -> int:
-    """Examples in a batch (0 for the empty dict a Poisson draw of no example gives)."""
-    return int(next(iter(batch.values())).shape[0]) if batch else 0
-
-
 def poisson_batches(
     loader: DataLoader, *, sample_rate: float, steps: int, generator: torch.Generator
 ) -> Iterator[Batch]:

@@ -8,7 +8,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -16,11 +16,18 @@ from torch import nn
 
 from fedsb.config import TrainConfig
 from fedsb.data.tasks import IGNORE_INDEX
-from fedsb.privacy.dpsgd import DPSGD, batch_size_of
 from fedsb.train.schedule import Schedule
+
+if TYPE_CHECKING:  # Opacus loads only when DP-SGD is used
+    from fedsb.privacy.dpsgd import DPSGD
 
 Batch = Mapping[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+
+
+def batch_size_of(batch: Batch) -> int:
+    """Examples in a batch (0 for the empty dict a Poisson draw of no example gives)."""
+    return int(next(iter(batch.values())).shape[0]) if batch else 0
 
 
 def default_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
