@@ -300,7 +300,11 @@ class PrivacyConfig:
     delta: float | None = _f(None, "delta (null: 1/N_client for mode=sample, 1/num_clients for mode=client)")
     max_grad_norm: float = _f(0.1, "mode=sample: per-example clipping norm C of the trained tensors")
     accountant: str = _f("prv", "privacy accountant: prv (Opacus default) or rdp")
-    poisson: bool = _f(True, "mode=sample: Poisson sampling with rate train.batch_size / N_client")
+    poisson: bool = _f(
+        True,
+        "mode=sample: Poisson sampling with rate train.batch_size / N_client (false: shuffled batches, "
+        "accounted as if Poisson: not a proven bound)",
+    )
     clip_update: float = _f(1.0, "mode=client: clip each client's update (all its tensors) to this L2 norm")
 
     def __post_init__(self) -> None:

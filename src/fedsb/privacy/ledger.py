@@ -154,6 +154,10 @@ class PrivacyLedger:
             "max_grad_norm": self.max_grad_norm if self.mode == "sample" else None,
             "clip_update": self.clip_update if self.mode == "client" else None,
             "poisson_sampling": self.poisson if self.mode == "sample" else None,
+            "caveat": "privacy.poisson=false: shuffled batches are accounted as if Poisson-sampled, so the "
+            "stated epsilon is not a proven bound"
+            if self.mode == "sample" and not self.poisson
+            else None,
             "init": self.init_note,
             "accounts": accounts,
             "rounds": self.rounds,
