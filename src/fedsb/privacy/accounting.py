@@ -106,6 +106,7 @@ class PrivacyAccount:
     planned_steps: int
     target_epsilon: float | None = None
     history: list[tuple[float, float, int]] = field(default_factory=list)
+    _epsilon_cache: tuple[tuple, float] | None = field(default=None, repr=False, compare=False)
 
     @property
     def steps(self) -> int:
@@ -120,7 +121,11 @@ class PrivacyAccount:
             self.history.append((sigma, q, count))
 
     def epsilon(self) -> float:
-        return epsilon_of(self.history, self.delta, self.accountant)
+        """Epsilon at this account's delta so far; computed once per history (PRV takes ~0.1-0.5 s)."""
+        key = (tuple(self.history), self.delta, self.accountant)
+        if self._epsilon_cache is None or self._epsilon_cache[0] != key:
+            self._epsilon_cache = (key, epsilon_of(self.history, self.delta, self.accountant))
+        return self._epsilon_cache[1]
 
     def to_dict(self, *, with_epsilon: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {

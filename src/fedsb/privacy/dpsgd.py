@@ -147,11 +147,10 @@ class PrivateStep:
     def detach(self) -> None:
         """Remove every hook and every attribute Opacus added to the parameters."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.hooks.cleanup()
+        self.hooks.cleanup()  # hooks, grad_sample and the other per-parameter attributes of the hooks
         for p in self.params:
-            for attr in ("summed_grad", "grad_sample", "_processed"):
-                if hasattr(p, attr):
-                    delattr(p, attr)
+            if hasattr(p, "summed_grad"):  # the DPOptimizer's own, which cleanup() does not know
+                delattr(p, "summed_grad")
 
 
 def private_state(dp: DPSGD | None) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from fedsb.config import RunConfig
+from fedsb.fed.sampling import clients_per_round
 from fedsb.privacy.accounting import PrivacyAccount, plan_account
 from fedsb.privacy.client_level import ClippedNoisyMean
 from fedsb.privacy.dpsgd import DPSGD
@@ -94,8 +95,7 @@ class PrivacyLedger:
                 planned_steps=cfg.fed.rounds,
                 accountant=p.accountant,
             )
-        cpr = cfg.fed.clients_per_round
-        per_round = min(len(client_sizes), int(cpr)) if cpr > 1 else max(1, round(cpr * len(client_sizes)))
+        per_round = clients_per_round(len(client_sizes), cfg.fed.clients_per_round)
         return cls(
             p.mode,
             accounts,
