@@ -53,24 +53,23 @@ def main() -> int:
     )
     p.add_argument("overrides", nargs="*", help="key=value settings for every variant")
     args = p.parse_args()
-    from fedsb.compare import parse_variants, run_comparison
+    from fedsb.compare import parse_variants, run_comparison, tune_learning_rates
 
     out = Path(args.output or ROOT / "benchmarks" / "out" / f"methods-{Path(args.config).stem}")
     variants = parse_variants(args.methods)
     shared = [*args.overrides, "progress=false"]
     chosen: dict[str, list[str]] = {}
     if args.tune_lr:
-        scores: dict[str, dict[str, float]] = {}
-        for lr in args.tune_lr.split(","):
-            tune = [*shared, f"train.lr={lr}", "data.eval_split=validation", "data.test_size=872"]
-            for r in run_comparison(
-                variants, output=out / "tune" / f"lr{lr}", config_file=args.config, overrides=tune
-            ):
-                scores.setdefault(r["variant"], {})[lr] = r["accuracy"]
+        chosen, scores = tune_learning_rates(
+            variants,
+            args.tune_lr.split(","),
+            output=out / "tune",
+            config_file=args.config,
+            overrides=shared,
+            validation=["data.eval_split=validation", "data.test_size=872"],
+        )
         for label, by_lr in scores.items():
-            best = max(by_lr, key=lambda k: by_lr[k])
-            chosen[label] = [f"train.lr={best}"]
-            print(f"{label}: validation accuracy by lr {by_lr} -> lr {best}")
+            print(f"{label}: validation accuracy by lr {by_lr} -> {chosen[label][0]}")
         (out / "tuned_lr.json").write_text(json.dumps(scores, indent=2))
     rows = run_comparison(
         variants, output=out, config_file=args.config, overrides=shared, variant_overrides=chosen

@@ -268,3 +268,44 @@ def test_compare_applies_variant_overrides_and_never_reuses_a_run_with_other_set
     assert [r["lr"] for r in rows] == [0.005, 0.01]
     assert any("fedsb-r2: reusing the finished run" in e for e in echoed)
     assert any("ffa: settings changed" in e for e in echoed) and (tmp_path / "ffa.stale").is_dir()
+
+
+def test_compare_isolated_runs_match_in_process_runs_and_record_peak_memory(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from fedsb.compare import parse_variants, run_comparison
+
+    shared = ["fed.rounds=1", "progress=false", "threads=1"]
+    variants = parse_variants(["fedsb:2"])
+    inproc = run_comparison(variants, output=tmp_path / "a", config_file=TINY, overrides=shared, echo=print)
+    isolated = run_comparison(
+        variants, output=tmp_path / "b", config_file=TINY, overrides=shared, isolate=True, echo=print
+    )
+    assert isolated[0]["accuracy"] == inproc[0]["accuracy"]
+    assert isolated[0]["bytes_total"] == inproc[0]["bytes_total"]
+    assert isolated[0]["run_dir"] == str(tmp_path / "b" / "fedsb-r2")
+    assert 10 < isolated[0]["peak_rss_mib"] < 64 * 1024  # MiB, the child process's own high-water mark
+    ra = load_file(str(tmp_path / "a" / "fedsb-r2" / "adapter" / "adapter.safetensors"))
+    rb = load_file(str(tmp_path / "b" / "fedsb-r2" / "adapter" / "adapter.safetensors"))
+    assert ra.keys() == rb.keys() and all(torch.equal(ra[k], rb[k]) for k in ra)  # same run, another process
+
+
+def test_tune_learning_rates_scores_on_validation_and_picks_the_best_rate(tmp_path: Path) -> None:
+    import yaml
+
+    from fedsb.compare import parse_variants, tune_learning_rates
+
+    chosen, scores = tune_learning_rates(
+        parse_variants(["fedsb:2", "ffa"]),
+        ["1e-3", "2e-2"],
+        output=tmp_path,
+        config_file=TINY,
+        overrides=["fed.rounds=1", "export=false", "progress=false", "threads=1"],
+        echo=lambda _: None,
+    )
+    assert set(scores) == {"fedsb-r2", "ffa"} and all(set(s) == {"1e-3", "2e-2"} for s in scores.values())
+    for label, by_lr in scores.items():
+        best = "2e-2" if by_lr["2e-2"] > by_lr["1e-3"] else "1e-3"  # ties: the first rate listed
+        assert chosen[label] == [f"train.lr={best}"]
+        cfg = yaml.safe_load((tmp_path / "lr2e-2" / label / "config.yaml").read_text())
+        assert cfg["data"]["eval_split"] == "validation" and cfg["train"]["lr"] == 0.02

@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--config", metavar="FILE", help="YAML preset shared by every variant")
     compare.add_argument("--output", required=True, metavar="DIR")
     compare.add_argument("--no-progress", action="store_true")
+    compare.add_argument(
+        "--isolate",
+        action="store_true",
+        help="run each variant in its own process (its own peak memory in the table; a crash stops one variant)",
+    )
     compare.add_argument("overrides", nargs="*", metavar="key=value")
     ev = sub.add_parser(
         "eval",
@@ -254,7 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             overrides = [*args.overrides, *(["progress=false"] if args.no_progress else [])]
             run_comparison(
-                parse_variants(args.methods), output=args.output, config_file=args.config, overrides=overrides
+                parse_variants(args.methods),
+                output=args.output,
+                config_file=args.config,
+                overrides=overrides,
+                isolate=args.isolate,
             )
             return 0
         if args.command == "export":

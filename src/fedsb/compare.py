@@ -101,12 +101,14 @@ def run_comparison(
     config_file: str | Path | None = None,
     overrides: Sequence[str] = (),
     variant_overrides: dict[str, list[str]] | None = None,
+    isolate: bool = False,
     echo: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Run (or reuse) every variant and write compare.json, compare.md and pareto.png into `output`.
 
     `variant_overrides` maps a variant label (e.g. 'fedit-r8') to extra settings for it alone (a tuned
-    learning rate); everything else is shared."""
+    learning rate); everything else is shared. `isolate` runs each variant in its own `fedsb run` process,
+    so its peak memory is its own and a crash or out-of-memory kill stops only that variant."""
     from fedsb.run import run_job
 
     out = Path(output)
@@ -124,11 +126,11 @@ def run_comparison(
         cfg = config_from_dict(merge_overrides(base.to_dict(), extra))
         _set_aside_if_changed(run_dir, cfg, echo)
         results = _finished(run_dir, cfg.fed.rounds)
-        if results is None:
-            if (run_dir / "checkpoints").exists():
-                results = run_job(cfg, resume=run_dir, echo=echo)
-            else:
-                results = run_job(cfg, echo=echo)
+        resume = run_dir if (run_dir / "checkpoints").exists() else None
+        if results is None and isolate:
+            results = _run_in_subprocess(cfg, run_dir, resume, echo)
+        elif results is None:
+            results = run_job(cfg, resume=resume, echo=echo)
         else:
             echo(f"{v.label}: reusing the finished run in {run_dir}")
         rows.append(_row(v, cfg, results))
@@ -137,6 +139,63 @@ def run_comparison(
     pareto_plot(rows, out / "pareto.png")
     echo(markdown_table(rows))
     return rows
+
+
+def _run_in_subprocess(cfg: Any, run_dir: Path, resume: Path | None, echo: Callable[[str], None]) -> dict:
+    """`python -m fedsb run` on this variant's full config (or --resume), output streamed; its results."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from fedsb.config import config_to_yaml
+
+    with tempfile.TemporaryDirectory(prefix="fedsb-compare-") as tmp:
+        cmd = [sys.executable, "-m", "fedsb", "run"]
+        if resume is None:
+            cfg_file = Path(tmp) / "config.yaml"
+            cfg_file.write_text(config_to_yaml(cfg))
+            cmd += ["--config", str(cfg_file)]
+        else:
+            cmd += ["--resume", str(resume)]
+        echo(f"{run_dir.name}: {' '.join(cmd[1:])}")
+        code = subprocess.run(cmd, check=False).returncode
+    results = _finished(run_dir, cfg.fed.rounds)
+    if code != 0 or results is None:
+        raise RuntimeError(
+            f"variant {run_dir.name} failed (exit {code}); its output is above, its files in {run_dir}; "
+            "the comparison reruns or resumes it next time"
+        )
+    return results
+
+
+def tune_learning_rates(
+    variants: Sequence[Variant],
+    rates: Sequence[str],
+    *,
+    output: str | Path,
+    config_file: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    validation: Sequence[str] = ("data.eval_split=validation",),
+    isolate: bool = False,
+    echo: Callable[[str], None] = print,
+) -> tuple[dict[str, list[str]], dict[str, dict[str, float]]]:
+    """Every variant at every rate scored on the VALIDATION split (`validation` settings) into
+    output/lr<rate>/; returns ({label: ["train.lr=<best>"]}, {label: {rate: accuracy}}) for `variant_overrides`.
+    Ties go to the first rate listed."""
+    scores: dict[str, dict[str, float]] = {}
+    for lr in rates:
+        rows = run_comparison(
+            variants,
+            output=Path(output) / f"lr{lr}",
+            config_file=config_file,
+            overrides=[*overrides, f"train.lr={lr}", *validation],
+            isolate=isolate,
+            echo=echo,
+        )
+        for r in rows:
+            scores.setdefault(r["variant"], {})[lr] = r["accuracy"]
+    chosen = {label: [f"train.lr={max(by_lr, key=lambda k: by_lr[k])}"] for label, by_lr in scores.items()}
+    return chosen, scores
 
 
 def _row(v: Variant, cfg: Any, results: dict[str, Any]) -> dict[str, Any]:
@@ -156,21 +215,29 @@ def _row(v: Variant, cfg: Any, results: dict[str, Any]) -> dict[str, Any]:
         "bytes_total": ledger["totals"]["bytes_rounds"],
         "bytes_one_time": ledger["totals"]["bytes_one_time"],
         "wall_seconds": results["timing"]["total_seconds"],
-        "run_dir": results["output_dir"],
+        "peak_rss_mib": results["timing"].get("peak_rss_mib"),
+        "run_dir": str(cfg.output_dir),  # where the run is now (results.json keeps where it was made)
     }
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     from fedsb.results import human_bytes
 
-    head = "| variant | r | lr | exact | accuracy | bytes / round | total bytes | one-time | wall s |\n|---|---|---|---|---|---|---|---|---|"
+    head = (
+        "| variant | r | lr | exact | accuracy | bytes / round | total bytes | one-time | wall s | peak RSS |\n"
+        "|---|---|---|---|---|---|---|---|---|---|"
+    )
     lines = [
         f"| {r['variant']} | {r['rank']} | {r.get('lr', '')} | {'yes' if r['exact'] else 'no'} | {100 * r['accuracy']:.1f}% | "
         f"{human_bytes(r['bytes_per_round'])} | {human_bytes(r['bytes_total'])} | {human_bytes(r['bytes_one_time'])} | "
-        f"{r['wall_seconds']:.0f} |"
+        f"{r['wall_seconds']:.0f} | {_mib(r.get('peak_rss_mib'))} |"
         for r in rows
     ]
     return "\n".join([head, *lines]) + "\n"
+
+
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value / 1024:.2f} GiB"
 
 
 def pareto_plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:

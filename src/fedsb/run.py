@@ -408,4 +408,16 @@ def _timing(history: list[dict[str, Any]], total: float) -> dict[str, Any]:
         "eval_seconds": evals,
         "round_overhead_seconds": overhead,
         "round_overhead_fraction": overhead / rounds_total if rounds_total > 0 else 0.0,
+        "peak_rss_mib": peak_rss_mib(),
     }
+
+
+def peak_rss_mib() -> float | None:
+    """This process's resident-memory high-water mark in MiB (the whole process, so one run per process
+    measures one run: `fedsb compare --isolate`); None where the platform has no `resource` module."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024

@@ -1,0 +1,284 @@
+"""The experiment tree: one YAML per experiment in benchmarks/experiments/, results in benchmarks/out/experiments/.
+
+    python benchmarks/run_experiments.py --list                  # the experiments and what is finished
+    python benchmarks/run_experiments.py sst2-minilm-iid         # run (or reuse) one experiment
+    python benchmarks/run_experiments.py                         # every experiment, in file order
+    python benchmarks/run_experiments.py --report                # tables from what is finished; runs nothing
+
+An experiment file names a preset (`config`), settings for every run (`overrides`), the variants
+(`methods`, as for `fedsb compare`) and how learning rates are chosen (`tune`): either `lr` (a list tried
+per variant on the VALIDATION split with the `validation` settings; the best rate per variant is then used
+on the test split) or `from` (the rates another experiment tuned, e.g. its IID twin). Every run is an
+ordinary `fedsb run` in its own process (so each run's time and peak memory are its own), and finished
+runs are reused, so the command is idempotent and can be interrupted. Each experiment writes
+benchmarks/out/experiments/<name>/experiment.json (settings, learning rates and validation scores, per
+variant: test accuracy, per-category accuracy, bytes, wall time, peak RSS; package versions and git
+commits of the runs) plus compare.md and pareto.png; --report (and every run) rewrites results.md there
+and the block between the experiments markers in benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "benchmarks" / "experiments"
+OUT = ROOT / "benchmarks" / "out" / "experiments"
+README = ROOT / "benchmarks" / "README.md"
+BEGIN, END = "<!-- experiments:begin -->", "<!-- experiments:end -->"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    description: str
+    config: str
+    methods: list[str]
+    overrides: list[str] = field(default_factory=list)
+    tune_lr: list[str] = field(default_factory=list)
+    tune_validation: list[str] = field(default_factory=list)
+    tune_from: str | None = None
+
+    @property
+    def out(self) -> Path:
+        return OUT / self.name
+
+
+def load_experiment(path: Path) -> Experiment:
+    """Parse and check one experiment file; errors name the file, the field, the value and the fix."""
+    raw = yaml.safe_load(path.read_text()) or {}
+
+    def fail(key: str, value: object, fix: str) -> SystemExit:
+        return SystemExit(f"{path}: {key}={value!r} is invalid; fix: {fix}")
+
+    allowed = {"description", "config", "methods", "overrides", "tune"}
+    for key in raw:
+        if key not in allowed:
+            raise fail(key, raw[key], f"use only {sorted(allowed)}")
+    config = raw.get("config")
+    if not isinstance(config, str) or not (ROOT / config).is_file():
+        raise fail(
+            "config", config, "name a preset file relative to the repository, e.g. configs/sst2-minilm.yaml"
+        )
+    methods = raw.get("methods")
+    if not isinstance(methods, list) or not methods:
+        raise fail("methods", methods, "list variants as for fedsb compare, e.g. [fedsb:32, fedit:8]")
+    overrides = raw.get("overrides") or []
+    if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
+        raise fail("overrides", overrides, "a list of key=value settings")
+    tune = raw.get("tune") or {}
+    if (
+        not isinstance(tune, dict)
+        or set(tune) - {"lr", "validation", "from"}
+        or ("lr" in tune) == ("from" in tune)
+    ):
+        raise fail("tune", tune, "either {lr: [rates], validation: [key=value]} or {from: <experiment name>}")
+    if "from" in tune and not (EXPERIMENTS / f"{tune['from']}.yaml").is_file():
+        raise fail("tune.from", tune["from"], f"name another experiment in {EXPERIMENTS}")
+    return Experiment(
+        name=path.stem,
+        description=str(raw.get("description", path.stem)),
+        config=config,
+        methods=[str(m) for m in methods],
+        overrides=list(overrides),
+        tune_lr=[str(x) for x in tune.get("lr", [])],
+        tune_validation=list(tune.get("validation", ["data.eval_split=validation"])),
+        tune_from=tune.get("from"),
+    )
+
+
+def all_experiments() -> list[Experiment]:
+    return [load_experiment(p) for p in sorted(EXPERIMENTS.glob("*.yaml"))]
+
+
+def learning_rates(exp: Experiment, shared: list[str], isolate: bool) -> dict[str, dict[str, float]]:
+    """{variant: {lr: validation accuracy}}: tuned here, or read from the experiment named by `tune.from`."""
+    from fedsb.compare import parse_variants, tune_learning_rates
+
+    if exp.tune_from is not None:
+        source = OUT / exp.tune_from / "tuned_lr.json"
+        if not source.is_file():
+            raise SystemExit(
+                f"{exp.name}: tune.from={exp.tune_from!r} has no tuned rates yet ({source}); "
+                f"fix: run `python benchmarks/run_experiments.py {exp.tune_from}` first"
+            )
+        return json.loads(source.read_text())
+    _, scores = tune_learning_rates(
+        parse_variants(exp.methods),
+        exp.tune_lr,
+        output=exp.out / "tune",
+        config_file=ROOT / exp.config,
+        overrides=[*exp.overrides, *shared],
+        validation=exp.tune_validation,
+        isolate=isolate,
+    )
+    (exp.out / "tuned_lr.json").write_text(json.dumps(scores, indent=2))
+    return scores
+
+
+def run_experiment(exp: Experiment, shared: list[str], isolate: bool = True) -> dict[str, Any]:
+    from fedsb.compare import parse_variants, run_comparison
+
+    exp.out.mkdir(parents=True, exist_ok=True)
+    scores = learning_rates(exp, shared, isolate)
+    chosen = {label: [f"train.lr={max(by_lr, key=lambda k: by_lr[k])}"] for label, by_lr in scores.items()}
+    rows = run_comparison(
+        parse_variants(exp.methods),
+        output=exp.out,
+        config_file=ROOT / exp.config,
+        overrides=[*exp.overrides, *shared],
+        variant_overrides=chosen,
+        isolate=isolate,
+    )
+    report = {
+        "name": exp.name,
+        "description": exp.description,
+        "config": exp.config,
+        "overrides": exp.overrides,
+        "methods": exp.methods,
+        "tuning": {"from": exp.tune_from}
+        if exp.tune_from
+        else {"lr": exp.tune_lr, "validation": exp.tune_validation},
+        "validation_accuracy_by_lr": scores,
+        "variants": [_with_run_details(r) for r in rows],
+    }
+    manifests = [json.loads((Path(r["run_dir"]) / "manifest.json").read_text()) for r in rows]
+    # every distinct (git commit, dirty) and package set the runs were made with, usually one of each
+    report["git"] = _distinct(m.get("git", {}) for m in manifests)
+    report["versions"] = _distinct(m.get("packages", {}) for m in manifests)
+    (exp.out / "experiment.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _distinct(items: Any) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in dict.fromkeys(json.dumps(i, sort_keys=True) for i in items)]
+
+
+def with_sources(names: list[str], by_name: dict[str, Experiment]) -> list[str]:
+    """`names` in order, each preceded by the experiments its `tune.from` chain needs (once each)."""
+    ordered: list[str] = []
+
+    def add(name: str) -> None:
+        source = by_name[name].tune_from
+        if source is not None and source not in ordered:
+            add(source)
+        if name not in ordered:
+            ordered.append(name)
+
+    for name in names:
+        add(name)
+    return ordered
+
+
+def _with_run_details(row: dict[str, Any]) -> dict[str, Any]:
+    results = json.loads((Path(row["run_dir"]) / "results.json").read_text())
+    final = results["final"]
+    return {
+        **row,
+        "run_dir": str(Path(row["run_dir"]).relative_to(ROOT))
+        if Path(row["run_dir"]).is_relative_to(ROOT)
+        else row["run_dir"],
+        "correct": final.get("correct"),
+        "total": final.get("total"),
+        "macro_accuracy": final.get("macro_accuracy"),
+        "per_category": final.get("per_category"),
+        "num_clients": results.get("num_clients"),
+        "rounds": results.get("rounds_completed"),
+    }
+
+
+def _gib(mib: float | None) -> str:
+    return "-" if mib is None else f"{mib / 1024:.2f}"
+
+
+def render(reports: list[dict[str, Any]], missing: list[str]) -> str:
+    """Markdown: a summary (test accuracy per experiment and variant) and one detail table per experiment."""
+    from fedsb.results import human_bytes
+
+    lines = []
+    labels = list(dict.fromkeys(v["variant"] for r in reports for v in r["variants"]))
+    if reports:
+        lines += ["| experiment | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+        for r in reports:
+            acc = {v["variant"]: f"{100 * v['accuracy']:.1f}%" for v in r["variants"]}
+            lines.append(f"| {r['name']} | " + " | ".join(acc.get(label, "-") for label in labels) + " |")
+        lines.append("")
+    for r in reports:
+        how = (
+            f"rates tuned in {r['tuning']['from']}"
+            if "from" in r["tuning"]
+            else f"rates tuned on validation over {{{', '.join(r['tuning']['lr'])}}}"
+        )
+        lines += [
+            f"**{r['name']}**: {r['description']}; {how}; test split.",
+            "",
+            "| variant | lr | test accuracy | correct / total | bytes / round | total bytes | wall s | peak RSS GiB |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for v in r["variants"]:
+            lines.append(
+                f"| {v['variant']} | {v['lr']:g} | {100 * v['accuracy']:.1f}% | {v['correct']} / {v['total']} | "
+                f"{human_bytes(v['bytes_per_round'])} | {human_bytes(v['bytes_total'])} | "
+                f"{v['wall_seconds']:.0f} | {_gib(v.get('peak_rss_mib'))} |"
+            )
+        lines.append("")
+    if missing:
+        lines.append("Not run yet: " + ", ".join(missing) + ".")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(experiments: list[Experiment]) -> str:
+    reports, missing = [], []
+    for exp in experiments:
+        path = exp.out / "experiment.json"
+        if path.is_file():
+            reports.append(json.loads(path.read_text()))
+        else:
+            missing.append(exp.name)
+    text = render(reports, missing)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "results.md").write_text(text)
+    readme = README.read_text()
+    if BEGIN in readme and END in readme:
+        head, rest = readme.split(BEGIN, 1)
+        README.write_text(head + BEGIN + "\n" + text + END + rest.split(END, 1)[1])
+    return text
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("names", nargs="*", help="experiments to run (file stems); default: all")
+    p.add_argument("--list", action="store_true", help="list the experiments and which are finished")
+    p.add_argument("--report", action="store_true", help="only rebuild results.md and the README tables")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per run (default 2)")
+    p.add_argument("--in-process", action="store_true", help="run in this process (no per-run peak memory)")
+    args = p.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    experiments = all_experiments()
+    by_name = {e.name: e for e in experiments}
+    unknown = [n for n in args.names if n not in by_name]
+    if unknown:
+        raise SystemExit(f"unknown experiment(s) {unknown}; fix: choose from {sorted(by_name)}")
+    if args.list:
+        for e in experiments:
+            state = "finished" if (e.out / "experiment.json").is_file() else "not run"
+            print(f"{e.name:32s} {state:9s} {e.description}")
+        return 0
+    if not args.report:
+        shared = [f"threads={args.threads}", "progress=false"]
+        for name in with_sources(args.names or list(by_name), by_name):
+            run_experiment(by_name[name], shared, isolate=not args.in_process)
+    print(write_report(experiments))
+    print(f"tables: {OUT / 'results.md'} and {README} (between the experiments markers)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
