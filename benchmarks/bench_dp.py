@@ -3,6 +3,7 @@
     python benchmarks/bench_dp.py                         # MiniLM-L6 on SST-2, 3 clients, eps 1,3,5,7.5,10
     python benchmarks/bench_dp.py --epsilons 1,10 --methods fedsb:32 ffa:8
     python benchmarks/bench_dp.py --step-time-only        # DP vs non-DP step time only
+    python benchmarks/bench_dp.py --noise-only --epsilons 1,10 -- train.optimizer=sgd   # noise left in dW
     python benchmarks/bench_dp.py --runs-only --epsilons 1,3 --threads 1 &   # split the runs over
     python benchmarks/bench_dp.py --runs-only --epsilons 5,7.5,10 --threads 1  # processes (and the
     python benchmarks/bench_dp.py --reference-only --threads 1                  # no-DP references),
@@ -161,6 +162,96 @@ def step_times(config: str, rank: int, steps: int, repeats: int, threads: int) -
     }
 
 
+# ---- noise left in the effective update ------------------------------------------------------------------
+
+
+def noise_in_update(
+    config: str,
+    specs: list[str],
+    epsilons: list[str],
+    steps: int,
+    threads: int,
+    rates: dict[str, list[str]],
+    overrides: list[str],
+) -> dict[str, dict[str, float]]:
+    """Relative noise in one client's effective weight update after `steps` DP-SGD steps, per variant:
+
+        ||dW(sigma) - dW(0)||_F / ||dW(0)||_F,   dW = sum over adapted layers of (s*delta after - before),
+
+    with the same Poisson batches, clipping (C), optimizer, seed and starting point; sigma solved for the
+    grid's whole plan (SHARED: 2 rounds x local_steps) at each epsilon. FedIT/FedEx (local training is the
+    same LoRA) noise both factors of B A; FFA-LoRA only B; Fed-SB only R in B R A (B, A orthonormal, so
+    ||B N A|| = ||N||). With AdamW the per-coordinate normalisation makes a noise-dominated update as large
+    as a clean one (the ratio then sits near sqrt(2) whatever sigma is); train.optimizer=sgd shows the noise
+    geometry itself."""
+    import torch
+
+    from fedsb.compare import parse_variants
+
+    torch.set_num_threads(threads)
+    return {
+        v.label: _relative_noise(config, v, epsilons, steps, [*rates.get(v.label, []), *overrides])
+        for v in parse_variants(specs)
+    }
+
+
+def _relative_noise(
+    config: str, v: Any, epsilons: list[str], steps: int, extra: list[str]
+) -> dict[str, float]:
+    import torch
+
+    from fedsb.adapters.layer import AdapterLayer
+    from fedsb.config import resolve_config
+    from fedsb.data.prepare import model_task, prepare_data
+    from fedsb.data.tasks import get_task
+    from fedsb.fed.base import SetupContext, get_method_class
+    from fedsb.models import load_model
+    from fedsb.privacy.ledger import PrivacyLedger
+    from fedsb.train.local import loss_for, train_local
+    from fedsb.train.schedule import Schedule
+
+    base = [*SHARED, f"fed.method={v.method}", "init.method=random", *extra, "privacy.mode=sample"]
+    base += [f"adapter.rank={v.rank}"] if v.rank else []
+    cfg0 = resolve_config(config, [*base, "privacy.noise_multiplier=0"])
+    task = get_task(cfg0.data.task, **cfg0.data.options)
+    loaded = load_model(cfg0.model.name, **model_task(task))
+    data = prepare_data(cfg0, task, loaded.tokenizer)
+    method = get_method_class(v.method).create(loaded.model, SetupContext(cfg=cfg0))
+    layers = [m for m in method.adapted.model.modules() if isinstance(m, AdapterLayer)]
+    params = method.adapted.trainable_parameters()
+    start = method.adapted.get_state()
+    before = [m.delta_weight() for m in layers]
+    cid, client = next(iter(data.clients.items()))
+    sched = Schedule(base_lr=cfg0.train.lr, total=steps, warmup=0, kind="constant")
+
+    def update(cfg: Any) -> list[torch.Tensor]:
+        method.adapted.set_state(start)
+        planned = dict.fromkeys(data.clients, cfg.train.local_steps)
+        ledger = PrivacyLedger.plan(cfg, data.client_sizes, planned, init_info={})
+        train_local(
+            method.adapted.model,
+            params,
+            client.loader,
+            cfg.train,
+            steps=steps,
+            schedule=sched,
+            seed=0,
+            loss_fn=loss_for(task, per_example=True),
+            privacy=ledger.dpsgd_for(cid),
+        )
+        return [m.delta_weight() - b for m, b in zip(layers, before, strict=True)]
+
+    clean = update(cfg0)
+    clean_norm = torch.sqrt(sum((d**2).sum() for d in clean)).item()
+    out: dict[str, float] = {}
+    for eps in epsilons:
+        noisy = update(resolve_config(config, [*base, f"privacy.target_epsilon={eps}"]))
+        err = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(noisy, clean, strict=True))).item()
+        out[eps] = err / clean_norm
+        print(f"{v.label} eps {eps}: relative noise in dW after {steps} DP steps {out[eps]:.3f}", flush=True)
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "configs" / "sst2-minilm.yaml"))
@@ -178,6 +269,12 @@ def main() -> int:
     p.add_argument(
         "--reference-only", action="store_true", help="only the non-private reference runs (see --runs-only)"
     )
+    p.add_argument(
+        "--noise-only",
+        action="store_true",
+        help="only measure the relative noise DP-SGD leaves in each variant's effective update (no training runs)",
+    )
+    p.add_argument("--noise-steps", type=int, default=20, help="DP-SGD steps for --noise-only (default 20)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("overrides", nargs="*", help="key=value settings for every run")
     args = p.parse_args()
@@ -188,6 +285,25 @@ def main() -> int:
     out = Path(args.output or ROOT / "benchmarks" / "out" / f"dp-{preset}")
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"config": args.config, "shared": SHARED + args.overrides}
+    if args.noise_only:
+        noise = noise_in_update(
+            args.config,
+            args.methods,
+            args.epsilons.split(","),
+            args.noise_steps,
+            args.threads,
+            tuned_rates(preset),
+            args.overrides,
+        )
+        optimizer = next(
+            (o.split("=", 1)[1] for o in args.overrides if o.startswith("train.optimizer=")), "adamw"
+        )
+        (out / f"noise-{optimizer}.json").write_text(
+            json.dumps(
+                {"steps": args.noise_steps, "overrides": args.overrides, "relative_noise": noise}, indent=2
+            )
+        )
+        return 0
     if not args.step_time_only:
         variants = parse_variants(args.methods)
         rates = tuned_rates(preset)
