@@ -109,7 +109,9 @@ def learning_rates(exp: Experiment, shared: list[str], isolate: bool) -> dict[st
                 f"{exp.name}: tune.from={exp.tune_from!r} has no tuned rates yet ({source}); "
                 f"fix: run `python benchmarks/run_experiments.py {exp.tune_from}` first"
             )
-        return json.loads(source.read_text())
+        scores = json.loads(source.read_text())
+        (exp.out / "tuned_lr.json").write_text(json.dumps(scores, indent=2))  # so `from` can chain
+        return scores
     _, scores = tune_learning_rates(
         parse_variants(exp.methods),
         exp.tune_lr,

@@ -85,14 +85,20 @@ def test_experiments_run_tune_reuse_rates_and_write_results_and_readme(runner) -
         "a-skew",
         common + "overrides: [fed.rounds=1, export=false, partition.scheme=quantity]\ntune: {from: b-iid}\n",
     )
+    _write(
+        runner,
+        "c-chain",
+        common + "overrides: [fed.rounds=1, export=false, partition.num_clients=3]\ntune: {from: a-skew}\n",
+    )
     by_name = {e.name: e for e in runner.all_experiments()}
-    order = runner.with_sources(["a-skew"], by_name)
-    assert order == ["b-iid", "a-skew"]  # the experiment whose rates are reused runs first
+    order = runner.with_sources(["c-chain"], by_name)
+    assert order == ["b-iid", "a-skew", "c-chain"]  # the experiments whose rates are reused run first
     shared = ["threads=1", "progress=false"]
     reports = [runner.run_experiment(by_name[n], shared, isolate=False) for n in order]
     tuned = json.loads((runner.OUT / "b-iid" / "tuned_lr.json").read_text())
     skew = reports[1]
     assert skew["validation_accuracy_by_lr"] == tuned and skew["tuning"] == {"from": "b-iid"}
+    assert reports[2]["validation_accuracy_by_lr"] == tuned  # rates reused from a reuser (a chain)
     for v in skew["variants"]:
         best = max(tuned[v["variant"]], key=lambda k: tuned[v["variant"]][k])
         assert v["lr"] == float(best) and v["total"] == 16 and v["bytes_total"] > 0
@@ -101,7 +107,7 @@ def test_experiments_run_tune_reuse_rates_and_write_results_and_readme(runner) -
     on_disk = json.loads((runner.OUT / "a-skew" / "experiment.json").read_text())
     assert on_disk["variants"][0]["variant"] == "fedsb-r2"
     text = runner.write_report(list(by_name.values()))
-    assert "| a-skew |" in text and "| b-iid |" in text and "**b-iid**" in text
+    assert "| a-skew |" in text and "| b-iid |" in text and "**b-iid**" in text and "| c-chain |" in text
     readme = runner.README.read_text()
     assert "old table" not in readme and "| a-skew |" in readme
     assert readme.startswith("# Benchmarks\nbefore\n") and readme.endswith(f"{runner.END}\nafter\n")
