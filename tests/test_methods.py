@@ -309,3 +309,10 @@ def test_tune_learning_rates_scores_on_validation_and_picks_the_best_rate(tmp_pa
         assert chosen[label] == [f"train.lr={best}"]
         cfg = yaml.safe_load((tmp_path / "lr2e-2" / label / "config.yaml").read_text())
         assert cfg["data"]["eval_split"] == "validation" and cfg["train"]["lr"] == 0.02
+
+
+def test_compare_isolated_variant_that_fails_gives_a_clear_error(tmp_path: Path, capsys) -> None:
+    args = ["compare", "--config", TINY, "--output", str(tmp_path), "--isolate", "--methods", "fedsb:2"]
+    assert main([*args, "--no-progress", "fed.rounds=1", "data.options.no_such_option=1"]) == 2
+    err = capsys.readouterr().err
+    assert "variant='fedsb-r2' failed in its own process (exit 2" in err and "fix:" in err

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsb.config import config_from_dict, merge_overrides, resolve_config
-from fedsb.errors import ConfigError
+from fedsb.errors import ConfigError, FedsbError
 from fedsb.fed.registry import METHOD_NAMES
 
 
@@ -161,9 +161,11 @@ def _run_in_subprocess(cfg: Any, run_dir: Path, resume: Path | None, echo: Calla
         code = subprocess.run(cmd, check=False).returncode
     results = _finished(run_dir, cfg.fed.rounds)
     if code != 0 or results is None:
-        raise RuntimeError(
-            f"variant {run_dir.name} failed (exit {code}); its output is above, its files in {run_dir}; "
-            "the comparison reruns or resumes it next time"
+        raise FedsbError(
+            field="variant",
+            value=run_dir.name,
+            what=f"failed in its own process (exit {code}; its output is above, its files in {run_dir})",
+            fix="fix the cause and run the comparison again: it resumes or reruns this variant",
         )
     return results
 
@@ -230,14 +232,14 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [
         f"| {r['variant']} | {r['rank']} | {r.get('lr', '')} | {'yes' if r['exact'] else 'no'} | {100 * r['accuracy']:.1f}% | "
         f"{human_bytes(r['bytes_per_round'])} | {human_bytes(r['bytes_total'])} | {human_bytes(r['bytes_one_time'])} | "
-        f"{r['wall_seconds']:.0f} | {_mib(r.get('peak_rss_mib'))} |"
+        f"{r['wall_seconds']:.0f} | {_as_gib(r.get('peak_rss_mib'))} |"
         for r in rows
     ]
     return "\n".join([head, *lines]) + "\n"
 
 
-def _mib(value: float | None) -> str:
-    return "-" if value is None else f"{value / 1024:.2f} GiB"
+def _as_gib(mib: float | None) -> str:
+    return "-" if mib is None else f"{mib / 1024:.2f} GiB"
 
 
 def pareto_plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
