@@ -260,6 +260,12 @@ def main() -> int:
     p.add_argument("--output", default=None, help="default: benchmarks/out/dp-<preset name>")
     p.add_argument("--step-time-only", action="store_true")
     p.add_argument("--no-reference", action="store_true", help="skip the non-private reference runs")
+    p.add_argument(
+        "--reference-methods",
+        nargs="+",
+        default=None,
+        help="the variants that get a non-private reference (default: all of --methods)",
+    )
     p.add_argument("--skip-step-time", action="store_true")
     p.add_argument(
         "--runs-only",
@@ -309,9 +315,10 @@ def main() -> int:
         rates = tuned_rates(preset)
         shared = [*SHARED, f"threads={args.threads}", *args.overrides]
         epsilons = args.epsilons.split(",")
+        references = parse_variants(args.reference_methods) if args.reference_methods else variants
         if args.reference_only:
             run_comparison(
-                variants,
+                references,
                 output=out / "nodp",
                 config_file=args.config,
                 overrides=shared,
@@ -331,7 +338,7 @@ def main() -> int:
         nodp: dict[str, float] = {}
         if not args.no_reference:
             nodp_rows = run_comparison(
-                variants,
+                references,
                 output=out / "nodp",
                 config_file=args.config,
                 overrides=shared,
@@ -366,7 +373,11 @@ def main() -> int:
             for eps in epsilons
         ]
         if nodp:
-            body.append("| no DP | " + " | ".join(f"{100 * nodp[v]:.1f}%" for v in labels) + " |")
+            body.append(
+                "| no DP | "
+                + " | ".join(f"{100 * nodp[v]:.1f}%" if v in nodp else "-" for v in labels)
+                + " |"
+            )
         md = "\n".join([head, *body]) + "\n"
         (out / "dp.md").write_text(md)
         plot(table, nodp, epsilons, out / "dp.png")
