@@ -80,16 +80,14 @@ class DropInRound:
         self.inner.load_state_dict(tensors, meta)
 
 
-def kill_node_in_round(dep: LocalDeployment, node: int, nth_message: int, stop: threading.Event) -> None:
-    """SIGKILL SuperNode `node` once its `nth_message`-th ClientApp process is running (1 = setup)."""
-    seen: set[int] = set()
+def kill_node_after_round(dep: LocalDeployment, node: int, checkpoint: Path, stop: threading.Event) -> None:
+    """SIGKILL SuperNode `node` as soon as `checkpoint` (the end of a round) exists: the next round's
+    message then reaches a dead node. Keyed to the run's own progress, not to process counts or timing."""
     while not stop.is_set():
-        seen.update(dep.clientapp_pids(node))
-        if len(seen) >= nth_message:
-            time.sleep(0.5)  # the ClientApp is loading the model / training
+        if checkpoint.exists():
             dep.kill_node(node)
             return
-        time.sleep(0.1)
+        time.sleep(0.05)
 
 
 @pytest.mark.slow
@@ -111,7 +109,8 @@ def test_deployment_with_tls_and_auth_matches_simulator_and_survives_a_killed_su
         # node authentication: a SuperNode whose key was never registered is refused
         rogue_key, _ = make_node_keys(dep.root / "keys", "rogue")
         rogue = dep.add_supernode("rogue", rogue_key, partition_id=1)
-        killer = threading.Thread(target=kill_node_in_round, args=(dep, 1, 3, stop), daemon=True)
+        round_one = out / "checkpoints" / "round-0001"
+        killer = threading.Thread(target=kill_node_after_round, args=(dep, 1, round_one, stop), daemon=True)
         killer.start()
         code, log = dep.run_app(
             {

@@ -251,18 +251,6 @@ class LocalDeployment:
         out, _ = proc.communicate(timeout=timeout)
         return proc.returncode, out
 
-    def clientapp_pids(self, i: int) -> list[int]:
-        """Live `flwr-clientapp` processes under SuperNode i (one per message it is handling)."""
-        out = []
-        for pid in descendants(self.procs[f"supernode{i}"].pid):
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"flwr-clientapp" in cmd:
-                out.append(pid)
-        return out
-
     def kill_node(self, i: int) -> None:
         """SIGKILL SuperNode i and whatever it spawned (a dead machine, not a clean shutdown)."""
         proc = self.procs[f"supernode{i}"]
