@@ -53,8 +53,9 @@ def tuned_rates(preset: str) -> dict[str, list[str]]:
     path = ROOT / "benchmarks" / "out" / f"methods-{preset}" / "tuned_lr.json"
     if not path.is_file():
         return {}
-    scores = json.loads(path.read_text())
-    return {label: [f"train.lr={max(by_lr, key=lambda k: by_lr[k])}"] for label, by_lr in scores.items()}
+    from fedsb.compare import best_rates
+
+    return best_rates(json.loads(path.read_text()))
 
 
 def check_claim(table: dict[str, dict[str, float]], epsilons: list[str]) -> tuple[bool, list[str]]:

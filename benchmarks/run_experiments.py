@@ -126,17 +126,16 @@ def learning_rates(exp: Experiment, shared: list[str], isolate: bool) -> dict[st
 
 
 def run_experiment(exp: Experiment, shared: list[str], isolate: bool = True) -> dict[str, Any]:
-    from fedsb.compare import parse_variants, run_comparison
+    from fedsb.compare import best_rates, parse_variants, run_comparison
 
     exp.out.mkdir(parents=True, exist_ok=True)
     scores = learning_rates(exp, shared, isolate)
-    chosen = {label: [f"train.lr={max(by_lr, key=lambda k: by_lr[k])}"] for label, by_lr in scores.items()}
     rows = run_comparison(
         parse_variants(exp.methods),
         output=exp.out,
         config_file=ROOT / exp.config,
         overrides=[*exp.overrides, *shared],
-        variant_overrides=chosen,
+        variant_overrides=best_rates(scores),
         isolate=isolate,
     )
     report = {
@@ -167,10 +166,12 @@ def with_sources(names: list[str], by_name: dict[str, Experiment]) -> list[str]:
     """`names` in order, each preceded by the experiments its `tune.from` chain needs (once each)."""
     ordered: list[str] = []
 
-    def add(name: str) -> None:
+    def add(name: str, chain: tuple[str, ...] = ()) -> None:
+        if name in chain:
+            raise SystemExit(f"tune.from forms a cycle: {' -> '.join([*chain, name])}; fix: tune one of them")
         source = by_name[name].tune_from
         if source is not None and source not in ordered:
-            add(source)
+            add(source, (*chain, name))
         if name not in ordered:
             ordered.append(name)
 

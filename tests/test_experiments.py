@@ -112,3 +112,12 @@ def test_experiments_run_tune_reuse_rates_and_write_results_and_readme(runner) -
     assert "old table" not in readme and "| a-skew |" in readme
     assert readme.startswith("# Benchmarks\nbefore\n") and readme.endswith(f"{runner.END}\nafter\n")
     assert (runner.OUT / "results.md").read_text() == text
+
+
+def test_a_cycle_of_reused_rates_is_refused(runner) -> None:
+    common = "config: configs/tiny.yaml\nmethods: [fedsb]\n"
+    _write(runner, "x", common + "tune: {from: y}\n")
+    _write(runner, "y", common + "tune: {from: x}\n")
+    by_name = {e.name: e for e in runner.all_experiments()}
+    with pytest.raises(SystemExit, match="cycle: x -> y -> x; fix"):
+        runner.with_sources(["x"], by_name)

@@ -196,8 +196,12 @@ def tune_learning_rates(
         )
         for r in rows:
             scores.setdefault(r["variant"], {})[lr] = r["accuracy"]
-    chosen = {label: [f"train.lr={max(by_lr, key=lambda k: by_lr[k])}"] for label, by_lr in scores.items()}
-    return chosen, scores
+    return best_rates(scores), scores
+
+
+def best_rates(scores: dict[str, dict[str, float]]) -> dict[str, list[str]]:
+    """{label: {rate: accuracy}} -> {label: ["train.lr=<the most accurate rate>"]} (ties: the first listed)."""
+    return {label: [f"train.lr={max(by_lr, key=lambda k: by_lr[k])}"] for label, by_lr in scores.items()}
 
 
 def _row(v: Variant, cfg: Any, results: dict[str, Any]) -> dict[str, Any]:
