@@ -100,27 +100,36 @@ def plot(table: dict[str, dict[str, float]], nodp: dict[str, float], epsilons: l
 # ---- DP step time --------------------------------------------------------------------------------------------
 
 
-def step_times(config: str, rank: int, steps: int, repeats: int, threads: int) -> dict[str, Any]:
-    """Median seconds per local step, DP-SGD vs plain, same model, data, batch size and threads."""
-    import torch
-
+def one_client(config: str, overrides: list[str]) -> tuple[Any, Any, Any, Any, Any]:
+    """(cfg, task, method, prepared data, (client id, client)) for one client of the job these settings
+    describe: the model loaded, the method's adapters injected, the first client's data prepared."""
     from fedsb.config import resolve_config
     from fedsb.data.prepare import model_task, prepare_data
     from fedsb.data.tasks import get_task
     from fedsb.fed.base import SetupContext, get_method_class
     from fedsb.models import load_model
+
+    cfg = resolve_config(config, overrides)
+    task = get_task(cfg.data.task, **cfg.data.options)
+    loaded = load_model(cfg.model.name, **model_task(task))
+    data = prepare_data(cfg, task, loaded.tokenizer)
+    method = get_method_class(cfg.fed.method).create(loaded.model, SetupContext(cfg=cfg))
+    return cfg, task, method, data, next(iter(data.clients.items()))
+
+
+def step_times(config: str, rank: int, steps: int, repeats: int, threads: int) -> dict[str, Any]:
+    """Median seconds per local step, DP-SGD vs plain, same model, data, batch size and threads."""
+    import torch
+
     from fedsb.privacy.ledger import PrivacyLedger
     from fedsb.train.local import loss_for, train_local
     from fedsb.train.schedule import Schedule
 
     torch.set_num_threads(threads)
     overrides = [*SHARED, f"adapter.rank={rank}", "init.method=random", f"train.local_steps={steps}"]
-    cfg = resolve_config(config, [*overrides, "privacy.mode=sample", "privacy.noise_multiplier=1.0"])
-    task = get_task(cfg.data.task, **cfg.data.options)
-    loaded = load_model(cfg.model.name, **model_task(task))
-    data = prepare_data(cfg, task, loaded.tokenizer)
-    method = get_method_class("fedsb").create(loaded.model, SetupContext(cfg=cfg))
-    cid, client = next(iter(data.clients.items()))
+    cfg, task, method, data, (cid, client) = one_client(
+        config, [*overrides, "fed.method=fedsb", "privacy.mode=sample", "privacy.noise_multiplier=1.0"]
+    )
     ledger = PrivacyLedger.plan(cfg, data.client_sizes, dict.fromkeys(data.clients, steps), init_info={})
     params = method.adapted.trainable_parameters()
     sched = Schedule(base_lr=cfg.train.lr, total=steps, warmup=0, kind="constant")
@@ -203,26 +212,17 @@ def _relative_noise(
 
     from fedsb.adapters.layer import AdapterLayer
     from fedsb.config import resolve_config
-    from fedsb.data.prepare import model_task, prepare_data
-    from fedsb.data.tasks import get_task
-    from fedsb.fed.base import SetupContext, get_method_class
-    from fedsb.models import load_model
     from fedsb.privacy.ledger import PrivacyLedger
     from fedsb.train.local import loss_for, train_local
     from fedsb.train.schedule import Schedule
 
     base = [*SHARED, f"fed.method={v.method}", "init.method=random", *extra, "privacy.mode=sample"]
     base += [f"adapter.rank={v.rank}"] if v.rank else []
-    cfg0 = resolve_config(config, [*base, "privacy.noise_multiplier=0"])
-    task = get_task(cfg0.data.task, **cfg0.data.options)
-    loaded = load_model(cfg0.model.name, **model_task(task))
-    data = prepare_data(cfg0, task, loaded.tokenizer)
-    method = get_method_class(v.method).create(loaded.model, SetupContext(cfg=cfg0))
+    cfg0, task, method, data, (cid, client) = one_client(config, [*base, "privacy.noise_multiplier=0"])
     layers = [m for m in method.adapted.model.modules() if isinstance(m, AdapterLayer)]
     params = method.adapted.trainable_parameters()
     start = method.adapted.get_state()
     before = [m.delta_weight() for m in layers]
-    cid, client = next(iter(data.clients.items()))
     sched = Schedule(base_lr=cfg0.train.lr, total=steps, warmup=0, kind="constant")
 
     def update(cfg: Any) -> list[torch.Tensor]:
