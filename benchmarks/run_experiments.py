@@ -6,9 +6,10 @@
     python benchmarks/run_experiments.py --report                # tables from what is finished; runs nothing
 
 An experiment file names a preset (`config`), settings for every run (`overrides`), the variants
-(`methods`, as for `fedsb compare`) and how learning rates are chosen (`tune`): either `lr` (a list tried
-per variant on the VALIDATION split with the `validation` settings; the best rate per variant is then used
-on the test split) or `from` (the rates another experiment tuned, e.g. its IID twin). Every run is an
+(`methods`, as for `fedsb compare`) and how learning rates are chosen (`tune`): `lr` (a list tried per
+variant on the VALIDATION split with the `validation` settings; the best rate per variant is then used on
+the test split), `from` (the rates another experiment tuned, e.g. its IID twin) or `fixed` (one rate per
+variant label, e.g. {fedsb-r32: 2e-3}, NOT tuned; reported as such, for experiments too costly to tune). Every run is an
 ordinary `fedsb run` in its own process (so each run's time and peak memory are its own), and finished
 runs are reused, so the command is idempotent and can be interrupted. Each experiment writes
 benchmarks/out/experiments/<name>/experiment.json (settings, learning rates and validation scores, per
@@ -45,6 +46,7 @@ class Experiment:
     tune_lr: list[str] = field(default_factory=list)
     tune_validation: list[str] = field(default_factory=list)
     tune_from: str | None = None
+    tune_fixed: dict[str, str] = field(default_factory=dict)
 
     @property
     def out(self) -> Path:
@@ -76,12 +78,32 @@ def load_experiment(path: Path) -> Experiment:
     tune = raw.get("tune") or {}
     if (
         not isinstance(tune, dict)
-        or set(tune) - {"lr", "validation", "from"}
-        or ("lr" in tune) == ("from" in tune)
+        or set(tune) - {"lr", "validation", "from", "fixed"}
+        or sum(key in tune for key in ("lr", "from", "fixed")) != 1
+        or ("validation" in tune and "lr" not in tune)
     ):
-        raise fail("tune", tune, "either {lr: [rates], validation: [key=value]} or {from: <experiment name>}")
+        raise fail(
+            "tune",
+            tune,
+            "one of {lr: [rates], validation: [key=value]}, {from: <experiment name>} or "
+            "{fixed: {<variant label>: <rate>}}",
+        )
     if "from" in tune and not (EXPERIMENTS / f"{tune['from']}.yaml").is_file():
         raise fail("tune.from", tune["from"], f"name another experiment in {EXPERIMENTS}")
+    fixed = tune.get("fixed", {})
+    if "fixed" in tune:
+        from fedsb.compare import parse_variants
+
+        labels = [v.label for v in parse_variants([str(m) for m in methods])]
+        if not isinstance(fixed, dict) or sorted(fixed) != sorted(labels):
+            raise fail("tune.fixed", fixed, f"give exactly one rate for each variant: {labels}")
+        for label, rate in fixed.items():
+            try:
+                ok = float(str(rate)) > 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise fail(f"tune.fixed.{label}", rate, "use a positive learning rate, e.g. 2e-3")
     return Experiment(
         name=path.stem,
         description=str(raw.get("description", path.stem)),
@@ -91,6 +113,7 @@ def load_experiment(path: Path) -> Experiment:
         tune_lr=[str(x) for x in tune.get("lr", [])],
         tune_validation=list(tune.get("validation", ["data.eval_split=validation"])),
         tune_from=tune.get("from"),
+        tune_fixed={str(k): str(v) for k, v in fixed.items()},
     )
 
 
@@ -99,9 +122,16 @@ def all_experiments() -> list[Experiment]:
 
 
 def learning_rates(exp: Experiment, shared: list[str], isolate: bool) -> dict[str, dict[str, float]]:
-    """{variant: {lr: validation accuracy}}: tuned here, or read from the experiment named by `tune.from`."""
+    """{variant: {lr: validation accuracy}}: tuned here, read from the experiment named by `tune.from`, or
+    the `tune.fixed` rates with no score (None)."""
     from fedsb.compare import parse_variants, tune_learning_rates
 
+    if exp.tune_fixed:
+        scores: dict[str, dict[str, float | None]] = {
+            label: {lr: None} for label, lr in exp.tune_fixed.items()
+        }
+        (exp.out / "tuned_lr.json").write_text(json.dumps(scores, indent=2))
+        return scores  # type: ignore[return-value]
     if exp.tune_from is not None:
         source = OUT / exp.tune_from / "tuned_lr.json"
         if not source.is_file():
@@ -146,6 +176,8 @@ def run_experiment(exp: Experiment, shared: list[str], isolate: bool = True) -> 
         "methods": exp.methods,
         "tuning": {"from": exp.tune_from}
         if exp.tune_from
+        else {"fixed": exp.tune_fixed}
+        if exp.tune_fixed
         else {"lr": exp.tune_lr, "validation": exp.tune_validation},
         "validation_accuracy_by_lr": scores,
         "variants": [_with_run_details(r) for r in rows],
@@ -214,11 +246,12 @@ def render(reports: list[dict[str, Any]], missing: list[str]) -> str:
             lines.append(f"| {r['name']} | " + " | ".join(acc.get(label, "-") for label in labels) + " |")
         lines.append("")
     for r in reports:
-        how = (
-            f"rates tuned in {r['tuning']['from']}"
-            if "from" in r["tuning"]
-            else f"rates tuned on validation over {{{', '.join(r['tuning']['lr'])}}}"
-        )
+        if "from" in r["tuning"]:
+            how = f"rates from {r['tuning']['from']}"
+        elif "fixed" in r["tuning"]:
+            how = "rates fixed, NOT tuned"
+        else:
+            how = f"rates tuned on validation over {{{', '.join(r['tuning']['lr'])}}}"
         lines += [
             f"**{r['name']}**: {r['description']}; {how}; test split.",
             "",

@@ -85,6 +85,20 @@ def test_resume_after_stop_is_bit_identical(tiny_run: Path, tmp_path: Path) -> N
     assert ra["ledger"]["totals"] == rb["ledger"]["totals"]
 
 
+def test_skipped_evaluations_change_nothing_else(tiny_run: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "final-only"
+    assert _run(out, "eval.initial=false", "eval.every=2") == 0
+    assert "not evaluated (eval.initial=false)" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["before"] is None and results["rounds"][0]["eval"] is None
+    reference = json.loads((tiny_run / "results.json").read_text())
+    for key in ("accuracy", "correct", "total"):  # evaluating never perturbs training
+        assert results["final"][key] == reference["final"][key]
+    a = load_file(str(tiny_run / "adapter" / "adapter.safetensors"))
+    b = load_file(str(out / "adapter" / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_corrupted_checkpoint_is_a_clear_error(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     assert _run(out, "--stop-after-round", "1") == 0

@@ -51,7 +51,7 @@ def test_every_shipped_experiment_file_is_valid_and_its_sources_exist() -> None:
 
         assert parse_variants(e.methods)
         resolve_config(ROOT / e.config, e.overrides)  # every override is a valid setting
-        assert e.tune_lr or e.tune_from in names
+        assert e.tune_lr or e.tune_from in names or e.tune_fixed
 
 
 @pytest.mark.parametrize(
@@ -66,6 +66,14 @@ def test_every_shipped_experiment_file_is_valid_and_its_sources_exist() -> None:
         ),
         ("config: configs/tiny.yaml\nmethods: [fedsb]\n", "tune="),
         ("config: configs/tiny.yaml\nmethods: [fedsb]\ntune: {from: missing}\n", "tune.from="),
+        ("config: configs/tiny.yaml\nmethods: [fedsb]\ntune: {from: x, fixed: {fedsb: 1e-3}}\n", "tune="),
+        (
+            "config: configs/tiny.yaml\nmethods: [fedsb]\ntune: {fixed: {fedsb: 1e-3}, validation: []}\n",
+            "tune=",
+        ),
+        ("config: configs/tiny.yaml\nmethods: [fedsb, ffa]\ntune: {fixed: {fedsb: 1e-3}}\n", "tune.fixed="),
+        ("config: configs/tiny.yaml\nmethods: [fedsb]\ntune: {fixed: {fedsb: fast}}\n", "tune.fixed.fedsb="),
+        ("config: configs/tiny.yaml\nmethods: [fedsb]\ntune: {fixed: {fedsb: -1}}\n", "tune.fixed.fedsb="),
     ],
 )
 def test_a_bad_experiment_file_names_the_field_and_the_fix(runner, text: str, field: str) -> None:
@@ -121,3 +129,19 @@ def test_a_cycle_of_reused_rates_is_refused(runner) -> None:
     by_name = {e.name: e for e in runner.all_experiments()}
     with pytest.raises(SystemExit, match="cycle: x -> y -> x; fix"):
         runner.with_sources(["x"], by_name)
+
+
+def test_fixed_rates_are_used_as_given_reported_as_untuned_and_reusable(runner) -> None:
+    common = "config: configs/tiny.yaml\nmethods: ['fedsb:2', ffa]\noverrides: [fed.rounds=1, export=false]\n"
+    _write(runner, "fixed", common + "tune: {fixed: {fedsb-r2: 2e-2, ffa: '1e-3'}}\n")
+    _write(runner, "reuser", common.replace("export=false", "export=false, seed=1") + "tune: {from: fixed}\n")
+    by_name = {e.name: e for e in runner.all_experiments()}
+    shared = ["threads=1", "progress=false"]
+    reports = [runner.run_experiment(by_name[n], shared, isolate=False) for n in ("fixed", "reuser")]
+    assert not (runner.OUT / "fixed" / "tune").exists()  # nothing ran on the validation split
+    assert reports[0]["tuning"] == {"fixed": {"fedsb-r2": "2e-2", "ffa": "1e-3"}}
+    for report in reports:
+        assert {v["variant"]: v["lr"] for v in report["variants"]} == {"fedsb-r2": 2e-2, "ffa": 1e-3}
+    text = runner.write_report(list(by_name.values()))
+    assert "**fixed**: fixed; rates fixed, NOT tuned; test split." in text
+    assert "**reuser**: reuser; rates from fixed; test split." in text

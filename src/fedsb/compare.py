@@ -199,9 +199,17 @@ def tune_learning_rates(
     return best_rates(scores), scores
 
 
-def best_rates(scores: dict[str, dict[str, float]]) -> dict[str, list[str]]:
-    """{label: {rate: accuracy}} -> {label: ["train.lr=<the most accurate rate>"]} (ties: the first listed)."""
-    return {label: [f"train.lr={max(by_lr, key=lambda k: by_lr[k])}"] for label, by_lr in scores.items()}
+def best_rates(scores: dict[str, dict[str, float | None]]) -> dict[str, list[str]]:
+    """{label: {rate: accuracy}} -> {label: ["train.lr=<the most accurate rate>"]} (ties: the first listed;
+    an unscored rate (None) ranks below every scored one)."""
+
+    def rank(by_lr: dict[str, float | None], rate: str) -> float:
+        score = by_lr[rate]
+        return float("-inf") if score is None else score
+
+    return {
+        label: [f"train.lr={max(by_lr, key=lambda k: rank(by_lr, k))}"] for label, by_lr in scores.items()
+    }
 
 
 def _row(v: Variant, cfg: Any, results: dict[str, Any]) -> dict[str, Any]:

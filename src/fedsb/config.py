@@ -337,7 +337,10 @@ class PrivacyConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = _f(1, "evaluate the global model every k rounds (and always before and after)")
+    every: int = _f(1, "evaluate the global model every k rounds (and always after the last)")
+    initial: bool = _f(
+        True, "evaluate the untuned model (W0) before round 1; false skips it (one evaluation fewer per run)"
+    )
     batch_size: int = _f(32, "evaluation batch size")
     max_new_tokens: int | None = _f(None, "generation length (null: the task's default)")
     bf16: bool | None = _f(None, "bf16 autocast for evaluation (null: same as train.bf16)")

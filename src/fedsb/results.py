@@ -149,16 +149,18 @@ def final_table(results: dict[str, Any]) -> str:
     rows = [
         (
             "accuracy before (untuned)",
-            f"{100 * before.get('accuracy', float('nan')):.1f}%  ({before.get('correct', '?')}/{before.get('total', '?')})",
+            f"{100 * before['accuracy']:.1f}%  ({before.get('correct', '?')}/{before.get('total', '?')})"
+            if before
+            else "not evaluated (eval.initial=false)",
         ),
         (
             f"accuracy after {results['rounds_completed']} round(s)",
             f"{100 * after.get('accuracy', float('nan')):.1f}%  ({after.get('correct', '?')}/{after.get('total', '?')})",
         ),
-        (
-            "change",
-            f"{100 * (after.get('accuracy', math.nan) - before.get('accuracy', math.nan)):+.1f} points",
-        ),
+    ]
+    if before:
+        rows.append(("change", f"{100 * (after.get('accuracy', math.nan) - before['accuracy']):+.1f} points"))
+    rows += [
         ("parameters per client per round (one way)", f"{one_way:,}"),
         ("bytes per round (all clients, up + down)", human_bytes(per_round)),
         ("total bytes over rounds", human_bytes(ledger["totals"]["bytes_rounds"])),

@@ -244,10 +244,11 @@ def run_job(
         start_round = rnd + 1
         echo(f"resuming after round {rnd} from {latest}")
     else:
-        adapted.set_state(method.untuned_state())  # the model computes exactly W0
-        before = evaluate(0)
+        if cfg.eval.initial:
+            adapted.set_state(method.untuned_state())  # the model computes exactly W0
+            before = evaluate(0)
+            echo(f"untuned accuracy: {100 * before['accuracy']:.1f}% ({before['correct']}/{before['total']})")
         method.install_global()
-        echo(f"untuned accuracy: {100 * before['accuracy']:.1f}% ({before['correct']}/{before['total']})")
 
     results: dict[str, Any] = {
         "method": cfg.fed.method,
