@@ -238,7 +238,9 @@ def render(reports: list[dict[str, Any]], missing: list[str]) -> str:
     from fedsb.results import human_bytes
 
     lines = []
-    labels = list(dict.fromkeys(v["variant"] for r in reports for v in r["variants"]))
+    method_of = {v["variant"]: v["method"] for r in reports for v in r["variants"]}
+    methods = list(dict.fromkeys(method_of.values()))
+    labels = sorted(method_of, key=lambda label: methods.index(method_of[label]))  # a method's ranks together
     if reports:
         lines += ["| experiment | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
         for r in reports:
