@@ -9,9 +9,9 @@ An experiment file names a preset (`config`), settings for every run (`overrides
 (`methods`, as for `fedsb compare`) and how learning rates are chosen (`tune`): `lr` (a list tried per
 variant on the VALIDATION split with the `validation` settings; the best rate per variant is then used on
 the test split), `from` (the rates another experiment tuned, e.g. its IID twin) or `fixed` (one rate per
-variant label, e.g. {fedsb-r32: 2e-3}, NOT tuned; reported as such, for experiments too costly to tune). Every run is an
-ordinary `fedsb run` in its own process (so each run's time and peak memory are its own), and finished
-runs are reused, so the command is idempotent and can be interrupted. Each experiment writes
+variant label, e.g. {fedsb-r32: 2e-3}: NOT tuned, and reported so; for experiments too costly to tune).
+Every run is an ordinary `fedsb run` in its own process (so each run's time and peak memory are its own),
+and finished runs are reused, so the command is idempotent and can be interrupted. Each experiment writes
 benchmarks/out/experiments/<name>/experiment.json (settings, learning rates and validation scores, per
 variant: test accuracy, per-category accuracy, bytes, wall time, peak RSS; package versions and git
 commits of the runs) plus compare.md and pareto.png; --report (and every run) rewrites results.md there
@@ -121,17 +121,17 @@ def all_experiments() -> list[Experiment]:
     return [load_experiment(p) for p in sorted(EXPERIMENTS.glob("*.yaml"))]
 
 
-def learning_rates(exp: Experiment, shared: list[str], isolate: bool) -> dict[str, dict[str, float]]:
+def learning_rates(exp: Experiment, shared: list[str], isolate: bool) -> dict[str, dict[str, float | None]]:
     """{variant: {lr: validation accuracy}}: tuned here, read from the experiment named by `tune.from`, or
     the `tune.fixed` rates with no score (None)."""
     from fedsb.compare import parse_variants, tune_learning_rates
 
     if exp.tune_fixed:
-        scores: dict[str, dict[str, float | None]] = {
+        fixed: dict[str, dict[str, float | None]] = {
             label: {lr: None} for label, lr in exp.tune_fixed.items()
         }
-        (exp.out / "tuned_lr.json").write_text(json.dumps(scores, indent=2))
-        return scores  # type: ignore[return-value]
+        (exp.out / "tuned_lr.json").write_text(json.dumps(fixed, indent=2))
+        return fixed
     if exp.tune_from is not None:
         source = OUT / exp.tune_from / "tuned_lr.json"
         if not source.is_file():
