@@ -123,16 +123,14 @@ def all_experiments() -> list[Experiment]:
 
 def learning_rates(exp: Experiment, shared: list[str], isolate: bool) -> dict[str, dict[str, float | None]]:
     """{variant: {lr: validation accuracy}}: tuned here, read from the experiment named by `tune.from`, or
-    the `tune.fixed` rates with no score (None)."""
+    the `tune.fixed` rate as the only, unscored (None) entry. Written to tuned_lr.json, which `tune.from`
+    reads (so reuse can chain)."""
     from fedsb.compare import parse_variants, tune_learning_rates
 
+    scores: dict[str, dict[str, float | None]]
     if exp.tune_fixed:
-        fixed: dict[str, dict[str, float | None]] = {
-            label: {lr: None} for label, lr in exp.tune_fixed.items()
-        }
-        (exp.out / "tuned_lr.json").write_text(json.dumps(fixed, indent=2))
-        return fixed
-    if exp.tune_from is not None:
+        scores = {label: {lr: None} for label, lr in exp.tune_fixed.items()}
+    elif exp.tune_from is not None:
         source = OUT / exp.tune_from / "tuned_lr.json"
         if not source.is_file():
             raise SystemExit(
@@ -140,17 +138,16 @@ def learning_rates(exp: Experiment, shared: list[str], isolate: bool) -> dict[st
                 f"fix: run `python benchmarks/run_experiments.py {exp.tune_from}` first"
             )
         scores = json.loads(source.read_text())
-        (exp.out / "tuned_lr.json").write_text(json.dumps(scores, indent=2))  # so `from` can chain
-        return scores
-    _, scores = tune_learning_rates(
-        parse_variants(exp.methods),
-        exp.tune_lr,
-        output=exp.out / "tune",
-        config_file=ROOT / exp.config,
-        overrides=[*exp.overrides, *shared],
-        validation=exp.tune_validation,
-        isolate=isolate,
-    )
+    else:
+        _, scores = tune_learning_rates(
+            parse_variants(exp.methods),
+            exp.tune_lr,
+            output=exp.out / "tune",
+            config_file=ROOT / exp.config,
+            overrides=[*exp.overrides, *shared],
+            validation=exp.tune_validation,
+            isolate=isolate,
+        )
     (exp.out / "tuned_lr.json").write_text(json.dumps(scores, indent=2))
     return scores
 
