@@ -204,7 +204,8 @@ def test_unknown_run_config_keys_are_refused() -> None:
 
 
 def test_client_level_dp_runs_through_the_same_server_and_matches_the_simulator(tmp_path: Path) -> None:
-    extra = [
+    extra = [  # equal results need equal noise: the seeded (research) noise, not the default CSPRNG
+        "privacy.reproducible_noise=true",
         "privacy.mode=client",
         "privacy.noise_multiplier=0.5",
         "privacy.clip_update=0.01",

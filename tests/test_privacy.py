@@ -22,6 +22,7 @@ from fedsb.fed.base import SetupContext, get_method_class
 from fedsb.privacy.accounting import PrivacyAccount, plan_account, solve_noise_multiplier
 from fedsb.privacy.client_level import ClippedNoisyMean
 from fedsb.privacy.dpsgd import DPSGD, poisson_batches
+from fedsb.privacy.noise import SecureNoise, SeededNoise
 from fedsb.train.local import causal_lm_loss, per_example_causal_lm_loss, train_local
 from fedsb.train.schedule import Schedule
 from tiny import VOCAB, lm_batches, make_tiny_llama
@@ -137,7 +138,7 @@ def test_noisy_dp_step_moves_only_the_trained_tensors_by_a_sensible_amount() -> 
     assert 0.5 * expected < float(step) < 1.5 * expected + C
 
 
-def test_poisson_batches_are_seeded_and_may_be_empty() -> None:
+def test_poisson_batches_are_secret_by_default_seeded_on_request_and_may_be_empty() -> None:
     ds = datasets.Dataset.from_dict({"x": list(range(40))})
 
     def collate(rows):
@@ -145,17 +146,24 @@ def test_poisson_batches_are_seeded_and_may_be_empty() -> None:
 
     loader = torch.utils.data.DataLoader(ds, batch_size=4, collate_fn=collate)
 
-    def draw(seed: int, q: float) -> list[list[int]]:
-        gen = torch.Generator().manual_seed(seed)
+    def draw(noise, q: float) -> list[list[int]]:
         return [
-            b["x"].tolist() if b else []
-            for b in poisson_batches(loader, sample_rate=q, steps=50, generator=gen)
+            b["x"].tolist() if b else [] for b in poisson_batches(loader, sample_rate=q, steps=50, noise=noise)
         ]
 
-    assert draw(1, 0.1) == draw(1, 0.1) and draw(1, 0.1) != draw(2, 0.1)
-    sizes = [len(b) for b in draw(1, 0.1)]
-    assert 2 < sum(sizes) / len(sizes) < 6  # expected q N = 4
-    assert any(len(b) == 0 for b in draw(3, 0.01))  # empty draws happen at small rates
+    assert draw(SeededNoise(1), 0.1) == draw(SeededNoise(1), 0.1) != draw(SeededNoise(2), 0.1)
+    assert draw(SecureNoise(), 0.1) != draw(SecureNoise(), 0.1)  # never repeats, whatever the seed
+    for noise in (SeededNoise(1), SecureNoise()):
+        sizes = [len(b) for b in draw(noise, 0.1)]
+        assert 2 < sum(sizes) / len(sizes) < 6  # expected q N = 4
+    assert any(len(b) == 0 for b in draw(SeededNoise(3), 0.01))  # empty draws happen at small rates
+    # the default DP-SGD settings sample with the OS CSPRNG: the same seed gives different batches
+    dp = DPSGD(_account(1.0, 0.1), max_grad_norm=0.1, num_examples=40)
+    runs = [[len(b) for b in dp.batches(lambda e: loader, 30, seed=7)] for _ in range(2)]
+    assert runs[0] != runs[1]
+    dp.reproducible_noise = True
+    runs = [[len(b) for b in dp.batches(lambda e: loader, 30, seed=7)] for _ in range(2)]
+    assert runs[0] == runs[1]
 
 
 def test_empty_poisson_batches_release_noise_and_are_accounted() -> None:
@@ -259,21 +267,21 @@ def test_client_level_mean_is_exact_without_noise_and_clips_each_update() -> Non
     ref = {"a": torch.zeros(3, 3), "b": torch.ones(2)}
     g = torch.Generator().manual_seed(0)
     updates = [{k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in ref.items()} for _ in range(3)]
-    agg = ClippedNoisyMean(ref, clip=10.0, noise_multiplier=0.0, denominator=3, generator=g)
+    agg = ClippedNoisyMean(ref, clip=10.0, noise_multiplier=0.0, denominator=3, noise=SecureNoise())
     for u in updates:
         agg.add(u, 100)
     out = agg.result()
     for k in ref:  # no clipping, no noise: the uniform mean of the client models
         torch.testing.assert_close(out[k], torch.stack([u[k] for u in updates]).mean(0), rtol=0, atol=1e-7)
     big = {k: v + 5.0 for k, v in ref.items()}  # ||delta|| = 5 sqrt(11)
-    agg = ClippedNoisyMean(ref, clip=1.0, noise_multiplier=0.0, denominator=2, generator=g)
+    agg = ClippedNoisyMean(ref, clip=1.0, noise_multiplier=0.0, denominator=2, noise=SecureNoise())
     agg.add(big, 1)
     out = agg.result()
     delta = torch.sqrt(sum(((out[k] - ref[k]) ** 2).sum() for k in ref))
     assert float(delta) == pytest.approx(0.5, rel=1e-6)  # clipped to C = 1, divided by m = 2
     released = []
     agg = ClippedNoisyMean(
-        ref, clip=1.0, noise_multiplier=2.0, denominator=4, generator=g, on_release=lambda: released.append(1)
+        ref, clip=1.0, noise_multiplier=2.0, denominator=4, noise=SecureNoise(), on_release=lambda: released.append(1)
     )
     agg.add(ref, 1)
     noise = torch.cat([(v - ref[k]).reshape(-1) for k, v in agg.result().items()])
@@ -299,9 +307,10 @@ def _dp_run(out: Path, *extra: str) -> int:
 
 
 def test_dp_run_ledger_persists_across_resume(tmp_path: Path) -> None:
+    """Bit-identical DP resume needs repeatable noise: privacy.reproducible_noise=true."""
     full, cut = tmp_path / "full", tmp_path / "cut"
-    assert _dp_run(full) == 0
-    assert _dp_run(cut, "--stop-after-round", "1") == 0
+    assert _dp_run(full, "privacy.reproducible_noise=true") == 0
+    assert _dp_run(cut, "privacy.reproducible_noise=true", "--stop-after-round", "1") == 0
     mid = json.loads((cut / "results.json").read_text())["privacy"]
     assert [r["round"] for r in mid["rounds"]] == [1]
     assert main(["run", "--resume", str(cut), "--no-progress"]) == 0
@@ -312,10 +321,11 @@ def test_dp_run_ledger_persists_across_resume(tmp_path: Path) -> None:
     eps = [acc["epsilon"] for acc in p["accounts"].values()]
     assert p["max_epsilon"] == max(eps) and 3.5 < p["max_epsilon"] <= 4.0  # all planned steps were taken
     for acc in p["accounts"].values():
-        assert acc["delta"] == pytest.approx(1 / 32)  # 1 / N_client, not 1 / number of batches
+        # min(1e-5, 1 / (10 N_client)) with N_client = 32 examples, not 1 / number of batches
+        assert acc["delta"] == pytest.approx(min(1e-5, 1 / 320))
         assert acc["steps"] == acc["planned_steps"] == 4 and acc["sample_rate"] == pytest.approx(4 / 32)
         ref = get_noise_multiplier(
-            target_epsilon=4, target_delta=1 / 32, sample_rate=4 / 32, steps=4, accountant="prv"
+            target_epsilon=4, target_delta=1e-5, sample_rate=4 / 32, steps=4, accountant="prv"
         )
         assert acc["noise_multiplier"] == pytest.approx(ref)
     assert p["rounds"][0]["max_epsilon"] < p["rounds"][1]["max_epsilon"] == p["max_epsilon"]
@@ -356,7 +366,8 @@ def test_client_level_run_accounts_one_release_per_round(tmp_path: Path) -> None
     ref = PRVAccountant()
     for _ in range(2):
         ref.step(noise_multiplier=0.8, sample_rate=1.0)
-    assert p["max_epsilon"] == pytest.approx(ref.get_epsilon(delta=0.5), rel=1e-9)
+    assert p["max_epsilon"] == pytest.approx(ref.get_epsilon(delta=1e-5), rel=1e-9)  # min(1e-5, 1/(10 x 2))
+    assert p["delta"] == 1e-5 and p["delta_rule"].startswith("min(1e-5, 1/(10 N))")
 
 
 def test_flower_refuses_sample_level_dp_instead_of_overstating_privacy() -> None:

@@ -297,7 +297,20 @@ class PrivacyConfig:
         None, "epsilon for the WHOLE planned training (all rounds); the noise multiplier is solved from it"
     )
     noise_multiplier: float | None = _f(None, "sigma, instead of target_epsilon")
-    delta: float | None = _f(None, "delta (null: 1/N_client for mode=sample, 1/num_clients for mode=client)")
+    delta: float | None = _f(
+        None,
+        "delta (null: min(1e-5, 1/(10 N)) with N = the client's examples for mode=sample, the number of "
+        "clients for mode=client); a delta >= 1/N is refused unless privacy.allow_large_delta=true",
+    )
+    allow_large_delta: bool = _f(
+        False,
+        "accept a privacy.delta >= 1/N (a mechanism that may publish a whole record is then (0, delta)-DP)",
+    )
+    reproducible_noise: bool = _f(
+        False,
+        "research only: draw DP noise and Poisson sampling from the run seed (repeatable, bit-identical "
+        "resume) instead of the OS CSPRNG; the guarantee then does NOT hold against a reader of the config",
+    )
     max_grad_norm: float = _f(0.1, "mode=sample: per-example clipping norm C of the trained tensors")
     accountant: str = _f("prv", "privacy accountant: prv (Opacus default) or rdp")
     poisson: bool = _f(
@@ -316,8 +329,20 @@ class PrivacyConfig:
                 isinstance(self.delta, float | int) and 0 < self.delta < 1,
                 "privacy.delta",
                 self.delta,
-                "use a probability in (0, 1), well below 1/N (null: 1/N)",
+                "use a probability in (0, 1), well below 1/N (null: min(1e-5, 1/(10 N)))",
             )
+        _check(
+            isinstance(self.allow_large_delta, bool),
+            "privacy.allow_large_delta",
+            self.allow_large_delta,
+            "use true or false",
+        )
+        _check(
+            isinstance(self.reproducible_noise, bool),
+            "privacy.reproducible_noise",
+            self.reproducible_noise,
+            "use true or false",
+        )
         _positive_float("privacy.max_grad_norm", self.max_grad_norm)
         _choice("privacy.accountant", self.accountant, ("prv", "rdp"))
         _positive_float("privacy.clip_update", self.clip_update)

@@ -173,6 +173,14 @@ def final_table(results: dict[str, Any]) -> str:
         rows.append(
             (f"privacy epsilon ({where})", f"{privacy['max_epsilon']:.3f} at delta <= {privacy['delta']:.2e}")
         )
+        rows.append(
+            (
+                "privacy noise",
+                "REPRODUCIBLE from the run seed: the guarantee does NOT hold against a reader of the config"
+                if privacy.get("reproducible_noise")
+                else "secret (OS CSPRNG); losses and timings stayed on the clients",
+            )
+        )
     width = max(len(k) for k, _ in rows)
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
     rule = "-" * (width + 30)

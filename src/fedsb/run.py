@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from fedsb.config import RunConfig, config_from_dict, config_to_yaml, load_yaml, merge_overrides
+from fedsb.config import RunConfig, config_to_yaml, load_yaml
 from fedsb.data.prepare import PreparedData, loader_factory, model_task, prepare_data
 from fedsb.errors import CheckpointError, ConfigError
 from fedsb.seeding import derive_seed
@@ -72,17 +72,13 @@ def build_method(
 
 
 def resolve_resume_config(resume: Path, overrides: list[str]) -> RunConfig:
-    """The saved config of a run; only fed.rounds may be overridden (to extend a run)."""
+    """The saved config of a run with the overrides `fedsb.resume` allows; refused ones raise first."""
+    from fedsb.resume import resumed_config
+
     path = resume / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{resume} is not a fedsb run directory ({CONFIG_FILE} missing)")
-    allowed = [o for o in overrides if o.split("=", 1)[0].strip() == "fed.rounds"]
-    ignored = [o for o in overrides if o not in allowed]
-    if ignored:
-        log.warning(
-            "--resume uses the saved configuration; ignoring %s (only fed.rounds may change)", ignored
-        )
-    return config_from_dict(merge_overrides(load_yaml(path), allowed))
+    return resumed_config(load_yaml(path), overrides, resume)
 
 
 def run_job(
@@ -128,7 +124,8 @@ def run_job(
             what="already holds a run",
             fix=f"use --resume {out} or another output_dir",
         )
-    (out / CONFIG_FILE).write_text(config_to_yaml(cfg))
+    if not resume:  # a resumed run rewrites its config only once its checkpoint has loaded
+        (out / CONFIG_FILE).write_text(config_to_yaml(cfg))
     echo(f"fedsb: {cfg.fed.method} run, results in {out}")
 
     # ---- model, data, method (Fed-SB: the server's one-time basis) --------------------------------------
@@ -183,6 +180,7 @@ def run_job(
         min_clients=cfg.fed.min_clients,
         max_update_norm=cfg.fed.max_update_norm,
         aggregator=privacy.client_level_aggregator if privacy and privacy.mode == "client" else None,
+        declared_sizes=privacy.client_sizes if privacy else None,
     )
     executor = (
         make_executor(method, data)
@@ -198,6 +196,7 @@ def run_job(
             loss_fn=loss_for(task, per_example=cfg.privacy.mode == "sample"),
             progress=cfg.progress,
             privacy=privacy if cfg.privacy.mode == "sample" else None,
+            privacy_mode=cfg.privacy.mode,
         )
     )
     eval_bf16 = cfg.train.bf16 if cfg.eval.bf16 is None else cfg.eval.bf16
@@ -241,6 +240,7 @@ def run_job(
         server.history = [RoundRecord(**r) for r in state["history"]]
         before = state.get("before")
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        (out / CONFIG_FILE).write_text(config_to_yaml(cfg))  # e.g. a raised fed.rounds
         start_round = rnd + 1
         echo(f"resuming after round {rnd} from {latest}")
     else:
@@ -385,6 +385,10 @@ def plan_privacy(cfg: RunConfig, data: PreparedData, echo: Callable[[str], None]
     )
     if not data.init_info.get("federated", True):
         log.warning("privacy: %s", ledger.init_note)
+    if ledger.reproducible_noise:
+        from fedsb.privacy.noise import REPRODUCIBLE_WARNING
+
+        log.warning("privacy: %s", REPRODUCIBLE_WARNING)
     return ledger
 
 

@@ -18,6 +18,7 @@ def export_final(method: Any, loaded: Any, tokenizer: Any, out: Path, *, rounds:
     from fedsb.export import export_merged, export_peft, has_folds, save_adapter
 
     adapted = method.adapted
+    method.verify_basis(before="export the run")  # the B, A being exported are the ones trained with
     save_adapter(
         adapted,
         out / "adapter",
@@ -37,9 +38,11 @@ def load_trained(run_dir: str | Path) -> tuple[Any, Any, Any]:
     """(method with the final global state installed, tokenizer, loaded model info) of a run directory.
 
     Rebuilds the base model, the method's adapters (Fed-SB: from basis/) and the last checkpoint's global
-    state (and, for FedEx-LoRA / FLoRA, the updates folded into W0).
+    state (and, for FedEx-LoRA / FLoRA, the updates folded into W0). A Fed-SB run whose basis/ is missing,
+    or does not hash to the fingerprint its checkpoint recorded, is refused (`CheckpointError`).
     """
     from fedsb.fed.checkpoint import latest_checkpoint, load_checkpoint
+    from fedsb.init.integrity import check_run_basis, require_run_basis
     from fedsb.models import load_model
 
     d = Path(run_dir)
@@ -58,8 +61,10 @@ def load_trained(run_dir: str | Path) -> tuple[Any, Any, Any]:
         seed=derive_seed(cfg.seed, "model") % (2**32),
         **model_task(task),
     )
+    _, tensors, state = load_checkpoint(latest)
+    require_run_basis(d, state.get("basis_fingerprint"))
     method = build_method(cfg, loaded.model, task, loaded.tokenizer, None, d, resume=True)
-    _, tensors, _ = load_checkpoint(latest)
+    check_run_basis(d, state.get("basis_fingerprint"), method.basis_fingerprint, latest.name)
     method.load_state_tensors(
         {k.removeprefix("global/"): v for k, v in tensors.items() if k.startswith("global/")}
     )
@@ -71,6 +76,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path) -> dict[str, Any]
     from fedsb.export import export_merged, export_peft, has_folds
 
     method, tokenizer, loaded = load_trained(run_dir)
+    method.verify_basis(before="export the run")
     if fmt == "peft":
         if has_folds(method.adapted):
             raise ConfigError(

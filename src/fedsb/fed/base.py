@@ -132,14 +132,30 @@ class FederatedMethod(ABC):
         """Fingerprint of the shared frozen basis every update must carry (None: nothing shared)."""
         return None
 
+    def client_fingerprint(self, adapted: AdaptedModel) -> str | None:
+        """Client side: the fingerprint of the basis `adapted` holds now (None: nothing shared)."""
+        return None
+
+    def verify_basis(self, before: str) -> None:
+        """Raise if the server model's shared basis changed since it was set up (nothing to check here)."""
+        return None
+
     def setup_payload(self) -> Tensors:
         """Tensors every client receives once before round 1 (e.g. Fed-SB's B and A)."""
         return {}
 
     # ---- per round --------------------------------------------------------------------------------------
-    def download(self) -> Tensors:
-        """What the server sends every sampled client at the start of a round."""
+    def download(self, since: int | None = None) -> Tensors:
+        """What the server sends every sampled client at the start of a round.
+
+        `since`: the last round whose update every receiving client is known to have applied; methods that
+        fold updates into W0 also send every fold after it (None: the last round's only). Others ignore it.
+        """
         return {k: v.clone() for k, v in self.state.items()}
+
+    def release_history(self, applied_by_all: int) -> None:
+        """Forget per-round history every client has applied through round `applied_by_all` (none here)."""
+        return None
 
     def client_receive(self, adapted: AdaptedModel, payload: Mapping[str, torch.Tensor], round: int) -> None:
         """Client side: install the downloaded global state before training round `round`."""

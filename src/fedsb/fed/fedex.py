@@ -33,5 +33,9 @@ class FedExLoRA(FoldingMethod):
         s = self.adapted.layers[path].scaling
         return s * (B_st @ A_st - state[b_name].double() @ state[a_name].double())
 
+    def fold_inputs(self, means: Mapping[str, torch.Tensor]) -> Tensors:
+        """mean(B), mean(A) of every layer: a client catching up on this round's fold needs them."""
+        return {name: means[name] for p in self.adapted.layers for name in lora_names(p)}
+
     def next_state(self, adapted: AdaptedModel, means: Mapping[str, torch.Tensor], round: int) -> Tensors:
         return {k: v.to(torch.float32) for k, v in means.items()}

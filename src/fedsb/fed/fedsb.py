@@ -19,6 +19,7 @@ from fedsb.adapters.inject import AdaptedModel
 from fedsb.fed.base import FederatedMethod, SetupContext, Tensors
 from fedsb.init.basis import Basis
 from fedsb.init.initialize import attach_basis, compute_basis
+from fedsb.init.integrity import live_fingerprint, verify_live_basis
 from fedsb.init.svd import official_eta
 from fedsb.seeding import derive_seed
 
@@ -35,6 +36,9 @@ class FedSB(FederatedMethod):
     def __init__(self, adapted: AdaptedModel, basis: Basis, *, weighting: str = "examples") -> None:
         super().__init__(adapted, weighting=weighting)
         self.basis = basis
+        self._fingerprint = live_fingerprint(adapted)  # hashed from the attached B, A, once
+        if self._fingerprint != basis.fingerprint:
+            raise RuntimeError("the attached B and A differ from the basis they were attached from")
 
     @classmethod
     def create(cls, model: nn.Module, ctx: SetupContext) -> FedSB:
@@ -67,6 +71,7 @@ class FedSB(FederatedMethod):
                 oversample=cfg.init.oversample,
                 power_iters=cfg.init.power_iters,
                 generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "basis")),
+                dropout_seed=derive_seed(cfg.seed, "basis-dropout"),
             )
             ctx.info.update(
                 eta=eta, eta_rule=cfg.init.eta_rule, method=cfg.init.method, seconds=time.perf_counter() - t0
@@ -86,7 +91,15 @@ class FedSB(FederatedMethod):
 
     @property
     def basis_fingerprint(self) -> str:
-        return self.basis.fingerprint
+        """The server's reference: the hash of the B and A its model holds, taken right after attaching."""
+        return self._fingerprint
+
+    def client_fingerprint(self, adapted: AdaptedModel) -> str | None:
+        """The hash of the B and A a client's model holds now (each client computes its own)."""
+        return live_fingerprint(adapted)
+
+    def verify_basis(self, before: str) -> None:
+        verify_live_basis(self.adapted, self._fingerprint, before=before)
 
     def setup_payload(self) -> Tensors:
         """B (m, r) and A (r, n) of every adapted layer, sent once."""

@@ -45,9 +45,9 @@ class FLoRA(FoldingMethod):
     def _lora_keys(self) -> set[str]:
         return {name for p in self.adapted.layers for name in lora_names(p)}
 
-    def download(self) -> Tensors:
-        """Heads and the last round's stack; the fresh A is drawn locally from the shared seed."""
-        return {k: v for k, v in super().download().items() if k not in self._lora_keys()}
+    def download(self, since: int | None = None) -> Tensors:
+        """Heads and the stacks of the folds after `since`; the fresh A is drawn locally from the shared seed."""
+        return {k: v for k, v in super().download(since).items() if k not in self._lora_keys()}
 
     def received_state(self, adapted: AdaptedModel, state: Mapping[str, torch.Tensor], round: int) -> Tensors:
         self._fresh(adapted, round - 1)

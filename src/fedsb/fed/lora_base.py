@@ -7,7 +7,9 @@ the server sends every client so each can fold the same dense update into its fr
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -16,6 +18,7 @@ from torch import nn
 from fedsb.adapters.inject import AdaptedModel, inject_adapters, resolve_ranks, resolve_targets
 from fedsb.adapters.layer import weight_in_linear_layout
 from fedsb.adapters.lora import LoraLinear
+from fedsb.errors import FedsbError
 from fedsb.fed.base import FederatedMethod, SetupContext, Tensors, WeightedMean
 from fedsb.seeding import derive_seed
 
@@ -111,19 +114,69 @@ def split_stacks(
     return state, stacks
 
 
+@dataclass
+class Fold:
+    """One round's dense update of W0 as every party computes it: per layer the stack (B_st, A_st), and the
+    state tensors `fold_delta` reads (FedEx-LoRA: that round's mean factors; FLoRA: none)."""
+
+    stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    inputs: Tensors = field(default_factory=dict)
+
+    def tensors(self, prefix: str, *, with_inputs: bool) -> Tensors:
+        """`<prefix><path>.B`, `<prefix><path>.A` (and `<prefix>in/<name>`) as one flat mapping."""
+        out: Tensors = {}
+        for path, (B, A) in self.stacks.items():
+            out[f"{prefix}{path}.B"], out[f"{prefix}{path}.A"] = B.clone(), A.clone()
+        if with_inputs:
+            out.update({f"{prefix}in/{k}": v.clone() for k, v in self.inputs.items()})
+        return out
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        """Inverse of `tensors` for one key without its prefix."""
+        if key.startswith("in/"):
+            self.inputs[key.removeprefix("in/")] = tensor
+            return
+        path, which = key.rsplit(".", 1)
+        B, A = self.stacks.get(path, (None, None))
+        self.stacks[path] = (tensor, A) if which == "B" else (B, tensor)  # type: ignore[assignment]
+
+
+_OLDER_FOLD = re.compile(r"r(\d+)/(.+)")
+
+
+def split_folds(payload: Mapping[str, torch.Tensor], round: int) -> tuple[Tensors, dict[int, Fold]]:
+    """A download for round `round` as (the state, round -> fold). `fold/<path>.B|A` is the fold of round
+    `round - 1` (its inputs are the state itself); `fold/r<k>/...` the folds of earlier rounds k, with their
+    inputs under `fold/r<k>/in/<name>` (what a client that missed rounds needs to catch up)."""
+    state: Tensors = {}
+    folds: dict[int, Fold] = {}
+    for key, tensor in payload.items():
+        if not key.startswith(FOLD_PREFIX):
+            state[key] = tensor
+            continue
+        rest = key.removeprefix(FOLD_PREFIX)
+        older = _OLDER_FOLD.fullmatch(rest)
+        k, rest = (int(older.group(1)), older.group(2)) if older else (round - 1, rest)
+        folds.setdefault(k, Fold()).add(rest, tensor)
+    return state, folds
+
+
 class FoldingMethod(LoraMethod):
     """LoRA methods whose server folds a dense update into W0 every round (FedEx-LoRA, FLoRA).
 
-    `apply` folds on the server's model and keeps the stacked factors as the next round's `fold/...`
-    download; `client_receive` folds them into a client's own W0 unless that model already holds the fold
-    (the in-process simulator's shared model does). Checkpoints hold the folded base weights themselves, so
-    a resumed run continues from bit-identical W0.
+    Every party must apply every round's fold, in order. The server keeps each round's `Fold` until every
+    client is known to hold it (`release_history`); a download `since` round j carries the folds of rounds
+    j+1 .. t-1, the last one as `fold/<path>.B|A`, older ones under `fold/r<k>/` with their inputs, so a
+    client that missed rounds catches up (and the ledger counts those bytes). `client_receive` applies the
+    folds its model does not hold yet (a repeat or the simulator's shared model applies none) and refuses,
+    with a `FedsbError`, a download that would leave its W0 stale. Checkpoints hold the folded base weights
+    themselves and the folds still needed, so a resumed run continues from bit-identical W0.
     """
 
     def __init__(self, adapted: AdaptedModel, *, weighting: str = "examples", seed: int = 0) -> None:
         super().__init__(adapted, weighting=weighting, seed=seed)
-        self.pending: Tensors = {}  # fold/<path>.B, fold/<path>.A of the last aggregation
-        self.fold_round = 0  # the round whose fold `pending` carries
+        self.folds: dict[int, Fold] = {}  # round -> its fold, while some client may still need it
+        self.fold_round = 0  # the last round folded into the server's W0
 
     def new_aggregator(self) -> StackingAggregator:
         return StackingAggregator(self.weighting, list(self.adapted.layers))
@@ -134,6 +187,10 @@ class FoldingMethod(LoraMethod):
         """The dense (m, n) update to fold for one layer, given its stack and the new global state."""
         raise NotImplementedError
 
+    def fold_inputs(self, means: Mapping[str, torch.Tensor]) -> Tensors:
+        """The tensors of a round's new global state that `fold_delta` reads (none by default)."""
+        return {}
+
     def _fold_all(
         self,
         stacks: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
@@ -141,27 +198,44 @@ class FoldingMethod(LoraMethod):
         adapted: AdaptedModel,
         round: int,
     ) -> None:
+        """Fold round `round` into every layer of `adapted` that does not hold it yet."""
         for path, (B_st, A_st) in stacks.items():
-            delta = self.fold_delta(path, B_st, A_st, state).to(torch.float32)
             layer = adapted.layers[path]
+            if layer.fold_round >= round:
+                continue
+            delta = self.fold_delta(path, B_st.double(), A_st.double(), state).to(torch.float32)
             layer.fold(delta)
             layer.fold_round = round
 
-    def record_fold(self, stacks: Mapping[str, tuple[torch.Tensor, torch.Tensor]], round: int) -> None:
-        self.pending = {}
-        for path, (B_st, A_st) in stacks.items():
-            self.pending[f"{FOLD_PREFIX}{path}.B"] = B_st.to(torch.float32)
-            self.pending[f"{FOLD_PREFIX}{path}.A"] = A_st.to(torch.float32)
-        self.fold_round = round
+    def download(self, since: int | None = None) -> Tensors:
+        """The global state plus every fold after round `since` (None: only the last round's fold)."""
+        out = super().download()
+        since = self.fold_round - 1 if since is None else since
+        for k in range(max(since, 0) + 1, self.fold_round + 1):
+            if k not in self.folds:
+                raise RuntimeError(f"the fold of round {k} was released, but a client still needs it")
+            latest = k == self.fold_round
+            out.update(
+                self.folds[k].tensors(
+                    FOLD_PREFIX if latest else f"{FOLD_PREFIX}r{k}/", with_inputs=not latest
+                )
+            )
+        return out
 
-    def download(self) -> Tensors:
-        return {**super().download(), **{k: v.clone() for k, v in self.pending.items()}}
+    def release_history(self, applied_by_all: int) -> None:
+        """Forget the folds of rounds <= `applied_by_all` (every client holds them); keep the last one."""
+        for k in [k for k in self.folds if k <= applied_by_all and k != self.fold_round]:
+            del self.folds[k]
 
     def apply(self, aggregate: Tensors, round: int) -> None:
-        """Fold round `round`'s dense update into W0, keep the stack for the next download, set the state."""
+        """Fold round `round`'s dense update into W0, keep the fold for the downloads, set the state."""
         means, stacks = split_stacks(aggregate, list(self.adapted.layers))
         self._fold_all(stacks, means, self.adapted, round)
-        self.record_fold(stacks, round)
+        self.folds[round] = Fold(
+            {p: (B.to(torch.float32), A.to(torch.float32)) for p, (B, A) in stacks.items()},
+            {k: v.to(torch.float32).clone() for k, v in self.fold_inputs(means).items()},
+        )
+        self.fold_round = round
         self.state = self.next_state(self.adapted, means, round)
         self.adapted.set_state(self.state)
 
@@ -170,11 +244,21 @@ class FoldingMethod(LoraMethod):
         raise NotImplementedError
 
     def client_receive(self, adapted: AdaptedModel, payload: Mapping[str, torch.Tensor], round: int) -> None:
-        """Fold the last round's stack unless this model already holds it, then install the global state."""
-        state, stacks = split_stacks(payload, list(adapted.layers))
+        """Apply, in order, every downloaded fold this model does not hold, then install the global state."""
+        state, folds = split_folds(payload, round)
         state = {k: v.to(torch.float32) for k, v in state.items()}
-        if stacks and any(layer.fold_round < round - 1 for layer in adapted.layers.values()):
-            self._fold_all(stacks, state, adapted, round - 1)
+        for k in sorted(folds):
+            self._fold_all(folds[k].stacks, state if k == round - 1 else folds[k].inputs, adapted, k)
+        held = min((layer.fold_round for layer in adapted.layers.values()), default=round - 1)
+        if held < round - 1:
+            raise FedsbError(
+                field=f"download for round {round}",
+                value=f"folds of rounds {sorted(folds)}",
+                what=f"leaves this client's W0 stale: it holds the folds up to round {held}, round {round} "
+                f"trains on W0 after round {round - 1}",
+                fix="send every fold after the client's last round (download(since=...)), or rebuild the "
+                "client from the server's checkpoint",
+            )
         adapted.set_state(self.received_state(adapted, state, round))
 
     def received_state(self, adapted: AdaptedModel, state: Mapping[str, torch.Tensor], round: int) -> Tensors:
@@ -182,12 +266,13 @@ class FoldingMethod(LoraMethod):
         return dict(state)
 
     def state_tensors(self) -> Tensors:
-        """Global state, the folded base weights (W0 changed!), the pending stack and its round."""
+        """Global state, the folded base weights (W0 changed!), the folds still needed and the last round."""
         out = super().state_tensors()
         if self.fold_round > 0:
             for path, layer in self.adapted.layers.items():
                 out[f"base/{path}"] = weight_in_linear_layout(layer.base_layer).detach().clone()
-        out.update({f"pending/{k}": v.clone() for k, v in self.pending.items()})
+        for k, fold in self.folds.items():
+            out.update(fold.tensors(f"folds/{k}/", with_inputs=True))
         out["meta/fold_round"] = torch.tensor([self.fold_round], dtype=torch.int64)
         return out
 
@@ -198,7 +283,11 @@ class FoldingMethod(LoraMethod):
             if f"base/{path}" in tensors:
                 weight_in_linear_layout(layer.base_layer).copy_(tensors[f"base/{path}"])
             layer.fold_round = self.fold_round
-        self.pending = {
-            k.removeprefix("pending/"): v.clone() for k, v in tensors.items() if k.startswith("pending/")
-        }
+        self.folds = {}
+        for key, tensor in tensors.items():
+            if key.startswith("folds/"):
+                k, rest = key.removeprefix("folds/").split("/", 1)
+                self.folds.setdefault(int(k), Fold()).add(rest, tensor.clone())
+            elif key.startswith(f"pending/{FOLD_PREFIX}"):  # checkpoints before fold histories
+                self.folds.setdefault(self.fold_round, Fold()).add(key.split("/", 2)[2], tensor.clone())
         super().load_state_tensors({k: v for k, v in tensors.items() if k in self.state})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -78,6 +78,7 @@ class Server:
         min_clients: int = 1,
         max_update_norm: float | None = None,
         aggregator: Callable[[Tensors, int], Any] | None = None,
+        declared_sizes: Mapping[str, int] | None = None,
     ) -> None:
         self.method = method
         self.sampler = sampler
@@ -87,14 +88,25 @@ class Server:
         self.min_clients = min_clients
         self.max_update_norm = max_update_norm
         self.aggregator = aggregator  # (global state, round) -> the round's aggregator; default the method's
+        self.declared_sizes = declared_sizes  # under DP: the public sizes of the privacy plan, checked
         self.history: list[RoundRecord] = []
+
+    def applied_through(self, client_ids: Sequence[str]) -> int:
+        """The last round whose update all of `client_ids` are known to have applied: a client whose update
+        of round t was accepted trained on the download of round t, so it holds round t - 1."""
+        last = dict.fromkeys(client_ids, 0)
+        for record in self.history:
+            for cid in record.accepted:
+                if cid in last:
+                    last[cid] = max(last[cid], record.round - 1)
+        return min(last.values(), default=0)
 
     def run_round(self, round: int, executor: ClientExecutor, *, progress: bool = False) -> RoundRecord:
         """Train and aggregate round `round` (1-based); raises `RoundFailed` below `min_clients`."""
         t0 = time.perf_counter()
         sampled = self.sampler.sample(round)
         record = RoundRecord(round=round, sampled=sampled)
-        download = encode(self.method.download(), self.wire_dtype)
+        download = encode(self.method.download(since=self.applied_through(sampled)), self.wire_dtype)
         reference = dict(self.method.state)  # what every client starts this round from
         spec = self.method.upload_spec()
         for cid in sampled:
@@ -108,8 +120,9 @@ class Server:
         weighted_loss, loss_weight = 0.0, 0.0
         client_seconds = 0.0
         bar = tqdm(total=len(sampled), desc=f"round {round} clients", leave=False, disable=not progress)
-        for update in executor.train_round(round, sampled, download):
-            client_seconds += float(update.metrics.get("seconds", 0.0))
+        for update, waited in _timed(executor.train_round(round, sampled, download)):
+            # a private client keeps its timings: count the time the server waited for the update instead
+            client_seconds += float(update.metrics.get("seconds", waited))
             try:
                 validate_update(
                     update,
@@ -121,6 +134,7 @@ class Server:
                     seen=seen,
                     reference=reference,
                     max_norm=self.max_update_norm,
+                    declared_sizes=self.declared_sizes,
                 )
             except UpdateRejected as exc:
                 log.warning("round %d: %s", round, exc)
@@ -150,10 +164,13 @@ class Server:
             )
         t_agg = time.perf_counter()
         self.method.apply(aggregator.result(), round)
-        record.train_loss = weighted_loss / loss_weight if loss_weight else float("nan")
+        record.train_loss = (
+            weighted_loss / loss_weight if loss_weight else float("nan")
+        )  # nan: no losses (DP)
         now = time.perf_counter()
         record.seconds = {"total": now - t0, "clients": client_seconds, "aggregate": now - t_agg}
         self.history.append(record)
+        self.method.release_history(self.applied_through(self.sampler.client_ids))
         return record
 
     def _record_up(self, round: int, update: ClientUpdate, status: str) -> None:
@@ -165,6 +182,18 @@ class Server:
             dtype=self.wire_dtype_name,
             status=status,
         )
+
+
+def _timed(updates: Iterable[ClientUpdate]) -> Iterator[tuple[ClientUpdate, float]]:
+    """Each update with the seconds spent waiting for it."""
+    it = iter(updates)
+    while True:
+        t = time.perf_counter()
+        try:
+            update = next(it)
+        except StopIteration:
+            return
+        yield update, time.perf_counter() - t
 
 
 def run_rounds(

@@ -1,7 +1,9 @@
 """In-process simulator: every client trains on ONE shared frozen base model, one after another.
 
 A client's own state is its data and, if train.keep_optimizer_state, its optimizer state; its trainable
-tensors are loaded from the download before it trains, so nothing leaks between clients.
+tensors are loaded from the download before it trains, so nothing leaks between clients. Each client
+hashes the basis its model actually holds before it trains (the update carries that fingerprint, so the
+server's check is real), and under DP its update carries only what `fedsb.privacy.release` allows.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class InProcessExecutor:
         loss_fn: LossFn = causal_lm_loss,
         progress: bool = False,
         privacy: PrivacyLedger | None = None,
+        privacy_mode: str = "none",
     ) -> None:
         self.method = method
         self.adapted = adapted
@@ -66,6 +69,7 @@ class InProcessExecutor:
         self.loss_fn = loss_fn
         self.progress = progress
         self.privacy = privacy  # DP-SGD accounts per client (privacy.mode=sample), persisted across rounds
+        self.privacy_mode = privacy_mode  # under DP, losses and timings stay here (fedsb.privacy.release)
         self.optimizer_states: dict[str, dict[str, Any]] = {}
 
     def train_round(self, round: int, client_ids: Sequence[str], download: Tensors) -> Iterator[ClientUpdate]:
@@ -78,6 +82,7 @@ class InProcessExecutor:
         dp = self.privacy.dpsgd_for(cid) if self.privacy is not None else None
         privacy_metrics: dict[str, float] = {}
         self.method.client_receive(self.adapted, decode(download), round)
+        fingerprint = self.method.client_fingerprint(self.adapted)  # of the basis this model trains on
         steps = steps_for(data.num_examples, self.cfg)
         schedule, offset = round_schedule(
             base_lr=self.cfg.lr,
@@ -119,19 +124,25 @@ class InProcessExecutor:
             privacy_metrics = private_state(dp)
         if self.cfg.keep_optimizer_state:
             self.optimizer_states[cid] = opt_state
+        metrics = {
+            "loss": result.mean_loss,
+            "first_loss": result.losses[0] if result.losses else float("nan"),
+            "steps": result.steps,
+            "seconds": result.seconds,
+            **privacy_metrics,
+        }
+        if self.privacy_mode != "none":
+            from fedsb.privacy.release import releasable_metrics
+
+            log.debug("%s round %d (kept on the client under DP): %s", cid, round, metrics)
+            metrics = releasable_metrics(self.privacy_mode, metrics)
         return ClientUpdate(
             client_id=cid,
             round=round,
             num_examples=data.num_examples,
             tensors=encode(self.method.client_upload(self.adapted), self.wire_dtype),
-            basis_fingerprint=self.method.basis_fingerprint,
-            metrics={
-                "loss": result.mean_loss,
-                "first_loss": result.losses[0] if result.losses else float("nan"),
-                "steps": result.steps,
-                "seconds": result.seconds,
-                **privacy_metrics,
-            },
+            basis_fingerprint=fingerprint,
+            metrics=metrics,
         )
 
     # ---- client-side state for checkpoints ------------------------------------------------------------------

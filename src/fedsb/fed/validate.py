@@ -28,11 +28,12 @@ def validate_update(
     seen: Collection[str],
     reference: Mapping[str, torch.Tensor] | None = None,
     max_norm: float | None = None,
+    declared_sizes: Mapping[str, int] | None = None,
 ) -> None:
     """Raise `UpdateRejected` with a reason if the update must not be aggregated.
 
-    Checks, in order: round (stale or future), client sampled this round, duplicate, example count, basis
-    fingerprint, key set, shapes, dtype, finite values, and the norm bound: the Frobenius norm of the change
+    Checks, in order: round (stale or future), client sampled this round, duplicate, example count (under DP:
+    equal to the public size in `declared_sizes`, the privacy plan's), basis fingerprint, key set, shapes, dtype, finite values, and the norm bound: the Frobenius norm of the change
     sum_k ||T_k - reference_k||^2 over all tensors (the change a client proposes, not its absolute state).
     """
     cid = update.client_id
@@ -50,6 +51,12 @@ def validate_update(
         or update.num_examples <= 0
     ):
         raise UpdateRejected(cid, f"num_examples={update.num_examples!r} must be a positive integer")
+    if declared_sizes is not None and update.num_examples != declared_sizes.get(cid):
+        raise UpdateRejected(
+            cid,
+            f"num_examples={update.num_examples} differs from the size the privacy plan used "
+            f"({declared_sizes.get(cid)}); under DP a client declares its planned size",
+        )
     if fingerprint is not None and update.basis_fingerprint != fingerprint:
         got = (update.basis_fingerprint or "none")[:12]
         raise UpdateRejected(cid, f"basis fingerprint {got} does not match the server's {fingerprint[:12]}")

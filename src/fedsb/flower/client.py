@@ -25,8 +25,9 @@ from fedsb.seeding import derive_seed
 SUPPORTED_METHODS = ("fedsb", "fedit", "ffa", "full")
 #: why the others are refused (a SuperNode keeps its own W0, and these fold updates into it every round)
 UNSUPPORTED_REASON = (
-    "folds every round's stacked factors into each client's own W0, so a SuperNode that misses a round "
-    "(not sampled, or down) would train on a stale W0"
+    "folds every round's stacked factors into each client's own W0; the server sends the folds a client "
+    "missed, but a deployed ClientApp process lives for one message and would rebuild W0 without them "
+    "(the client then refuses the round rather than train on a stale W0)"
 )
 
 
@@ -148,5 +149,6 @@ def build_runtime(
         seed=cfg.seed,
         wire_dtype=cfg.fed.wire_dtype,
         loss_fn=loss_for(task),
+        privacy_mode=cfg.privacy.mode,
     )
     return ClientRuntime(cfg=cfg, client_id=cid, method=method, executor=executor)

@@ -18,7 +18,7 @@ ROUND_CONFIG = "fedsb.round"  # ConfigRecord: round, client-id
 DOWNLOAD = "fedsb.download"  # ArrayRecord: the round's download in the wire dtype
 UPDATE = "fedsb.update"  # ArrayRecord: the client's upload in the wire dtype
 UPDATE_META = "fedsb.meta"  # ConfigRecord: round, client-id, num-examples, fingerprint
-METRICS = "metrics"  # MetricRecord: loss, first_loss, steps, seconds
+METRICS = "metrics"  # MetricRecord: loss, first_loss, steps, seconds (under DP: fedsb.privacy.release)
 
 
 @dataclass(frozen=True)

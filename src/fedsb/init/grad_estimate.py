@@ -32,13 +32,20 @@ def truncate_batch(batch: Batch, n: int) -> dict[str, torch.Tensor]:
 
 
 @contextmanager
-def isolated_training_state(model: nn.Module, weights: Mapping[str, nn.Parameter]) -> Iterator[None]:
-    """Train mode, gradients on `weights` only, existing .grad set aside, global RNG forked; all restored."""
+def isolated_training_state(
+    model: nn.Module, weights: Mapping[str, nn.Parameter], seed: int = 0
+) -> Iterator[None]:
+    """Train mode, gradients on `weights` only, existing .grad set aside, RNG forked and seeded; restored.
+
+    Dropout inside draws from the global RNG, forked (the caller's CPU and CUDA states are untouched) and
+    seeded with `seed`, so the same inputs give the same gradients in every process.
+    """
     modes = {m: m.training for m in model.modules()}
     flags = {p: p.requires_grad for p in model.parameters()}
     saved_grads = {p: p.grad for p in model.parameters()}
-    # dropout draws inside must not advance the caller's global RNG
-    with torch.random.fork_rng(devices=[]):
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):  # manual_seed below seeds every device: restore them all
+        torch.random.manual_seed(seed % (2**63))
         try:
             for p in model.parameters():
                 p.requires_grad_(False)
@@ -64,6 +71,7 @@ def estimate_gradients(
     loss_fn: LossFn = default_loss,
     train_step: Callable[[nn.Module], None] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """G_W = sum over batches of grad_W(mean batch loss) for each weight in `weights` (fp32, same shape).
 
@@ -73,13 +81,15 @@ def estimate_gradients(
       * a `train_step(model)` callback that runs forward and backward itself, any number of times.
     Only the target weights get gradients (no memory for embeddings or heads). The model's train/eval modes,
     `requires_grad` flags and existing `.grad` tensors are as before afterwards; no hooks are registered.
-    The scale of G_W does not matter for the sign step that follows.
+    Dropout stays on (train mode, as the first fine-tuning step it approximates) and draws its masks from
+    the RNG seeded with `seed` (`isolated_training_state`): the estimate, and so the basis fingerprint, is
+    the same in every run and process. The scale of G_W does not matter for the sign step that follows.
     """
     if (batches is None) == (train_step is None):
         raise ValueError("pass either `batches` (with num_samples) or `train_step`, not both")
     if not weights:
         raise FedsbError(field="weights", value={}, fix="pass at least one target weight")
-    with isolated_training_state(model, weights):
+    with isolated_training_state(model, weights, seed):
         if train_step is not None:
             train_step(model)
         else:

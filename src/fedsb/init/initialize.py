@@ -45,12 +45,14 @@ def compute_basis(
     power_iters: int = 4,
     generator: torch.Generator | None = None,
     on_batch: Callable[[int], None] | None = None,
+    dropout_seed: int = 0,
 ) -> Basis:
     """The frozen basis and R0 for `model`; the model itself is left exactly as it was.
 
     init='lora-sb' estimates G_W over `num_samples` examples of `batches` (or via `train_step`), then takes
     dW = -eta * sign(G_W) and its truncated SVD. 'lora-xs' uses the SVD of W0; 'random' random orthonormal
-    bases (both data-free). `generator` drives every random draw (randomized SVD, random bases).
+    bases (both data-free). `generator` drives every random draw (randomized SVD, random bases);
+    `dropout_seed` seeds the dropout masks of the gradient estimate, so the basis is reproducible.
     """
     if init not in INIT_KINDS:
         raise FedsbError(field="init", value=init, fix=f"use one of {', '.join(INIT_KINDS)}")
@@ -67,6 +69,7 @@ def compute_basis(
             loss_fn=loss_fn,
             train_step=train_step,
             on_batch=on_batch,
+            seed=dropout_seed,
         )
         # Conv1D stores its weight (n, m): turn gradients into weight orientation (m, n)
         grads = {p: (g.T if isinstance(modules[p], Conv1D) else g) for p, g in grads.items()}

@@ -79,12 +79,15 @@ def random_orthonormal(rows: int, cols: int, generator: torch.Generator) -> torc
 
 
 def fingerprint(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], scaling: float) -> str:
-    """SHA-256 over sorted module names, shapes, scaling and the fp32 bytes of B and A (hex, 64 chars)."""
+    """SHA-256 over sorted module names, shapes, scaling and the fp32 bytes of B and A (hex, 64 chars).
+
+    The bytes are hashed in place (an fp32 CPU tensor is not copied), so hashing costs one SHA-256 pass.
+    """
     h = hashlib.sha256()
     h.update(f"fedsb-basis-v1;scaling={float(scaling)!r};".encode())
     for name in sorted(factors):
         B, A = factors[name]
         h.update(f"{name};B{tuple(B.shape)};A{tuple(A.shape)};".encode())
-        h.update(B.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
-        h.update(A.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+        h.update(B.detach().to(torch.float32).contiguous().cpu().numpy())
+        h.update(A.detach().to(torch.float32).contiguous().cpu().numpy())
     return h.hexdigest()

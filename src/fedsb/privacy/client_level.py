@@ -5,6 +5,10 @@
 with clip(d, C) = d * min(1, C / ||d||_2) over ALL of a client's tensors together and m the planned number
 of clients per round (a fixed denominator, so one client changes the sum by at most C whatever arrives).
 For Fed-SB, ||R_i - R||_F = ||s B (R_i - R) A||_F (orthonormal B, A), so clipping R clips the weight update.
+
+Trust model: the server is trusted (it sees each client's unnoised update, as in DP-FedAvg); the guarantee
+(one client's whole data) holds for everything the server releases or writes: the noisy global state,
+the results and the checkpoints. The noise comes from a `NoiseSource` (the OS CSPRNG by default).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from fedsb.fed.base import Tensors
+from fedsb.privacy.noise import NoiseSource
 
 
 class ClippedNoisyMean:
@@ -26,14 +31,14 @@ class ClippedNoisyMean:
         clip: float,
         noise_multiplier: float,
         denominator: int,
-        generator: torch.Generator,
+        noise: NoiseSource,
         on_release: Callable[[], None] | None = None,
     ) -> None:
         self.reference = {k: v.detach().to(torch.float64) for k, v in reference.items()}
         self.clip = float(clip)
         self.noise_multiplier = float(noise_multiplier)
         self.denominator = int(denominator)
-        self.generator = generator
+        self.noise = noise
         self.on_release = on_release
         self.sum = {k: torch.zeros_like(v) for k, v in self.reference.items()}
         self.count = 0
@@ -58,7 +63,7 @@ class ClippedNoisyMean:
         std = self.noise_multiplier * self.clip
         out: Tensors = {}
         for k, ref in self.reference.items():
-            noise = torch.randn(ref.shape, generator=self.generator, dtype=torch.float64) * std
+            noise = self.noise.gaussian(ref.shape, std=std, dtype=torch.float64)
             out[k] = (ref + (self.sum[k] + noise) / self.denominator).to(torch.float32)
         if self.on_release is not None:
             self.on_release()

@@ -4,6 +4,12 @@ One step: a Poisson batch (each of the client's N examples independently with pr
 per-example gradients g_i of R (and a trained head) from Opacus' hooks, g_i <- g_i * min(1, C / ||g_i||),
 g = (sum_i g_i + N(0, sigma^2 C^2 I)) / (q N), then the optimizer step. The frozen model gets no hooks
 and no gradients. The client's `PrivacyAccount` persists across rounds and records every step.
+
+Two things differ from stock Opacus, both in small subclasses of its own classes: every random draw (the
+Poisson masks, the Gaussian noise) comes from a `NoiseSource` (the OS CSPRNG unless
+privacy.reproducible_noise=true), and the per-example gradients are cast to float32 before their norms,
+the clipping and the sum, so under bf16 autocast the clipped norms are <= C to fp32 precision (in bf16 the
+norms were off by up to ~0.4%, and the accountant assumes exactly C).
 """
 
 from __future__ import annotations
@@ -16,13 +22,14 @@ from typing import Any
 import torch
 from opacus.grad_sample import GradSampleHooks
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader
 
 from fedsb.errors import FedsbError
 from fedsb.privacy.accounting import PrivacyAccount
-from fedsb.seeding import derive_seed
+from fedsb.privacy.noise import NoiseSource, noise_source
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -30,8 +37,49 @@ Batch = Mapping[str, torch.Tensor]
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
 
 
+class PoissonSampler(UniformWithReplacementSampler):
+    """Opacus' Poisson sampler (each index independently with probability q) drawing from a `NoiseSource`."""
+
+    def __init__(self, *, num_samples: int, sample_rate: float, steps: int, noise: NoiseSource) -> None:
+        super().__init__(num_samples=num_samples, sample_rate=sample_rate, steps=steps)
+        self.noise = noise
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            mask = self.noise.uniform(self.num_samples) < self.sample_rate  # (N,) bool
+            yield mask.nonzero(as_tuple=False).reshape(-1).tolist()
+
+
+class NoisedDPOptimizer(DPOptimizer):
+    """Opacus' `DPOptimizer` with fp32 per-example gradients and noise from a `NoiseSource`.
+
+    `_get_flat_grad_sample` feeds both the per-example norms and the clipped sum, so casting there makes
+    the whole clip-and-accumulate run in float32 whatever dtype the hooks computed under autocast.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, noise: NoiseSource, **kwargs: Any) -> None:
+        super().__init__(optimizer, generator=None, secure_mode=False, **kwargs)
+        self.noise = noise
+
+    def _get_flat_grad_sample(self, p: torch.Tensor) -> torch.Tensor:
+        return super()._get_flat_grad_sample(p).to(torch.float32)
+
+    def add_noise(self) -> None:
+        """p.grad = summed clipped gradients + N(0, sigma^2 C^2 I), the noise from `self.noise`."""
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            noise = self.noise.gaussian(
+                p.summed_grad.shape,
+                std=self.noise_multiplier * self.max_grad_norm,
+                dtype=p.summed_grad.dtype,
+                device=p.summed_grad.device,
+            )
+            p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
 def poisson_batches(
-    loader: DataLoader, *, sample_rate: float, steps: int, generator: torch.Generator
+    loader: DataLoader, *, sample_rate: float, steps: int, noise: NoiseSource
 ) -> Iterator[Batch]:
     """`steps` Poisson batches over `loader`'s dataset, collated by its collate_fn; an empty draw gives {}."""
     if not isinstance(loader, DataLoader):
@@ -41,9 +89,7 @@ def poisson_batches(
             fix="give DP-SGD a torch DataLoader (it resamples its dataset with Poisson sampling)",
         )
     ds, collate = loader.dataset, loader.collate_fn
-    sampler = UniformWithReplacementSampler(
-        num_samples=len(ds), sample_rate=sample_rate, generator=generator, steps=steps
-    )
+    sampler = PoissonSampler(num_samples=len(ds), sample_rate=sample_rate, steps=steps, noise=noise)
     fetch = getattr(ds, "__getitems__", None)  # one batched read (HF datasets) instead of one per row
     for indices in sampler:
         if not len(indices):
@@ -55,12 +101,17 @@ def poisson_batches(
 
 @dataclass
 class DPSGD:
-    """DP-SGD settings of one client for one round: its account (sigma, q, delta) and the clipping norm C."""
+    """DP-SGD settings of one client for one round: its account (sigma, q, delta), the clipping norm C, and
+    where its randomness comes from (the OS CSPRNG; the given seed only with `reproducible_noise`)."""
 
     account: PrivacyAccount
     max_grad_norm: float
     num_examples: int
     poisson: bool = True
+    reproducible_noise: bool = False
+
+    def noise(self, seed: int, purpose: str) -> NoiseSource:
+        return noise_source(reproducible=self.reproducible_noise, seed=seed, purpose=[purpose])
 
     @property
     def expected_batch_size(self) -> float:
@@ -72,9 +123,11 @@ class DPSGD:
             from fedsb.train.local import cycle_epochs
 
             return cycle_epochs(make_epoch)
-        gen = torch.Generator().manual_seed(derive_seed(seed, "poisson") % (2**63))
         return poisson_batches(
-            make_epoch(0), sample_rate=self.account.sample_rate, steps=steps, generator=gen
+            make_epoch(0),
+            sample_rate=self.account.sample_rate,
+            steps=steps,
+            noise=self.noise(seed, "poisson"),
         )
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, seed: int) -> PrivateStep:
@@ -97,14 +150,13 @@ class PrivateStep:
                 what=f"cannot hook this model's trainable modules ({exc})",
                 fix="train only adapter factors and linear heads under DP",
             ) from None
-        noise_gen = torch.Generator().manual_seed(derive_seed(seed, "dp-noise") % (2**63))
-        self.optimizer = DPOptimizer(
+        self.optimizer = NoisedDPOptimizer(
             optimizer,
+            noise=dp.noise(seed, "dp-noise"),
             noise_multiplier=dp.account.noise_multiplier,
             max_grad_norm=dp.max_grad_norm,
             expected_batch_size=max(1, round(dp.expected_batch_size)),
             loss_reduction="mean",
-            generator=noise_gen,
         )
         self.params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         self.checked = False
