@@ -205,3 +205,39 @@ def test_classification_run_trains_and_communicates_the_head(tmp_path: Path) -> 
     adapter = load_file(str(out / "adapter" / "adapter.safetensors"))
     assert "classifier.weight" in adapter and "classifier.bias" in adapter
     assert (out / "peft" / "head.safetensors").is_file()
+
+
+def test_a_run_whose_basis_dir_was_replaced_or_removed_is_refused(
+    tiny_run: Path, tmp_path: Path, capsys
+) -> None:
+    """load_trained / fedsb export / fedsb eval check basis/ against the fingerprint the checkpoint holds."""
+    import shutil
+
+    from fedsb.errors import CheckpointError
+    from fedsb.init.basis import Basis, ModuleFactors
+    from fedsb.trained import load_trained
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    old = Basis.load(run / "basis")
+    first = next(iter(old.factors))
+    factors = dict(old.factors)
+    f = factors[first]
+    factors[first] = ModuleFactors(
+        B=f.B, A=f.A[[1, 0, *range(2, f.rank)]].contiguous(), R0=f.R0
+    )  # still orthonormal
+    shutil.rmtree(run / "basis")
+    Basis(factors=factors, scaling=old.scaling, info=old.info).save(
+        run / "basis"
+    )  # a consistent, other basis
+    with pytest.raises(CheckpointError, match="basis/ was replaced or belongs to another run"):
+        load_trained(run)
+    assert main(["export", str(run), "--format", "merged", "--out", str(tmp_path / "merged")]) == 2
+    assert "basis/ was replaced" in capsys.readouterr().err and not (tmp_path / "merged").exists()
+    assert main(["eval", str(run)]) == 2
+    assert "basis/ was replaced" in capsys.readouterr().err
+    shutil.rmtree(run / "basis")
+    with pytest.raises(
+        CheckpointError, match="basis is missing, but the run's checkpoint was trained on basis"
+    ):
+        load_trained(run)

@@ -244,3 +244,25 @@ def test_checkpoint_round_trip_and_corruption(tmp_path) -> None:
     (tmp_path / "round-0002" / "state.json").unlink()
     with pytest.raises(CheckpointError, match="incomplete"):
         load_checkpoint(tmp_path / "round-0002")
+
+
+def test_a_basis_changed_in_place_is_refused_by_the_round_and_the_export(tmp_path) -> None:
+    """Each client hashes the B, A its model holds before training: after an in-place change of A the
+    updates carry another fingerprint and are rejected, and exporting the model is refused."""
+    from fedsb.trained import export_final
+
+    method = _fedsb()
+    clients = _clients(2, [10, 20])
+    cfg = TrainConfig(lr=5e-2, local_steps=1, batch_size=2, warmup_ratio=0.0)
+    executor = InProcessExecutor(method, method.adapted, clients, cfg, rounds=2, seed=0)
+    server = Server(method, ClientSampler(list(clients), 2, seed=0), Ledger())
+    assert server.run_round(1, executor).accepted == ["client-0", "client-1"]
+    method.verify_basis(before="export the run")  # untouched: fine
+    layer = next(iter(method.adapted.layers.values()))
+    with torch.no_grad():
+        layer.lora_sb_A[0, 0] += 1e-3  # an in-place change of A
+    with pytest.raises(RoundFailed, match="basis fingerprint [0-9a-f]{12} does not match the server's"):
+        server.run_round(2, executor)
+    with pytest.raises(CheckpointError, match="refusing to export the run: the model's B and A hash to"):
+        export_final(method, None, None, tmp_path, rounds=1)
+    assert not (tmp_path / "adapter").exists()

@@ -212,8 +212,19 @@ def test_client_level_dp_runs_through_the_same_server_and_matches_the_simulator(
         "fed.rounds=1",
     ]
     ref = simulate(tmp_path / "sim", extra)
-    res = flower(tmp_path / "flwr", extra)
+    grid, replies = LocalGrid(client_app, 2), []
+    for node in grid.contexts:  # what each ClientApp actually sends back over the Grid
+        grid.tamper[node] = lambda reply: (replies.append(reply), reply)[1]
+    res = flower(tmp_path / "flwr", extra, grid)
     a, b = final_state(tmp_path / "sim"), final_state(tmp_path / "flwr")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
     assert res["privacy"] == ref["privacy"] and res["privacy"]["mode"] == "client"
+    # nothing unnoised but the tensors the trusted server clips and noises: no loss, no timing
+    from fedsb.flower import protocol as P
+
+    assert len(replies) == 2
+    for reply in replies:
+        assert dict(reply.content.metric_records.get(P.METRICS, {})) == {}
+    for r in (ref, res):
+        assert all(set(m) == {"num_examples"} for m in r["rounds"][0]["client_metrics"].values())

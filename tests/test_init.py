@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
@@ -186,3 +188,41 @@ def test_eta_rules_and_errors() -> None:
         compute_basis(make_tiny_llama(), rank=2, init="svd")
     with pytest.raises(FedsbError, match="svd='fast'"):
         compute_basis(make_tiny_llama(), rank=2, batches=lm_batches(), num_samples=4, svd="fast")
+
+
+_FINGERPRINT_SCRIPT = """
+import os, sys
+import torch
+sys.path.insert(0, {tests!r})
+from tiny import lm_batches, make_tiny_gpt2
+from fedsb.config import resolve_config
+from fedsb.fed.base import SetupContext, get_method_class
+from fedsb.train.local import causal_lm_loss
+
+for seed in (0, 1):
+    model = make_tiny_gpt2()  # GPT-2 has dropout 0.1: the gradient estimate runs in train mode
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))  # whatever this process did before
+    cfg = resolve_config({tiny!r}, ["adapter.rank=4", f"seed={{seed}}"])
+    ctx = SetupContext(cfg=cfg, init_batches=lambda: lm_batches(), num_samples=8, loss_fn=causal_lm_loss)
+    print(get_method_class("fedsb").create(model, ctx).basis_fingerprint)
+"""
+
+
+def test_the_basis_of_a_dropout_model_is_the_same_in_every_process() -> None:
+    """Two processes with different global RNG states compute the same Fed-SB basis for the same config;
+    a different run seed gives a different one (the dropout masks are seeded from it, and they matter)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    script = _FINGERPRINT_SCRIPT.format(tests=str(root / "tests"), tiny=str(root / "configs" / "tiny.yaml"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")])}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0].split() for p in procs]
+    assert all(p.returncode == 0 for p in procs) and all(len(o) == 2 for o in outs)
+    assert outs[0] == outs[1]  # seed 0 and seed 1: each the same in both processes
+    assert outs[0][0] != outs[0][1]  # and dropout does change the estimate

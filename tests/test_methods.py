@@ -129,6 +129,66 @@ def test_a_separate_client_model_folds_to_the_same_weights(name: str) -> None:
         torch.testing.assert_close(a[p], c[p], atol=1e-6, rtol=0)
 
 
+class ScheduledSampler(ClientSampler):
+    """Fixed client lists per round (to make a client miss rounds on purpose)."""
+
+    def __init__(self, schedule: dict[int, list[str]]) -> None:
+        super().__init__(list(SIZES), 3, seed=0)
+        self.schedule = schedule
+
+    def sample(self, round: int) -> list[str]:
+        return list(self.schedule[round])
+
+
+@pytest.mark.parametrize("name", ["fedex", "flora"])
+def test_a_separate_client_that_missed_two_rounds_catches_up_to_the_servers_w0(name: str) -> None:
+    """c3 holds its OWN model (not the simulator's shared one), trains in round 1, misses rounds 2 and 3:
+    the round-4 download carries the folds of rounds 1-3, and c3's W0 then equals the server's."""
+    from fedsb.errors import FedsbError
+
+    server_method = _method(name)
+    schedule = {1: ["c0", "c1", "c3"], 2: ["c0", "c1", "c2"], 3: ["c0", "c1", "c2"], 4: ["c0", "c2", "c3"]}
+    ledger = Ledger()
+    server = Server(server_method, ScheduledSampler(schedule), ledger)
+    separate = _method(name)  # c3's own party: same W0 and seeded LoRA, no fold yet
+    clients = RandomClients(server_method, SIZES)
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+
+    class WithSeparateClient:
+        def train_round(self, round, client_ids, download):
+            if "c3" in client_ids:  # the server's model holds W0 after round - 1 and the global state now
+                separate.client_receive(separate.adapted, decode(download), round)
+                seen[round] = {
+                    p: layer.base_layer.weight.detach().clone()
+                    for p, layer in separate.adapted.layers.items()
+                }
+                a, b = _weights(server_method), _weights(separate)
+                for p in a:
+                    torch.testing.assert_close(b[p], a[p], atol=1e-6, rtol=0)
+            yield from clients.train_round(round, client_ids, download)
+
+    for rnd in (1, 2, 3, 4):
+        server.run_round(rnd, WithSeparateClient())
+        if rnd == 3:
+            server_w0 = {
+                p: layer.base_layer.weight.detach().clone()
+                for p, layer in server_method.adapted.layers.items()
+            }
+    assert sorted(seen) == [1, 4]
+    for p, w in seen[4].items():  # W0 after rounds 1, 2 and 3, as on the server
+        torch.testing.assert_close(w, server_w0[p], atol=1e-6, rtol=0)
+    assert {layer.fold_round for layer in separate.adapted.layers.values()} == {3}
+    down = {
+        e["round"]: e["params"] for e in ledger.entries if e["direction"] == "down" and e["client"] == "c0"
+    }
+    assert down[4] > down[3] > down[1]  # the catch-up folds travel, and the ledger counts them
+    assert sorted(server_method.folds) == [3, 4]  # kept: what c1 (last seen in round 3) still needs
+    # a client that missed rounds and gets only the last fold refuses rather than train on a stale W0
+    late = _method(name)
+    with pytest.raises(FedsbError, match="leaves this client's W0 stale: it holds the folds up to round 0"):
+        late.client_receive(late.adapted, decode(server_method.download()), 5)
+
+
 def test_full_fine_tuning_averages_every_weight() -> None:
     method = _method("full")
     server = _server(method)

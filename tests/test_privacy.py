@@ -148,7 +148,8 @@ def test_poisson_batches_are_secret_by_default_seeded_on_request_and_may_be_empt
 
     def draw(noise, q: float) -> list[list[int]]:
         return [
-            b["x"].tolist() if b else [] for b in poisson_batches(loader, sample_rate=q, steps=50, noise=noise)
+            b["x"].tolist() if b else []
+            for b in poisson_batches(loader, sample_rate=q, steps=50, noise=noise)
         ]
 
     assert draw(SeededNoise(1), 0.1) == draw(SeededNoise(1), 0.1) != draw(SeededNoise(2), 0.1)
@@ -159,10 +160,14 @@ def test_poisson_batches_are_secret_by_default_seeded_on_request_and_may_be_empt
     assert any(len(b) == 0 for b in draw(SeededNoise(3), 0.01))  # empty draws happen at small rates
     # the default DP-SGD settings sample with the OS CSPRNG: the same seed gives different batches
     dp = DPSGD(_account(1.0, 0.1), max_grad_norm=0.1, num_examples=40)
-    runs = [[len(b) for b in dp.batches(lambda e: loader, 30, seed=7)] for _ in range(2)]
+    runs = [
+        [b["x"].tolist() if b else [] for b in dp.batches(lambda e: loader, 30, seed=7)] for _ in range(2)
+    ]
     assert runs[0] != runs[1]
     dp.reproducible_noise = True
-    runs = [[len(b) for b in dp.batches(lambda e: loader, 30, seed=7)] for _ in range(2)]
+    runs = [
+        [b["x"].tolist() if b else [] for b in dp.batches(lambda e: loader, 30, seed=7)] for _ in range(2)
+    ]
     assert runs[0] == runs[1]
 
 
@@ -281,7 +286,12 @@ def test_client_level_mean_is_exact_without_noise_and_clips_each_update() -> Non
     assert float(delta) == pytest.approx(0.5, rel=1e-6)  # clipped to C = 1, divided by m = 2
     released = []
     agg = ClippedNoisyMean(
-        ref, clip=1.0, noise_multiplier=2.0, denominator=4, noise=SecureNoise(), on_release=lambda: released.append(1)
+        ref,
+        clip=1.0,
+        noise_multiplier=2.0,
+        denominator=4,
+        noise=SecureNoise(),
+        on_release=lambda: released.append(1),
     )
     agg.add(ref, 1)
     noise = torch.cat([(v - ref[k]).reshape(-1) for k, v in agg.result().items()])
@@ -431,3 +441,278 @@ def test_dp_step_on_an_encoder_with_a_head_clips_per_example_like_an_explicit_lo
     )
     for k, p in params.items():
         torch.testing.assert_close(p.detach() - before[k], expected[k], rtol=1e-4, atol=1e-7)
+
+
+# ---- issue 13: secret noise, fp32 clipping, nothing unnoised leaves a client, delta defaults -------------
+
+
+def test_secure_noise_is_gaussian_secret_and_never_repeats() -> None:
+    from fedsb.privacy.noise import noise_source
+    from fedsb.seeding import derive_seed
+
+    src = SecureNoise()
+    a = src.gaussian((200_000,), std=0.5, dtype=torch.float64)
+    assert abs(float(a.mean())) < 0.01 and float(a.std()) == pytest.approx(0.5, rel=0.01)
+    assert 2.9 < float(((a / a.std()) ** 4).mean()) < 3.1  # Gaussian kurtosis
+    assert not torch.equal(a, src.gaussian((200_000,), std=0.5, dtype=torch.float64))
+    assert not torch.any(src.gaussian((3,), std=0.0, dtype=torch.float32))  # sigma = 0: no noise
+    u = src.uniform(100_000)
+    assert 0 < float(u.min()) and float(u.max()) <= 1 and abs(float(u.mean()) - 0.5) < 0.01
+    # the run seed decides nothing unless privacy.reproducible_noise=true
+    assert isinstance(noise_source(reproducible=False, seed=0, purpose=["dp-noise"]), SecureNoise)
+    seeded = noise_source(reproducible=True, seed=0, purpose=["dp-noise"])
+    again = SeededNoise(derive_seed(0, "dp-noise"))
+    shape = (4, 4)
+    assert torch.equal(
+        seeded.gaussian(shape, std=1.0, dtype=torch.float32),
+        again.gaussian(shape, std=1.0, dtype=torch.float32),
+    )
+
+
+def _one_dp_step(method, dp, seed: int, lr: float = 1.0) -> dict[str, torch.Tensor]:
+    """One SGD DP-SGD step on a fixed batch of 6 from the method's current state; returns the change."""
+    params = method.adapted.trainable_parameters()
+    start = {k: p.detach().clone() for k, p in params.items()}
+    train_local(
+        method.adapted.model,
+        params,
+        lambda e: [_labelled_batch()],
+        _sgd(lr=lr),
+        steps=1,
+        schedule=Schedule(base_lr=lr, total=1, warmup=0, kind="constant"),
+        loss_fn=per_example_causal_lm_loss,
+        privacy=dp,
+        seed=seed,
+    )
+    change = {k: p.detach() - start[k] for k, p in params.items()}
+    method.adapted.set_state(start)
+    return change
+
+
+def test_dp_sgd_noise_cannot_be_regenerated_from_the_seed_unless_reproducible() -> None:
+    """The attack of issue 13 on one DP-SGD step: regenerate the noise from the published seed, subtract it.
+
+    With the default (secret) noise the residual is at the noise scale; with privacy.reproducible_noise=true
+    the un-noised update comes back to float rounding."""
+    from fedsb.seeding import derive_seed
+
+    method = _method("fedsb")
+    sigma, C, b = 1.0, 0.1, 6
+    seed = derive_seed(0, "dropout", "client-00", 1)  # what the simulator passes for client-00, round 1
+    clean = _one_dp_step(
+        method, DPSGD(_account(0.0, b / 60), max_grad_norm=C, num_examples=60, poisson=False), seed
+    )
+    d = sum(v.numel() for v in clean.values())
+    scale = sigma * C * math.sqrt(d) / b  # ||noise|| in the update
+    residuals = {}
+    for reproducible in (False, True):
+        dp = DPSGD(
+            _account(sigma, b / 60),
+            max_grad_norm=C,
+            num_examples=60,
+            poisson=False,
+            reproducible_noise=reproducible,
+        )
+        noisy = _one_dp_step(method, dp, seed)
+        attacker = SeededNoise(derive_seed(seed, "dp-noise"))  # the code and the seed are public
+        recovered = {
+            k: v + attacker.gaussian(v.shape, std=sigma * C, dtype=torch.float32) / b
+            for k, v in noisy.items()
+        }
+        residuals[reproducible] = float(
+            torch.sqrt(sum(((recovered[k] - clean[k]) ** 2).sum() for k in clean))
+        )
+    assert residuals[True] < 1e-5 * scale  # reproducible: the un-noised update is recovered
+    assert 0.7 < residuals[False] / scale < 2.1  # secret: the residual is noise-sized (~sqrt(2) x scale)
+
+
+def test_per_example_clipping_is_fp32_under_bf16_autocast() -> None:
+    """Clipped per-example norms <= C (1 + 1e-6) with train.bf16=true (bf16 norms reached 1.0036 C).
+
+    One example per step, sigma = 0, SGD lr 1 from R = 0: the new R is minus that example's clipped gradient."""
+    method = _method("fedsb")
+    model, params = method.adapted.model, method.adapted.trainable_parameters()
+    method.adapted.set_state({k: torch.zeros_like(v) for k, v in method.adapted.get_state().items()})
+    zero = method.adapted.get_state()
+    cfg = TrainConfig(optimizer="sgd", lr=1.0, batch_size=1, local_steps=1, bf16=True, max_grad_norm=None)
+    C, batch, norms = 1e-3, _labelled_batch(batch=12, seed=5), []
+    for i in range(12):
+        method.adapted.set_state(zero)
+        one = {k: v[i : i + 1] for k, v in batch.items()}
+        dp = DPSGD(_account(0.0, 1 / 50), max_grad_norm=C, num_examples=50, poisson=False)
+        train_local(
+            model,
+            params,
+            lambda e, one=one: [one],
+            cfg,
+            steps=1,
+            schedule=Schedule(base_lr=1.0, total=1, warmup=0, kind="constant"),
+            loss_fn=per_example_causal_lm_loss,
+            privacy=dp,
+        )
+        norms.append(float(torch.sqrt(sum((p.detach().double() ** 2).sum() for p in params.values()))))
+    assert max(norms) <= C * (1 + 1e-6), max(norms) / C
+    assert min(norms) > C * (1 - 1e-4)  # clipping was active on every example
+
+
+def test_delta_defaults_to_min_1e5_and_a_tenth_of_1_over_n_and_large_deltas_are_refused() -> None:
+    from fedsb.privacy.ledger import PrivacyLedger
+
+    sizes, steps = {"a": 3, "b": 50_000}, {"a": 2, "b": 2}
+    cfg = resolve_config(TINY, ["privacy.mode=sample", "privacy.noise_multiplier=1.0"])
+    ledger = PrivacyLedger.plan(cfg, sizes, steps, init_info={})
+    assert {u: a.delta for u, a in ledger.accounts.items()} == {"a": 1e-5, "b": pytest.approx(2e-6)}
+    assert ledger.summary()["delta_rule"] == "min(1e-5, 1/(10 N)), N_i = the client's examples"
+    client = resolve_config(TINY, ["privacy.mode=client", "privacy.noise_multiplier=1.0"])
+    many = dict.fromkeys([f"c{i}" for i in range(200_000)], 1)
+    assert PrivacyLedger.plan(client, sizes, steps, init_info={}).accounts["server"].delta == 1e-5
+    assert PrivacyLedger.plan(client, many, steps, init_info={}).accounts["server"].delta == pytest.approx(
+        5e-7
+    )
+    large = resolve_config(TINY, ["privacy.mode=sample", "privacy.noise_multiplier=1.0", "privacy.delta=0.5"])
+    with pytest.raises(
+        ConfigError, match=r"privacy.delta=0.5 is >= 1/N = 1/3 .* privacy.allow_large_delta=true"
+    ):
+        PrivacyLedger.plan(large, sizes, steps, init_info={})
+    with pytest.raises(ConfigError, match=r"privacy.delta=0.6 is >= 1/N = 1/2 \(2 clients\)"):
+        PrivacyLedger.plan(
+            resolve_config(
+                TINY, ["privacy.mode=client", "privacy.noise_multiplier=1.0", "privacy.delta=0.6"]
+            ),
+            {"a": 3, "b": 4},
+            steps,
+            init_info={},
+        )
+    allowed = resolve_config(
+        TINY,
+        [
+            "privacy.mode=sample",
+            "privacy.noise_multiplier=1.0",
+            "privacy.delta=0.2",
+            "privacy.allow_large_delta=true",
+        ],
+    )
+    summary = PrivacyLedger.plan(allowed, sizes, steps, init_info={}).summary()
+    assert summary["delta"] == 0.2 and "allow_large_delta=true" in summary["delta_rule"]
+
+
+def test_a_private_client_sends_only_privatized_tensors_and_accounted_state(tmp_path: Path, capsys) -> None:
+    assert _dp_run(tmp_path, "fed.rounds=1", "export=false", "eval.initial=false") == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    (record,) = results["rounds"]
+    for cid, metrics in record["client_metrics"].items():
+        assert set(metrics) == {"num_examples", "epsilon", "noise_multiplier", "dp_steps"}, cid
+        assert metrics["num_examples"] == results["privacy"]["client_sizes"][cid] == 32  # the planned size
+    assert math.isnan(record["train_loss"])  # no client loss crossed the boundary
+    released = results["privacy"]["released"]
+    assert (
+        any("kept" in k for k in released)
+        and "training losses (loss, first_loss)" in released["kept_on_clients"]
+    )
+    assert released["holds_against"].startswith("a reader of everything the run writes")
+    assert results["privacy"]["noise"].startswith("secret: os.urandom")
+    _, _, state = load_checkpoint_state(tmp_path)
+    assert all("loss" not in m for r in state["history"] for m in r["client_metrics"].values())
+    out = capsys.readouterr().out
+    assert "privacy noise" in out and "secret (OS CSPRNG)" in out
+
+
+def load_checkpoint_state(run: Path):
+    from fedsb.fed.checkpoint import latest_checkpoint, load_checkpoint
+
+    return load_checkpoint(latest_checkpoint(run / "checkpoints"))
+
+
+def test_an_update_whose_count_differs_from_the_privacy_plan_is_rejected() -> None:
+    from fedsb.errors import UpdateRejected
+    from fedsb.fed.base import ClientUpdate
+    from fedsb.fed.validate import validate_update
+
+    update = ClientUpdate("c0", 1, 31, {"r": torch.zeros(2, 2)})
+    kwargs = dict(
+        round=1, spec={"r": (2, 2)}, wire_dtype=torch.float32, fingerprint=None, sampled=["c0"], seen=[]
+    )
+    validate_update(update, **kwargs)  # without DP any positive count is accepted
+    with pytest.raises(
+        UpdateRejected, match=r"num_examples=31 differs from the size the privacy plan used \(32\)"
+    ):
+        validate_update(update, **kwargs, declared_sizes={"c0": 32})
+
+
+def _final_global_state(run: Path):
+    from fedsb.trained import load_trained
+
+    method, _, _ = load_trained(run)
+    return method.state
+
+
+def test_seed_attack_recovers_the_unnoised_mean_only_with_reproducible_noise(tmp_path: Path, capsys) -> None:
+    """Issue 13's attack on a tiny client-level DP run, with only the run directory and the public code:
+    read the seed from config.yaml, regenerate the server's round-1 noise, subtract it from the released R.
+
+    Secret noise (the default): the residual is at the noise scale. privacy.reproducible_noise=true: the
+    un-noised mean is recovered to float rounding, and the run says the guarantee does not hold."""
+    import yaml
+
+    from fedsb.seeding import derive_seed
+
+    base = [
+        "threads=1", "privacy.mode=client", "privacy.clip_update=0.05", "fed.rounds=1", "eval.initial=false",
+        "data.test_size=4", "export=false",
+    ]  # fmt: skip
+
+    def run_cli(out: Path, *extra: str) -> int:
+        return main(["run", "--config", TINY, "--no-progress", "--output", str(out), *base, *extra])
+
+    sigma, C, m = 0.5, 0.05, 2  # m: clients per round, the fixed denominator
+    assert run_cli(tmp_path / "clean", "privacy.noise_multiplier=0") == 0
+    clean = _final_global_state(tmp_path / "clean")  # the un-noised mean (round-1 training ignores sigma)
+    d = sum(v.numel() for v in clean.values())
+    scale = sigma * C * math.sqrt(d) / m
+    residuals = {}
+    for reproducible in ("false", "true"):
+        run = tmp_path / f"reproducible-{reproducible}"
+        flags = [f"privacy.noise_multiplier={sigma}", f"privacy.reproducible_noise={reproducible}"]
+        assert run_cli(run, *flags) == 0
+        released = _final_global_state(run)
+        seed = yaml.safe_load((run / "config.yaml").read_text())["seed"]
+        attacker = SeededNoise(derive_seed(seed, "client-dp-noise", 1))
+        recovered = {
+            k: v.double() - attacker.gaussian(v.shape, std=sigma * C, dtype=torch.float64) / m
+            for k, v in released.items()
+        }
+        residuals[reproducible] = float(
+            torch.sqrt(sum(((recovered[k] - clean[k].double()) ** 2).sum() for k in clean))
+        )
+        table = capsys.readouterr().out
+        manifest = json.loads((run / "manifest.json").read_text())["privacy"]
+        if reproducible == "true":
+            assert (
+                manifest["noise"].startswith("REPRODUCIBLE, NOT SECRET")
+                and "does NOT hold" in manifest["noise"]
+            )
+            assert "REPRODUCIBLE from the run seed: the guarantee does NOT hold" in table
+        else:
+            assert manifest["noise"].startswith("secret") and "secret (OS CSPRNG)" in table
+    assert residuals["true"] < 1e-5 * scale  # recovered: the guarantee does not hold against the config
+    assert 0.7 < residuals["false"] / scale < 2.1  # not recoverable: the residual is the (secret) noise
+
+
+def test_a_refused_resume_override_changes_nothing_and_a_plain_resume_still_works(
+    tmp_path: Path, capsys
+) -> None:
+    assert _dp_run(tmp_path, "export=false", "eval.initial=false", "--stop-after-round", "1") == 0
+    files = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    refused = {
+        "fed.rounds=5": "fed.rounds=5 cannot change on a DP run",
+        "train.lr=0.1": "train.lr=0.1 cannot change when resuming",
+    }
+    for override, message in refused.items():
+        assert main(["run", "--resume", str(tmp_path), "--no-progress", override]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "fix:" in err
+        assert {
+            p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()
+        } == files  # nothing written
+    assert main(["run", "--resume", str(tmp_path), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["rounds_completed"] == 2

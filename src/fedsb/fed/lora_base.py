@@ -161,6 +161,11 @@ def split_folds(payload: Mapping[str, torch.Tensor], round: int) -> tuple[Tensor
     return state, folds
 
 
+def _held(adapted: AdaptedModel) -> int:
+    """The last round whose fold every layer of `adapted` holds."""
+    return min((layer.fold_round for layer in adapted.layers.values()), default=0)
+
+
 class FoldingMethod(LoraMethod):
     """LoRA methods whose server folds a dense update into W0 every round (FedEx-LoRA, FLoRA).
 
@@ -248,8 +253,11 @@ class FoldingMethod(LoraMethod):
         state, folds = split_folds(payload, round)
         state = {k: v.to(torch.float32) for k, v in state.items()}
         for k in sorted(folds):
+            held = _held(adapted)
+            if k > held + 1:  # a gap: folding k now would skip round held + 1 for good
+                break
             self._fold_all(folds[k].stacks, state if k == round - 1 else folds[k].inputs, adapted, k)
-        held = min((layer.fold_round for layer in adapted.layers.values()), default=round - 1)
+        held = _held(adapted)
         if held < round - 1:
             raise FedsbError(
                 field=f"download for round {round}",
