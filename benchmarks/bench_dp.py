@@ -12,7 +12,7 @@
 
 Accuracy part: for every epsilon, `fedsb compare` runs the variants under identical partitions and seeds
 with privacy.mode=sample and privacy.target_epsilon=eps (sigma solved per client for ALL planned steps;
-delta = 1/N_client; PRV accountant; Poisson sampling; C = 0.1), into benchmarks/out/dp-<preset>/eps<eps>/;
+delta = min(1e-5, 1/(10 N_client)); PRV accountant; Poisson sampling; C = 0.1), into benchmarks/out/dp-<preset>/eps<eps>/;
 a non-private reference runs into .../nodp/. Learning rates: each variant's rate tuned WITHOUT DP on the
 validation split by bench_methods.py --tune-lr (benchmarks/out/methods-<preset>/tuned_lr.json) if present,
 else the preset's. Finished runs are reused (idempotent). Writes dp.md, dp.json and dp.png (accuracy vs
@@ -216,7 +216,9 @@ def _relative_noise(
     from fedsb.train.local import loss_for, train_local
     from fedsb.train.schedule import Schedule
 
+    # the same Poisson batches for dW(sigma) and dW(0) need the seeded (research) noise source
     base = [*SHARED, f"fed.method={v.method}", "init.method=random", *extra, "privacy.mode=sample"]
+    base += ["privacy.reproducible_noise=true"]
     base += [f"adapter.rank={v.rank}"] if v.rank else []
     cfg0, task, method, data, (cid, client) = one_client(config, [*base, "privacy.noise_multiplier=0"])
     layers = [m for m in method.adapted.model.modules() if isinstance(m, AdapterLayer)]

@@ -17,6 +17,9 @@ A DP guarantee holds only if the noise is unknown to the reader of the release. 
   `privacy.reproducible_noise=true`; the stated (epsilon, delta) then does NOT hold against anyone who can
   read the config. Its draws are exactly those of the Opacus code it replaces (`torch.normal`,
   `torch.rand` with that generator).
+
+Client sampling (fed.clients_per_round) stays seeded and public: the client-level accountant claims no
+amplification from it, and record-level DP-SGD does not depend on which clients take part.
 """
 
 from __future__ import annotations
