@@ -164,9 +164,8 @@ class Server:
             )
         t_agg = time.perf_counter()
         self.method.apply(aggregator.result(), round)
-        record.train_loss = (
-            weighted_loss / loss_weight if loss_weight else float("nan")
-        )  # nan: no losses (DP)
+        # nan when no client sent a loss (under DP losses stay on the clients)
+        record.train_loss = weighted_loss / loss_weight if loss_weight else float("nan")
         now = time.perf_counter()
         record.seconds = {"total": now - t0, "clients": client_seconds, "aggregate": now - t_agg}
         self.history.append(record)

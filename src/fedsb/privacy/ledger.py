@@ -166,10 +166,6 @@ class PrivacyLedger:
             reproducible_noise=self.reproducible_noise,
         )
 
-    def declared_size(self, client_id: str) -> int:
-        """The example count a client reports: the planned (public) size, never a fresh measurement."""
-        return self.client_sizes[client_id]
-
     # ---- client level: the round's aggregator ----------------------------------------------------------------
     def client_level_aggregator(self, reference: Mapping[str, torch.Tensor], round: int) -> ClippedNoisyMean:
         account = self.accounts[SERVER_UNIT]
