@@ -1,7 +1,8 @@
 """Every method's aggregation against the mean of the clients' updates (one parametrized table).
 
-Fed-SB, FedEx-LoRA and FLoRA must equal the weighted mean of the client models exactly; FFA-LoRA is exact
-for its B-only update; FedIT is not, and its gap must equal minus the weighted covariance of the factors.
+Fed-SB, RAVAN, FedEx-LoRA, FLoRA and FedSVD (after its re-factorization) must equal the weighted mean of
+the client models exactly; FFA-LoRA is exact for its B-only update; FedIT is not, and its gap must equal
+minus the weighted covariance of the factors.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from fedsb.train.local import causal_lm_loss
 from tiny import lm_batches, make_tiny_llama
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
-ADAPTER_METHODS = ["fedsb", "fedit", "ffa", "fedex", "flora"]
+ADAPTER_METHODS = ["fedsb", "ravan", "fedit", "ffa", "fedsvd", "fedex", "flora"]
 METHODS = [*ADAPTER_METHODS, "full"]
 SIZES = {"c0": 10, "c1": 30, "c2": 25, "c3": 5}
 
@@ -56,7 +57,7 @@ class RandomClients:
 
     def train_round(self, round: int, client_ids, download) -> Iterator[ClientUpdate]:
         self.method.client_receive(self.method.adapted, decode(download), round)
-        start = self.method.adapted.get_state(self.method.upload_spec())
+        start = self.method.adapted.get_state()  # every trained tensor (RAVAN: H_k and s_k)
         w0 = {
             p: layer.base_layer.weight.detach().double().clone()
             for p, layer in self.method.adapted.layers.items()
@@ -70,9 +71,10 @@ class RandomClients:
                     p: w0[p] + layer.delta_weight().detach().double()
                     for p, layer in self.method.adapted.layers.items()
                 }
-                self.sent.setdefault(round, {})[cid] = {k: v.clone() for k, v in tensors.items()}
+                sent = self.method.client_upload(self.method.adapted)  # RAVAN: s_k H_k
+                self.sent.setdefault(round, {})[cid] = {k: v.clone() for k, v in sent.items()}
                 yield ClientUpdate(
-                    cid, round, self.sizes[cid], tensors, self.method.basis_fingerprint, {"loss": 1.0}
+                    cid, round, self.sizes[cid], sent, self.method.basis_fingerprint, {"loss": 1.0}
                 )
 
 
@@ -220,6 +222,8 @@ def test_upload_and_download_sizes_per_method() -> None:
     fedit_params = sum(r * (m + n) for m, n in layers)
     expect_up = {
         "fedsb": len(layers) * r * r,
+        "ravan": len(layers) * 4 * r * r,  # ravan.heads = 4 heads of r x r
+        "fedsvd": sum(r * m for m, _ in layers),
         "fedit": fedit_params,
         "ffa": sum(r * m for m, _ in layers),
         "fedex": fedit_params,
@@ -248,7 +252,7 @@ def test_real_local_training_round_trip(name: str) -> None:
     assert all(torch.isfinite(v).all() for v in method.state.values())
 
 
-@pytest.mark.parametrize("name", ["fedit", "fedex", "flora"])
+@pytest.mark.parametrize("name", ["fedit", "fedex", "flora", "ravan", "fedsvd"])
 def test_cli_runs_each_baseline_and_resumes_bit_identically(name: str, tmp_path: Path) -> None:
     args = ["run", "--config", TINY, "--no-progress", f"fed.method={name}", "fed.rounds=3"]
     assert main([*args, "--output", str(tmp_path / "a")]) == 0

@@ -155,6 +155,24 @@ class InitConfig:
 
 
 @dataclass
+class RavanConfig:
+    heads: int = _f(4, "RAVAN (fed.method=ravan): heads h per layer, each r x r with r = adapter.rank")
+    init: str = _f(
+        "random",
+        "RAVAN's frozen head bases: random (orthonormal, the heads mutually orthogonal), lora-xs (SVD of "
+        "W0) or lora-sb (gradient SVD, the init.* settings); one rank-h*r basis split into h heads",
+    )
+    train_scales: bool = _f(True, "RAVAN: train the per-head scales s_h (false: fixed at 1)")
+
+    def __post_init__(self) -> None:
+        _positive_int("ravan.heads", self.heads)
+        _choice("ravan.init", self.init, ("random", "lora-xs", "lora-sb"))
+        _check(
+            isinstance(self.train_scales, bool), "ravan.train_scales", self.train_scales, "use true or false"
+        )
+
+
+@dataclass
 class DataConfig:
     task: str = _f("arithmetic", "task name (fedsb tasks)")
     train_size: int | None = _f(2000, "training examples pooled over all clients (null = whole split)")
@@ -399,6 +417,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    ravan: RavanConfig = field(default_factory=RavanConfig)
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -437,14 +456,14 @@ class RunConfig:
                 field="fed.method",
                 value=method,
                 what="is not supported with privacy.mode=sample (Opacus rejects trainable modules with buffers)",
-                fix="use an adapter method (fedsb, fedit, ffa, fedex, flora)",
+                fix="use an adapter method (fedsb, ravan, fedit, ffa, fedsvd, fedex, flora)",
             )
         if mode == "client" and method in ("fedex", "flora"):
             raise ConfigError(
                 field="privacy.mode",
                 value=mode,
                 what=f"does not apply to fed.method={method}: its aggregate is not a mean of the sent tensors",
-                fix="use privacy.mode=sample, or fed.method fedsb, fedit, ffa or full",
+                fix="use privacy.mode=sample, or fed.method fedsb, ravan, fedit, ffa, fedsvd or full",
             )
 
     def expected_clients_per_round(self) -> int:

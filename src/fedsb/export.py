@@ -1,7 +1,8 @@
 """Persistence and export: R-only adapters, lossless standard PEFT LoRA directories, merged models.
 
 PEFT export of dW = s * B R A: lora_B = B R (m, r), lora_A = A (r, n), lora_alpha = s * r so PEFT's scale
-alpha / r equals s. Nothing is approximated: the exported LoRA computes exactly the same update.
+alpha / r equals s. RAVAN's h heads export as one LoRA of rank h r: lora_B = [s_1 B_1 H_1 | ... | s_h B_h H_h],
+lora_A = [A_1; ...; A_h]. Nothing is approximated: the exported LoRA computes exactly the same update.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from transformers.pytorch_utils import Conv1D
 from fedsb.adapters.inject import AdaptedModel
 from fedsb.adapters.layer import AdapterLayer, LoraSBLinear
 from fedsb.adapters.lora import LoraLinear
+from fedsb.adapters.ravan import RavanLinear
 from fedsb.errors import CheckpointError
 
 log = logging.getLogger("fedsb.export")
@@ -52,6 +54,8 @@ def _peft_factors(layer: AdapterLayer) -> tuple[torch.Tensor, torch.Tensor]:
         return layer.lora_sb_B.float() @ layer.lora_sb_R.weight.float(), layer.lora_sb_A.float()  # B R, A
     if isinstance(layer, LoraLinear):
         return layer.lora_B.weight.float(), layer.lora_A.weight.float()
+    if isinstance(layer, RavanLinear):  # one LoRA of rank h r: [s_1 B_1 H_1 | ...], [A_1; ...]
+        return layer.peft_factors()
     raise TypeError(f"no PEFT export for {type(layer).__name__}")
 
 

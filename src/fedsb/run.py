@@ -147,7 +147,8 @@ def run_job(
     adapted = method.adapted
     if method.basis_fingerprint:
         echo(
-            f"basis: {cfg.init.method} from {data.init_info['num_samples']} {cfg.init.source} examples, "
+            f"basis: {data.init_info.get('method', cfg.init.method)} from {data.init_info['num_samples']} "
+            f"{cfg.init.source} examples, "
             f"eta={data.init_info.get('eta')}, fingerprint {method.basis_fingerprint[:12]}"
         )
 

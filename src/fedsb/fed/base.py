@@ -122,6 +122,20 @@ class FederatedMethod(ABC):
         """Inject this method's adapters into `model` (the server's, or the shared simulator model)."""
 
     @classmethod
+    def from_setup(
+        cls, model: nn.Module, cfg: RunConfig, setup: Mapping[str, torch.Tensor], fingerprint: str
+    ) -> FederatedMethod:
+        """A client's copy of the method from the server's one-time setup payload (its frozen basis).
+
+        Only methods with a `setup_payload` (and a `basis_fingerprint`) receive one."""
+        raise FedsbError(
+            field="setup payload",
+            value=cls.name,
+            what="was sent a frozen basis, but this method has none",
+            fix="use the same fedsb version on the server and on every client",
+        )
+
+    @classmethod
     def scaling_of(cls, cfg: RunConfig) -> float:
         """s = adapter.scaling, or the method's default when it is null."""
         return cls.default_scaling if cfg.adapter.scaling is None else float(cfg.adapter.scaling)

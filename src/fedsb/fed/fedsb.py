@@ -10,28 +10,33 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import ClassVar
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
 from fedsb.adapters.inject import AdaptedModel
 from fedsb.fed.base import FederatedMethod, SetupContext, Tensors
-from fedsb.init.basis import Basis
+from fedsb.init.basis import Basis, verified_basis
 from fedsb.init.initialize import attach_basis, compute_basis
 from fedsb.init.integrity import live_fingerprint, verify_live_basis
 from fedsb.init.svd import official_eta
 from fedsb.seeding import derive_seed
 
+if TYPE_CHECKING:
+    from fedsb.config import RunConfig
+
 log = logging.getLogger("fedsb.fed")
 
 
-class FedSB(FederatedMethod):
-    """Trains R (and any head); uploads R_i; aggregates the weighted mean of R; broadcasts B, A once."""
+class BasisMethod(FederatedMethod):
+    """A method whose frozen basis the server computes once and sends with a fingerprint (Fed-SB, RAVAN).
 
-    name: ClassVar[str] = "fedsb"
-    exact: ClassVar[bool] = True
-    default_scaling: ClassVar[float] = 1.0
+    `setup_payload` holds every layer's B and A under `payload_keys`; a Flower client rebuilds the method
+    from it (`from_setup`, after checking the fingerprint) with the subclass's `attach`."""
+
+    payload_keys: ClassVar[tuple[str, str]]
 
     def __init__(self, adapted: AdaptedModel, basis: Basis, *, weighting: str = "examples") -> None:
         super().__init__(adapted, weighting=weighting)
@@ -41,53 +46,18 @@ class FedSB(FederatedMethod):
             raise RuntimeError("the attached B and A differ from the basis they were attached from")
 
     @classmethod
-    def create(cls, model: nn.Module, ctx: SetupContext) -> FedSB:
-        """The server computes the basis once from the configured init data (or loads it when resuming)."""
-        cfg = ctx.cfg
-        basis_dir = ctx.setup_dir / "basis" if ctx.setup_dir else None
-        if ctx.resume and basis_dir is not None and basis_dir.exists():
-            basis = Basis.load(basis_dir)
-        else:
-            eta = cfg.init.eta
-            if cfg.init.eta_rule == "official":
-                batches = -(-ctx.info.get("pool_size", ctx.num_samples or 1) // cfg.init.batch_size)
-                eta = official_eta(
-                    cfg.train.lr, cfg.train.warmup_ratio, batches, cfg.train.local_epochs or 1.0
-                )
-            data_init = cfg.init.method == "lora-sb"
-            t0 = time.perf_counter()
-            basis = compute_basis(
-                model,
-                rank=cfg.adapter.rank,
-                targets=cfg.adapter.targets,
-                rank_overflow=cfg.adapter.rank_overflow,
-                init=cfg.init.method,
-                batches=ctx.init_batches() if data_init and ctx.init_batches else None,
-                num_samples=ctx.num_samples if data_init else None,
-                loss_fn=ctx.loss_fn,
-                eta=eta,
-                scaling=cls.scaling_of(cfg),
-                svd=cfg.init.svd,
-                oversample=cfg.init.oversample,
-                power_iters=cfg.init.power_iters,
-                generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "basis")),
-                dropout_seed=derive_seed(cfg.seed, "basis-dropout"),
-            )
-            ctx.info.update(
-                eta=eta, eta_rule=cfg.init.eta_rule, method=cfg.init.method, seconds=time.perf_counter() - t0
-            )
-            if not data_init:
-                ctx.info.update(num_samples=0, federated=True, note=f"data-free {cfg.init.method} init")
-            basis.info.update(ctx.info)
-            if basis_dir is not None:
-                basis.save(basis_dir)
-        ctx.info.update(
-            {k: basis.info[k] for k in ("eta", "eta_rule", "method", "seconds") if k in basis.info}
-        )
-        adapted = attach_basis(
-            model, basis, dropout=cfg.adapter.dropout, extra_trainable=cfg.adapter.extra_trainable
-        )
-        return cls(adapted, basis, weighting=cfg.fed.weighting)
+    def attach(cls, model: nn.Module, basis: Basis, cfg: RunConfig) -> AdaptedModel:
+        """Inject the method's layers built from `basis` (its R0 is the start; a received basis has R0 = 0)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_setup(
+        cls, model: nn.Module, cfg: RunConfig, setup: Mapping[str, torch.Tensor], fingerprint: str
+    ) -> BasisMethod:
+        """A client's copy from the server's B and A (checked against the announced fingerprint)."""
+        b_key, a_key = cls.payload_keys
+        basis = verified_basis(setup, cls.scaling_of(cfg), fingerprint, b_key=b_key, a_key=a_key)
+        return cls(cls.attach(model, basis, cfg), basis, weighting=cfg.fed.weighting)
 
     @property
     def basis_fingerprint(self) -> str:
@@ -103,13 +73,91 @@ class FedSB(FederatedMethod):
 
     def setup_payload(self) -> Tensors:
         """B (m, r) and A (r, n) of every adapted layer, sent once."""
+        b_key, a_key = self.payload_keys
         out: Tensors = {}
         for path, f in self.basis.factors.items():
-            out[f"{path}.lora_sb_B"] = f.B
-            out[f"{path}.lora_sb_A"] = f.A
+            out[f"{path}.{b_key}"] = f.B
+            out[f"{path}.{a_key}"] = f.A
         return out
+
+
+class FedSB(BasisMethod):
+    """Trains R (and any head); uploads R_i; aggregates the weighted mean of R; broadcasts B, A once."""
+
+    name: ClassVar[str] = "fedsb"
+    exact: ClassVar[bool] = True
+    default_scaling: ClassVar[float] = 1.0
+    payload_keys: ClassVar[tuple[str, str]] = ("lora_sb_B", "lora_sb_A")
+
+    @classmethod
+    def create(cls, model: nn.Module, ctx: SetupContext) -> FedSB:
+        """The server computes the basis once from the configured init data (or loads it when resuming)."""
+        cfg = ctx.cfg
+        basis = server_basis(
+            model, ctx, rank=cfg.adapter.rank, init=cfg.init.method, scaling=cls.scaling_of(cfg)
+        )
+        return cls(cls.attach(model, basis, cfg), basis, weighting=cfg.fed.weighting)
+
+    @classmethod
+    def attach(cls, model: nn.Module, basis: Basis, cfg: RunConfig) -> AdaptedModel:
+        """`LoraSBLinear` layers (R = R0 from the basis; a received basis has R0 = 0)."""
+        return attach_basis(
+            model, basis, dropout=cfg.adapter.dropout, extra_trainable=cfg.adapter.extra_trainable
+        )
 
     def untuned_state(self) -> Tensors:
         """R = 0 in every layer (B 0 A = 0, so the model is W0); heads as they are."""
         r_names = {f"{p}.lora_sb_R.weight" for p in self.adapted.layers}
         return {k: (torch.zeros_like(v) if k in r_names else v.clone()) for k, v in self.state.items()}
+
+
+def server_basis(
+    model: nn.Module,
+    ctx: SetupContext,
+    *,
+    rank: int,
+    init: str,
+    scaling: float,
+    adjust: Callable[[Basis], Basis] | None = None,
+) -> Basis:
+    """The server's one-time basis at `rank` by `init` (lora-sb: from the init data; lora-xs, random:
+    data-free), loaded from `setup_dir/basis` when resuming, else computed, passed through `adjust` (RAVAN
+    trims it to whole heads) and saved there. Records eta, the init and its time in `ctx.info`."""
+    cfg = ctx.cfg
+    basis_dir = ctx.setup_dir / "basis" if ctx.setup_dir else None
+    if ctx.resume and basis_dir is not None and basis_dir.exists():
+        basis = Basis.load(basis_dir)
+    else:
+        eta = cfg.init.eta
+        if cfg.init.eta_rule == "official":
+            batches = -(-ctx.info.get("pool_size", ctx.num_samples or 1) // cfg.init.batch_size)
+            eta = official_eta(cfg.train.lr, cfg.train.warmup_ratio, batches, cfg.train.local_epochs or 1.0)
+        data_init = init == "lora-sb"
+        t0 = time.perf_counter()
+        basis = compute_basis(
+            model,
+            rank=rank,
+            targets=cfg.adapter.targets,
+            rank_overflow=cfg.adapter.rank_overflow,
+            init=init,
+            batches=ctx.init_batches() if data_init and ctx.init_batches else None,
+            num_samples=ctx.num_samples if data_init else None,
+            loss_fn=ctx.loss_fn,
+            eta=eta,
+            scaling=scaling,
+            svd=cfg.init.svd,
+            oversample=cfg.init.oversample,
+            power_iters=cfg.init.power_iters,
+            generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "basis")),
+            dropout_seed=derive_seed(cfg.seed, "basis-dropout"),
+        )
+        if adjust is not None:
+            basis = adjust(basis)
+        ctx.info.update(eta=eta, eta_rule=cfg.init.eta_rule, method=init, seconds=time.perf_counter() - t0)
+        if not data_init:
+            ctx.info.update(num_samples=0, federated=True, note=f"data-free {init} init")
+        basis.info.update(ctx.info)
+        if basis_dir is not None:
+            basis.save(basis_dir)
+    ctx.info.update({k: basis.info[k] for k in ("eta", "eta_rule", "method", "seconds") if k in basis.info})
+    return basis

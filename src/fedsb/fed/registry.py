@@ -7,6 +7,8 @@ METHODS: dict[str, str] = {
     "fedsb": "fedsb.fed.fedsb:FedSB",
     "fedit": "fedsb.fed.fedit:FedIT",
     "ffa": "fedsb.fed.ffa:FFALoRA",
+    "ravan": "fedsb.fed.ravan:Ravan",
+    "fedsvd": "fedsb.fed.fedsvd:FedSVD",
     "fedex": "fedsb.fed.fedex:FedExLoRA",
     "flora": "fedsb.fed.flora:FLoRA",
     "full": "fedsb.fed.full:FullFineTune",

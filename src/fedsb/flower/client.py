@@ -1,28 +1,27 @@
 """The client side of the Flower app, free of Flower types: rebuild the model, the method and one client.
 
 A SuperNode hosts one client: partition `partition-id` of the run's data. Everything it needs besides its
-data arrives once from the server (the resolved config and, for Fed-SB, B and A with their fingerprint);
-per round it trains with the simulator's own `InProcessExecutor.train_client`, so local training, seeding
-and encoding are the simulator's, not a copy.
+data arrives once from the server (the resolved config and, for Fed-SB and RAVAN, the frozen bases with
+their fingerprint); per round it trains with the simulator's own `InProcessExecutor.train_client`, so local
+training, seeding and encoding are the simulator's, not a copy.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import yaml
 
 from fedsb.config import RunConfig, config_from_dict
-from fedsb.errors import ConfigError, FedsbError
+from fedsb.errors import ConfigError
 from fedsb.fed.base import ClientUpdate, FederatedMethod, SetupContext, Tensors, get_method_class
 from fedsb.fed.simulate import InProcessExecutor
 from fedsb.seeding import derive_seed
 
 #: methods whose server state every client can rebuild from one round's download
-SUPPORTED_METHODS = ("fedsb", "fedit", "ffa", "full")
+SUPPORTED_METHODS = ("fedsb", "ravan", "fedit", "ffa", "fedsvd", "full")
 #: why the others are refused (a SuperNode keeps its own W0, and these fold updates into it every round)
 UNSUPPORTED_REASON = (
     "folds every round's stacked factors into each client's own W0; the server sends the folds a client "
@@ -71,32 +70,6 @@ class ClientRuntime:
         return self.executor.train_client(round, self.client_id, download)
 
 
-def basis_from_payload(payload: Mapping[str, torch.Tensor], scaling: float) -> Any:
-    """A `Basis` from `<path>.lora_sb_B` (m, r) / `<path>.lora_sb_A` (r, n); R0 = 0 (R is downloaded)."""
-    from fedsb.init.basis import Basis, ModuleFactors
-
-    paths = sorted({k.rsplit(".", 1)[0] for k in payload})
-    factors = {}
-    for p in paths:
-        B = payload[f"{p}.lora_sb_B"].to(torch.float32)  # (m, r)
-        A = payload[f"{p}.lora_sb_A"].to(torch.float32)  # (r, n)
-        factors[p] = ModuleFactors(B=B, A=A, R0=torch.zeros(B.shape[1], B.shape[1]))
-    return Basis(factors=factors, scaling=scaling)
-
-
-def verified_basis(payload: Mapping[str, torch.Tensor], scaling: float, fingerprint: str) -> Any:
-    """The received basis, or an error if B, A do not hash to the fingerprint the server announced."""
-    basis = basis_from_payload(payload, scaling)
-    if basis.fingerprint != fingerprint:
-        raise FedsbError(
-            field="basis fingerprint",
-            value=basis.fingerprint[:12],
-            what=f"does not match the server's {fingerprint[:12]} (corrupted or foreign setup message)",
-            fix="restart the run so every SuperNode receives the same basis",
-        )
-    return basis
-
-
 def build_runtime(
     config_yaml: str, partition_id: int, setup: Mapping[str, torch.Tensor], fingerprint: str | None
 ) -> ClientRuntime:
@@ -128,15 +101,8 @@ def build_runtime(
             fix=f"start SuperNodes with --node-config 'partition-id=<0..{len(ids) - 1}>'",
         )
     cls = get_method_class(cfg.fed.method)
-    if fingerprint is not None:
-        from fedsb.fed.fedsb import FedSB
-        from fedsb.init.initialize import attach_basis
-
-        basis = verified_basis(setup, cls.scaling_of(cfg), fingerprint)
-        adapted = attach_basis(
-            loaded.model, basis, dropout=cfg.adapter.dropout, extra_trainable=cfg.adapter.extra_trainable
-        )
-        method: FederatedMethod = FedSB(adapted, basis, weighting=cfg.fed.weighting)
+    if fingerprint is not None:  # the method's frozen basis came with the setup message
+        method = cls.from_setup(loaded.model, cfg, setup, fingerprint)
     else:
         method = cls.create(loaded.model, SetupContext(cfg=cfg, loss_fn=loss_for(task)))
     cid = ids[partition_id]

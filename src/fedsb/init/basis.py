@@ -181,6 +181,35 @@ def random_basis(
     return Basis(factors=factors, scaling=scaling, info={"init": "random"})
 
 
+def basis_from_payload(
+    payload: Mapping[str, torch.Tensor], scaling: float, *, b_key: str, a_key: str
+) -> Basis:
+    """A `Basis` from a setup message's `<path>.<b_key>` (m, r) and `<path>.<a_key>` (r, n); R0 = 0 (the
+    trained state is downloaded every round)."""
+    paths = sorted({k.rsplit(".", 1)[0] for k in payload})
+    factors = {}
+    for p in paths:
+        B = payload[f"{p}.{b_key}"].to(torch.float32)  # (m, r)
+        A = payload[f"{p}.{a_key}"].to(torch.float32)  # (r, n)
+        factors[p] = ModuleFactors(B=B, A=A, R0=torch.zeros(B.shape[1], B.shape[1]))
+    return Basis(factors=factors, scaling=scaling)
+
+
+def verified_basis(
+    payload: Mapping[str, torch.Tensor], scaling: float, fingerprint: str, *, b_key: str, a_key: str
+) -> Basis:
+    """The received basis, or an error if its B, A do not hash to the fingerprint the server announced."""
+    basis = basis_from_payload(payload, scaling, b_key=b_key, a_key=a_key)
+    if basis.fingerprint != fingerprint:
+        raise FedsbError(
+            field="basis fingerprint",
+            value=basis.fingerprint[:12],
+            what=f"does not match the server's {fingerprint[:12]} (corrupted or foreign setup message)",
+            fix="restart the run so every SuperNode receives the same basis",
+        )
+    return basis
+
+
 def _check_scaling(scaling: float) -> None:
     if not isinstance(scaling, int | float) or isinstance(scaling, bool) or not scaling > 0:
         raise FedsbError(field="scaling", value=scaling, fix="use a positive number, usually 1.0 (alpha = r)")
