@@ -11,17 +11,25 @@ variant on the VALIDATION split with the `validation` settings; the best rate pe
 the test split), `from` (the rates another experiment tuned, e.g. its IID twin) or `fixed` (one rate per
 variant label, e.g. {fedsb-r32: 2e-3}: NOT tuned, and reported so; for experiments too costly to tune).
 Every run is an ordinary `fedsb run` in its own process (so each run's time and peak memory are its own),
-and finished runs are reused, so the command is idempotent and can be interrupted. Each experiment writes
+and finished runs are reused, so the command is idempotent and can be interrupted.
+
+Seeds: every experiment runs at each of its `seeds` (default [0, 1, 2]; a seed changes the partitions, the
+init data, the data order and the seeded draws), in benchmarks/out/experiments/<name>/seed<s>/<variant>/;
+learning rates are tuned (or reused) at the first seed. A variant may carry settings of its own
+(`fedsb:64/init.method=lora-xs`, label fedsb-r64-lora-xs). Each experiment writes
 benchmarks/out/experiments/<name>/experiment.json (settings, learning rates and validation scores, per
-variant: test accuracy, per-category accuracy, bytes, wall time, peak RSS; package versions and git
-commits of the runs) plus compare.md and pareto.png; --report (and every run) rewrites results.md there
-and the block between the experiments markers in benchmarks/README.md.
+variant: the per-seed test accuracies, their mean and std, the paired difference to the best variant and
+its std over seeds, bytes, wall time, peak RSS, and every seed's full row (per-category accuracy, run
+directory); package versions and git commits of the runs), compare.md per seed and pareto.png of the
+means; --report (and every run) rewrites results.md there and the block between the experiments markers
+in benchmarks/README.md, marking the variants within one paired std of each experiment's best.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +42,8 @@ EXPERIMENTS = ROOT / "benchmarks" / "experiments"
 OUT = ROOT / "benchmarks" / "out" / "experiments"
 README = ROOT / "benchmarks" / "README.md"
 BEGIN, END = "<!-- experiments:begin -->", "<!-- experiments:end -->"
+DEFAULT_SEEDS = (0, 1, 2)
+WITHIN = "†"  # marks a variant within one paired std of its experiment's best
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,7 @@ class Experiment:
     tune_validation: list[str] = field(default_factory=list)
     tune_from: str | None = None
     tune_fixed: dict[str, str] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS))
 
     @property
     def out(self) -> Path:
@@ -60,7 +71,7 @@ def load_experiment(path: Path) -> Experiment:
     def fail(key: str, value: object, fix: str) -> SystemExit:
         return SystemExit(f"{path}: {key}={value!r} is invalid; fix: {fix}")
 
-    allowed = {"description", "config", "methods", "overrides", "tune"}
+    allowed = {"description", "config", "methods", "overrides", "tune", "seeds"}
     for key in raw:
         if key not in allowed:
             raise fail(key, raw[key], f"use only {sorted(allowed)}")
@@ -104,6 +115,7 @@ def load_experiment(path: Path) -> Experiment:
                 ok = False
             if not ok:
                 raise fail(f"tune.fixed.{label}", rate, "use a positive learning rate, e.g. 2e-3")
+    seeds = _seeds(raw, overrides, fail)
     return Experiment(
         name=path.stem,
         description=str(raw.get("description", path.stem)),
@@ -114,7 +126,32 @@ def load_experiment(path: Path) -> Experiment:
         tune_validation=list(tune.get("validation", ["data.eval_split=validation"])),
         tune_from=tune.get("from"),
         tune_fixed={str(k): str(v) for k, v in fixed.items()},
+        seeds=seeds,
     )
+
+
+def _seeds(raw: dict[str, Any], overrides: list[str], fail: Any) -> list[int]:
+    """`seeds` (default 0, 1, 2), or the one `seed=` of the overrides (an experiment pinned to a seed)."""
+    pinned = [o.partition("=")[2].strip() for o in overrides if o.partition("=")[0].strip() == "seed"]
+    if "seeds" not in raw:
+        if pinned:
+            try:
+                return [int(pinned[-1])]
+            except ValueError:
+                raise fail("overrides", overrides, "use an integer seed, e.g. seed=1") from None
+        return list(DEFAULT_SEEDS)
+    seeds = raw["seeds"]
+    ok = (
+        isinstance(seeds, list)
+        and bool(seeds)
+        and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds)
+        and len(set(seeds)) == len(seeds)
+    )
+    if not ok:
+        raise fail("seeds", seeds, "a list of distinct integers >= 0, e.g. [0, 1, 2]")
+    if pinned:
+        raise fail("overrides", overrides, "name the seeds in seeds: only, not as seed= in overrides")
+    return list(seeds)
 
 
 def all_experiments() -> list[Experiment]:
@@ -153,38 +190,103 @@ def learning_rates(exp: Experiment, shared: list[str], isolate: bool) -> dict[st
 
 
 def run_experiment(exp: Experiment, shared: list[str], isolate: bool = True) -> dict[str, Any]:
-    from fedsb.compare import best_rates, parse_variants, run_comparison
+    """Every variant at every seed (rates tuned, or reused, at the first seed) into <out>/seed<s>/; the
+    report combines the seeds (mean, std, paired differences to the best variant)."""
+    from fedsb.compare import best_rates, pareto_plot, parse_variants, run_comparison
 
     exp.out.mkdir(parents=True, exist_ok=True)
-    scores = learning_rates(exp, shared, isolate)
-    rows = run_comparison(
-        parse_variants(exp.methods),
-        output=exp.out,
-        config_file=ROOT / exp.config,
-        overrides=[*exp.overrides, *shared],
-        variant_overrides=best_rates(scores),
-        isolate=isolate,
-    )
+    scores = learning_rates(exp, [*shared, f"seed={exp.seeds[0]}"], isolate)
+    untuned = [v.label for v in parse_variants(exp.methods) if v.label not in scores]
+    if untuned:  # e.g. variants added since the experiment named by tune.from was tuned
+        raise SystemExit(
+            f"{exp.name}: no learning rate for {untuned} in {exp.out / 'tuned_lr.json'}; fix: add them to "
+            f"the experiment whose rates it reuses ({exp.tune_from}) and run that one again (finished runs "
+            "are reused)"
+        )
+    per_seed: dict[int, list[dict[str, Any]]] = {}
+    for seed in exp.seeds:
+        rows = run_comparison(
+            parse_variants(exp.methods),
+            output=exp.out / f"seed{seed}",
+            config_file=ROOT / exp.config,
+            overrides=[*exp.overrides, *shared, f"seed={seed}"],
+            variant_overrides=best_rates(scores),
+            isolate=isolate,
+        )
+        per_seed[seed] = [{**_with_run_details(r), "seed": seed} for r in rows]
+    variants = combine_seeds(per_seed)
+    pareto_plot(variants, exp.out / "pareto.png")  # the means over the seeds
     report = {
         "name": exp.name,
         "description": exp.description,
         "config": exp.config,
         "overrides": exp.overrides,
         "methods": exp.methods,
+        "seeds": exp.seeds,
         "tuning": {"from": exp.tune_from}
         if exp.tune_from
         else {"fixed": exp.tune_fixed}
         if exp.tune_fixed
         else {"lr": exp.tune_lr, "validation": exp.tune_validation},
         "validation_accuracy_by_lr": scores,
-        "variants": [_with_run_details(r) for r in rows],
+        "variants": variants,
     }
-    manifests = [json.loads((Path(r["run_dir"]) / "manifest.json").read_text()) for r in rows]
+    runs = [run for rows in per_seed.values() for run in rows]
+    manifests = [json.loads((ROOT / r["run_dir"] / "manifest.json").read_text()) for r in runs]
     # every distinct (git commit, dirty) and package set the runs were made with, usually one of each
     report["git"] = _distinct(m.get("git", {}) for m in manifests)
     report["versions"] = _distinct(m.get("packages", {}) for m in manifests)
     (exp.out / "experiment.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _stdev(xs: list[float]) -> float | None:
+    """Sample standard deviation (n - 1); None for fewer than two values."""
+    return statistics.stdev(xs) if len(xs) > 1 else None
+
+
+def combine_seeds(per_seed: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One entry per variant: per-seed accuracies, their mean and std, and the paired comparison with the
+    best variant (highest mean): the mean and std over seeds of (accuracy - best's accuracy) at the same
+    seed; `within_paired_std` when |mean difference| <= that std (the two cannot be told apart here).
+
+    Bytes, rank and rate come from the first seed (they do not depend on it), wall time is the mean, peak
+    RSS the maximum; `runs` keeps every seed's full row."""
+    seeds = list(per_seed)
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for seed in seeds:
+        for row in per_seed[seed]:
+            by_label.setdefault(row["variant"], []).append(row)
+    missing = [label for label, runs in by_label.items() if len(runs) != len(seeds)]
+    if missing:
+        raise ValueError(f"variants {missing} lack a run for some of the seeds {seeds}")
+    acc = {label: [r["accuracy"] for r in runs] for label, runs in by_label.items()}
+    best = max(acc, key=lambda label: statistics.fmean(acc[label]))
+    out = []
+    for label, runs in by_label.items():
+        diffs = [a - b for a, b in zip(acc[label], acc[best], strict=True)]
+        paired_std = _stdev(diffs)
+        mean_diff = statistics.fmean(diffs)
+        peaks = [r["peak_rss_mib"] for r in runs if r.get("peak_rss_mib") is not None]
+        out.append(
+            {
+                **{k: v for k, v in runs[0].items() if k not in ("seed", "run_dir", "correct")},
+                "accuracy": statistics.fmean(acc[label]),
+                "accuracy_std": _stdev(acc[label]),
+                "accuracy_by_seed": {str(r["seed"]): r["accuracy"] for r in runs},
+                "correct": [r["correct"] for r in runs],
+                "wall_seconds": statistics.fmean(r["wall_seconds"] for r in runs),
+                "peak_rss_mib": max(peaks) if peaks else None,
+                "best": label == best,
+                "diff_to_best": mean_diff,
+                "paired_std": paired_std,
+                "within_paired_std": label == best
+                or (paired_std is not None and abs(mean_diff) <= paired_std),
+                "run_dirs": [r["run_dir"] for r in runs],
+                "runs": runs,
+            }
+        )
+    return out
 
 
 def _distinct(items: Any) -> list[dict[str, Any]]:
@@ -230,8 +332,33 @@ def _gib(mib: float | None) -> str:
     return "-" if mib is None else f"{mib / 1024:.2f}"
 
 
+def _cell(v: dict[str, Any]) -> str:
+    """'77.1 ± 0.8%' (bold: the best; † within one paired std of it); one seed: '77.1%'."""
+    std = v.get("accuracy_std")
+    text = f"{100 * v['accuracy']:.1f}" + (f" ± {100 * std:.1f}%" if std is not None else "%")
+    if v.get("best") and std is not None:
+        return f"**{text}**"
+    return text + (f" {WITHIN}" if v.get("within_paired_std") and v.get("paired_std") is not None else "")
+
+
+def _paired(v: dict[str, Any]) -> str:
+    if v.get("best"):
+        return "best"
+    if v.get("paired_std") is None:
+        return "-"
+    return f"{100 * v['diff_to_best']:+.1f} ± {100 * v['paired_std']:.1f}"
+
+
+def _seeds_text(r: dict[str, Any]) -> str:
+    seeds = r.get("seeds") or []
+    if not seeds:  # a report written before experiments had seeds
+        return "One seed"
+    return f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))})"
+
+
 def render(reports: list[dict[str, Any]], missing: list[str]) -> str:
-    """Markdown: a summary (test accuracy per experiment and variant) and one detail table per experiment."""
+    """Markdown: a summary (test accuracy, mean ± std over seeds, per experiment and variant) and one
+    detail table per experiment with the per-seed values and the paired difference to the best."""
     from fedsb.results import human_bytes
 
     lines = []
@@ -241,9 +368,14 @@ def render(reports: list[dict[str, Any]], missing: list[str]) -> str:
     if reports:
         lines += ["| experiment | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
         for r in reports:
-            acc = {v["variant"]: f"{100 * v['accuracy']:.1f}%" for v in r["variants"]}
+            acc = {v["variant"]: _cell(v) for v in r["variants"]}
             lines.append(f"| {r['name']} | " + " | ".join(acc.get(label, "-") for label in labels) + " |")
-        lines.append("")
+        lines += [
+            "",
+            f"Mean ± std over the seeds; **bold**: the experiment's best mean; {WITHIN}: within one paired "
+            "std of the best (the std over seeds of the per-seed difference), i.e. not told apart here.",
+            "",
+        ]
     for r in reports:
         if "from" in r["tuning"]:
             how = f"rates from {r['tuning']['from']}"
@@ -252,14 +384,16 @@ def render(reports: list[dict[str, Any]], missing: list[str]) -> str:
         else:
             how = f"rates tuned on validation over {{{', '.join(r['tuning']['lr'])}}}"
         lines += [
-            f"**{r['name']}**: {r['description']}; {how}; test split.",
+            f"**{r['name']}**: {r['description']}; {how}; test split. {_seeds_text(r)}.",
             "",
-            "| variant | lr | test accuracy | correct / total | bytes / round | total bytes | wall s | peak RSS GiB |",
-            "|---|---|---|---|---|---|---|---|",
+            "| variant | lr | test accuracy | per seed | vs best (paired) | bytes / round | total bytes | "
+            "wall s | peak RSS GiB |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for v in r["variants"]:
+            per_seed = ", ".join(f"{100 * a:.1f}" for a in (v.get("accuracy_by_seed") or {}).values())
             lines.append(
-                f"| {v['variant']} | {v['lr']:g} | {100 * v['accuracy']:.1f}% | {v['correct']} / {v['total']} | "
+                f"| {v['variant']} | {v['lr']:g} | {_cell(v)} | {per_seed or '-'} | {_paired(v)} | "
                 f"{human_bytes(v['bytes_per_round'])} | {human_bytes(v['bytes_total'])} | "
                 f"{v['wall_seconds']:.0f} | {_gib(v.get('peak_rss_mib'))} |"
             )

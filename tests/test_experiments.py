@@ -145,3 +145,157 @@ def test_fixed_rates_are_used_as_given_reported_as_untuned_and_reusable(runner) 
     text = runner.write_report(list(by_name.values()))
     assert "**fixed**: fixed; rates fixed, NOT tuned; test split." in text
     assert "**reuser**: reuser; rates from fixed; test split." in text
+
+
+def _row(variant: str, seed: int, accuracy: float) -> dict:
+    return {
+        "variant": variant,
+        "method": variant.split("-")[0],
+        "lr": 1e-3,
+        "accuracy": accuracy,
+        "correct": round(100 * accuracy),
+        "total": 100,
+        "bytes_per_round": 10.0,
+        "bytes_total": 30.0,
+        "wall_seconds": 2.0 + seed,
+        "peak_rss_mib": 100.0 + seed,
+        "run_dir": f"seed{seed}/{variant}",
+        "seed": seed,
+    }
+
+
+def test_seeds_are_paired_and_only_differences_within_one_paired_std_are_marked(runner) -> None:
+    acc = {  # a is best; b is noisily level with it; c is always ~10 points worse (though its own std,
+        "a": [0.80, 0.70, 0.75],  # 5 points, overlaps a's: only the pairing by seed tells them apart)
+        "b": [0.78, 0.72, 0.74],
+        "c": [0.70, 0.60, 0.66],
+    }
+    per_seed = {s: [_row(v, s, acc[v][i]) for v in acc] for i, s in enumerate((0, 1, 2))}
+    out = {v["variant"]: v for v in runner.combine_seeds(per_seed)}
+    a, b, c = out["a"], out["b"], out["c"]
+    assert a["accuracy"] == pytest.approx(0.75) and a["accuracy_std"] == pytest.approx(0.05)
+    assert a["accuracy_by_seed"] == {"0": 0.80, "1": 0.70, "2": 0.75} and a["best"] and a["within_paired_std"]
+    assert b["diff_to_best"] == pytest.approx(-0.01 / 3) and b["paired_std"] == pytest.approx(
+        0.0208167, rel=1e-5
+    )
+    assert b["within_paired_std"] and not b["best"]
+    assert c["diff_to_best"] == pytest.approx(-0.29 / 3) and c["paired_std"] == pytest.approx(
+        0.0057735, rel=1e-5
+    )
+    assert not c["within_paired_std"]
+    assert c["accuracy"] + c["accuracy_std"] > a["accuracy"] - a["accuracy_std"]  # unpaired: overlapping
+    assert a["wall_seconds"] == 3.0 and a["peak_rss_mib"] == 102.0 and a["correct"] == [80, 70, 75]
+    assert [r["seed"] for r in a["runs"]] == [0, 1, 2] and a["run_dirs"][2] == "seed2/a"
+    report = {
+        "name": "x",
+        "description": "d",
+        "tuning": {"fixed": {}},
+        "seeds": [0, 1, 2],
+        "variants": list(out.values()),
+    }
+    text = runner.render([report], [])
+    assert "| x | **75.0 ± 5.0%** | 74.7 ± 3.1% † | 65.3 ± 5.0% |" in text
+    assert "| b | 0.001 | 74.7 ± 3.1% † | 78.0, 72.0, 74.0 | -0.3 ± 2.1 |" in text
+    assert "| c | 0.001 | 65.3 ± 5.0% | 70.0, 60.0, 66.0 | -9.7 ± 0.6 |" in text
+    assert "3 seeds (0, 1, 2)" in text and "within one paired std" in text
+    with pytest.raises(ValueError, match="lack a run"):
+        runner.combine_seeds({0: per_seed[0], 1: per_seed[1][:2]})
+
+
+def test_one_seed_gives_no_std_and_no_marks(runner) -> None:
+    (only,) = runner.combine_seeds({3: [_row("a", 3, 0.5)]})
+    assert only["accuracy_std"] is None and only["paired_std"] is None
+    text = runner.render(
+        [{"name": "x", "description": "d", "tuning": {"fixed": {}}, "seeds": [3], "variants": [only]}], []
+    )
+    rows = [line for line in text.splitlines() if line.startswith("|")]
+    assert "| x | 50.0% |" in rows and "1 seed (3)" in text and not any("†" in line for line in rows)
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("seeds: []\n", "seeds="),
+        ("seeds: [0, 0]\n", "seeds="),
+        ("seeds: [-1]\n", "seeds="),
+        ("seeds: 3\n", "seeds="),
+        ("seeds: [0, 1]\noverrides: [seed=2]\n", "overrides="),
+    ],
+)
+def test_bad_seeds_name_the_field_and_the_fix(runner, text: str, field: str) -> None:
+    path = _write(runner, "bad", "config: configs/tiny.yaml\nmethods: [fedsb]\ntune: {lr: ['1e-3']}\n" + text)
+    with pytest.raises(SystemExit) as err:
+        runner.load_experiment(path)
+    assert field in str(err.value) and "fix:" in str(err.value)
+
+
+def test_default_seeds_and_a_pinned_seed(runner) -> None:
+    base = "config: configs/tiny.yaml\nmethods: [fedsb]\ntune: {lr: ['1e-3']}\n"
+    assert runner.load_experiment(_write(runner, "a", base)).seeds == [0, 1, 2]
+    assert runner.load_experiment(_write(runner, "b", base + "overrides: [seed=5]\n")).seeds == [5]
+    assert runner.load_experiment(_write(runner, "c", base + "seeds: [4, 7]\n")).seeds == [4, 7]
+
+
+def test_every_seed_runs_in_its_own_directory_with_its_own_partition_and_is_combined(runner) -> None:
+    _write(
+        runner,
+        "seeded",
+        "config: configs/tiny.yaml\nmethods: ['fedsb:2', 'fedsb:2/init.method=random']\n"
+        "overrides: [fed.rounds=1, export=false, partition.scheme=quantity]\nseeds: [0, 1, 2]\n"
+        "tune: {fixed: {fedsb-r2: 2e-2, fedsb-r2-random: 2e-2}}\n",
+    )
+    (exp,) = runner.all_experiments()
+    report = runner.run_experiment(exp, ["threads=1", "progress=false"], isolate=False)
+    assert report["seeds"] == [0, 1, 2] and [v["variant"] for v in report["variants"]] == [
+        "fedsb-r2",
+        "fedsb-r2-random",
+    ]
+    sizes = {}
+    for seed in (0, 1, 2):
+        for label in ("fedsb-r2", "fedsb-r2-random"):
+            run = runner.OUT / "seeded" / f"seed{seed}" / label
+            manifest = json.loads((run / "manifest.json").read_text())
+            assert manifest["seeds"]["seed"] == seed
+            sizes.setdefault(seed, set()).add(repr(manifest["partition"]["sizes"]))
+        init = json.loads(
+            (runner.OUT / "seeded" / f"seed{seed}" / "fedsb-r2-random" / "results.json").read_text()
+        )
+        assert init["init"]["method"] == "random"
+    assert all(len(s) == 1 for s in sizes.values())  # one partition per seed, shared by the variants
+    assert len({next(iter(s)) for s in sizes.values()}) == 3  # and a different one at every seed
+    for v in report["variants"]:
+        by_seed = [r["accuracy"] for r in v["runs"]]
+        assert v["accuracy"] == pytest.approx(sum(by_seed) / 3) and len(v["accuracy_by_seed"]) == 3
+        assert v["accuracy_std"] is not None and v["paired_std"] is not None
+    assert (runner.OUT / "seeded" / "pareto.png").stat().st_size > 0
+    assert (
+        json.loads((runner.OUT / "seeded" / "experiment.json").read_text())["variants"][0]["runs"][2]["seed"]
+        == 2
+    )
+    assert "3 seeds (0, 1, 2)" in runner.write_report([exp])
+
+
+def test_reused_rates_missing_a_variant_are_a_clear_error(runner) -> None:
+    common = "config: configs/tiny.yaml\noverrides: [fed.rounds=1, export=false]\nseeds: [0]\n"
+    _write(runner, "src", common + "methods: ['fedsb:2']\ntune: {fixed: {fedsb-r2: 2e-2}}\n")
+    _write(runner, "dst", common + "methods: ['fedsb:2', ffa]\ntune: {from: src}\n")
+    by_name = {e.name: e for e in runner.all_experiments()}
+    runner.run_experiment(by_name["src"], ["threads=1", "progress=false"], isolate=False)
+    with pytest.raises(SystemExit, match=r"no learning rate for \['ffa'\].*fix: add them"):
+        runner.run_experiment(by_name["dst"], ["threads=1", "progress=false"], isolate=False)
+
+
+def test_shipped_variant_settings_are_valid_and_the_new_rivals_are_in_the_minilm_experiments() -> None:
+    from fedsb.compare import parse_variants
+    from fedsb.config import resolve_config
+
+    experiments = {e.name: e for e in _load_runner().all_experiments()}
+    for e in experiments.values():
+        for v in parse_variants(e.methods):
+            resolve_config(ROOT / e.config, [*e.overrides, f"fed.method={v.method}", *v.overrides])
+    for name in ("sst2-minilm-iid", "sst2-minilm-dirichlet", "snli-minilm-iid", "snli-minilm-dirichlet"):
+        labels = {v.label for v in parse_variants(experiments[name].methods)}
+        assert {"ravan-r16", "ravan-r32", "fedsvd-r8", "fedsb-r32", "fedsb-r64"} <= labels
+        assert experiments[name].seeds == [0, 1, 2]
+    init = {v.label for v in parse_variants(experiments["sst2-minilm-init"].methods)}
+    assert init == {f"fedsb-r{r}{s}" for r in (32, 64) for s in ("", "-lora-xs", "-random")}

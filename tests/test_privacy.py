@@ -68,7 +68,7 @@ def test_per_example_loss_is_the_mean_of_single_example_losses() -> None:
     assert abs(float(pooled) - float(causal_lm_loss(model, batch))) > 1e-4  # token-pooled differs
 
 
-@pytest.mark.parametrize("method_name", ["fedsb", "fedit", "ffa"])
+@pytest.mark.parametrize("method_name", ["fedsb", "fedit", "ffa", "ravan", "fedsvd"])
 def test_dp_step_clips_per_example_like_an_explicit_loop(method_name: str) -> None:
     """sigma = 0, SGD lr 1: the step is -(1/b) sum_i g_i min(1, C/||g_i||), g_i from per-example autograd."""
     method = _method(method_name)

@@ -83,7 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Finished variants are reused.",
     )
     compare.add_argument(
-        "--methods", nargs="+", required=True, metavar="METHOD[:R1,R2]", help="e.g. fedsb:32,64 fedit:8 ffa:8"
+        "--methods",
+        nargs="+",
+        required=True,
+        metavar="METHOD[:R1,R2][/KEY=VALUE]",
+        help="e.g. fedsb:32,64 fedit:8 ffa:8 ravan:16 fedsvd:8 fedsb:32/init.method=lora-xs",
     )
     compare.add_argument("--config", metavar="FILE", help="YAML preset shared by every variant")
     compare.add_argument("--output", required=True, metavar="DIR")

@@ -15,12 +15,15 @@ ffa           r·m          r·m                                          ½·r(
 fedex         r(m+n)       min(c·r(m+n) "factors", r(m+n)+m·n "dense")  c·r(m+n)
 flora         r(m+n)       c·r(m+n)                                     c·r(m+n)
 fedsb         r²           r²                                           r²
+ravan         h·r²         h·r²                                         h·r² (not in the paper)
+fedsvd        r·m          r(m+n)                                       r(m+n) (not in the paper)
 ============  ===========  ===========================================  =============================
 
 - A trained head (BERT's SNLI classifier, 768·3 + 3 = 2,307) is added **once to every message** in every
   method, as the paper does (FedEx/FLoRA: c·adapters + head once, i.e. 3541.25K for BERT at c = 3).
 - Fed-SB also costs a one-time download of its frozen basis, r(m+n) per module, reported as ``basis``
-  and never folded into the per-round figures (the tables leave it out). FFA's frozen A comes from a shared
+  and never folded into the per-round figures (the tables leave it out); RAVAN's h heads of rank r cost
+  h·r(m+n) once. FedSVD's A changes every round, so it travels with B in every download. FFA's frozen A comes from a shared
   seed and costs nothing; FedEx's download picks the cheaper encoding per module and reports which one
   (``factors``, ``dense`` or ``mixed``).
 - Bytes = parameters × bytes per element of the wire dtype (float32 4, bfloat16/float16 2); 1 MB = 10⁶ B.
@@ -80,6 +83,8 @@ METHOD_NAMES: dict[str, str] = {
     "fedex": "FedEx-LoRA",
     "flora": "FLoRA",
     "fedsb": "Fed-SB",
+    "ravan": "RAVAN",
+    "fedsvd": "FedSVD",
 }
 
 #: model_type values whose config we turn into shapes (q/k/v/o + gate/up/down, or BERT's six linears).
@@ -445,13 +450,51 @@ def fedsb(shapes: Sequence[Shape], rank: int, clients: int, head_params: int = 0
     )
 
 
+def ravan(
+    shapes: Sequence[Shape], rank: int, clients: int, head_params: int = 0, *, heads: int = 4
+) -> MethodComm:
+    """RAVAN: h heads of r x r (s_k H_k) both ways, h r^2 per module; its frozen bases h r (m + n) once.
+
+    A module too small for h heads of rank r gets heads of rank min(m, n) // h (as `fedsb run` builds)."""
+    rows = _check(shapes, rank, clients, head_params)
+    _positive_int("heads", heads, "use a positive number of heads, e.g. 4")
+    per_head = [(name, m, n, min(rank, min(m, n) // heads)) for name, m, n, _ in rows]
+    for name, m, n, r in per_head:
+        if r == 0:
+            raise FedsbError(
+                field="heads",
+                value=heads,
+                what=f"exceeds min(m, n) = {min(m, n)} of {name}",
+                fix="use fewer heads",
+            )
+    one = sum(heads * r * r for _, _, _, r in per_head) + head_params
+    basis = sum(heads * r * (m + n) for _, m, n, r in per_head)
+    return MethodComm(
+        "ravan", rank, clients, one, one, one, basis, head_params, None, _capped(per_head, rank)
+    )
+
+
+def fedsvd(shapes: Sequence[Shape], rank: int, clients: int, head_params: int = 0) -> MethodComm:
+    """FedSVD: upload B (r m); download the re-factorized A and B, r (m + n), every round. Not in the Fed-SB
+    tables: its "# Comm." column shows the download (the larger direction)."""
+    rows = _check(shapes, rank, clients, head_params)
+    up = sum(r * m for _, m, _, r in rows) + head_params
+    down = _lora(rows) + head_params
+    return MethodComm("fedsvd", rank, clients, up, down, down, 0, head_params, None, _capped(rows, rank))
+
+
 METHODS: dict[str, Callable[..., MethodComm]] = {
     "fedit": fedit,
     "ffa": ffa,
     "fedex": fedex,
     "flora": flora,
     "fedsb": fedsb,
+    "ravan": ravan,
+    "fedsvd": fedsvd,
 }
+
+#: Method -> the extra options its function takes (from `comm_table`'s keywords of the same name).
+METHOD_OPTIONS: dict[str, tuple[str, ...]] = {"ravan": ("heads",)}
 
 
 # ------------------------------------------------------------------------------------------------ table
@@ -497,11 +540,13 @@ def comm_table(
     dtype: str = "bfloat16",
     *,
     head_params: int | None = None,
+    heads: int = 4,
 ) -> list[dict[str, Any]]:
     """One row per (method, rank): paper "# Comm.", upload/download params and bytes, one-time basis.
 
     `ranks` applies to every method, or maps a method to its own ranks (e.g. {"fedit": [32], "fedsb": [120]}).
-    `head_params` overrides the model's head size (None = the shape facts' value).
+    `head_params` overrides the model's head size (None = the shape facts' value). `heads`: RAVAN's number
+    of heads (its rank is per head).
     """
     if dtype not in DTYPE_BYTES:
         raise FedsbError(field="dtype", value=dtype, fix=f"use one of {', '.join(DTYPE_BYTES)}")
@@ -531,7 +576,8 @@ def comm_table(
     rows = []
     for key in keys:
         for rank in per_method[key]:
-            res = METHODS[key](shapes, rank, clients, head)
+            options = {k: {"heads": heads}[k] for k in METHOD_OPTIONS.get(key, ())}
+            res = METHODS[key](shapes, rank, clients, head, **options)
             rows.append(
                 {
                     "model": facts.name,
@@ -553,6 +599,7 @@ def comm_table(
                     "download_encoding": res.download_encoding,
                     "basis_params": res.basis,
                     "basis_bytes": res.basis * width,
+                    **options,
                     "capped_modules": len(res.capped),
                     "capped_to": _capped_summary(res.capped),
                 }
@@ -648,6 +695,7 @@ examples:
   fedsb comm --model gemma-2-9b --method fedit:32 fedex:32 fedsb:120,160,200 --clients 25
   fedsb comm --model bert-base --method fedsb --rank 32 48 64 --clients 3 --dtype float32 --json
   fedsb comm --model ./my-model-dir --method fedsb --rank 64 --clients 10 --targets q_proj v_proj
+  fedsb comm --model bert-base --method fedsb:64 ravan:32 fedsvd:8 --heads 4 --clients 5
 
 a METHOD:R1,R2 item gives that method its own ranks; --rank applies to the others.
 """
@@ -658,9 +706,9 @@ def add_comm_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "comm",
         help="communication per round for Fed-SB and the baselines (no weights, offline for shipped shapes)",
-        description="Per-client, per-round communication of Fed-SB, FedIT, FFA-LoRA, FedEx-LoRA and FLoRA: "
-        "the paper's '# Comm.' figure, real upload/download parameters and bytes, and Fed-SB's one-time "
-        f"basis. Shipped shapes: {', '.join(shipped_models())}; or a local model directory / hub id "
+        description="Per-client, per-round communication of Fed-SB, FedIT, FFA-LoRA, FedEx-LoRA, FLoRA, RAVAN "
+        "and FedSVD: the paper's '# Comm.' figure, real upload/download parameters and bytes, and the one-time "
+        f"frozen bases (Fed-SB, RAVAN). Shipped shapes: {', '.join(shipped_models())}; or a local model directory / hub id "
         "(its config.json only).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=COMM_EPILOG,
@@ -682,6 +730,7 @@ def add_comm_parser(subparsers: Any) -> None:
         "--dtype", default="bfloat16", help=f"wire dtype for bytes: {', '.join(DTYPE_BYTES)} [bfloat16]"
     )
     p.add_argument("--head-params", type=int, metavar="N", help="trained head size (default: the model's)")
+    p.add_argument("--heads", type=int, default=4, metavar="H", help="RAVAN's heads (rank = per head) [4]")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(handler=cmd_comm)
 
@@ -722,6 +771,7 @@ def cmd_comm(args: argparse.Namespace) -> int:
             targets=args.targets,
             dtype=args.dtype,
             head_params=args.head_params,
+            heads=args.heads,
         )
         if args.json:
             print(json.dumps(rows, indent=2))

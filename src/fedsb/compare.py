@@ -20,37 +20,58 @@ from fedsb.fed.registry import METHOD_NAMES
 
 @dataclass(frozen=True)
 class Variant:
+    """One method at one rank, with any settings of its own (`overrides`, e.g. init.method=lora-xs)."""
+
     method: str
     rank: int | None  # None: the config's adapter.rank
+    overrides: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
-        return self.method if self.rank is None else f"{self.method}-r{self.rank}"
+        """'fedsb-r32'; with overrides their values are appended: 'fedsb-r32-lora-xs'."""
+        base = self.method if self.rank is None else f"{self.method}-r{self.rank}"
+        return "-".join([base, *(o.partition("=")[2] for o in self.overrides)])
 
 
 def parse_variants(specs: Sequence[str]) -> list[Variant]:
-    """'fedsb:32,64' -> [fedsb r32, fedsb r64]; 'fedit' -> [fedit at the config's rank]."""
+    """'fedsb:32,64' -> [fedsb r32, fedsb r64]; 'fedit' -> [fedit at the config's rank];
+    'fedsb:32/init.method=lora-xs' -> fedsb r32 with that setting (label fedsb-r32-lora-xs; several
+    settings: '/a=1/b=2')."""
     out: list[Variant] = []
     for spec in specs:
-        name, _, ranks = spec.partition(":")
+        head, *settings = spec.split("/")
+        name, _, ranks = head.partition(":")
         if name not in METHOD_NAMES:
             raise ConfigError(
                 field="--methods",
                 value=spec,
-                fix=f"use method[:r1,r2] with a method in {', '.join(METHOD_NAMES)}",
+                fix=f"use method[:r1,r2][/key=value] with a method in {', '.join(METHOD_NAMES)}",
+            )
+        bad = [o for o in settings if "=" not in o or not o.partition("=")[0] or not o.partition("=")[2]]
+        if bad:
+            raise ConfigError(
+                field="--methods",
+                value=spec,
+                fix="write settings as /key=value, e.g. fedsb:32/init.method=random",
             )
         if not ranks:
-            out.append(Variant(name, None))
+            out.append(Variant(name, None, tuple(settings)))
             continue
         for r in ranks.split(","):
             if not r.strip().isdigit() or int(r) <= 0:
                 raise ConfigError(
                     field="--methods", value=spec, fix="ranks must be positive integers, e.g. fedsb:32,64"
                 )
-            out.append(Variant(name, int(r)))
+            out.append(Variant(name, int(r), tuple(settings)))
     if not out:
         raise ConfigError(
             field="--methods", value=list(specs), fix="name at least one method, e.g. fedsb fedit"
+        )
+    labels = [v.label for v in out]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise ConfigError(
+            field="--methods", value=list(specs), what=f"names variant {twice[0]} twice", fix="list each once"
         )
     return out
 
@@ -121,6 +142,7 @@ def run_comparison(
             f"fed.method={v.method}",
             f"output_dir={run_dir}",
             *([f"adapter.rank={v.rank}"] if v.rank else []),
+            *v.overrides,
             *(variant_overrides or {}).get(v.label, []),
         ]
         cfg = config_from_dict(merge_overrides(base.to_dict(), extra))
@@ -218,6 +240,7 @@ def _row(v: Variant, cfg: Any, results: dict[str, Any]) -> dict[str, Any]:
     return {
         "variant": v.label,
         "method": v.method,
+        "settings": list(v.overrides),
         "rank": cfg.adapter.rank,
         "lr": cfg.train.lr,
         "exact": results.get("exact"),
