@@ -332,3 +332,49 @@ def test_flower_matches_the_simulator_and_its_bytes_equal_the_ledger(name: str, 
     setup = sum(w["bytes"] for w in wire if w["round"] == 0)
     assert setup == sum(e["bytes"] for e in ledger["one_time"])
     assert (setup > 0) == (name == "ravan")  # RAVAN's bases travel once; FedSVD's A every round
+
+
+@pytest.mark.parametrize("name", ["ravan", "fedsvd"])
+def test_secagg_plus_matches_plain_averaging_within_quantization(name: str, tmp_path: Path) -> None:
+    """Both aggregates are a weighted mean of what clients send, so SecAgg+ applies (tests/test_flower_secagg)."""
+    from flwr.app import Context, RecordDict
+
+    from fedsb.fed.checkpoint import latest_checkpoint, load_checkpoint
+    from fedsb.flower.client_app import app as client_app
+    from fedsb.flower.protocol import AppSettings
+    from fedsb.flower.secagg import SecAggSettings, run_secagg_job
+    from fedsb.flower.server_app import run_flower_job
+    from flower_grid import LocalGrid
+
+    overrides = [
+        *("threads=1", "progress=false", "export=false", "eval.every=100", "data.test_size=4"),
+        *("data.train_size=60", "partition.num_clients=3", "fed.rounds=1", "train.local_steps=2"),
+        f"fed.method={name}",
+    ]
+    settings = SecAggSettings(max_weight=100.0)
+    server_ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    secure = run_secagg_job(
+        LocalGrid(client_app, 3), server_ctx, TINY, [*overrides, f"output_dir={tmp_path / 's'}"], settings
+    )
+    plain = run_flower_job(
+        LocalGrid(client_app, 3),
+        AppSettings(config=TINY, overrides=" ".join(overrides), output_dir=str(tmp_path / "p")),
+    )
+    _, tensors, _ = load_checkpoint(latest_checkpoint(Path(plain["output_dir"]) / "checkpoints"))
+    ref = {k.removeprefix("global/"): v for k, v in tensors.items() if k.startswith("global/")}
+    bound = 3 * (2 * settings.clipping_range / settings.quantization_range) / (60 / settings.max_weight)
+    got = secure["state"]
+    if name == "fedsvd":  # compare the products B A: the factors of a re-factorization may rotate
+        layers = secure["method"].adapted.layers
+        A_ref = {k.removeprefix("A/"): v for k, v in ref.items() if k.startswith("A/")}
+        moved = []
+        for path, layer in layers.items():
+            b = lora_names(path)[1]
+            ours = got[b].double() @ layer.lora_A.weight.double()
+            theirs = ref[b].double() @ A_ref[path].double()
+            assert float((ours - theirs).abs().max()) <= 4 * bound, path  # r = 4 rows of |A| <= 1
+            moved.append(float(theirs.abs().max()))
+        assert max(moved) > 10 * 4 * bound, max(moved)  # the comparison is not trivially satisfied
+        return
+    worst = max(float((got[k] - ref[k]).abs().max()) for k in got)
+    assert worst <= bound and max(float(v.abs().max()) for v in got.values()) > 100 * bound

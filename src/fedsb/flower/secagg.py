@@ -48,13 +48,14 @@ def secagg_train(msg: Message, context: Context) -> Message:
     """SecAgg+'s 'collect masked vectors' stage calls this: train, reply with a legacy FitRes to be masked."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     keys = str(fitins.config["keys"]).split(",")
+    upload = str(fitins.config["upload"]).split(",")  # FedSVD downloads A and B, uploads B
     arrays = parameters_to_ndarrays(fitins.parameters)
     rt = runtime(context)
     update = rt.train(
         int(fitins.config["round"]),
         {k: torch.from_numpy(a.copy()) for k, a in zip(keys, arrays, strict=True)},
     )
-    params = [update.tensors[k].to(torch.float32).numpy() for k in keys]
+    params = [update.tensors[k].to(torch.float32).numpy() for k in upload]
     weight = update.num_examples if rt.cfg.fed.weighting == "examples" else 1
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(params), weight, {})
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
@@ -117,11 +118,14 @@ def secure_mean(
     round: int,
     download: dict[str, torch.Tensor],
     settings: SecAggSettings,
+    upload_spec: dict[str, tuple[int, ...]] | None = None,
 ) -> tuple[dict[str, torch.Tensor], SecureRound]:
-    """One SecAgg+ round over the clients in `nodes` (client id -> node id): the weighted mean of uploads."""
+    """One SecAgg+ round over the clients in `nodes` (client id -> node id): the weighted mean of uploads
+    (name -> shape `upload_spec`; default: the same tensors as the download)."""
     keys = list(download)
+    spec = upload_spec if upload_spec is not None else {k: tuple(v.shape) for k, v in download.items()}
     n = len(nodes)
-    strategy = _RoundStrategy(n, {"round": round, "keys": ",".join(keys)})
+    strategy = _RoundStrategy(n, {"round": round, "keys": ",".join(keys), "upload": ",".join(spec)})
     manager = SimpleClientManager()
     for node in nodes.values():
         manager.register(GridClientProxy(node, grid, context.run_id))
@@ -138,8 +142,8 @@ def secure_mean(
         compat.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
     )
     mean = {
-        k: torch.from_numpy(np.asarray(a, dtype=np.float32)).reshape(download[k].shape)
-        for k, a in zip(keys, out, strict=True)
+        k: torch.from_numpy(np.asarray(a, dtype=np.float32)).reshape(spec[k])
+        for k, a in zip(spec, out, strict=True)
     }
     bad = [k for k, t in mean.items() if not torch.isfinite(t).all()]
     if bad:
@@ -204,7 +208,9 @@ def run_secagg_job(
     for t in range(1, cfg.fed.rounds + 1):
         sampled = sampler.sample(t)
         download = encode(method.download(), torch.float32)
-        mean, record = secure_mean(grid, context, {c: nodes[c] for c in sampled}, t, download, settings)
+        mean, record = secure_mean(
+            grid, context, {c: nodes[c] for c in sampled}, t, download, settings, method.upload_spec()
+        )
         if len(record.aggregated) < cfg.fed.min_clients:
             raise RuntimeError(
                 f"round {t}: {len(record.aggregated)} client(s) in the secure aggregate, "
