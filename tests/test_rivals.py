@@ -378,3 +378,22 @@ def test_secagg_plus_matches_plain_averaging_within_quantization(name: str, tmp_
         return
     worst = max(float((got[k] - ref[k]).abs().max()) for k in got)
     assert worst <= bound and max(float(v.abs().max()) for v in got.values()) > 100 * bound
+
+
+def test_compare_runs_the_rivals_and_the_init_ablation_at_one_rank(tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    methods = ["ravan:2", "fedsvd:2", "fedsb:4", "fedsb:4/init.method=lora-xs", "fedsb:4/init.method=random"]
+    args = ["compare", "--config", TINY, "--output", str(out), "--no-progress"]
+    settings = ["fed.rounds=1", "export=false", "threads=1", "eval.initial=false"]
+    assert main([*args, *settings, "--methods", *methods]) == 0
+    rows = {r["variant"]: r for r in json.loads((out / "compare.json").read_text())}
+    assert list(rows) == ["ravan-r2", "fedsvd-r2", "fedsb-r4", "fedsb-r4-lora-xs", "fedsb-r4-random"]
+    assert rows["fedsb-r4-random"]["settings"] == ["init.method=random"]
+    inits = {v: json.loads((out / v / "results.json").read_text())["init"].get("method") for v in rows}
+    assert inits["fedsb-r4"] == "lora-sb" and inits["fedsb-r4-lora-xs"] == "lora-xs"
+    assert inits["fedsb-r4-random"] == "random" and inits["ravan-r2"] == "random"
+    per_round = {v: r["bytes_per_round"] for v, r in rows.items()}
+    assert per_round["ravan-r2"] == per_round["fedsb-r4"]  # 4 heads of 2 x 2 = one 4 x 4 core
+    assert per_round["fedsb-r4"] == per_round["fedsb-r4-lora-xs"] == per_round["fedsb-r4-random"]
+    assert main(["compare", "--config", TINY, "--output", str(out), "--methods", "fedsb:4/init.method"]) == 2
+    assert main(["compare", "--config", TINY, "--output", str(out), "--methods", "fedsb:4", "fedsb:4"]) == 2
