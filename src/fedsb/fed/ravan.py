@@ -40,14 +40,12 @@ from torch import nn
 from fedsb.adapters.inject import AdaptedModel, inject_adapters
 from fedsb.adapters.ravan import RavanLinear
 from fedsb.errors import FedsbError
-from fedsb.fed.base import FederatedMethod, SetupContext, Tensors
-from fedsb.fed.fedsb import server_basis
-from fedsb.init.basis import Basis, ModuleFactors, verified_basis
+from fedsb.fed.base import SetupContext, Tensors
+from fedsb.fed.fedsb import BasisMethod, server_basis
+from fedsb.init.basis import Basis, ModuleFactors
 
 if TYPE_CHECKING:
     from fedsb.config import RunConfig
-
-B_KEY, A_KEY = "ravan_B", "ravan_A"
 
 
 def whole_heads(basis: Basis, heads: int) -> Basis:
@@ -67,8 +65,9 @@ def whole_heads(basis: Basis, heads: int) -> Basis:
     return Basis(factors=factors, scaling=basis.scaling, info=dict(basis.info))
 
 
-def attach_ravan(model: nn.Module, basis: Basis, cfg: RunConfig, *, with_r0: bool = True) -> AdaptedModel:
-    """Wrap every module of `basis` with a `RavanLinear` of `ravan.heads` heads holding its B, A (and H0)."""
+def attach_ravan(model: nn.Module, basis: Basis, cfg: RunConfig) -> AdaptedModel:
+    """Wrap every module of `basis` with a `RavanLinear` of `ravan.heads` heads holding its B, A and, as
+    the starting H_k, the diagonal blocks of its R0."""
     heads = cfg.ravan.heads
     modules = {path: model.get_submodule(path) for path in basis.factors}
 
@@ -85,7 +84,7 @@ def attach_ravan(model: nn.Module, basis: Basis, cfg: RunConfig, *, with_r0: boo
     adapted = inject_adapters(model, modules, make, basis.ranks, extra_trainable=cfg.adapter.extra_trainable)
     for path, layer in adapted.layers.items():
         f = basis.factors[path]
-        layer.set_factors(f.B, f.A, f.R0 if with_r0 else None)
+        layer.set_factors(f.B, f.A, f.R0)
     return adapted
 
 
@@ -94,16 +93,16 @@ def head_names(path: str, heads: int) -> list[str]:
     return [f"{path}.ravan_H.{k}.weight" for k in range(heads)]
 
 
-class Ravan(FederatedMethod):
+class Ravan(BasisMethod):
     """Trains H_k, s_k (and any head); uploads s_k H_k; the server averages them; bases sent once."""
 
     name: ClassVar[str] = "ravan"
     exact: ClassVar[bool] = True
     default_scaling: ClassVar[float] = 1.0
+    payload_keys: ClassVar[tuple[str, str]] = ("ravan_B", "ravan_A")  # B (m, h r), A (h r, n)
 
     def __init__(self, adapted: AdaptedModel, basis: Basis, *, weighting: str = "examples") -> None:
-        super().__init__(adapted, weighting=weighting)
-        self.basis = basis
+        super().__init__(adapted, basis, weighting=weighting)
         self.state = self.client_upload(adapted)  # the global state lives in upload space: s_k H_k
 
     @classmethod
@@ -119,27 +118,12 @@ class Ravan(FederatedMethod):
             scaling=cls.scaling_of(cfg),
             adjust=lambda b: whole_heads(b, heads),
         )
-        return cls(attach_ravan(model, basis, cfg), basis, weighting=cfg.fed.weighting)
+        return cls(cls.attach(model, basis, cfg), basis, weighting=cfg.fed.weighting)
 
     @classmethod
-    def from_setup(
-        cls, model: nn.Module, cfg: RunConfig, setup: Mapping[str, torch.Tensor], fingerprint: str
-    ) -> Ravan:
-        """A client's RAVAN from the server's stacked bases (checked against the announced fingerprint)."""
-        basis = verified_basis(setup, cls.scaling_of(cfg), fingerprint, b_key=B_KEY, a_key=A_KEY)
-        return cls(attach_ravan(model, basis, cfg, with_r0=False), basis, weighting=cfg.fed.weighting)
-
-    @property
-    def basis_fingerprint(self) -> str:
-        return self.basis.fingerprint
-
-    def setup_payload(self) -> Tensors:
-        """B (m, h r) and A (h r, n) of every adapted layer, sent once."""
-        out: Tensors = {}
-        for path, f in self.basis.factors.items():
-            out[f"{path}.{B_KEY}"] = f.B
-            out[f"{path}.{A_KEY}"] = f.A
-        return out
+    def attach(cls, model: nn.Module, basis: Basis, cfg: RunConfig) -> AdaptedModel:
+        """`RavanLinear` layers of `ravan.heads` heads holding each layer's B, A and starting H_k."""
+        return attach_ravan(model, basis, cfg)
 
     # ---- between upload space (s_k H_k, heads) and the model's parameters (H_k, s_k, heads) ------------------
     def client_upload(self, adapted: AdaptedModel) -> Tensors:
