@@ -74,7 +74,7 @@ def test_dp_step_clips_per_example_like_an_explicit_loop(method_name: str) -> No
     check_dp_step_against_explicit_loop(_method(method_name))
 
 
-def check_dp_step_against_explicit_loop(method, must_move: list[str] = ()) -> None:  # type: ignore[assignment]
+def check_dp_step_against_explicit_loop(method, must_move: tuple[str, ...] = ()) -> None:
     """One DP-SGD step of `method`'s trained tensors equals the explicit per-example loop; the tensors
     named in `must_move` get a non-zero update (so the comparison is not trivial for them)."""
     model, params = method.adapted.model, method.adapted.trainable_parameters()

@@ -283,7 +283,7 @@ def test_dp_step_gives_ravan_scales_their_own_per_example_gradients() -> None:
     method = _method("ravan")
     _perturb(method.adapted, scale=0.5)
     check_dp_step_against_explicit_loop(
-        method, must_move=[n for n in method.adapted.trainable_names() if "ravan_s" in n]
+        method, must_move=tuple(n for n in method.adapted.trainable_names() if "ravan_s" in n)
     )
 
 
@@ -397,3 +397,15 @@ def test_compare_runs_the_rivals_and_the_init_ablation_at_one_rank(tmp_path: Pat
     assert per_round["fedsb-r4"] == per_round["fedsb-r4-lora-xs"] == per_round["fedsb-r4-random"]
     assert main(["compare", "--config", TINY, "--output", str(out), "--methods", "fedsb:4/init.method"]) == 2
     assert main(["compare", "--config", TINY, "--output", str(out), "--methods", "fedsb:4", "fedsb:4"]) == 2
+
+
+def test_ravan_bases_are_hashed_live_and_a_changed_basis_is_refused() -> None:
+    from fedsb.errors import CheckpointError
+
+    method = _method("ravan")
+    assert method.client_fingerprint(method.adapted) == method.basis_fingerprint == method.basis.fingerprint
+    with torch.no_grad():
+        next(iter(method.adapted.layers.values())).ravan_A[0, 0] += 1e-3  # an in-place change of A_1
+    assert method.client_fingerprint(method.adapted) != method.basis_fingerprint  # its updates are rejected
+    with pytest.raises(CheckpointError, match="refusing to export"):
+        method.verify_basis(before="export the run")

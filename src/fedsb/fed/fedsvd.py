@@ -66,13 +66,14 @@ class FedSVD(LoraMethod):
     def _a_names(self, adapted: AdaptedModel) -> dict[str, str]:
         return {path: lora_names(path)[0] for path in adapted.layers}
 
-    def download(self) -> Tensors:
-        """The global B (and heads) plus every layer's current A (it changes every round)."""
+    def download(self, since: int | None = None) -> Tensors:
+        """The global B (and heads) plus every layer's current A (it changes every round; `since` is moot:
+        this round's A and B are the whole server state)."""
         a = {
             name: self.adapted.layers[path].lora_A.weight.detach().float().clone()
             for path, name in self._a_names(self.adapted).items()
         }
-        return {**super().download(), **a}
+        return {**super().download(since), **a}
 
     @torch.no_grad()
     def client_receive(self, adapted: AdaptedModel, payload: Mapping[str, torch.Tensor], round: int) -> None:

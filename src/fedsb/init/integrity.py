@@ -1,7 +1,7 @@
 """The basis fingerprint of the B and A a model actually holds, and the checks built on it.
 
 `Basis.fingerprint` hashes a basis object; these functions hash the live `lora_sb_B` / `lora_sb_A`
-parameters of the adapted layers (the same SHA-256 over the same bytes, so the two agree right after
+(RAVAN: `ravan_B` / `ravan_A`) parameters of the adapted layers (the same SHA-256 over the same bytes, so the two agree right after
 attaching). Fed-SB hashes once after attaching (the server's reference), every client hashes its own
 model before it trains (the update carries that hash), exports re-verify, and a run directory's basis/
 must hash to the fingerprint its checkpoint recorded. Cost: one pass of SHA-256 over r(m + n) fp32
@@ -14,18 +14,28 @@ from pathlib import Path
 
 from fedsb.adapters.inject import AdaptedModel
 from fedsb.adapters.layer import LoraSBLinear
+from fedsb.adapters.ravan import RavanLinear
 from fedsb.errors import CheckpointError
 from fedsb.init.svd import fingerprint
 
+#: layer type -> the names of its frozen, shared B and A (RAVAN: every head's, stacked)
+BASIS_PARAMETERS: dict[type, tuple[str, str]] = {
+    LoraSBLinear: ("lora_sb_B", "lora_sb_A"),
+    RavanLinear: ("ravan_B", "ravan_A"),
+}
+
 
 def live_fingerprint(adapted: AdaptedModel) -> str | None:
-    """SHA-256 of the B, A and scale the model's LoRA-SB layers hold now (None: no LoRA-SB layer)."""
-    layers = {p: m for p, m in adapted.layers.items() if isinstance(m, LoraSBLinear)}
+    """SHA-256 of the B, A and scale the model's basis layers (LoRA-SB, RAVAN) hold now (None: none)."""
+    layers = {p: m for p, m in adapted.layers.items() if type(m) in BASIS_PARAMETERS}
     if not layers:
         return None
     scalings = {m.scaling for m in layers.values()}
     scaling = scalings.pop() if len(scalings) == 1 else float("nan")  # one basis has one scale
-    return fingerprint({p: (m.lora_sb_B, m.lora_sb_A) for p, m in layers.items()}, scaling)
+    names = {p: BASIS_PARAMETERS[type(m)] for p, m in layers.items()}
+    return fingerprint(
+        {p: (getattr(m, names[p][0]), getattr(m, names[p][1])) for p, m in layers.items()}, scaling
+    )
 
 
 def verify_live_basis(adapted: AdaptedModel, expected: str, *, before: str) -> None:
