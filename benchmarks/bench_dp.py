@@ -104,17 +104,12 @@ def one_client(config: str, overrides: list[str]) -> tuple[Any, Any, Any, Any, A
     """(cfg, task, method, prepared data, (client id, client)) for one client of the job these settings
     describe: the model loaded, the method's adapters injected, the first client's data prepared."""
     from fedsb.config import resolve_config
-    from fedsb.data.prepare import model_task, prepare_data
-    from fedsb.data.tasks import get_task
-    from fedsb.fed.base import SetupContext, get_method_class
-    from fedsb.models import load_model
+    from fedsb.job import build_components
 
     cfg = resolve_config(config, overrides)
-    task = get_task(cfg.data.task, **cfg.data.options)
-    loaded = load_model(cfg.model.name, **model_task(task))
-    data = prepare_data(cfg, task, loaded.tokenizer)
-    method = get_method_class(cfg.fed.method).create(loaded.model, SetupContext(cfg=cfg))
-    return cfg, task, method, data, next(iter(data.clients.items()))
+    parts = build_components(cfg, role="client")  # model, data and method; no basis data, ledger or plan
+    assert parts.data is not None
+    return cfg, parts.task, parts.method, parts.data, next(iter(parts.data.clients.items()))
 
 
 def step_times(config: str, rank: int, steps: int, repeats: int, threads: int) -> dict[str, Any]:

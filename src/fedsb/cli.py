@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="bf16 autocast (default: as the run evaluated, else on, like train.bf16)",
     )  # fmt: skip
     ev.add_argument("--threads", type=int, metavar="N", help="torch threads")
+    ev.add_argument(
+        "--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:N or mps (default: the run's, else auto)"
+    )
     ev.add_argument("--out", metavar="FILE", help="also write the report as JSON")
     ev.add_argument("--no-progress", action="store_true")
     from fedsb.comm import add_comm_parser
@@ -210,6 +213,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         bf16=args.bf16,
         progress=not args.no_progress,
+        device=args.device,
     )
     print(format_report(report))
     if args.out:

@@ -7,6 +7,7 @@ the fix. The resolved configuration is written next to every run's results.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,10 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from fedsb.errors import ConfigError
+
+#: the `device` setting's syntax (availability is checked by `fedsb.device.resolve_device`)
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+DEVICE_RE = r"auto|cpu|mps|cuda(:\d+)?"
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - dataclass field with help metadata
@@ -59,7 +64,16 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 @dataclass
 class ModelConfig:
     name: str = _f("smollm2-135m", "builtin alias (fedsb models), local checkpoint directory or HF hub id")
-    dtype: str = _f("float32", "base model dtype: float32, bfloat16 or float16 (R always stays float32)")
+    dtype: str = _f(
+        "auto",
+        "frozen base model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16; "
+        "R, heads and optimizer state always stay float32",
+    )
+    device_map: str | None = _f(
+        None,
+        "null (the whole model on `device`) or auto (spread a local/hub checkpoint over the visible GPUs "
+        "with accelerate, for a model one GPU cannot hold; needs device=cuda)",
+    )
 
     def __post_init__(self) -> None:
         _check(
@@ -68,7 +82,8 @@ class ModelConfig:
             self.name,
             "name a model, e.g. smollm2-135m",
         )
-        _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        _check(self.device_map in (None, "auto"), "model.device_map", self.device_map, "use null or auto")
 
 
 @dataclass
@@ -405,6 +420,11 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     seed: int = _f(0, "master seed: sampling, partitions, data order, init")
+    device: str = _f(
+        "auto",
+        "where the model trains and evaluates: auto (CUDA when available, else CPU), cpu, cuda, cuda:N or "
+        "mps; aggregation, the ledger and checkpoints stay on the CPU",
+    )
     output_dir: str | None = _f(None, "results directory (null: runs/<timestamp>)")
     threads: int | None = _f(None, "torch threads (null: all cores)")
     deterministic: bool = _f(True, "torch deterministic algorithms (bit-identical resume)")
@@ -433,6 +453,19 @@ class RunConfig:
             "use an integer",
         )
         _positive_int("threads", self.threads, allow_none=True)
+        _check(
+            isinstance(self.device, str) and re.fullmatch(DEVICE_RE, self.device) is not None,
+            "device",
+            self.device,
+            f"use {DEVICE_CHOICES}",
+        )
+        if self.model.device_map is not None and not self.device.startswith(("cuda", "auto")):
+            raise ConfigError(
+                field="model.device_map",
+                value=self.model.device_map,
+                what=f"needs CUDA devices, but device={self.device}",
+                fix="set device=cuda (or auto on a GPU machine), or model.device_map=null",
+            )
         if self.fed.min_clients > self.expected_clients_per_round():
             raise ConfigError(
                 field="fed.min_clients",

@@ -2,8 +2,10 @@
 
 A resumed run continues with its saved configuration. Allowed overrides: `fed.rounds` (to extend or end a
 run; not when privacy.target_epsilon fixed the noise for the planned rounds: more rounds would spend more
-than the target), `progress` (display only) and `output_dir` naming the run directory itself. Anything
-else is refused with a `ConfigError` naming the field, the value and the fix, and config.yaml is untouched.
+than the target), `progress` (display only), `output_dir` naming the run directory itself, and where it
+runs: `device`, `model.dtype` and `model.device_map` (a checkpoint is continued only under the base dtype
+that wrote it: `fedsb.run.check_placement`). Anything else is refused with a `ConfigError` naming the
+field, the value and the fix, and config.yaml is untouched.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 from fedsb.config import RunConfig, config_from_dict, merge_overrides, parse_override
 from fedsb.errors import ConfigError
 
-ALLOWED_ON_RESUME = ("fed.rounds", "progress", "output_dir")
+ALLOWED_ON_RESUME = ("fed.rounds", "progress", "output_dir", "device", "model.dtype", "model.device_map")
 
 
 def resumed_config(saved: dict[str, Any], overrides: list[str], run_dir: Path) -> RunConfig:
@@ -27,7 +29,7 @@ def resumed_config(saved: dict[str, Any], overrides: list[str], run_dir: Path) -
                 field=key,
                 value=value,
                 what="cannot change when resuming (the run continues with its saved configuration)",
-                fix=f"drop the override (--resume may change only {', '.join(ALLOWED_ON_RESUME[:2])}), or "
+                fix=f"drop the override (--resume may change only {', '.join(k for k in ALLOWED_ON_RESUME if k != 'output_dir')}), or "
                 "start a new run with --output",
             )
         if key == "output_dir" and Path(str(value)).resolve() != run_dir.resolve():

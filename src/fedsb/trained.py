@@ -7,10 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from fedsb.config import config_from_dict, load_yaml
-from fedsb.data.prepare import model_task
 from fedsb.errors import CheckpointError, ConfigError
-from fedsb.run import CONFIG_FILE, build_method
-from fedsb.seeding import derive_seed
+from fedsb.job import CONFIG_FILE, build_components
 
 
 def export_final(method: Any, loaded: Any, tokenizer: Any, out: Path, *, rounds: int) -> dict[str, Any]:
@@ -34,16 +32,16 @@ def export_final(method: Any, loaded: Any, tokenizer: Any, out: Path, *, rounds:
     return {"format": "peft", **export_peft(adapted, out / "peft", base_model=base)}
 
 
-def load_trained(run_dir: str | Path) -> tuple[Any, Any, Any]:
+def load_trained(run_dir: str | Path, *, device: str | None = None) -> tuple[Any, Any, Any]:
     """(method with the final global state installed, tokenizer, loaded model info) of a run directory.
 
-    Rebuilds the base model, the method's adapters (Fed-SB: from basis/) and the last checkpoint's global
-    state (and, for FedEx-LoRA / FLoRA, the updates folded into W0). A Fed-SB run whose basis/ is missing,
-    or does not hash to the fingerprint its checkpoint recorded, is refused (`CheckpointError`).
+    Rebuilds the base model (on the run's `device` setting, or `device`; in the dtype its checkpoint
+    records), the method's adapters (Fed-SB: from basis/) and the last checkpoint's global state (and, for
+    FedEx-LoRA / FLoRA, the updates folded into W0), through the job recipe. A Fed-SB run whose basis/ is
+    missing, or does not hash to the fingerprint its checkpoint recorded, is refused (`CheckpointError`).
     """
-    from fedsb.fed.checkpoint import latest_checkpoint, load_checkpoint
+    from fedsb.fed.checkpoint import RunState, latest_checkpoint
     from fedsb.init.integrity import check_run_basis, require_run_basis
-    from fedsb.models import load_model
 
     d = Path(run_dir)
     latest = latest_checkpoint(d / "checkpoints") if (d / CONFIG_FILE).is_file() else None
@@ -51,24 +49,17 @@ def load_trained(run_dir: str | Path) -> tuple[Any, Any, Any]:
         raise CheckpointError(
             f"{d} is not a fedsb run with a checkpoint (config.yaml and checkpoints/ expected)"
         )
-    from fedsb.data.tasks import get_task
-
     cfg = config_from_dict(load_yaml(d / CONFIG_FILE))
-    task = get_task(cfg.data.task, **cfg.data.options)
-    loaded = load_model(
-        cfg.model.name,
-        dtype=cfg.model.dtype,
-        seed=derive_seed(cfg.seed, "model") % (2**32),
-        **model_task(task),
-    )
-    _, tensors, state = load_checkpoint(latest)
-    require_run_basis(d, state.get("basis_fingerprint"))
-    method = build_method(cfg, loaded.model, task, loaded.tokenizer, None, d, resume=True)
-    check_run_basis(d, state.get("basis_fingerprint"), method.basis_fingerprint, latest.name)
-    method.load_state_tensors(
-        {k.removeprefix("global/"): v for k, v in tensors.items() if k.startswith("global/")}
-    )
-    return method, loaded.tokenizer, loaded
+    state = RunState.load(latest)
+    require_run_basis(d, state.basis_fingerprint)
+    if device is not None:
+        cfg.device = device
+    if state.placement:  # the base in the dtype it was trained with, whatever `auto` means here
+        cfg.model.dtype = state.placement["model_dtype"]
+    parts = build_components(cfg, role="trained", setup_dir=d, resume=True)
+    check_run_basis(d, state.basis_fingerprint, parts.method.basis_fingerprint, latest.name)
+    parts.method.load_state_tensors(state.global_tensors)
+    return parts.method, parts.tokenizer, parts.loaded
 
 
 def export_run(run_dir: str | Path, fmt: str, out: str | Path) -> dict[str, Any]:

@@ -236,17 +236,19 @@ class AdaptedModel:
         return list(self.trainable_parameters())
 
     def get_state(self, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-        """Detached fp32 copies of the named trainable tensors (all of them by default)."""
+        """Detached fp32 CPU copies of the named trainable tensors (all of them by default): the state that
+        is communicated, aggregated and checkpointed lives on the CPU whatever the model's device."""
         params = self.trainable_parameters()
         keys = list(params) if names is None else list(names)
         unknown = [k for k in keys if k not in params]
         if unknown:
             raise KeyError(f"not trainable tensors of this model: {unknown[:3]}")
-        return {k: params[k].detach().to(torch.float32).clone() for k in keys}
+        return {k: params[k].detach().to(device="cpu", dtype=torch.float32).clone() for k in keys}
 
     @torch.no_grad()
     def set_state(self, state: Mapping[str, torch.Tensor], *, strict: bool = True) -> None:
-        """Copy tensors into the named trainable parameters; with strict=True the key sets must agree."""
+        """Copy tensors (from any device) into the named trainable parameters; with strict=True the key sets
+        must agree."""
         params = self.trainable_parameters()
         unknown = [k for k in state if k not in params]
         missing = [k for k in params if k not in state] if strict else []

@@ -40,6 +40,11 @@ def weight_in_linear_layout(base: nn.Module) -> torch.Tensor:
     return base.weight.T if isinstance(base, Conv1D) else base.weight
 
 
+def base_device(base: nn.Module) -> torch.device:
+    """The device of a base layer's weight: where its adapter's tensors are created."""
+    return base.weight.device
+
+
 def _check_rank(rank: object, m: int, n: int) -> int:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise FedsbError(field="rank", value=rank, fix="use a positive integer such as 32")
@@ -81,6 +86,8 @@ class AdapterLayer(nn.Module):
         for p in self.base_layer.parameters():
             p.requires_grad_(False)
         self.out_features, self.in_features = m, n
+        #: adapter tensors are fp32 on the base layer's device, whatever the base's dtype
+        self.factory_kwargs = {"dtype": torch.float32, "device": base_device(base_layer)}
         self.scaling = float(scaling)
         self.adapter_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
@@ -139,7 +146,7 @@ class AdapterLayer(nn.Module):
 
     def _add_to_base(self, delta: torch.Tensor) -> None:
         w = weight_in_linear_layout(self.base_layer)
-        w.copy_((w.float() + delta.float()).to(w.dtype))
+        w.copy_((w.float() + delta.to(w.device, torch.float32)).to(w.dtype))
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scaling={self.scaling}, merged={self.merged}"
@@ -163,9 +170,9 @@ class LoraSBLinear(AdapterLayer):
     def __init__(self, base_layer: nn.Module, rank: int, *, scaling: float = 1.0, dropout: float = 0.0):
         super().__init__(base_layer, rank, scaling=scaling, dropout=dropout)
         r, m, n = self.rank, self.out_features, self.in_features
-        self.lora_sb_A = nn.Parameter(torch.zeros(r, n, dtype=torch.float32), requires_grad=False)  # (r, n)
-        self.lora_sb_B = nn.Parameter(torch.zeros(m, r, dtype=torch.float32), requires_grad=False)  # (m, r)
-        self.lora_sb_R = nn.Linear(r, r, bias=False, dtype=torch.float32)  # weight (r, r)
+        self.lora_sb_A = nn.Parameter(torch.zeros(r, n, **self.factory_kwargs), requires_grad=False)  # (r, n)
+        self.lora_sb_B = nn.Parameter(torch.zeros(m, r, **self.factory_kwargs), requires_grad=False)  # (m, r)
+        self.lora_sb_R = nn.Linear(r, r, bias=False, **self.factory_kwargs)  # weight (r, r)
         nn.init.zeros_(self.lora_sb_R.weight)
 
     @torch.no_grad()

@@ -30,8 +30,8 @@ class LoraLinear(AdapterLayer):
     ) -> None:
         super().__init__(base_layer, rank, scaling=scaling, dropout=dropout)
         r, m, n = self.rank, self.out_features, self.in_features
-        self.lora_A = nn.Linear(n, r, bias=False, dtype=torch.float32)  # weight (r, n)
-        self.lora_B = nn.Linear(r, m, bias=False, dtype=torch.float32)  # weight (m, r)
+        self.lora_A = nn.Linear(n, r, bias=False, **self.factory_kwargs)  # weight (r, n)
+        self.lora_B = nn.Linear(r, m, bias=False, **self.factory_kwargs)  # weight (m, r)
         nn.init.zeros_(self.lora_A.weight)
         nn.init.zeros_(self.lora_B.weight)
         self.lora_A.weight.requires_grad_(train_A)

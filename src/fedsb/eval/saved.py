@@ -33,20 +33,30 @@ def _peft_task_type(directory: Path) -> tuple[str, str]:
 
 
 def load_target(
-    target: str | None, *, model: str | None = None, task: Any = None, dtype: str = "float32", seed: int = 0
+    target: str | None,
+    *,
+    model: str | None = None,
+    task: Any = None,
+    dtype: str = "auto",
+    seed: int = 0,
+    device: str = "auto",
 ) -> EvalTarget:
-    """Load what ``target`` names: a run directory (config.yaml + checkpoints/: the final global model),
-    a PEFT LoRA directory (adapter_config.json; base from ``model`` or the adapter's base_model_name_or_path;
-    merged for speed) or, for ``target=None``, the base model ``model`` itself."""
+    """Load what ``target`` names: a run directory (config.yaml + checkpoints/: the final global model,
+    rebuilt by the job recipe), a PEFT LoRA directory (adapter_config.json; base from ``model`` or the
+    adapter's base_model_name_or_path; merged for speed) or, for ``target=None``, the base model ``model``
+    itself; on ``device`` (auto, cpu, cuda[:N], mps) in ``dtype`` (auto: bf16 on CUDA, else fp32)."""
     from fedsb.data.prepare import model_task
+    from fedsb.device import resolve_placement
     from fedsb.models import load_model
 
+    placement = resolve_placement(device, dtype)
+    on = {"dtype": placement.dtype, "device": placement.device, "seed": seed}
     if target is None:
         if not model:
             raise ConfigError(
                 field="--model", value=model, fix="name a model, or give a run or PEFT directory"
             )
-        loaded = load_model(model, dtype=dtype, seed=seed, **model_task(task))
+        loaded = load_model(model, **on, **model_task(task))
         return EvalTarget(loaded.model, loaded.tokenizer, "base", model)
     path = Path(target).expanduser()
     if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
@@ -59,7 +69,7 @@ def load_target(
             )  # fmt: skip
         from fedsb.config import config_from_dict, load_yaml
 
-        method, tokenizer, loaded = load_trained(path)
+        method, tokenizer, loaded = load_trained(path, device=device)
         method.install_global()
         cfg = config_from_dict(load_yaml(path / "config.yaml"))
         return EvalTarget(method.adapted.model, tokenizer, "run", loaded.name, run_config=cfg)
@@ -80,7 +90,7 @@ def load_target(
                 what=f"does not fit the adapter's task_type {task_type}",
                 fix="pick a task of the kind the adapter was trained for (data.options.mode for classification)",
             )  # fmt: skip
-        loaded = load_model(base, dtype=dtype, seed=seed, **wanted)
+        loaded = load_model(base, **on, **wanted)
         merged = PeftModel.from_pretrained(loaded.model, str(path)).merge_and_unload()
         tokenizer = loaded.tokenizer
         return EvalTarget(merged, tokenizer, "peft", base)
@@ -107,6 +117,7 @@ def evaluate_saved(
     bf16: bool | None = None,
     seed: int | None = None,
     progress: bool = False,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``target`` (see ``load_target``) and return a JSON-ready report.
 
@@ -141,7 +152,9 @@ def evaluate_saved(
                 what=f"({task.kind}) does not fit the run's model, trained on {run_cfg.data.task!r} ({trained.kind})",
                 fix=fix,
             )  # fmt: skip
-    loaded = load_target(target, model=model, task=task, dtype=cfg.model.dtype, seed=cfg.seed)
+    loaded = load_target(
+        target, model=model, task=task, dtype=cfg.model.dtype, seed=cfg.seed, device=device or cfg.device
+    )
     the_split = split or cfg.data.eval_split
     n = cfg.data.test_size if size == "auto" else size
     the_seed = cfg.seed if seed is None else seed

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,81 @@ from fedsb.errors import CheckpointError
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
 CHECKSUM = "CHECKSUM"
+GLOBAL_PREFIX = "global/"  # the server's global state (`FederatedMethod.state_tensors`)
+CLIENT_PREFIX = "opt/"  # client-side state the executor keeps (optimizer states)
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass
+class RunState:
+    """Everything a run needs to continue after round `round`, device-free (CPU tensors, JSON metadata).
+
+    On disk: `global/<name>` and `opt/<client>/<param>/<key>` tensors and the rest in state.json, the
+    layout of every earlier checkpoint, so those stay readable. `placement` records the device and base
+    dtype that wrote it (absent in checkpoints of older versions).
+    """
+
+    round: int
+    basis_fingerprint: str | None
+    global_tensors: Tensors
+    client_tensors: Tensors = field(default_factory=dict)
+    client_meta: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    ledger: dict[str, Any] = field(default_factory=dict)
+    sampler: dict[str, Any] = field(default_factory=dict)
+    before: dict[str, Any] | None = None
+    torch_rng: list[int] = field(default_factory=list)
+    privacy: dict[str, Any] | None = None
+    placement: dict[str, Any] | None = None
+
+    def to_tensors(self) -> tuple[Tensors, dict[str, Any]]:
+        """(tensors keyed by their on-disk names, on the CPU; the JSON state)."""
+        tensors = {GLOBAL_PREFIX + k: v.detach().cpu() for k, v in self.global_tensors.items()}
+        tensors.update({CLIENT_PREFIX + k: v.detach().cpu() for k, v in self.client_tensors.items()})
+        state = {
+            "basis_fingerprint": self.basis_fingerprint,
+            "history": self.history,
+            "ledger": self.ledger,
+            "sampler": self.sampler,
+            "executor": self.client_meta,
+            "before": self.before,
+            "torch_rng": self.torch_rng,
+            "privacy": self.privacy,
+            "placement": self.placement,
+        }
+        return tensors, state
+
+    @classmethod
+    def from_tensors(cls, round: int, tensors: Tensors, state: dict[str, Any]) -> RunState:
+        """Inverse of `to_tensors` (also for checkpoints written before `placement` existed)."""
+
+        def under(prefix: str) -> Tensors:
+            return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
+        return cls(
+            round=round,
+            basis_fingerprint=state["basis_fingerprint"],
+            global_tensors=under(GLOBAL_PREFIX),
+            client_tensors=under(CLIENT_PREFIX),
+            client_meta=state.get("executor") or {},
+            history=list(state["history"]),
+            ledger=state["ledger"],
+            sampler=state.get("sampler") or {},
+            before=state.get("before"),
+            torch_rng=list(state["torch_rng"]),
+            privacy=state.get("privacy"),
+            placement=state.get("placement"),
+        )
+
+    def save(self, root: str | Path, *, keep: int = 2) -> Path:
+        tensors, state = self.to_tensors()
+        return save_checkpoint(root, self.round, tensors, state, keep=keep)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> RunState:
+        """The state in a checkpoint directory, after its checksum is verified."""
+        return cls.from_tensors(*load_checkpoint(directory))
 
 
 def _digest(directory: Path) -> str:
@@ -96,13 +172,13 @@ def load_checkpoint(directory: str | Path) -> tuple[int, dict[str, torch.Tensor]
 def flatten_optimizer_state(
     prefix: str, state: dict[str, Any]
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split a torch optimizer state_dict into tensors (keyed `prefix/<param>/<key>`) and JSON metadata."""
+    """Split a torch optimizer state_dict into CPU tensors (keyed `prefix/<param>/<key>`) and JSON metadata."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for pid, pstate in state["state"].items():
         for key, value in pstate.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{prefix}/{pid}/{key}"] = value
+                tensors[f"{prefix}/{pid}/{key}"] = value.detach().cpu()
             else:
                 scalars.setdefault(str(pid), {})[key] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}

@@ -29,7 +29,12 @@ class RoundFailed(RuntimeError):
 
 
 class ClientExecutor(Protocol):
-    """Runs local training for the sampled clients and yields their updates as they arrive."""
+    """Runs local training for the sampled clients and yields their updates as they arrive.
+
+    An executor with `secure_aggregation = True` instead offers `aggregate_round(round, client_ids,
+    download, upload_spec) -> (weighted mean of the updates | None, ids of the clients in it)`: the server
+    then never sees a single update (SecAgg+, `fedsb.flower.secagg.SecAggExecutor`).
+    """
 
     def train_round(
         self, round: int, client_ids: Sequence[str], download: Tensors
@@ -37,8 +42,8 @@ class ClientExecutor(Protocol):
 
 
 def encode(tensors: Mapping[str, torch.Tensor], wire_dtype: torch.dtype) -> Tensors:
-    """Cast tensors to the wire dtype (what actually travels)."""
-    return {k: v.detach().to(wire_dtype).contiguous() for k, v in tensors.items()}
+    """Cast tensors to the wire dtype on the CPU (what actually travels, whatever the model's device)."""
+    return {k: v.detach().to(device="cpu", dtype=wire_dtype).contiguous() for k, v in tensors.items()}
 
 
 def decode(tensors: Mapping[str, torch.Tensor]) -> Tensors:
@@ -107,12 +112,41 @@ class Server:
         sampled = self.sampler.sample(round)
         record = RoundRecord(round=round, sampled=sampled)
         download = encode(self.method.download(since=self.applied_through(sampled)), self.wire_dtype)
-        reference = dict(self.method.state)  # what every client starts this round from
-        spec = self.method.upload_spec()
         for cid in sampled:
             self.ledger.record(
                 round=round, client=cid, direction="down", tensors=download, dtype=self.wire_dtype_name
             )
+        secure = getattr(executor, "secure_aggregation", False)
+        collect = self._collect_secure if secure else self._collect
+        count, result, client_seconds = collect(round, executor, download, record, progress)
+        seen = set(record.accepted)
+        record.dropped = [c for c in sampled if c not in seen and c not in record.rejected]
+        if record.dropped:
+            log.warning("round %d: no update from %s", round, ", ".join(record.dropped))
+        if count < self.min_clients:
+            reasons = "; ".join(f"{c}: {r}" for c, r in record.rejected.items()) or "none rejected"
+            raise RoundFailed(
+                f"round {round}: {count} usable update(s), fed.min_clients={self.min_clients} "
+                f"(sampled {len(sampled)}, rejected {len(record.rejected)}, dropped {len(record.dropped)}; {reasons})"
+            )
+        t_agg = time.perf_counter()
+        self.method.apply(result(), round)
+        now = time.perf_counter()
+        record.seconds = {"total": now - t0, "clients": client_seconds, "aggregate": now - t_agg}
+        self.history.append(record)
+        self.method.release_history(self.applied_through(self.sampler.client_ids))
+        return record
+
+    def _collect(
+        self, round: int, executor: ClientExecutor, download: Tensors, record: RoundRecord, progress: bool
+    ) -> tuple[int, Callable[[], Tensors], float]:
+        """Validate and aggregate each client's update as it arrives: (count, the aggregate, client seconds).
+
+        Fills the record's accepted, rejected and client metrics and the round's weighted training loss.
+        """
+        sampled = record.sampled
+        reference = dict(self.method.state)  # what every client starts this round from
+        spec = self.method.upload_spec()
         aggregator = (
             self.aggregator(reference, round) if self.aggregator is not None else self.method.new_aggregator()
         )
@@ -153,24 +187,29 @@ class Server:
                 loss_weight += w
             bar.update(1)
         bar.close()
-        record.dropped = [c for c in sampled if c not in seen and c not in record.rejected]
-        if record.dropped:
-            log.warning("round %d: no update from %s", round, ", ".join(record.dropped))
-        if aggregator.count < self.min_clients:
-            reasons = "; ".join(f"{c}: {r}" for c, r in record.rejected.items()) or "none rejected"
-            raise RoundFailed(
-                f"round {round}: {aggregator.count} usable update(s), fed.min_clients={self.min_clients} "
-                f"(sampled {len(sampled)}, rejected {len(record.rejected)}, dropped {len(record.dropped)}; {reasons})"
-            )
-        t_agg = time.perf_counter()
-        self.method.apply(aggregator.result(), round)
         # nan when no client sent a loss (under DP losses stay on the clients)
         record.train_loss = weighted_loss / loss_weight if loss_weight else float("nan")
-        now = time.perf_counter()
-        record.seconds = {"total": now - t0, "clients": client_seconds, "aggregate": now - t_agg}
-        self.history.append(record)
-        self.method.release_history(self.applied_through(self.sampler.client_ids))
-        return record
+        return aggregator.count, aggregator.result, client_seconds
+
+    def _collect_secure(
+        self, round: int, executor: Any, download: Tensors, record: RoundRecord, progress: bool
+    ) -> tuple[int, Callable[[], Tensors], float]:
+        """A secure-aggregation executor hands over only the weighted mean of the round's updates (and who
+        is in it): no single update to validate, so the mean's shapes and finiteness are checked instead."""
+        t0 = time.perf_counter()
+        spec = self.method.upload_spec()
+        mean, aggregated = executor.aggregate_round(round, record.sampled, download, spec)
+        record.accepted = list(aggregated)
+        if not aggregated:
+            return 0, dict, time.perf_counter() - t0
+        if set(mean) != set(spec) or any(tuple(mean[k].shape) != tuple(spec[k]) for k in spec):
+            raise RoundFailed(
+                f"round {round}: the secure aggregate does not match the global state's tensors"
+            )
+        bad = [k for k, t in mean.items() if not torch.isfinite(t).all()]
+        if bad:
+            raise RoundFailed(f"round {round}: the secure aggregate of {bad[:3]} is not finite")
+        return len(aggregated), lambda: decode(mean), time.perf_counter() - t0
 
     def _record_up(self, round: int, update: ClientUpdate, status: str) -> None:
         self.ledger.record(

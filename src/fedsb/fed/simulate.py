@@ -147,15 +147,17 @@ class InProcessExecutor:
 
     # ---- client-side state for checkpoints ------------------------------------------------------------------
     def state_dict(self) -> tuple[Tensors, dict[str, Any]]:
+        """(tensors keyed `<client>/<param>/<key>`, on the CPU; JSON metadata) of the kept optimizer states."""
         tensors: Tensors = {}
         meta: dict[str, Any] = {}
         for cid, state in self.optimizer_states.items():
-            t, m = flatten_optimizer_state(f"opt/{cid}", state)
+            t, m = flatten_optimizer_state(cid, state)
             tensors.update(t)
             meta[cid] = m
         return tensors, meta
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        """Inverse of `state_dict` (the optimizer moves each state tensor to its parameter's device)."""
         self.optimizer_states = {
-            cid: unflatten_optimizer_state(f"opt/{cid}", dict(tensors), m) for cid, m in meta.items()
+            cid: unflatten_optimizer_state(cid, dict(tensors), m) for cid, m in meta.items()
         }

@@ -16,9 +16,9 @@ import yaml
 
 from fedsb.config import RunConfig, config_from_dict
 from fedsb.errors import ConfigError
-from fedsb.fed.base import ClientUpdate, FederatedMethod, SetupContext, Tensors, get_method_class
+from fedsb.fed.base import ClientUpdate, FederatedMethod, Tensors
 from fedsb.fed.simulate import InProcessExecutor
-from fedsb.seeding import derive_seed
+from fedsb.job import build_components
 
 #: methods whose server state every client can rebuild from one round's download
 SUPPORTED_METHODS = ("fedsb", "ravan", "fedit", "ffa", "fedsvd", "full")
@@ -71,28 +71,26 @@ class ClientRuntime:
 
 
 def build_runtime(
-    config_yaml: str, partition_id: int, setup: Mapping[str, torch.Tensor], fingerprint: str | None
+    config_yaml: str,
+    partition_id: int,
+    setup: Mapping[str, torch.Tensor],
+    fingerprint: str | None,
+    *,
+    device: str | None = None,
 ) -> ClientRuntime:
-    """Rebuild everything client-side: the same model seed, data partition and method as `run_job`."""
-    from fedsb.data.prepare import model_task, prepare_data
-    from fedsb.data.tasks import get_task
-    from fedsb.models import load_model
-    from fedsb.train.local import loss_for
-
+    """Rebuild everything client-side through the job recipe: the same model seed, data partition and
+    method as the server's run, on this node's `device` (its node config's, else the run's `device`)."""
     cfg = config_from_dict(yaml.safe_load(config_yaml))
     check_flower_config(cfg)
+    if device is not None:
+        cfg.device = device
     torch.set_num_threads(cfg.threads or 1)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    task = get_task(cfg.data.task, **cfg.data.options)
-    loaded = load_model(
-        cfg.model.name,
-        dtype=cfg.model.dtype,
-        seed=derive_seed(cfg.seed, "model") % (2**32),
-        **model_task(task),
-    )
-    data = prepare_data(cfg, task, loaded.tokenizer)
-    ids = list(data.clients)
+    # the method's frozen basis, when it has one, came with the setup message (checked by fingerprint)
+    parts = build_components(cfg, role="client", setup=(setup, fingerprint) if fingerprint else None)
+    assert parts.data is not None
+    ids = list(parts.data.clients)
     if not 0 <= partition_id < len(ids):
         raise ConfigError(
             field="partition-id",
@@ -100,21 +98,5 @@ def build_runtime(
             what=f"is outside the run's {len(ids)} partitions",
             fix=f"start SuperNodes with --node-config 'partition-id=<0..{len(ids) - 1}>'",
         )
-    cls = get_method_class(cfg.fed.method)
-    if fingerprint is not None:  # the method's frozen basis came with the setup message
-        method = cls.from_setup(loaded.model, cfg, setup, fingerprint)
-    else:
-        method = cls.create(loaded.model, SetupContext(cfg=cfg, loss_fn=loss_for(task)))
     cid = ids[partition_id]
-    executor = InProcessExecutor(
-        method,
-        method.adapted,
-        {cid: data.clients[cid]},
-        cfg.train,
-        rounds=cfg.fed.rounds,
-        seed=cfg.seed,
-        wire_dtype=cfg.fed.wire_dtype,
-        loss_fn=loss_for(task),
-        privacy_mode=cfg.privacy.mode,
-    )
-    return ClientRuntime(cfg=cfg, client_id=cid, method=method, executor=executor)
+    return ClientRuntime(cfg=cfg, client_id=cid, method=parts.method, executor=parts.simulator(only=[cid]))

@@ -2,7 +2,9 @@
 
 `query.setup` stores the server's config and one-time payload in the node's `context.state`; `train`
 rebuilds the client (cached per process; the basis fingerprint is checked there) and runs one round of the
-simulator's local trainer; SecAgg+ train messages go through `secaggplus_mod` (`secagg_router`). Start SuperNodes with `--node-config 'partition-id=<i>'`; in simulation Flower sets it.
+simulator's local trainer; SecAgg+ train messages go through `secaggplus_mod` (`secagg_router`). Start
+SuperNodes with `--node-config 'partition-id=<i>'` (and optionally `device="cuda:1"`); in simulation
+Flower sets the partition id.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def secagg_router(msg: Message, context: Context, call_next: Any) -> Message:
 
 app = ClientApp(mods=[secagg_router])
 
-#: (config, partition, fingerprint) -> ClientRuntime, most recent last; a simulation process may host
+#: (config, partition, fingerprint, device) -> ClientRuntime, most recent last; a simulation process may host
 #: several nodes, a deployment ClientApp process lives for one message
 _CACHE: dict[tuple[str, int, str], Any] = {}
 CACHE_SIZE = 2
@@ -51,6 +53,13 @@ def partition_id(context: Context) -> int:
             fix="start the SuperNode with --node-config 'partition-id=<i> num-partitions=<n>'",
         )
     return int(context.node_config["partition-id"])
+
+
+def node_device(context: Context) -> str | None:
+    """This node's own device (`--node-config 'device="cuda:1"'`), else None: the run's `device` setting,
+    which `auto` resolves on the node itself (in simulation: the GPU share Ray gave its actor)."""
+    value = context.node_config.get("device")
+    return str(value) if value else None
 
 
 @app.query("setup")
@@ -74,10 +83,11 @@ def runtime(context: Context) -> Any:
     if P.SETUP_CONFIG not in context.state:
         raise RuntimeError("train message before setup: this node never received the run's setup message")
     cfg_rec = context.state[P.SETUP_CONFIG]
-    key = (str(cfg_rec["config"]), partition_id(context), str(cfg_rec["fingerprint"]))
+    device = node_device(context)
+    key = (str(cfg_rec["config"]), partition_id(context), str(cfg_rec["fingerprint"]), device or "")
     if key not in _CACHE:
         setup_tensors = from_record(context.state.array_records.get(P.SETUP_ARRAYS, ArrayRecord()))
-        _CACHE[key] = build_runtime(key[0], key[1], setup_tensors, key[2] or None)
+        _CACHE[key] = build_runtime(key[0], key[1], setup_tensors, key[2] or None, device=device)
     _CACHE[key] = _CACHE.pop(key)
     while len(_CACHE) > CACHE_SIZE:
         _CACHE.pop(next(iter(_CACHE)))

@@ -32,6 +32,7 @@ class AppSettings:
     straggler_timeout: float = 0.0  # once one reply arrived, wait at most this long for the rest (0: off)
     connect_timeout: float = 120.0  # seconds to wait for enough SuperNodes to connect
     secagg: bool = False  # SecAgg+ rounds (Fed-SB-style linear aggregates only)
+    resume: str = ""  # a run directory to continue from its latest checkpoint ("" = a new run)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> AppSettings:
@@ -43,6 +44,7 @@ class AppSettings:
             "straggler-timeout",
             "connect-timeout",
             "secagg",
+            "resume",
         }
         unknown = sorted(set(run_config) - known)
         if unknown:
@@ -59,6 +61,7 @@ class AppSettings:
             straggler_timeout=float(run_config.get("straggler-timeout", 0.0)),
             connect_timeout=float(run_config.get("connect-timeout", 120.0)),
             secagg=bool(run_config.get("secagg", False)),
+            resume=str(run_config.get("resume", "")),
         )
 
     def override_list(self) -> list[str]:

@@ -7,18 +7,18 @@ quantization_range levels and masks; the server unmasks the sum and divides by t
 result equals plain averaging up to that quantization (about 2 clipping_range / quantization_range per
 client and entry, divided by the total weight ratio).
 
-What changes against the plain app: no per-client validation (the server never sees an update; only the
-aggregate's shape and finiteness are checked), no per-client ledger lines for uploads (the masked vectors
-are integer vectors carried in ConfigRecords), and the download travels as float32 legacy Parameters.
-Setup (config, basis, fingerprint) and local training are the plain app's.
+It is an executor of the one run (`SecAggExecutor`): sampling, the ledger's download lines, applying the
+mean, evaluation, checkpoints, resume and export are the run's. What changes against the plain app: no
+per-client validation (the server never sees an update; only the aggregate's shape and finiteness are
+checked), no per-client ledger lines for uploads (the masked vectors are integer vectors carried in
+ConfigRecords), no per-client losses, and the download travels as float32 legacy Parameters (so
+fed.wire_dtype must be float32). Setup (config, basis, fingerprint) and local training are the plain app's.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,12 +34,9 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
-from safetensors.torch import save_file
 
 from fedsb.flower.client_app import runtime
-
-SECAGG_STATE = "secagg_global_state.safetensors"  # the final global trainable state
-SECAGG_ROUNDS = "secagg_rounds.json"
+from fedsb.flower.executor import FlowerExecutor
 
 # ---- client side (reached through `fedsb.flower.client_app.secagg_router`) ---------------------------------
 
@@ -104,13 +101,6 @@ class _RoundStrategy(FedAvg):
         return super().aggregate_fit(server_round, results, failures)
 
 
-@dataclass
-class SecureRound:
-    round: int
-    sampled: list[str]
-    aggregated: list[str] = field(default_factory=list)
-
-
 def secure_mean(
     grid: Grid,
     context: Context,
@@ -119,9 +109,10 @@ def secure_mean(
     download: dict[str, torch.Tensor],
     settings: SecAggSettings,
     upload_spec: dict[str, tuple[int, ...]] | None = None,
-) -> tuple[dict[str, torch.Tensor], SecureRound]:
-    """One SecAgg+ round over the clients in `nodes` (client id -> node id): the weighted mean of uploads
-    (name -> shape `upload_spec`; default: the same tensors as the download)."""
+) -> tuple[dict[str, torch.Tensor] | None, list[str]]:
+    """One SecAgg+ round over the clients in `nodes` (client id -> node id): (the weighted mean of their
+    uploads, name -> shape `upload_spec`, default the download's tensors; the clients in it); (None, [])
+    when the protocol halted (too few clients answered a stage)."""
     keys = list(download)
     spec = upload_spec if upload_spec is not None else {k: tuple(v.shape) for k, v in download.items()}
     n = len(nodes)
@@ -135,9 +126,9 @@ def secure_mean(
     legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(params, True)
     settings.workflow(n)(grid, legacy)
     by_node = {v: k for k, v in nodes.items()}
-    record = SecureRound(round, list(nodes), [by_node[i] for i in strategy.aggregated_nodes])
-    if not record.aggregated:
-        raise RuntimeError(f"round {round}: secure aggregation halted (too few clients answered every stage)")
+    aggregated = [by_node[i] for i in strategy.aggregated_nodes]
+    if not aggregated:
+        return None, []
     out = parameters_to_ndarrays(
         compat.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
     )
@@ -145,81 +136,65 @@ def secure_mean(
         k: torch.from_numpy(np.asarray(a, dtype=np.float32)).reshape(spec[k])
         for k, a in zip(spec, out, strict=True)
     }
-    bad = [k for k, t in mean.items() if not torch.isfinite(t).all()]
-    if bad:
-        raise RuntimeError(f"round {round}: the secure aggregate of {bad[:3]} is not finite")
-    return mean, record
+    return mean, aggregated
 
 
-def run_secagg_job(
-    grid: Grid,
-    context: Context,
-    config: str | None,
-    overrides: list[str],
-    settings: SecAggSettings | None = None,
-) -> dict[str, Any]:
-    """Server, basis and sampling as in `run_job`; each round's mean from SecAgg+. Returns R and the rounds."""
-    from fedsb.config import config_to_yaml, resolve_config
-    from fedsb.data.prepare import model_task, prepare_data
-    from fedsb.data.tasks import get_task
-    from fedsb.fed.rounds import encode
-    from fedsb.fed.sampling import ClientSampler
-    from fedsb.flower.client import check_flower_config
-    from fedsb.flower.executor import FlowerExecutor
-    from fedsb.models import load_model
-    from fedsb.run import build_method, configure_torch, default_output_dir
-    from fedsb.seeding import derive_seed
+class SecAggExecutor(FlowerExecutor):
+    """The run's executor when rounds are securely aggregated: setup as in the plain app (config, basis,
+    fingerprint once per node), then each round's weighted mean from SecAgg+ (`Server` checks its shapes
+    and finiteness, applies it, checkpoints, evaluates and exports as in any run)."""
 
-    settings = settings or SecAggSettings()
-    cfg = resolve_config(config, overrides)
-    check_flower_config(cfg)
+    secure_aggregation = True
+
+    def __init__(
+        self,
+        grid: Grid,
+        context: Context,
+        client_ids: list[str],
+        *,
+        settings: SecAggSettings | None = None,
+        **flower: Any,
+    ) -> None:
+        super().__init__(grid, client_ids, **flower)
+        self.context = context
+        self.settings = settings or SecAggSettings()
+
+    def aggregate_round(
+        self,
+        round: int,
+        client_ids: list[str],
+        download: dict[str, torch.Tensor],
+        upload_spec: dict[str, tuple[int, ...]],
+    ) -> tuple[dict[str, torch.Tensor] | None, list[str]]:
+        if not self.nodes:
+            self.connect()
+        nodes = {c: self.nodes[c] for c in client_ids}
+        return secure_mean(self.grid, self.context, nodes, round, download, self.settings, upload_spec)
+
+
+def check_secagg_config(cfg: Any) -> None:
+    """Refuse what SecAgg+ cannot honour: the server never sees a single update, and the masked vectors
+    are float32 legacy parameters."""
+    from fedsb.errors import ConfigError
+
     if cfg.privacy.mode != "none":
-        from fedsb.errors import ConfigError
-
         raise ConfigError(
             field="privacy.mode",
             value=cfg.privacy.mode,
             what="is not supported with SecAgg+ here (the server never sees single updates to clip)",
             fix="set privacy.mode=none, or run without secagg",
         )
-    configure_torch(cfg)
-    out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir()
-    task = get_task(cfg.data.task, **cfg.data.options)
-    loaded = load_model(
-        cfg.model.name,
-        dtype=cfg.model.dtype,
-        seed=derive_seed(cfg.seed, "model") % (2**32),
-        **model_task(task),
-    )
-    data = prepare_data(cfg, task, loaded.tokenizer)
-    method = build_method(cfg, loaded.model, task, loaded.tokenizer, data, out, resume=False)
-    setup_ex = FlowerExecutor(
-        grid,
-        list(data.clients),
-        config_yaml=config_to_yaml(cfg),
-        setup=method.setup_payload(),
-        fingerprint=method.basis_fingerprint,
-    )
-    nodes = setup_ex.connect()
-    sampler = ClientSampler(
-        list(data.clients), cfg.fed.clients_per_round, seed=derive_seed(cfg.seed, "sampling")
-    )
-    rounds = []
-    for t in range(1, cfg.fed.rounds + 1):
-        sampled = sampler.sample(t)
-        download = encode(method.download(), torch.float32)
-        mean, record = secure_mean(
-            grid, context, {c: nodes[c] for c in sampled}, t, download, settings, method.upload_spec()
+    if cfg.fed.wire_dtype != "float32":
+        raise ConfigError(
+            field="fed.wire_dtype",
+            value=cfg.fed.wire_dtype,
+            what="does not apply with SecAgg+ (its masked vectors are quantized from float32 parameters)",
+            fix="set fed.wire_dtype=float32, or run without secagg",
         )
-        if len(record.aggregated) < cfg.fed.min_clients:
-            raise RuntimeError(
-                f"round {t}: {len(record.aggregated)} client(s) in the secure aggregate, "
-                f"fed.min_clients={cfg.fed.min_clients}"
-            )
-        method.apply(mean, t)
-        rounds.append(record)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in method.state.items()}, str(out / SECAGG_STATE))
-    summary = [{"round": r.round, "sampled": r.sampled, "aggregated": r.aggregated} for r in rounds]
-    (out / SECAGG_ROUNDS).write_text(json.dumps({"fingerprint": method.basis_fingerprint, "rounds": summary}))
-    return {"state": {k: v.clone() for k, v in method.state.items()}, "rounds": rounds, "method": method}
+    if cfg.fed.max_update_norm is not None:
+        raise ConfigError(
+            field="fed.max_update_norm",
+            value=cfg.fed.max_update_norm,
+            what="cannot be checked with SecAgg+ (the server never sees a single update)",
+            fix="set fed.max_update_norm=null (SecAgg+ clips each entry to its clipping_range instead)",
+        )

@@ -1,7 +1,8 @@
 """The Flower ServerApp: `fedsb.run.run_job` with the Flower executor in place of the simulator.
 
 Everything server-side (model, basis, sampling, validation, aggregation, ledger, evaluation, checkpoints,
-export) is `run_job`'s; the Grid only carries messages. Run config keys: see `fedsb.flower.protocol`.
+resume, export) is `run_job`'s; the Grid only carries messages, plainly or through SecAgg+ (`secagg =
+true`). Run config keys: see `fedsb.flower.protocol`; `resume = "<run dir>"` continues a run.
 Besides the usual results the output directory gets `flower_wire.json`: Flower's own byte count of every
 ArrayRecord sent or received, to check against the ledger.
 """
@@ -25,36 +26,67 @@ app = ServerApp()
 WIRE_FILE = "flower_wire.json"
 
 
-def run_flower_job(grid: Grid, settings: AppSettings) -> dict[str, Any]:
-    """Resolve the config, refuse unsupported settings, and run the job over `grid`."""
+def run_flower_job(
+    grid: Grid,
+    settings: AppSettings,
+    context: Context | None = None,
+    *,
+    secagg: Any = None,
+    stop_after_round: int | None = None,
+) -> dict[str, Any]:
+    """Resolve the config (or a run to resume), refuse unsupported settings, and run the job over `grid`.
+
+    With `settings.secagg` the rounds are securely aggregated (`fedsb.flower.secagg.SecAggExecutor`, with
+    the SecAgg+ parameters `secagg`, default `SecAggSettings()`; it needs the ServerApp's `context`).
+    """
     from fedsb.config import config_to_yaml, resolve_config
     from fedsb.flower.client import check_flower_config
     from fedsb.flower.executor import FlowerExecutor
-    from fedsb.run import run_job
+    from fedsb.run import resolve_resume_config, run_job
 
-    cfg = resolve_config(settings.config or None, settings.override_list())
-    if settings.output_dir:
-        cfg.output_dir = settings.output_dir
+    resume = Path(settings.resume) if settings.resume else None
+    if resume is not None:
+        cfg = resolve_resume_config(resume, settings.override_list())
+    else:
+        cfg = resolve_config(settings.config or None, settings.override_list())
+        if settings.output_dir:
+            cfg.output_dir = settings.output_dir
     cfg.progress = False
     check_flower_config(cfg)
-    executors: list[FlowerExecutor] = []
+    if settings.secagg:
+        from fedsb.flower.secagg import check_secagg_config
 
-    def make_executor(method: Any, data: Any) -> FlowerExecutor:
-        ex = FlowerExecutor(
-            grid,
-            list(data.clients),
-            config_yaml=config_to_yaml(cfg),
-            setup=method.setup_payload(),
-            fingerprint=method.basis_fingerprint,
-            round_timeout=settings.round_timeout,
-            straggler_timeout=settings.straggler_timeout,
-            connect_timeout=settings.connect_timeout,
-        )
+        check_secagg_config(cfg)
+    executors: list[Any] = []
+
+    def make_executor(method: Any, data: Any) -> Any:
+        flower = {
+            "config_yaml": config_to_yaml(cfg),
+            "setup": method.setup_payload(),
+            "fingerprint": method.basis_fingerprint,
+            "round_timeout": settings.round_timeout,
+            "straggler_timeout": settings.straggler_timeout,
+            "connect_timeout": settings.connect_timeout,
+        }
+        if settings.secagg:
+            from fedsb.flower.secagg import SecAggExecutor
+
+            if context is None:
+                raise ValueError("SecAgg+ rounds need the ServerApp's Context")
+            ex: Any = SecAggExecutor(grid, context, list(data.clients), settings=secagg, **flower)
+        else:
+            ex = FlowerExecutor(grid, list(data.clients), **flower)
         ex.connect()
         executors.append(ex)
         return ex
 
-    results = run_job(cfg, make_executor=make_executor, command=["flower-serverapp"])
+    results = run_job(
+        cfg,
+        resume=resume,
+        make_executor=make_executor,
+        command=["flower-serverapp"],
+        stop_after_round=stop_after_round,
+    )
     if executors:
         wire = executors[0].wire
         (Path(results["output_dir"]) / WIRE_FILE).write_text(json.dumps(wire, indent=1))
@@ -64,13 +96,4 @@ def run_flower_job(grid: Grid, settings: AppSettings) -> dict[str, Any]:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    settings = AppSettings.from_run_config(context.run_config)
-    if settings.secagg:
-        from fedsb.flower.secagg import run_secagg_job
-
-        overrides = settings.override_list()
-        if settings.output_dir:
-            overrides.append(f"output_dir={settings.output_dir}")
-        run_secagg_job(grid, context, settings.config or None, overrides)
-    else:
-        run_flower_job(grid, settings)
+    run_flower_job(grid, AppSettings.from_run_config(context.run_config), context)

@@ -54,6 +54,11 @@ class Basis:
     def ranks(self) -> dict[str, int]:
         return {k: f.rank for k, f in self.factors.items()}
 
+    def cpu(self) -> Basis:
+        """The same basis with every factor on the CPU, where it is saved, hashed and sent."""
+        factors = {k: ModuleFactors(f.B.cpu(), f.A.cpu(), f.R0.cpu()) for k, f in self.factors.items()}
+        return Basis(factors=factors, scaling=self.scaling, info=self.info)
+
     def num_basis_parameters(self) -> int:
         """r(m + n) summed over modules: the one-time download of B and A."""
         return sum(f.B.numel() + f.A.numel() for f in self.factors.values())

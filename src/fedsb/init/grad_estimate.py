@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from fedsb.device import module_device, seeded, to_device
 from fedsb.errors import FedsbError
 
 Batch = Mapping[str, torch.Tensor]
@@ -43,9 +44,8 @@ def isolated_training_state(
     modes = {m: m.training for m in model.modules()}
     flags = {p: p.requires_grad for p in model.parameters()}
     saved_grads = {p: p.grad for p in model.parameters()}
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=cuda):  # manual_seed below seeds every device: restore them all
-        torch.random.manual_seed(seed % (2**63))
+    # dropout draws from the CPU's and the model device's RNGs, forked (restored after) and seeded
+    with seeded(module_device(model), seed % (2**63)):
         try:
             for p in model.parameters():
                 p.requires_grad_(False)
@@ -79,6 +79,7 @@ def estimate_gradients(
       * an iterator of batches plus `num_samples`: exactly `num_samples` examples are used (the last batch is
         truncated); `loss_fn(model, batch)` returns the mean loss of a batch;
       * a `train_step(model)` callback that runs forward and backward itself, any number of times.
+    Batches move to the model's device; G_W stays there (in fp32) for the SVD.
     Only the target weights get gradients (no memory for embeddings or heads). The model's train/eval modes,
     `requires_grad` flags and existing `.grad` tensors are as before afterwards; no hooks are registered.
     Dropout stays on (train mode, as the first fine-tuning step it approximates) and draws its masks from
@@ -97,12 +98,12 @@ def estimate_gradients(
                 raise FedsbError(
                     field="num_samples", value=num_samples, fix="use a positive integer, e.g. 32"
                 )
-            seen = 0
+            seen, device = 0, module_device(model)
             for batch in batches:
                 take = min(batch_size(batch), num_samples - seen)
                 if take <= 0:
                     break
-                loss = loss_fn(model, truncate_batch(batch, take))
+                loss = loss_fn(model, to_device(truncate_batch(batch, take), device))
                 loss.backward()
                 seen += take
                 if on_batch is not None:

@@ -52,7 +52,8 @@ def compute_basis(
     init='lora-sb' estimates G_W over `num_samples` examples of `batches` (or via `train_step`), then takes
     dW = -eta * sign(G_W) and its truncated SVD. 'lora-xs' uses the SVD of W0; 'random' random orthonormal
     bases (both data-free). `generator` drives every random draw (randomized SVD, random bases);
-    `dropout_seed` seeds the dropout masks of the gradient estimate, so the basis is reproducible.
+    `dropout_seed` seeds the dropout masks of the gradient estimate, so the basis is reproducible. The
+    gradient estimate and the SVD run on the model's device; the returned basis is on the CPU.
     """
     if init not in INIT_KINDS:
         raise FedsbError(field="init", value=init, fix=f"use one of {', '.join(INIT_KINDS)}")
@@ -93,6 +94,7 @@ def compute_basis(
         basis = random_basis(
             {p: linear_dims(m) for p, m in modules.items()}, ranks, generator=generator, scaling=scaling
         )
+    basis = basis.cpu()  # computed on the model's device; kept, saved and sent from the CPU
     log.info(
         "basis %s: %d modules, %s init, fingerprint %s",
         basis.info["init"],

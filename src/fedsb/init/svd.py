@@ -61,7 +61,8 @@ def truncated_svd(
     if generator is None:
         raise FedsbError(field="generator", value=None, fix="pass a torch.Generator for the randomized SVD")
     q = min(rank + max(oversample, 0), min(m, n))
-    omega = torch.randn(n, q, generator=generator, dtype=torch.float32, device=M.device)  # (n, q)
+    # drawn on the generator's device (the CPU), then moved: the same test matrix on every device
+    omega = torch.randn(n, q, generator=generator, dtype=torch.float32).to(M.device)  # (n, q)
     Q, _ = torch.linalg.qr(M @ omega)  # (m, q)
     for _ in range(power_iters):
         Z, _ = torch.linalg.qr(M.T @ Q)  # (n, q)

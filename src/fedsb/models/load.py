@@ -374,9 +374,11 @@ def _load_pretrained(
     seed: int,
     *,
     local_files_only: bool,
+    device_map: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     kwargs: dict[str, Any] = {"local_files_only": local_files_only}
     config = AutoConfig.from_pretrained(src, **kwargs)
+    weights = {"device_map": device_map} if device_map is not None else {}
     if task == "causal_lm" and config.model_type in _ENCODER_MODEL_TYPES:
         raise ValueError(
             f"task='causal_lm' is not supported by {src!r} (a {config.model_type} encoder); use task='seq_cls'"
@@ -385,10 +387,10 @@ def _load_pretrained(
     with _seeded(seed):  # a new classification head is initialized from the seed
         if task == "seq_cls":
             model = AutoModelForSequenceClassification.from_pretrained(
-                src, num_labels=num_labels, dtype=dtype, **kwargs
+                src, num_labels=num_labels, dtype=dtype, **weights, **kwargs
             )
         else:
-            model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **weights, **kwargs)
     return model, tok
 
 
@@ -417,13 +419,33 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     cache_dir: str | Path | None = None,
     seed: int = 0,
+    device: str | torch.device | None = None,
+    device_map: str | None = None,
 ) -> LoadedModel:
     """Load a base model and tokenizer from a builtin alias, a local directory or a hub id.
 
     ``task`` is "causal_lm" or "seq_cls" (needs ``num_labels`` > 1; the new head is initialized from
     ``seed``). The global torch RNG state is left unchanged. ``cache_dir`` holds converted builtin
-    checkpoints (default ``$FEDSB_CACHE`` or ``~/.cache/fedsb``).
+    checkpoints (default ``$FEDSB_CACHE`` or ``~/.cache/fedsb``). The model ends on ``device`` (default:
+    where transformers puts it, the CPU); ``device_map="auto"`` instead spreads a local or hub checkpoint
+    over the visible GPUs (accelerate), for a model one device cannot hold.
     """
+    loaded = _load_weights(name, task, num_labels, dtype, cache_dir, seed, device_map)
+    if device is not None and device_map is None:
+        loaded.model.to(device)
+    return loaded
+
+
+def _load_weights(
+    name: str,
+    task: str,
+    num_labels: int | None,
+    dtype: torch.dtype,
+    cache_dir: str | Path | None,
+    seed: int,
+    device_map: str | None,
+) -> LoadedModel:
+    """`load_model` before the move to its device (or placed by ``device_map``)."""
     if not isinstance(name, str) or not name.strip():
         raise ValueError(
             f"name={name!r} is empty; give a builtin alias ({_builtin_list()}), a path or a hub id"
@@ -433,6 +455,10 @@ def load_model(
     alias = name.strip().lower()
 
     if alias in BUILTIN_MODELS:
+        if device_map is not None:
+            raise ValueError(
+                f"device_map={device_map!r} applies to checkpoints (a directory or hub id), not the builtin {alias!r}"
+            )
         if alias.startswith("tiny-"):
             loaded = _load_tiny(alias, task, num_labels, torch_dtype, seed)
         elif alias == "minilm-l6":
@@ -466,7 +492,13 @@ def load_model(
                 f"(save_pretrained) or a builtin alias ({_builtin_list()})"
             )
         model, tok = _load_pretrained(
-            str(path.resolve()), task, num_labels, torch_dtype, seed, local_files_only=True
+            str(path.resolve()),
+            task,
+            num_labels,
+            torch_dtype,
+            seed,
+            local_files_only=True,
+            device_map=device_map,
         )
         return _finish(LoadedModel(model, tok, name=name, source=str(path.resolve()), model_type=""), task)
 
@@ -477,7 +509,9 @@ def load_model(
         )
 
     try:  # the hub uses its own cache; ``cache_dir`` is only for converted builtins
-        model, tok = _load_pretrained(name, task, num_labels, torch_dtype, seed, local_files_only=False)
+        model, tok = _load_pretrained(
+            name, task, num_labels, torch_dtype, seed, local_files_only=False, device_map=device_map
+        )
     except OSError as err:
         offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
         why = (

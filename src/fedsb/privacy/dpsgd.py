@@ -190,7 +190,7 @@ class PrivateStep:
     def noise_only_step(self) -> None:
         """An empty Poisson batch still releases the noise: the step runs on zero summed gradients."""
         for p in self.params:
-            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
         self.step()
 
     def zero_grad(self) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import time
@@ -16,6 +15,7 @@ from torch import nn
 
 from fedsb.config import TrainConfig
 from fedsb.data.tasks import IGNORE_INDEX
+from fedsb.device import autocast, module_device, seeded, to_device
 from fedsb.train.schedule import Schedule
 
 if TYPE_CHECKING:  # Opacus loads only when DP-SGD is used
@@ -145,8 +145,9 @@ def train_local(
     `make_epoch(e)` yields the batches of epoch e (its order must depend only on its own seed); batches are
     cycled until `steps * grad_accum` micro-batches were used. Loss per optimizer step is the mean of its
     micro-batch losses; gradients are clipped to `max_grad_norm` over the trained tensors; the learning
-    rate of step k is `schedule.lr(step_offset + k)`. Dropout draws come from a generator forked from the
-    global RNG and seeded with `seed`, so the caller's RNG state is untouched and runs are repeatable.
+    rate of step k is `schedule.lr(step_offset + k)`. Batches move to the model's device and the forward
+    runs under that device type's bf16 autocast (`train.bf16`). Dropout draws come from the CPU and device
+    generators forked and seeded with `seed`, so the caller's RNG states are untouched and runs repeatable.
 
     With `privacy` (DP-SGD), every step is one Poisson batch with per-example clipping and noise (Opacus);
     `loss_fn` must then be a mean of per-example losses (`per_example_causal_lm_loss` for LMs).
@@ -164,14 +165,13 @@ def train_local(
         opt.load_state_dict(optimizer_state)
     was_training = model.training
     model.train()
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
+    device = module_device(model)
     result = LocalResult(steps=0, num_examples=0)
     start = time.perf_counter()
     private = None
     try:
         private = privacy.attach(model, opt, seed) if privacy is not None else None
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(device, seed):
             batches = privacy.batches(make_epoch, steps, seed) if privacy else cycle_epochs(make_epoch)
             for k in range(steps):
                 lr = schedule.lr(step_offset + k)
@@ -187,8 +187,8 @@ def train_local(
                     if not batch:  # only a Poisson draw can be empty (DP-SGD, grad_accum = 1)
                         empty = True
                         break
-                    with autocast:
-                        loss = loss_fn(model, batch)
+                    with autocast(device, cfg.bf16):
+                        loss = loss_fn(model, to_device(batch, device))
                     (loss / cfg.grad_accum).backward()
                     step_loss += float(loss.detach()) / cfg.grad_accum
                     result.num_examples += batch_size_of(batch)

@@ -1,0 +1,240 @@
+"""The job recipe: the one place that turns a `RunConfig` into the parts of a run.
+
+`build_components(cfg, role=...)` resolves the device and dtype, loads the task, the base model and its
+tokenizer (the only `load_model` call of a job), prepares the data, creates the federated method (Fed-SB:
+computes or loads its basis; a client rebuilds it from the server's setup) and, on the server, the ledger with its one-time lines, the privacy
+plan and the client sampler. Every entry point builds from here: `fedsb run` and `--resume`
+(`fedsb.run.Run`), `fedsb eval` / `load_trained` / `export_run` of a run directory (`fedsb.trained`), the
+Flower ServerApp (through `Run`) and ClientApp (`fedsb.flower.client.build_runtime`), and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from fedsb.config import RunConfig
+from fedsb.data.prepare import PreparedData, loader_factory, model_task, prepare_data
+from fedsb.device import Placement, resolve_placement
+from fedsb.seeding import derive_seed
+from fedsb.train.local import loss_for
+
+log = logging.getLogger("fedsb.job")
+
+CONFIG_FILE = "config.yaml"
+
+#: server: everything (data, init, ledger, privacy, sampler); client: model, data and the method from the
+#: server's setup; trained: model and method from a finished run's saved setup, no data
+Role = Literal["server", "client", "trained"]
+
+
+@dataclass
+class Components:
+    """The parts of a job, built once by `build_components`."""
+
+    cfg: RunConfig
+    placement: Placement
+    task: Any
+    loaded: Any  # fedsb.models.LoadedModel
+    method: Any  # fedsb.fed.base.FederatedMethod
+    data: PreparedData | None = None
+    ledger: Any = None  # fedsb.fed.ledger.Ledger (server)
+    privacy: Any = None  # fedsb.privacy.ledger.PrivacyLedger (server, private runs)
+    sampler: Any = None  # fedsb.fed.sampling.ClientSampler (server)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.loaded.tokenizer
+
+    @property
+    def adapted(self) -> Any:
+        return self.method.adapted
+
+    def simulator(self, only: list[str] | None = None) -> Any:
+        """The in-process executor: the clients (all, or `only` these) train on this process's one model."""
+        from fedsb.fed.simulate import InProcessExecutor
+
+        cfg = self.cfg
+        assert self.data is not None, "the simulator needs the clients' data"
+        clients = self.data.clients
+        return InProcessExecutor(
+            self.method,
+            self.adapted,
+            clients if only is None else {cid: clients[cid] for cid in only},
+            cfg.train,
+            rounds=cfg.fed.rounds,
+            seed=cfg.seed,
+            wire_dtype=cfg.fed.wire_dtype,
+            loss_fn=loss_for(self.task, per_example=cfg.privacy.mode == "sample"),
+            progress=cfg.progress,
+            privacy=self.privacy if cfg.privacy.mode == "sample" else None,
+            privacy_mode=cfg.privacy.mode,
+        )
+
+
+def configure_torch(cfg: RunConfig) -> None:
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def placement_of(cfg: RunConfig) -> Placement:
+    """The run's device and base dtype on this machine (`device`, `model.dtype`; ConfigError if absent)."""
+    return resolve_placement(cfg.device, cfg.model.dtype)
+
+
+def load_base(cfg: RunConfig, task: Any, placement: Placement) -> Any:
+    """The base model and tokenizer, on the placement's device in its dtype (the recipe's one load)."""
+    from fedsb.models import load_model
+
+    return load_model(
+        cfg.model.name,
+        dtype=placement.dtype,
+        seed=derive_seed(cfg.seed, "model") % (2**32),
+        device=placement.device,
+        device_map=cfg.model.device_map,
+        **model_task(task),
+    )
+
+
+def build_components(
+    cfg: RunConfig,
+    *,
+    role: Role = "server",
+    setup_dir: Path | None = None,
+    resume: bool = False,
+    setup: tuple[Mapping[str, torch.Tensor], str] | None = None,
+    placement: Placement | None = None,
+    echo: Callable[[str], None] = lambda _: None,
+) -> Components:
+    """Task, model and tokenizer, data, method and (server) ledger, privacy plan and sampler of `cfg`.
+
+    `setup_dir` holds (or receives) the method's one-time setup, e.g. Fed-SB's basis/; with `resume` it is
+    loaded from there instead of recomputed. `setup`: a client's (payload, fingerprint) received from the
+    server, from which the method rebuilds its frozen basis (`FederatedMethod.from_setup`).
+    `placement`: the device and dtype if already resolved (default: resolved from `cfg` here).
+    """
+    from fedsb.data.tasks import get_task
+
+    placement = placement or placement_of(cfg)
+    task = get_task(cfg.data.task, **cfg.data.options)
+    loaded = load_base(cfg, task, placement)
+    data = None
+    if role != "trained":
+        data = prepare_data(cfg, task, loaded.tokenizer)
+        echo(
+            f"clients: {len(data.clients)} with sizes {list(data.client_sizes.values())}; "
+            f"evaluation examples: {len(data.test)}"
+        )
+    if setup is not None:
+        from fedsb.fed.base import get_method_class
+
+        method = get_method_class(cfg.fed.method).from_setup(loaded.model, cfg, *setup)
+    else:
+        init_data = data if role == "server" else None
+        method = build_method(cfg, loaded.model, task, loaded.tokenizer, init_data, setup_dir, resume=resume)
+    parts = Components(cfg, placement, task, loaded, method, data)
+    if role == "server":
+        assert data is not None
+        if method.basis_fingerprint:
+            echo(
+                f"basis: {data.init_info.get('method', cfg.init.method)} from {data.init_info['num_samples']} "
+                f"{cfg.init.source} examples, "
+                f"eta={data.init_info.get('eta')}, fingerprint {method.basis_fingerprint[:12]}"
+            )
+        from fedsb.fed.sampling import ClientSampler
+
+        parts.ledger = plan_ledger(cfg, method, data)
+        parts.privacy = plan_privacy(cfg, data, echo) if cfg.privacy.enabled else None
+        parts.sampler = ClientSampler(
+            list(data.clients), cfg.fed.clients_per_round, seed=derive_seed(cfg.seed, "sampling")
+        )
+    return parts
+
+
+def build_method(
+    cfg: RunConfig,
+    model: torch.nn.Module,
+    task: Any,
+    tokenizer: Any,
+    data: PreparedData | None,
+    setup_dir: Path | None,
+    *,
+    resume: bool,
+) -> Any:
+    """Create the configured method on `model` (Fed-SB computes or loads its basis here)."""
+    from fedsb.fed.base import SetupContext, get_method_class
+
+    init_batches = None
+    if data is not None:
+        make_loader = loader_factory(cfg, task, tokenizer, cfg.init.batch_size)(data.init_data)
+
+        def init_batches() -> Any:
+            return make_loader(derive_seed(cfg.seed, "init"))
+
+    ctx = SetupContext(
+        cfg=cfg,
+        init_batches=init_batches,
+        num_samples=data.init_info["num_samples"] if data else None,
+        loss_fn=loss_for(task),
+        setup_dir=setup_dir,
+        resume=resume,
+        info=data.init_info if data else {},
+    )
+    return get_method_class(cfg.fed.method).create(model, ctx)
+
+
+def plan_ledger(cfg: RunConfig, method: Any, data: PreparedData) -> Any:
+    """The communication ledger with the run's one-time lines (the basis broadcast, the init data)."""
+    from fedsb.fed.ledger import Ledger
+
+    ledger = Ledger(wire_dtype=cfg.fed.wire_dtype)
+    setup = method.setup_payload()
+    if setup:
+        ledger.record_one_time(
+            item="basis broadcast (B, A per layer, fp32, with fingerprint)",
+            direction="down",
+            clients=len(data.clients),
+            tensors=setup,
+            note="once per client; not part of the per-round figures",
+        )
+        ledger.record_one_time(
+            item=f"initialization data ({cfg.init.source})",
+            direction="none" if data.init_info["federated"] else "up",
+            clients=0 if data.init_info["federated"] else len(data.clients),
+            note=data.init_info["note"] + f"; {data.init_info['num_samples']} examples",
+        )
+    return ledger
+
+
+def plan_privacy(cfg: RunConfig, data: PreparedData, echo: Callable[[str], None]) -> Any:
+    """The run's privacy ledger, with every account's noise multiplier solved for the whole training."""
+    from fedsb.privacy.ledger import PrivacyLedger
+    from fedsb.train.local import steps_for
+
+    steps = {cid: steps_for(n, cfg.train) for cid, n in data.client_sizes.items()}
+    ledger = PrivacyLedger.plan(cfg, data.client_sizes, steps, init_info=data.init_info)
+    summary = ledger.summary()
+    lo, hi = summary["noise_multiplier_range"]
+    target = cfg.privacy.target_epsilon
+    kind = "record-level DP-SGD in each client" if ledger.mode == "sample" else "client-level DP-FedAvg"
+    echo(
+        f"privacy: {kind} ({cfg.privacy.accountant}), "
+        + (f"target epsilon {target:g} over all {cfg.fed.rounds} rounds, " if target else "")
+        + f"sigma {lo:.3f}"
+        + (f"..{hi:.3f}" if hi != lo else "")
+        + f", delta <= {summary['delta']:.2e}"
+    )
+    if not data.init_info.get("federated", True):
+        log.warning("privacy: %s", ledger.init_note)
+    if ledger.reproducible_noise:
+        from fedsb.privacy.noise import REPRODUCIBLE_WARNING
+
+        log.warning("privacy: %s", REPRODUCIBLE_WARNING)
+    return ledger
