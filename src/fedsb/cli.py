@@ -19,6 +19,7 @@ examples:
   fedsb run --config configs/tiny.yaml        # a preset
   fedsb run fed.rounds=5 adapter.rank=64      # overrides (section.key=value), applied after the preset
   fedsb run --resume runs/20261125-101500     # continue an interrupted run from its last checkpoint
+  fedsb run --dry-run device=cuda model.name=meta-llama/Llama-3.2-1B   # plan it: memory, bytes, sigma
 """
 
 
@@ -63,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", metavar="DIR", help="results directory (same as output_dir=DIR)")
     run.add_argument("--stop-after-round", type=int, metavar="N", help="stop after round N (resume later)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars (same as progress=false)")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="resolve the config and print the plan (device, dtype, adapters, trained parameters, estimated "
+        "memory, bytes per round, DP noise) without loading weights, training or writing anything",
+    )
     run.add_argument(
         "overrides", nargs="*", metavar="key=value", help="settings, e.g. fed.rounds=5 train.lr=1e-3"
     )
@@ -159,6 +166,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             )
     else:
         cfg = resolve_config(args.config, overrides)
+    if args.dry_run:
+        from fedsb.plan import format_plan, plan_run
+
+        print(format_plan(plan_run(cfg)))
+        return 0
     run_job(cfg, resume=args.resume, stop_after_round=args.stop_after_round, command=["fedsb", *sys.argv[1:]])
     return 0
 

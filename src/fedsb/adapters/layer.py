@@ -107,7 +107,9 @@ class AdapterLayer(nn.Module):
         if self.merged:
             return result
         h = self.adapter_dropout(x)
-        if torch.is_autocast_enabled(x.device.type):
+        if x.device.type != "meta" and torch.is_autocast_enabled(
+            x.device.type
+        ):  # meta: planning, no autocast
             update = self.branch(h)
         else:
             update = self.branch(h.to(torch.float32)).to(result.dtype)

@@ -84,13 +84,11 @@ def model_task(task: Any) -> dict[str, Any]:
     )
 
 
-def prepare_data(cfg: RunConfig, task: Any, tokenizer: Any) -> PreparedData:
-    """Load and partition the task's data, tokenize each client's shard, and pick the init data."""
+def partition_rows(cfg: RunConfig, task: Any) -> tuple[list[Any], dict[str, Any]]:
+    """The raw training rows split into the clients' shards, and the partition's statistics."""
     from fedsb.data.partition import partition_dataset, partition_stats
-    from fedsb.fed.simulate import ClientData
 
     train = task.load("train", cfg.data.train_size, cfg.seed)
-    test = task.load(cfg.data.eval_split, cfg.data.test_size, cfg.seed)
     column = cfg.partition.column or task.partition_column
     parts = partition_dataset(
         train,
@@ -101,7 +99,15 @@ def prepare_data(cfg: RunConfig, task: Any, tokenizer: Any) -> PreparedData:
         alpha=cfg.partition.alpha,
         min_size=cfg.partition.min_size,
     )
-    stats = partition_stats(parts, column if column in train.column_names else None)
+    return parts, partition_stats(parts, column if column in train.column_names else None)
+
+
+def prepare_data(cfg: RunConfig, task: Any, tokenizer: Any) -> PreparedData:
+    """Load and partition the task's data, tokenize each client's shard, and pick the init data."""
+    from fedsb.fed.simulate import ClientData
+
+    parts, stats = partition_rows(cfg, task)
+    test = task.load(cfg.data.eval_split, cfg.data.test_size, cfg.seed)
     width = max(2, len(str(len(parts) - 1)))
     make_loader = loader_factory(cfg, task, tokenizer, cfg.train.batch_size)
     clients: dict[str, ClientData] = {}

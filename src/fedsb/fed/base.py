@@ -136,6 +136,12 @@ class FederatedMethod(ABC):
         )
 
     @classmethod
+    def inject(cls, model: nn.Module, cfg: RunConfig) -> AdaptedModel:
+        """This method's adapter layers on `model` with placeholder values: shapes, dtypes, devices and what
+        trains are exact, nothing is initialized (planning a run on a meta-device model: `fedsb.plan`)."""
+        raise NotImplementedError(f"{cls.__name__} does not describe its adapters for planning")
+
+    @classmethod
     def scaling_of(cls, cfg: RunConfig) -> float:
         """s = adapter.scaling, or the method's default when it is null."""
         return cls.default_scaling if cfg.adapter.scaling is None else float(cfg.adapter.scaling)

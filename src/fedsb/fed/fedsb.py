@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from fedsb.adapters.inject import AdaptedModel
+from fedsb.adapters.inject import (
+    AdaptedModel,
+    inject_adapters,
+    lora_sb_factory,
+    resolve_ranks,
+    resolve_targets,
+)
 from fedsb.fed.base import FederatedMethod, SetupContext, Tensors
 from fedsb.init.basis import Basis, verified_basis
 from fedsb.init.initialize import attach_basis, compute_basis
@@ -97,6 +103,14 @@ class FedSB(BasisMethod):
             model, ctx, rank=cfg.adapter.rank, init=cfg.init.method, scaling=cls.scaling_of(cfg)
         )
         return cls(cls.attach(model, basis, cfg), basis, weighting=cfg.fed.weighting)
+
+    @classmethod
+    def inject(cls, model: nn.Module, cfg: RunConfig) -> AdaptedModel:
+        """LoRA-SB layers with zero factors at the configured targets and (capped) ranks."""
+        modules = resolve_targets(model, cfg.adapter.targets)
+        ranks = resolve_ranks(modules, cfg.adapter.rank, rank_overflow=cfg.adapter.rank_overflow)
+        factory = lora_sb_factory(scaling=cls.scaling_of(cfg), dropout=cfg.adapter.dropout)
+        return inject_adapters(model, modules, factory, ranks, extra_trainable=cfg.adapter.extra_trainable)
 
     @classmethod
     def attach(cls, model: nn.Module, basis: Basis, cfg: RunConfig) -> AdaptedModel:

@@ -6,12 +6,15 @@ whole model each way. With partition.num_clients=1 it is centralized full fine-t
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from torch import nn
 
 from fedsb.adapters.inject import AdaptedModel
 from fedsb.fed.base import FederatedMethod, SetupContext
+
+if TYPE_CHECKING:
+    from fedsb.config import RunConfig
 
 
 class FullFineTune(FederatedMethod):
@@ -21,8 +24,14 @@ class FullFineTune(FederatedMethod):
     exact: ClassVar[bool] = True
 
     @classmethod
-    def create(cls, model: nn.Module, ctx: SetupContext) -> FullFineTune:
+    def inject(cls, model: nn.Module, cfg: RunConfig) -> AdaptedModel:
+        """No adapter: every module trains."""
         adapted = AdaptedModel(model=model, layers={}, extra_modules=dict(model.named_children()))
         adapted.set_trainable()
+        return adapted
+
+    @classmethod
+    def create(cls, model: nn.Module, ctx: SetupContext) -> FullFineTune:
+        adapted = cls.inject(model, ctx.cfg)
         ctx.info.update(num_samples=0, federated=True, note="full fine-tuning: no adapter, no init data")
         return cls(adapted, weighting=ctx.cfg.fed.weighting)

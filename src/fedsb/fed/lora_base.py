@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
@@ -21,6 +21,9 @@ from fedsb.adapters.lora import LoraLinear
 from fedsb.errors import FedsbError
 from fedsb.fed.base import FederatedMethod, SetupContext, Tensors, WeightedMean
 from fedsb.seeding import derive_seed
+
+if TYPE_CHECKING:
+    from fedsb.config import RunConfig
 
 FOLD_PREFIX = "fold/"
 
@@ -36,17 +39,21 @@ def seed_lora(adapted: AdaptedModel, seed: int, *labels: object) -> None:
         layer.reset(torch.Generator().manual_seed(derive_seed(seed, "lora-A", *labels, path)))
 
 
-def attach_lora(model: nn.Module, ctx: SetupContext, *, scaling: float, train_A: bool) -> AdaptedModel:
-    """Inject `LoraLinear` layers at the configured targets; A seeded per module, B = 0."""
-    cfg = ctx.cfg
+def inject_lora(model: nn.Module, cfg: RunConfig, *, scaling: float, train_A: bool) -> AdaptedModel:
+    """`LoraLinear` layers (A = B = 0) at the configured targets and (capped) ranks."""
     modules = resolve_targets(model, cfg.adapter.targets)
     ranks = resolve_ranks(modules, cfg.adapter.rank, rank_overflow=cfg.adapter.rank_overflow)
 
     def make(path: str, base: nn.Module, rank: int) -> nn.Module:
         return LoraLinear(base, rank, scaling=scaling, dropout=cfg.adapter.dropout, train_A=train_A)
 
-    adapted = inject_adapters(model, modules, make, ranks, extra_trainable=cfg.adapter.extra_trainable)
-    seed_lora(adapted, cfg.seed)
+    return inject_adapters(model, modules, make, ranks, extra_trainable=cfg.adapter.extra_trainable)
+
+
+def attach_lora(model: nn.Module, ctx: SetupContext, *, scaling: float, train_A: bool) -> AdaptedModel:
+    """Inject `LoraLinear` layers at the configured targets; A seeded per module, B = 0."""
+    adapted = inject_lora(model, ctx.cfg, scaling=scaling, train_A=train_A)
+    seed_lora(adapted, ctx.cfg.seed)
     return adapted
 
 
@@ -59,6 +66,10 @@ class LoraMethod(FederatedMethod):
     def __init__(self, adapted: AdaptedModel, *, weighting: str = "examples", seed: int = 0) -> None:
         super().__init__(adapted, weighting=weighting)
         self.seed = seed
+
+    @classmethod
+    def inject(cls, model: nn.Module, cfg: RunConfig) -> AdaptedModel:
+        return inject_lora(model, cfg, scaling=cls.scaling_of(cfg), train_A=cls.train_A)
 
     @classmethod
     def create(cls, model: nn.Module, ctx: SetupContext) -> LoraMethod:

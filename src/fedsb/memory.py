@@ -1,0 +1,230 @@
+"""Peak training memory of one client, estimated without weights: a meta-device model and a traced forward.
+
+    peak ~ weights + optimizer state + max(activations, gradients + optimizer-step temporaries)
+           (+ gradients when train.grad_accum > 1 keeps them across micro-batches)
+
+- weights: every frozen parameter in the base dtype (or 4/8-bit for the linear weights of a quantized base:
+  `QUANTIZED_BYTES`), the adapters' own tensors in fp32, and, under bf16 autocast of an fp32 base, the bf16
+  copies autocast makes of every linear weight (autograd keeps them for the backward pass);
+- optimizer: AdamW two states per trained element, SGD one with momentum (none without);
+- activations: exactly the tensors autograd saves for backward in one training forward of batch x sequence
+  tokens (all of them labelled: the worst case), traced with `saved_tensors_hooks` on the meta device (no
+  memory, no compute; SDPA traced as the fused kernels CPU and CUDA run, which keep q, k, v, the output and
+  the log-sum-exp), plus the backward's first gradients of the fp32 logits (`LOGIT_COPIES` of them).
+
+Allocator slack, the CUDA context (~0.5 GiB) and the interpreter's own memory are not included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: bytes per element of a quantized linear weight: nf4 (4 bits + an fp32 absmax per block of 64), int8
+QUANTIZED_BYTES: dict[str, float] = {"nf4": 0.5 + 4 / 64, "int8": 1.0}
+#: fp32 tensors of the logits' size alive at the start of backward (logits, their fp32 view, the loss grad)
+LOGIT_COPIES = 3
+#: output heads that stay unquantized in a quantized base (transformers' default: the output embedding)
+UNQUANTIZED = ("lm_head", "score", "classifier")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes of one client's training step, by kind (see the module docstring), and their peak."""
+
+    frozen_weights: int
+    adapter_weights: int
+    trained_weights: int
+    autocast_copies: int
+    gradients: int
+    optimizer: int
+    step_temporaries: int
+    saved_activations: int
+    logits: int
+    grads_held: bool  # train.grad_accum > 1: gradients stay alive through the next forward
+
+    @property
+    def weights(self) -> int:
+        return self.frozen_weights + self.adapter_weights + self.trained_weights + self.autocast_copies
+
+    @property
+    def activations(self) -> int:
+        return self.saved_activations + LOGIT_COPIES * self.logits
+
+    @property
+    def total(self) -> int:
+        held = self.gradients if self.grads_held else 0
+        return (
+            self.weights
+            + self.optimizer
+            + held
+            + max(self.activations, self.gradients + self.step_temporaries - held)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "weights": self.weights, "activations": self.activations, "total": self.total}
+
+
+def estimate_memory(
+    model: nn.Module,
+    *,
+    batch: int,
+    seq: int,
+    classify: bool = False,
+    optimizer: str = "adamw",
+    momentum: float = 0.0,
+    bf16_autocast: bool = False,
+    grad_accum: int = 1,
+    quantize: str = "none",
+) -> MemoryEstimate:
+    """Estimate the training peak of `model`: a meta-device model with its adapters injected and exactly
+    the trained tensors requiring gradients (built by `fedsb.plan`). `quantize`: none, nf4 or int8."""
+    if quantize != "none" and quantize not in QUANTIZED_BYTES:
+        raise ValueError(f"quantize={quantize!r}: use none or one of {', '.join(QUANTIZED_BYTES)}")
+    trained = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
+    trained_ids = {id(p) for p in trained}
+    adapter_ids = {id(p) for name, p in model.named_parameters() if _is_adapter_tensor(name)}
+    frozen = adapter = 0
+    quantized = _quantizable_weights(model) if quantize != "none" else set()
+    for p in model.parameters():
+        if id(p) in trained_ids:
+            continue
+        if id(p) in adapter_ids:
+            adapter += _nbytes(p)
+        elif id(p) in quantized:
+            frozen += int(p.numel() * QUANTIZED_BYTES[quantize])
+        else:
+            frozen += _nbytes(p)
+    trained_bytes = sum(_nbytes(p) for p in trained)
+    states = {"adamw": 2, "sgd": 1 if momentum > 0 else 0}[optimizer]
+    fp32_base = any(p.dtype == torch.float32 for p in model.parameters() if id(p) not in adapter_ids)
+    autocast_copies = 0
+    if bf16_autocast and fp32_base and quantize == "none":
+        autocast_copies = sum(
+            m.weight.numel() * 2 for m in _linears(model) if id(m.weight) not in adapter_ids
+        )
+    trace_dtype = torch.bfloat16 if bf16_autocast else None
+    saved, logits = traced_activations(model, batch=batch, seq=seq, classify=classify, dtype=trace_dtype)
+    return MemoryEstimate(
+        frozen_weights=frozen,
+        adapter_weights=adapter,
+        trained_weights=trained_bytes,
+        autocast_copies=autocast_copies,
+        gradients=trained_bytes,
+        optimizer=states * trained_bytes,
+        step_temporaries=trained_bytes,
+        saved_activations=saved,
+        logits=logits,
+        grads_held=grad_accum > 1,
+    )
+
+
+def traced_activations(
+    model: nn.Module, *, batch: int, seq: int, classify: bool = False, dtype: torch.dtype | None = None
+) -> tuple[int, int]:
+    """(bytes autograd saves for backward, bytes of the fp32 logits) in one training forward of a meta
+    model on `batch` x `seq` tokens; `dtype` casts the floating activations (bf16 autocast's compute dtype)."""
+    params = {id(p) for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        base = t._base if t._base is not None else t
+        if id(base) not in params:
+            saved[id(base)] = base.numel() * base.element_size()
+        return t
+
+    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    was_training = model.training
+    model.train()
+    try:
+        with _fused_attention_trace(), _compute_dtype(model, dtype):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                if classify:
+                    labels = torch.zeros(batch, dtype=torch.long, device="meta")
+                    logits = model(input_ids=ids).logits  # (B, labels)
+                    F.cross_entropy(logits.float(), labels)
+                else:
+                    logits = model(input_ids=ids).logits  # (B, T, V)
+                    pred = logits[:, :-1].float()  # position t predicts token t + 1
+                    F.cross_entropy(pred.reshape(-1, pred.shape[-1]), ids[:, 1:].reshape(-1))
+    finally:
+        model.train(was_training)
+    return sum(saved.values()), logits.numel() * 4
+
+
+class _FusedAttention(torch.autograd.Function):
+    """Stands in for a fused attention kernel while tracing: saves what flash/efficient SDPA saves."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(q)  # (B, H, T, D)
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)  # (B, H, T)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:  # never run (tracing only)
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _traced_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *a: Any, **k: Any):
+    """transformers' attention-function signature; (B, H, T, D) in, (B, T, H, D) out."""
+    return _FusedAttention.apply(query, key, value).transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def _fused_attention_trace() -> Iterator[None]:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = _traced_sdpa
+    try:
+        yield
+    finally:
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = original
+
+
+@contextlib.contextmanager
+def _compute_dtype(model: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
+    """Cast the meta model's floating parameters to `dtype` for the trace (free on meta), then back."""
+    if dtype is None:
+        yield
+        return
+    before = {p: p.data for p in model.parameters()}
+    for p in before:
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    try:
+        yield
+    finally:
+        for p, data in before.items():
+            p.data = data
+
+
+def _nbytes(p: torch.Tensor) -> int:
+    return p.numel() * p.element_size()
+
+
+def _is_adapter_tensor(name: str) -> bool:
+    return ".lora_" in name
+
+
+def _linears(model: nn.Module) -> list[nn.Linear]:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def _quantizable_weights(model: nn.Module) -> set[int]:
+    """ids of the linear weights a 4/8-bit base quantizes: every nn.Linear of the base but the heads."""
+    out = set()
+    for path, m in model.named_modules():
+        leaf = path.rsplit(".", 1)[-1]
+        if isinstance(m, nn.Linear) and leaf not in UNQUANTIZED and ".lora_" not in f".{path}":
+            out.add(id(m.weight))
+    return out

@@ -1,0 +1,222 @@
+"""`fedsb run --dry-run`: the run a config describes, resolved and sized, without training or writing.
+
+The plan resolves the device and dtype (`fedsb.device`), builds the model from its config on the meta
+device (no weights are read, converted or allocated: `fedsb.models.load_config`), injects the method's
+adapters there (`FederatedMethod.inject`), and reports the adapted modules, the trained parameters, the
+estimated peak memory of one client's training step (`fedsb.memory`) for the configured base and for
+nf4 / int8 bases, the bytes per round and the one-time bytes (`fedsb.comm`'s formulas, which equal the
+ledger of a real run), and, for a private run, the noise multiplier (`fedsb.privacy.ledger`).
+
+It writes nothing. It reads no data, except that record-level DP (privacy.mode=sample) needs every
+client's size: then the task's raw training split is loaded and partitioned (no tokenization, so no
+tokenization cache; a hub or file dataset may fill the `datasets` cache), and the plan says so.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedsb.config import RunConfig
+from fedsb.job import placement_of
+
+QUANTIZE_VARIANTS = ("none", "nf4", "int8")
+WIRE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def meta_model(cfg: RunConfig, task: Any, dtype: torch.dtype) -> tuple[nn.Module, str]:
+    """The configured model with meta tensors in `dtype` (nothing allocated), and where its config came from."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from fedsb.data.prepare import model_task
+    from fedsb.models import load_config
+
+    kind = model_task(task)
+    config, source = load_config(cfg.model.name, **kind)
+    if config.pad_token_id is None:
+        config.pad_token_id = 0  # a causal LM classifies batches by its pad token; any id serves the plan
+    auto = AutoModelForSequenceClassification if kind["task"] == "seq_cls" else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = auto.from_config(config, dtype=dtype)
+    return model, source
+
+
+def plan_run(cfg: RunConfig) -> dict[str, Any]:
+    """Everything `--dry-run` prints, as a JSON-ready dict."""
+    from fedsb.data.tasks import get_task
+    from fedsb.fed.base import get_method_class
+    from fedsb.memory import estimate_memory
+
+    placement = placement_of(cfg)
+    task = get_task(cfg.data.task, **cfg.data.options)
+    model, source = meta_model(cfg, task, placement.dtype)
+    params = sum(p.numel() for p in model.parameters())
+    adapted = get_method_class(cfg.fed.method).inject(model, cfg)
+    configured = getattr(cfg.model, "quantize", "none")  # the setting arrives with quantized bases
+    memory = {
+        q: estimate_memory(
+            model,
+            batch=cfg.train.batch_size,
+            seq=cfg.data.max_length,
+            classify=task.kind == "classify",
+            optimizer=cfg.train.optimizer,
+            momentum=cfg.train.momentum,
+            bf16_autocast=cfg.train.bf16,
+            grad_accum=cfg.train.grad_accum,
+            quantize=q,
+        ).to_dict()
+        for q in dict.fromkeys((configured, *QUANTIZE_VARIANTS))
+    }
+    modules = sorted({path.rsplit(".", 1)[-1] for path in adapted.layers})
+    return {
+        "method": cfg.fed.method,
+        "task": cfg.data.task,
+        "model": {"name": cfg.model.name, "config": source, "parameters": params},
+        "device": placement.describe(),
+        "quantize": configured,
+        "adapter": {
+            "modules": len(adapted.layers),
+            "targets": modules,
+            "ranks": sorted({layer.rank for layer in adapted.layers.values()}),
+            "trainable": adapted.num_trainable(),
+        },
+        "memory": {"batch": cfg.train.batch_size, "seq": cfg.data.max_length, "by_base": memory},
+        "communication": communication(cfg, adapted),
+        "privacy": privacy_plan(cfg, task) if cfg.privacy.enabled else None,
+        "data": "read: the raw training split, to size the clients for DP-SGD (no tokenization cache)"
+        if cfg.privacy.mode == "sample"
+        else "none read",
+        "written": "nothing",
+    }
+
+
+def communication(cfg: RunConfig, adapted: Any) -> dict[str, Any]:
+    """Per client per round (up, down), per round (all sampled clients) and one-time bytes, by the
+    `fedsb.comm` formulas where the method has one, else the trained tensors both ways (FedAvg)."""
+    from fedsb import comm
+    from fedsb.adapters.layer import linear_dims
+
+    clients = cfg.partition.num_clients
+    per_round = cfg.expected_clients_per_round() if clients is not None else None
+    width = WIRE_BYTES[cfg.fed.wire_dtype]
+    formula = comm.METHODS.get(cfg.fed.method)
+    basis = 0
+    if formula is not None and adapted.layers:
+        shapes = [(path, *linear_dims(layer.base_layer)) for path, layer in adapted.layers.items()]
+        head = sum(p.numel() for m in adapted.extra_modules.values() for p in m.parameters())
+        res = formula(shapes, cfg.adapter.rank, per_round or 1, head)
+        up, down, basis = res.upload, res.download, res.basis
+    else:
+        up = down = adapted.num_trainable()
+    out: dict[str, Any] = {
+        "wire_dtype": cfg.fed.wire_dtype,
+        "clients": clients,
+        "clients_per_round": per_round,
+        "params_up_per_client": up,
+        "params_down_per_client": down,
+        "bytes_per_round": None if per_round is None else per_round * (up + down) * width,
+        "bytes_rounds": None if per_round is None else cfg.fed.rounds * per_round * (up + down) * width,
+        "basis_params_per_client": basis,
+        "bytes_one_time": None if clients is None else clients * basis * 4,  # the basis travels in fp32
+    }
+    if formula is None:
+        out["note"] = f"{cfg.fed.method}: the trained tensors both ways (no comm formula for this method)"
+    return out
+
+
+def privacy_plan(cfg: RunConfig, task: Any) -> dict[str, Any]:
+    """The noise multiplier(s) the run would use for its whole planned training."""
+    from fedsb.privacy.ledger import PrivacyLedger
+    from fedsb.train.local import steps_for
+
+    if cfg.privacy.mode == "sample":
+        sizes = client_sizes(cfg, task)
+    else:  # client-level DP needs only the number of clients
+        n = cfg.partition.num_clients
+        if n is None:
+            return {
+                "mode": cfg.privacy.mode,
+                "note": "the number of clients is known once the data is loaded",
+            }
+        sizes = {f"client-{i}": 1 for i in range(n)}
+    steps = {cid: steps_for(size, cfg.train) for cid, size in sizes.items()}
+    summary = PrivacyLedger.plan(cfg, sizes, steps, init_info={}).summary()
+    return {
+        "mode": summary["mode"],
+        "accountant": summary["accountant"],
+        "noise_multiplier_range": summary["noise_multiplier_range"],
+        "delta": summary["delta"],
+        "target_epsilon": cfg.privacy.target_epsilon,
+    }
+
+
+def client_sizes(cfg: RunConfig, task: Any) -> dict[str, int]:
+    """Every client's number of raw training examples (before tokenization drops over-long ones)."""
+    from fedsb.data.prepare import partition_rows
+
+    parts, _ = partition_rows(cfg, task)
+    width = max(2, len(str(len(parts) - 1)))
+    return {f"client-{i:0{width}d}": len(p) for i, p in enumerate(parts)}
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    """The dry run's text report."""
+    from fedsb.comm import format_bytes
+
+    def gib(n: float) -> str:
+        return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+    dev, ad, com, mem = plan["device"], plan["adapter"], plan["communication"], plan["memory"]
+    own = mem["by_base"][plan["quantize"]]
+    lines = [
+        f"fedsb run --dry-run: {plan['method']} on {plan['task']} with {plan['model']['name']} "
+        "(nothing trained, nothing written)",
+        f"device             {dev['device']} ({dev['name']}; requested {dev['requested']})",
+        f"base model         {plan['model']['parameters']:,} parameters in {dev['model_dtype']} "
+        f"(requested {dev['requested_model_dtype']}), quantize {plan['quantize']}; config from {plan['model']['config']}",
+        f"adapted modules    {ad['modules']} ({', '.join(ad['targets']) or 'none: full fine-tuning'}; "
+        f"ranks {ad['ranks'] or '-'})",
+        f"trained parameters {ad['trainable']:,}",
+        f"memory, one client at batch {mem['batch']} x {mem['seq']} tokens (estimate; excludes the CUDA "
+        "context, allocator slack and evaluation):",
+        f"  weights          {gib(own['weights'])} (frozen base {gib(own['frozen_weights'])}, adapter "
+        f"{gib(own['adapter_weights'])}, trained {gib(own['trained_weights'])}, autocast copies "
+        f"{gib(own['autocast_copies'])})",
+        f"  optimizer        {gib(own['optimizer'])}; gradients {gib(own['gradients'])}",
+        f"  activations      {gib(own['activations'])} (saved for backward {gib(own['saved_activations'])})",
+        f"  peak             {gib(own['total'])}",
+        "  by base          "
+        + ", ".join(
+            f"{q}: {gib(m['total'])} (weights {gib(m['weights'])})" for q, m in mem["by_base"].items()
+        ),
+    ]
+    per_round = com["bytes_per_round"]
+    lines.append(
+        f"communication      per client per round: {com['params_up_per_client']:,} up, "
+        f"{com['params_down_per_client']:,} down ({com['wire_dtype']}); per round "
+        + (
+            f"{format_bytes(per_round)} over {com['clients_per_round']} clients"
+            if per_round is not None
+            else "?"
+        )
+        + (
+            f"; one-time {format_bytes(com['bytes_one_time'])}"
+            if com["bytes_one_time"]
+            else "; one-time none"
+        )
+    )
+    priv = plan["privacy"]
+    if priv is None:
+        lines.append("privacy            none")
+    elif "noise_multiplier_range" in priv:
+        lo, hi = priv["noise_multiplier_range"]
+        sigma = f"{lo:.3f}" if lo == hi else f"{lo:.3f}..{hi:.3f}"
+        lines.append(
+            f"privacy            {priv['mode']}: noise multiplier {sigma}, delta <= {priv['delta']:.2e}"
+        )
+    else:
+        lines.append(f"privacy            {priv['mode']}: {priv['note']}")
+    lines.append(f"data               {plan['data']}; written: {plan['written']}")
+    return "\n".join(lines)

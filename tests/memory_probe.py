@@ -1,0 +1,87 @@
+"""Measure one client's training peak memory, each configuration in a fresh process forked after the
+imports: `python tests/memory_probe.py JSON`, a list of {"model": LlamaConfig kwargs, "overrides": fedsb
+settings, "batch": B, "seq": T, "steps": n}. The
+model is a random Llama built from its config; the configured method's adapters are injected
+(`FederatedMethod.inject`, exactly what trains); `train_local` (the real training loop: loss, autocast,
+clipping, AdamW) runs `steps` steps on B x T random tokens, all labelled. Prints a JSON list: per
+configuration the peak resident memory above the resident memory before the model existed (bytes), and
+the estimate of `fedsb.memory` for the same model, which the test compares. Run with MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors
+go back to the OS and resident memory follows the live tensors instead of glibc's arenas.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from fedsb.config import resolve_config
+from fedsb.fed.base import get_method_class
+from fedsb.memory import estimate_memory
+from fedsb.train.local import causal_lm_loss, train_local
+from fedsb.train.schedule import Schedule
+
+
+def resident() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def main(spec: dict) -> dict:
+    torch.set_num_threads(1)
+    cfg = resolve_config(None, [*spec["overrides"], f"train.batch_size={spec['batch']}"])
+    config = LlamaConfig(**spec["model"])
+    with torch.device("meta"):
+        meta = LlamaForCausalLM(config)
+    get_method_class(cfg.fed.method).inject(meta, cfg)
+    estimate = estimate_memory(
+        meta,
+        batch=spec["batch"],
+        seq=spec["seq"],
+        optimizer=cfg.train.optimizer,
+        bf16_autocast=cfg.train.bf16,
+        grad_accum=cfg.train.grad_accum,
+    )
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (spec["batch"], spec["seq"]), generator=g)  # (B, T)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    baseline = resident()
+    model = LlamaForCausalLM(config)
+    adapted = get_method_class(cfg.fed.method).inject(model, cfg)
+    train_local(
+        model,
+        adapted.trainable_parameters(),
+        lambda epoch: [batch],
+        cfg.train,
+        steps=spec["steps"],
+        schedule=Schedule(base_lr=1e-4, total=spec["steps"], warmup=0, kind="constant"),
+        loss_fn=causal_lm_loss,
+    )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return {"measured": peak - baseline, "estimate": estimate.total, "parts": estimate.to_dict()}
+
+
+def in_child(spec: dict) -> dict:
+    """`main(spec)` in a forked child (its own resident-memory high-water mark), result through a pipe."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: measure, report, exit without running the parent's cleanup
+        os.close(read)
+        with os.fdopen(write, "w") as out:
+            out.write(json.dumps(main(spec)))
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as inp:
+        text = inp.read()
+    _, status = os.waitpid(pid, 0)
+    if status != 0 or not text:
+        raise RuntimeError(f"the measuring process failed (status {status})")
+    return json.loads(text)
+
+
+if __name__ == "__main__":
+    print(json.dumps([in_child(spec) for spec in json.loads(sys.argv[1])]))
