@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks")]
 
 from fedsb.adapters.inject import LLAMA_TARGETS  # noqa: E402
 from fedsb.config import TrainConfig  # noqa: E402
@@ -83,37 +83,11 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype) -> torch.n
 
 
 def prepare(config: str, model: torch.nn.Module, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
-    """(model to train, name -> trained parameter) for one configuration."""
-    if config == "lora-sb":
-        from fedsb.init.initialize import attach_basis, compute_basis
+    """(model to train, name -> trained parameter): bench_step.py's three configurations."""
+    from bench_step import _prepare
 
-        basis = compute_basis(
-            model,
-            rank=args.sb_rank,
-            targets=list(LLAMA_TARGETS),
-            init="random",
-            generator=torch.Generator().manual_seed(0),
-        )
-        adapted = attach_basis(model, basis)
-        return model, adapted.trainable_parameters()
-    if config == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        peft_model = get_peft_model(
-            model,
-            LoraConfig(
-                r=args.lora_rank,
-                lora_alpha=2 * args.lora_rank,
-                lora_dropout=0.0,
-                target_modules=list(LLAMA_TARGETS),
-                bias="none",
-                task_type="CAUSAL_LM",
-            ),
-        )
-        return peft_model, {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model, dict(model.named_parameters())
+    call, params = _prepare(torch, model, config, args)
+    return call, {str(i): p for i, p in enumerate(params)}
 
 
 def random_batch(vocab: int, batch: int, seq: int) -> dict[str, torch.Tensor]:
@@ -240,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=25)
     p.add_argument("--client-steps", type=int, default=2)
     p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--seed", type=int, default=0, help="the LoRA-SB random basis")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "bench_gpu.json"))
     args = p.parse_args(argv)
     device = torch.device(args.device)
