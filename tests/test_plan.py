@@ -14,6 +14,7 @@ import pytest
 
 from fedsb.cli import main
 from fedsb.config import resolve_config
+from fedsb.errors import ConfigError
 from fedsb.plan import plan_run
 from fedsb.run import run_job
 
@@ -44,6 +45,20 @@ def test_dry_run_prints_the_plan_and_writes_nothing(
     assert "peak" in text and "nf4" in text and "noise multiplier 0.800" in text
     assert "written: nothing" in text
     assert not out.exists() and not any(p.exists() for p in caches.values())
+
+
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="plans a GPU run on a machine without one"
+)
+def test_a_gpu_run_is_planned_on_a_machine_without_one() -> None:
+    cpu = plan_run(resolve_config(TINY, ["device=cpu"]))
+    gpu = plan_run(resolve_config(TINY, ["device=cuda"]))
+    assert gpu["device"]["device"] == "cuda" and gpu["device"]["model_dtype"] == "bfloat16"
+    assert "not available" in gpu["device_note"] and cpu["device_note"] is None
+    weights = [p["memory"]["by_base"]["none"]["frozen_weights"] for p in (cpu, gpu)]
+    assert weights[1] * 2 == weights[0]  # the bf16 base of a CUDA run: half the bytes
+    with pytest.raises(ConfigError, match="device='cuda'"):  # a real run still refuses
+        run_job(resolve_config(TINY, ["device=cuda"]), echo=lambda s: None)
 
 
 @pytest.mark.parametrize("method", ["fedsb", "fedit"])

@@ -107,16 +107,18 @@ def resolve_placement(device: str, dtype: str) -> Placement:
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        return torch.cuda.get_device_name(device) if torch.cuda.is_available() else "not available here"
     return device.type
 
 
 def fork_rng(device: torch.device) -> contextlib.AbstractContextManager[None]:
-    """`torch.random.fork_rng` over the CPU generator and `device`'s own (restored on exit)."""
-    if device.type == "cpu" or device.type == "meta":
+    """`torch.random.fork_rng` over the CPU generator and those of `device`'s type (restored on exit):
+    every visible CUDA device, since `torch.manual_seed` inside seeds them all."""
+    if device.type in ("cpu", "meta"):
         return torch.random.fork_rng(devices=[])
-    index = device.index if device.index is not None else 0
-    return torch.random.fork_rng(devices=[index], device_type=device.type)
+    if device.type == "cuda":
+        return torch.random.fork_rng(devices=range(torch.cuda.device_count()), device_type="cuda")
+    return torch.random.fork_rng(devices=[device.index or 0], device_type=device.type)
 
 
 def autocast(device: torch.device, enabled: bool, dtype: torch.dtype = torch.bfloat16) -> Any:

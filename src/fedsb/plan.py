@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from fedsb.config import RunConfig
+from fedsb.device import DTYPES, Placement
+from fedsb.errors import ConfigError
 from fedsb.job import placement_of
 
 QUANTIZE_VARIANTS = ("none", "nf4", "int8")
@@ -43,13 +45,27 @@ def meta_model(cfg: RunConfig, task: Any, dtype: torch.dtype) -> tuple[nn.Module
     return model, source
 
 
+def planned_placement(cfg: RunConfig) -> tuple[Placement, str | None]:
+    """The run's placement; a device this machine lacks is planned for as asked (auto dtype: bfloat16 on
+    CUDA), with a note, so a GPU run can be sized on a laptop."""
+    try:
+        return placement_of(cfg), None
+    except ConfigError as exc:
+        if cfg.device == "auto":
+            raise
+        device = torch.device(cfg.device)
+        dtype = DTYPES.get(cfg.model.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        note = f"{exc.what.removeprefix('is ')}: planned as if it were there"
+        return Placement(device, dtype, cfg.device, cfg.model.dtype), note
+
+
 def plan_run(cfg: RunConfig) -> dict[str, Any]:
     """Everything `--dry-run` prints, as a JSON-ready dict."""
     from fedsb.data.tasks import get_task
     from fedsb.fed.base import get_method_class
     from fedsb.memory import estimate_memory
 
-    placement = placement_of(cfg)
+    placement, device_note = planned_placement(cfg)
     task = get_task(cfg.data.task, **cfg.data.options)
     model, source = meta_model(cfg, task, placement.dtype)
     params = sum(p.numel() for p in model.parameters())
@@ -75,6 +91,7 @@ def plan_run(cfg: RunConfig) -> dict[str, Any]:
         "task": cfg.data.task,
         "model": {"name": cfg.model.name, "config": source, "parameters": params},
         "device": placement.describe(),
+        "device_note": device_note,
         "quantize": configured,
         "adapter": {
             "modules": len(adapted.layers),
@@ -173,7 +190,8 @@ def format_plan(plan: dict[str, Any]) -> str:
     lines = [
         f"fedsb run --dry-run: {plan['method']} on {plan['task']} with {plan['model']['name']} "
         "(nothing trained, nothing written)",
-        f"device             {dev['device']} ({dev['name']}; requested {dev['requested']})",
+        f"device             {dev['device']} (requested {dev['requested']}; "
+        + (f"{plan['device_note']})" if plan["device_note"] else f"{dev['name']})"),
         f"base model         {plan['model']['parameters']:,} parameters in {dev['model_dtype']} "
         f"(requested {dev['requested_model_dtype']}), quantize {plan['quantize']}; config from {plan['model']['config']}",
         f"adapted modules    {ad['modules']} ({', '.join(ad['targets']) or 'none: full fine-tuning'}; "
