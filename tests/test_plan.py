@@ -61,13 +61,13 @@ def test_a_gpu_run_is_planned_on_a_machine_without_one() -> None:
         run_job(resolve_config(TINY, ["device=cuda"]), echo=lambda s: None)
 
 
-@pytest.mark.parametrize("method", ["fedsb", "fedit"])
+@pytest.mark.parametrize("method", ["fedsb", "fedit", "ravan", "fedsvd", "full"])
 def test_plan_matches_what_the_run_then_does(tmp_path: Path, method: str) -> None:
     cfg = resolve_config(TINY, [*QUICK, f"fed.method={method}", "fed.rounds=1", f"output_dir={tmp_path}"])
     plan = plan_run(cfg)
     results = run_job(cfg, echo=lambda s: None)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert plan["adapter"]["modules"] == manifest["adapter"]["modules"] == 14
+    assert plan["adapter"]["modules"] == manifest["adapter"]["modules"] == (0 if method == "full" else 14)
     assert plan["adapter"]["trainable"] == results["trainable_params"]
     assert plan["device"] == manifest["device"]
     comm, ledger = plan["communication"], results["ledger"]

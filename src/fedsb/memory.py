@@ -89,7 +89,7 @@ def estimate_memory(
         raise ValueError(f"quantize={quantize!r}: use none or one of {', '.join(QUANTIZED_BYTES)}")
     trained = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
     trained_ids = {id(p) for p in trained}
-    adapter_ids = {id(p) for name, p in model.named_parameters() if _is_adapter_tensor(name)}
+    adapter_ids = {id(p) for m in _adapter_modules(model) for p in m.parameters(recurse=False)}
     frozen = adapter = 0
     quantized = _quantizable_weights(model) if quantize != "none" else set()
     for p in model.parameters():
@@ -212,8 +212,16 @@ def _nbytes(p: torch.Tensor) -> int:
     return p.numel() * p.element_size()
 
 
-def _is_adapter_tensor(name: str) -> bool:
-    return ".lora_" in name
+def _adapter_modules(model: nn.Module) -> list[nn.Module]:
+    """Every module of the adapters themselves (not their frozen base layers): their tensors are fp32."""
+    from fedsb.adapters.layer import AdapterLayer
+
+    out: list[nn.Module] = []
+    for m in model.modules():
+        if isinstance(m, AdapterLayer):
+            base = set(map(id, m.base_layer.modules()))
+            out.extend(sub for sub in m.modules() if id(sub) not in base)
+    return out
 
 
 def _linears(model: nn.Module) -> list[nn.Linear]:
@@ -222,9 +230,10 @@ def _linears(model: nn.Module) -> list[nn.Linear]:
 
 def _quantizable_weights(model: nn.Module) -> set[int]:
     """ids of the linear weights a 4/8-bit base quantizes: every nn.Linear of the base but the heads."""
+    adapters = set(map(id, _adapter_modules(model)))
     out = set()
     for path, m in model.named_modules():
         leaf = path.rsplit(".", 1)[-1]
-        if isinstance(m, nn.Linear) and leaf not in UNQUANTIZED and ".lora_" not in f".{path}":
+        if isinstance(m, nn.Linear) and leaf not in UNQUANTIZED and id(m) not in adapters:
             out.add(id(m.weight))
     return out

@@ -21,9 +21,9 @@ class HeadScales(nn.Module):
     A module of its own so Opacus gives s per-example gradients (through its functorch fallback); the
     H_k are `nn.Linear` layers, which Opacus handles natively."""
 
-    def __init__(self, heads: int) -> None:
+    def __init__(self, heads: int, device: torch.device | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(heads, dtype=torch.float32))  # (h,)
+        self.weight = nn.Parameter(torch.ones(heads, dtype=torch.float32, device=device))  # (h,)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return y * self.weight.unsqueeze(-1)  # (..., h, r) * (h, 1)
@@ -56,14 +56,15 @@ class RavanLinear(AdapterLayer):
         super().__init__(base_layer, head_rank * heads, scaling=scaling, dropout=dropout)
         self.heads, self.head_rank = heads, head_rank
         m, n, hr = self.out_features, self.in_features, self.rank
-        self.ravan_A = nn.Parameter(torch.zeros(hr, n, dtype=torch.float32), requires_grad=False)  # (hr, n)
-        self.ravan_B = nn.Parameter(torch.zeros(m, hr, dtype=torch.float32), requires_grad=False)  # (m, hr)
+        fp32 = self.factory_kwargs  # fp32 on the base layer's device
+        self.ravan_A = nn.Parameter(torch.zeros(hr, n, **fp32), requires_grad=False)  # (hr, n)
+        self.ravan_B = nn.Parameter(torch.zeros(m, hr, **fp32), requires_grad=False)  # (m, hr)
         self.ravan_H = nn.ModuleList(
-            nn.Linear(head_rank, head_rank, bias=False, dtype=torch.float32) for _ in range(heads)
+            nn.Linear(head_rank, head_rank, bias=False, **fp32) for _ in range(heads)
         )
         for H in self.ravan_H:
             nn.init.zeros_(H.weight)
-        self.ravan_s = HeadScales(heads)
+        self.ravan_s = HeadScales(heads, device=fp32["device"])
         self.ravan_s.weight.requires_grad_(train_scales)
         self.trainable_names = (
             *(f"ravan_H.{k}.weight" for k in range(heads)),

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from fedsb.adapters.inject import AdaptedModel, inject_adapters
+from fedsb.adapters.inject import AdaptedModel, inject_adapters, resolve_ranks, resolve_targets
 from fedsb.adapters.ravan import RavanLinear
 from fedsb.errors import FedsbError
 from fedsb.fed.base import SetupContext, Tensors
@@ -121,6 +121,19 @@ class Ravan(BasisMethod):
         return cls(cls.attach(model, basis, cfg), basis, weighting=cfg.fed.weighting)
 
     @classmethod
+    def inject(cls, model: nn.Module, cfg: RunConfig) -> AdaptedModel:
+        """`RavanLinear` layers with zero factors: `ravan.heads` heads of rank adapter.rank per layer."""
+        heads = cfg.ravan.heads
+        modules = resolve_targets(model, cfg.adapter.targets)
+        ranks = resolve_ranks(modules, cfg.adapter.rank * heads, rank_overflow=cfg.adapter.rank_overflow)
+
+        def make(path: str, base: nn.Module, rank: int) -> nn.Module:
+            return RavanLinear(base, rank // heads, heads, scaling=cls.scaling_of(cfg),
+                               dropout=cfg.adapter.dropout, train_scales=cfg.ravan.train_scales)  # fmt: skip
+
+        return inject_adapters(model, modules, make, ranks, extra_trainable=cfg.adapter.extra_trainable)
+
+    @classmethod
     def attach(cls, model: nn.Module, basis: Basis, cfg: RunConfig) -> AdaptedModel:
         """`RavanLinear` layers of `ravan.heads` heads holding each layer's B, A and starting H_k."""
         return attach_ravan(model, basis, cfg)
@@ -130,8 +143,9 @@ class Ravan(BasisMethod):
         """s_k H_k per head of every layer, plus the trained heads' tensors as they are."""
         out: Tensors = {}
         layer_tensors = set()
-        for path, layer in adapted.layers.items():
-            out.update(zip(head_names(path, layer.heads), layer.head_products(), strict=True))
+        for path, layer in adapted.layers.items():  # on the CPU, like every communicated tensor
+            products = [t.cpu() for t in layer.head_products()]
+            out.update(zip(head_names(path, layer.heads), products, strict=True))
             layer_tensors.update(f"{path}.{suffix}" for suffix in layer.trainable_names)
         out.update(adapted.get_state([k for k in adapted.trainable_names() if k not in layer_tensors]))
         return out
