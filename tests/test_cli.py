@@ -146,8 +146,8 @@ def test_export_merged_and_peft_match_the_trained_model(tiny_run: Path, tmp_path
     from fedsb.seeding import derive_seed
     from fedsb.trained import load_trained
 
-    assert main(["export", str(tiny_run), "--format", "merged", "--out", str(tmp_path / "merged")]) == 0
-    assert main(["export", str(tiny_run), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
+    assert main(["export", str(tiny_run), "--format", "merged", "--output", str(tmp_path / "merged")]) == 0
+    assert main(["export", str(tiny_run), "--format", "peft", "--output", str(tmp_path / "peft")]) == 0
     method, tok, _ = load_trained(tiny_run)
     adapted = method.adapted
     ids = tok(["Question: Tom has 3 apples. How many?\nAnswer:"], return_tensors="pt").input_ids
@@ -158,7 +158,7 @@ def test_export_merged_and_peft_match_the_trained_model(tiny_run: Path, tmp_path
         base = load_model("tiny-llama", seed=derive_seed(0, "model") % (2**32)).model
         peft_model = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
         torch.testing.assert_close(peft_model(input_ids=ids).logits, ours, atol=1e-5, rtol=1e-5)
-    assert main(["export", str(tmp_path), "--format", "peft", "--out", str(tmp_path / "x")]) == 2
+    assert main(["export", str(tmp_path), "--format", "peft", "--output", str(tmp_path / "x")]) == 2
 
 
 def test_classification_run_trains_and_communicates_the_head(tmp_path: Path) -> None:

@@ -159,7 +159,7 @@ def test_rank_cap_on_smollm2_kv():
 
 def test_bytes_per_dtype_and_table_rows():
     f32 = comm.comm_table("bert-base", ["fedsb", "fedit"], [32], 3, dtype="float32")
-    bf16 = comm.comm_table("bert-base", ["fedsb", "fedit"], [32], 3)
+    bf16 = comm.comm_table("bert-base", ["fedsb", "fedit"], [32], 3, dtype="bfloat16")
     f16 = comm.comm_table("bert-base", ["fedsb"], [32], 3, dtype="float16")
     assert f32[0]["upload_bytes"] == 4 * 26_883 and bf16[0]["upload_bytes"] == 2 * 26_883
     assert f16[0]["download_bytes"] == 2 * 26_883
@@ -380,7 +380,7 @@ def _cli(argv: list[str]) -> int:
 
 def test_cli_prints_the_table(capsys):
     argv = ["comm", "--model", "llama-3.2-3b", "--method", "fedsb", "fedit", "ffa", "fedex", "flora"]
-    assert _cli([*argv, "--rank", "32", "120", "160", "200", "--clients", "5"]) == 0
+    assert _cli([*argv, "--rank", "32", "120", "160", "200", "--clients", "5", "--dtype", "bfloat16"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0].startswith("llama-3.2-3b: 196 adapted modules (28 layers x q_proj")

@@ -197,7 +197,7 @@ def test_suite_run_reports_per_task_accuracy(suite_run: Path) -> None:
 def test_fedsb_eval_reproduces_the_run_and_its_peft_export(suite_run: Path, capsys) -> None:
     final = json.loads((suite_run / "run" / "results.json").read_text())["final"]
     out = suite_run / "eval-run.json"
-    assert main(["eval", str(suite_run / "run"), "--no-progress", "--out", str(out)]) == 0
+    assert main(["eval", str(suite_run / "run"), "--no-progress", "--output", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["kind"] == "run" and report["correct"] == final["correct"]
     assert [e["generated"] for e in report["examples"]] == [e["generated"] for e in final["examples"]]
@@ -209,7 +209,7 @@ def test_fedsb_eval_reproduces_the_run_and_its_peft_export(suite_run: Path, caps
         "--task",
         "commonsense",
         "--no-progress",
-        "--out",
+        "--output",
         str(out),
     ]
     options = json.loads((suite_run / "eval-run.json").read_text())["task_options"]

@@ -12,6 +12,7 @@ import textwrap
 from collections.abc import Sequence
 
 from fedsb import __version__
+from fedsb.argparsing import Renamed, common_options
 
 RUN_EPILOG = """\
 examples:
@@ -26,7 +27,7 @@ examples:
 EVAL_EPILOG = """\
 examples:
   fedsb eval runs/20261125-101500                        # the run's final model on its own test set
-  fedsb eval runs/20261125-101500 --size all --out eval.json
+  fedsb eval runs/20261125-101500 --size all --output eval.json
   fedsb eval runs/x/peft --task commonsense --scorer likelihood
   fedsb eval --model smollm2-135m --task boolq --size 100  # an untuned base model
 """
@@ -50,9 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"fedsb {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    common = [common_options()]  # -v/--verbose after the subcommand too
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     run = sub.add_parser(
         "run",
+        parents=common,
         help="run (or resume) a federated fine-tuning job",
         description="Run a federated fine-tuning job. With no arguments: the offline default job "
         "(SmolLM2-135M-Instruct, procedural arithmetic word problems, 4 clients, 3 rounds).",
@@ -75,29 +78,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export = sub.add_parser(
         "export",
+        parents=common,
         help="export a finished run: a standard PEFT LoRA adapter or a merged model",
         description="Export a finished run's final model. 'peft' writes a lossless standard LoRA adapter "
         "(lora_B = B R, lora_A = A) for peft/vLLM; 'merged' writes a plain HF checkpoint of W0 + s B R A.",
     )
     export.add_argument("run_dir", help="a finished run directory (holds config.yaml, basis/, adapter/)")
     export.add_argument("--format", choices=("peft", "merged"), default="peft")
-    export.add_argument("--out", required=True, metavar="DIR", help="where to write the export")
+    export.add_argument(
+        "--output", "--out", dest="output", action=Renamed, deprecated=["--out"], required=True, metavar="DIR",
+        help="where to write the export: a new or empty directory (--out: deprecated alias)",
+    )  # fmt: skip
+    export.add_argument(
+        "--overwrite", action="store_true", help="replace the contents of a non-empty --output directory"
+    )
     compare = sub.add_parser(
         "compare",
+        parents=common,
         help="run several methods/ranks under identical partitions and seeds; table and Pareto plot",
         description="Run each variant as a normal `fedsb run` in OUTPUT/<method>-r<rank>/ with the same data, "
         "partitions and seeds, then write OUTPUT/compare.{json,md} and OUTPUT/pareto.png (accuracy vs bytes). "
         "Finished variants are reused.",
     )
     compare.add_argument(
-        "--methods",
-        nargs="+",
-        required=True,
-        metavar="METHOD[:R1,R2][/KEY=VALUE]",
+        "--methods", "--method", dest="methods", action=Renamed, deprecated=["--method"], nargs="+",
+        required=True, metavar="METHOD[:R1,R2][/KEY=VALUE]",
         help="e.g. fedsb:32,64 fedit:8 ffa:8 ravan:16 fedsvd:8 fedsb:32/init.method=lora-xs",
-    )
+    )  # fmt: skip
     compare.add_argument("--config", metavar="FILE", help="YAML preset shared by every variant")
-    compare.add_argument("--output", required=True, metavar="DIR")
+    compare.add_argument(
+        "--output", "--out", dest="output", action=Renamed, deprecated=["--out"], required=True,
+        metavar="DIR", help="directory of the variants' runs and the comparison (--out: deprecated alias)",
+    )  # fmt: skip
     compare.add_argument("--no-progress", action="store_true")
     compare.add_argument(
         "--isolate",
@@ -107,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("overrides", nargs="*", metavar="key=value")
     ev = sub.add_parser(
         "eval",
+        parents=common,
         help="evaluate a finished run, an exported PEFT adapter or a base model (no training)",
         description="Evaluate without training. TARGET is a run directory (the final global model; the run's "
         "task, split, size and scorer are the defaults), an exported PEFT LoRA directory (base model from its "
@@ -137,13 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:N or mps (default: the run's, else auto)"
     )
-    ev.add_argument("--out", metavar="FILE", help="also write the report as JSON")
+    ev.add_argument(
+        "--hub", action="store_true", default=None,
+        help="allow downloading --model from the Hugging Face hub (default: the run's model.hub, else no)",
+    )  # fmt: skip
+    ev.add_argument(
+        "--output", "--out", dest="output", action=Renamed, deprecated=["--out"], metavar="FILE",
+        help="also write the report as JSON (--out: deprecated alias)",
+    )  # fmt: skip
     ev.add_argument("--no-progress", action="store_true")
     from fedsb.comm import add_comm_parser
 
-    add_comm_parser(sub)
-    sub.add_parser("models", help="list the builtin (offline) models")
-    sub.add_parser("tasks", help="list the tasks")
+    add_comm_parser(sub, parents=common)
+    sub.add_parser("models", parents=common, help="list the builtin (offline) models")
+    sub.add_parser("tasks", parents=common, help="list the tasks")
     return parser
 
 
@@ -178,8 +198,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from fedsb.trained import export_run
 
-    summary = export_run(args.run_dir, args.format, args.out)
-    print(f"exported {args.format} to {args.out}")
+    summary = export_run(args.run_dir, args.format, args.output, overwrite=args.overwrite)
+    print(f"exported {args.format} to {args.output}")
     if summary.get("max_lora_rank"):
         print(f"serve with vLLM: --enable-lora --max-lora-rank {summary['max_lora_rank']}")
     return 0
@@ -209,6 +229,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             size = int(args.size)
         else:
             raise ConfigError(field="--size", value=args.size, fix="use a positive integer or 'all'")
+    if args.output:
+        from fedsb.paths import check_output_file
+
+        check_output_file(args.output)  # before evaluating, not after
     if args.threads:
         torch.set_num_threads(args.threads)
     report = evaluate_saved(
@@ -226,11 +250,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         bf16=args.bf16,
         progress=not args.no_progress,
         device=args.device,
+        hub=args.hub,
     )
     print(format_report(report))
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2, default=str))
-        print(f"report written to {args.out}")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=2, default=str))
+        print(f"report written to {args.output}")
     return 0
 
 
@@ -244,12 +270,29 @@ def _cmd_models() -> int:
 
 
 def _cmd_tasks() -> int:
+    import shutil
+
     from fedsb.data.tasks import register_builtin_tasks
 
+    width = max(60, min(120, shutil.get_terminal_size((100, 24)).columns))
     for name, cls in register_builtin_tasks().items():
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
-        print(f"{name:14s} {doc}")
+        text = textwrap.wrap(plain_summary(cls.__doc__ or ""), width - 15, break_on_hyphens=False) or [""]
+        print(f"{name:14s} {text[0]}")
+        for line in text[1:]:
+            print(" " * 15 + line)
     return 0
+
+
+def plain_summary(doc: str) -> str:
+    """The first sentence of a docstring's first paragraph, as plain text (RST roles and literals removed)."""
+    import re
+
+    paragraph = " ".join(doc.strip().split("\n\n", 1)[0].split())
+    text = re.sub(r":\w+:`~?([^`]+)`", r"\1", paragraph)  # :class:`x` -> x
+    text = re.sub(r"``([^`]+)``", r"\1", text)  # ``x`` -> x
+    text = re.sub(r"`([^`]+)`", r"\1", text)
+    parts = re.split(r"(?<=[.!?])\s+(?=[A-Z(])", text, maxsplit=1)
+    return parts[0]
 
 
 def _round_failed() -> type[Exception]:

@@ -537,7 +537,7 @@ def comm_table(
     ranks: Sequence[int] | Mapping[str, Sequence[int]],
     clients: int,
     targets: list[str] | None = None,
-    dtype: str = "bfloat16",
+    dtype: str = "float32",
     *,
     head_params: int | None = None,
     heads: int = 4,
@@ -672,7 +672,7 @@ def describe(model: str, targets: list[str] | None, rows: Sequence[Mapping[str, 
     leaves = ", ".join(dict.fromkeys(name.rsplit(".", 1)[-1] for name, _, _ in shapes))
     prefix = f"{facts.layer_prefix}."
     layers = len({name[len(prefix) :].split(".", 1)[0] for name, _, _ in shapes if name.startswith(prefix)})
-    row = rows[0] if rows else {"head_params": facts.head_params, "dtype": "bfloat16", "bytes_per_param": 2}
+    row = rows[0] if rows else {"head_params": facts.head_params, "dtype": "float32", "bytes_per_param": 4}
     unit = "10^6" if facts.unit == "M" else "10^3"
     head = row["head_params"]
     head_text = f"head {head:,} params, counted once per message" if head else "no trained head"
@@ -680,7 +680,7 @@ def describe(model: str, targets: list[str] | None, rows: Sequence[Mapping[str, 
         [
             f"{facts.name}: {len(shapes)} adapted modules ({layers} layers x {leaves}); {head_text}",
             f"per client per round; params exact; bytes as {row['dtype']} ({row['bytes_per_param']} B/param, "
-            "1 MB = 10^6 B)",
+            "1 MB = 10^6 B)" + (" = fed.wire_dtype's default" if row["dtype"] == "float32" else ""),
             f"# Comm. = the paper's one-way figure in {facts.unit} ({unit} params, rounded half-up); "
             "FedEx/FLoRA: the c x download",
         ]
@@ -691,20 +691,23 @@ def describe(model: str, targets: list[str] | None, rows: Sequence[Mapping[str, 
 
 COMM_EPILOG = """\
 examples:
-  fedsb comm --model llama-3.2-3b --method fedit ffa fedex flora --rank 32 --clients 5
-  fedsb comm --model gemma-2-9b --method fedit:32 fedex:32 fedsb:120,160,200 --clients 25
-  fedsb comm --model bert-base --method fedsb --rank 32 48 64 --clients 3 --dtype float32 --json
-  fedsb comm --model ./my-model-dir --method fedsb --rank 64 --clients 10 --targets q_proj v_proj
-  fedsb comm --model bert-base --method fedsb:64 ravan:32 fedsvd:8 --heads 4 --clients 5
+  fedsb comm --model llama-3.2-3b --methods fedit ffa fedex flora --rank 32 --clients 5
+  fedsb comm --model gemma-2-9b --methods fedit:32 fedex:32 fedsb:120,160,200 --clients 25
+  fedsb comm --model bert-base --methods fedsb --rank 32 48 64 --clients 3 --dtype bfloat16 --json
+  fedsb comm --model ./my-model-dir --methods fedsb --rank 64 --clients 10 --targets q_proj v_proj
+  fedsb comm --model bert-base --methods fedsb:64 ravan:32 fedsvd:8 --heads 4 --clients 5
 
 a METHOD:R1,R2 item gives that method its own ranks; --rank applies to the others.
 """
 
 
-def add_comm_parser(subparsers: Any) -> None:
+def add_comm_parser(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
     """Add the `comm` subcommand to an argparse subparsers object (handler: `cmd_comm`)."""
+    from fedsb.argparsing import Renamed
+
     p = subparsers.add_parser(
         "comm",
+        parents=list(parents),
         help="communication per round for Fed-SB and the baselines (no weights, offline for shipped shapes)",
         description="Per-client, per-round communication of Fed-SB, FedIT, FFA-LoRA, FedEx-LoRA, FLoRA, RAVAN "
         "and FedSVD: the paper's '# Comm.' figure, real upload/download parameters and bytes, and the one-time "
@@ -715,11 +718,16 @@ def add_comm_parser(subparsers: Any) -> None:
     )
     p.add_argument("--model", required=True, help="shipped shape name, model directory or hub id")
     p.add_argument(
+        "--methods",
         "--method",
+        dest="method",
+        action=Renamed,
+        deprecated=["--method"],
         nargs="+",
         default=list(METHODS),
         metavar="METHOD[:R,...]",
-        help=f"methods ({', '.join(METHODS)}; default all), optionally with their own ranks",
+        help=f"methods ({', '.join(METHODS)}; default all), optionally with their own ranks "
+        "(--method: deprecated alias)",
     )
     p.add_argument(
         "--rank", nargs="+", type=int, default=[32], metavar="R", help="ranks for every method [32]"
@@ -727,7 +735,9 @@ def add_comm_parser(subparsers: Any) -> None:
     p.add_argument("--clients", type=int, required=True, metavar="C", help="clients per round")
     p.add_argument("--targets", nargs="+", metavar="NAME", help="adapted modules (default: the model's)")
     p.add_argument(
-        "--dtype", default="bfloat16", help=f"wire dtype for bytes: {', '.join(DTYPE_BYTES)} [bfloat16]"
+        "--dtype",
+        default="float32",
+        help=f"wire dtype for bytes: {', '.join(DTYPE_BYTES)} [float32, fed.wire_dtype's default in runs]",
     )
     p.add_argument("--head-params", type=int, metavar="N", help="trained head size (default: the model's)")
     p.add_argument("--heads", type=int, default=4, metavar="H", help="RAVAN's heads (rank = per head) [4]")

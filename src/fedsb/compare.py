@@ -158,9 +158,17 @@ def run_comparison(
         rows.append(_row(v, cfg, results))
     (out / "compare.json").write_text(json.dumps(rows, indent=2))
     (out / "compare.md").write_text(markdown_table(rows))
-    pareto_plot(rows, out / "pareto.png")
+    pareto_plot(rows, out / "pareto.png", title=_plot_title(base))
     echo(markdown_table(rows))
     return rows
+
+
+def _plot_title(cfg: Any) -> str:
+    clients = cfg.partition.num_clients or "natural"
+    return (
+        f"accuracy vs communication: {cfg.data.task} on {cfg.model.name}, "
+        f"{clients} clients, {cfg.fed.rounds} rounds"
+    )
 
 
 def _run_in_subprocess(cfg: Any, run_dir: Path, resume: Path | None, echo: Callable[[str], None]) -> dict:
@@ -277,25 +285,23 @@ def _as_gib(mib: float | None) -> str:
     return "-" if mib is None else f"{mib / 1024:.2f} GiB"
 
 
-def pareto_plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Accuracy against bytes per round (log x); the Pareto front (more accurate for fewer bytes) joined."""
+def pareto_plot(rows: Sequence[dict[str, Any]], path: Path, *, title: str = "") -> Path:
+    """Accuracy against bytes per round (log x); the Pareto front (more accurate for fewer bytes) joined.
+
+    Every point is labelled with its variant, each label at the first of a few offsets around its point
+    where it overlaps no other label, point or the axes' edge (drawn, measured, moved)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 5.0))
     colors: dict[str, str] = {}
     for r in rows:
+        first = r["method"] not in colors
         c = colors.setdefault(r["method"], f"C{len(colors)}")
-        ax.scatter(r["bytes_per_round"], 100 * r["accuracy"], color=c, s=40, zorder=3)
-        ax.annotate(
-            r["variant"],
-            (r["bytes_per_round"], 100 * r["accuracy"]),
-            textcoords="offset points",
-            xytext=(4, 4),
-            fontsize=8,
-        )
+        label = r["method"] if first else None
+        ax.scatter(r["bytes_per_round"], 100 * r["accuracy"], color=c, s=40, zorder=3, label=label)
     front, best = [], -math.inf
     for r in sorted(rows, key=lambda r: r["bytes_per_round"]):
         if r["accuracy"] > best:
@@ -309,11 +315,42 @@ def pareto_plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         label="Pareto front",
     )
     ax.set_xscale("log")
+    ax.margins(x=0.15, y=0.15)
     ax.set_xlabel("bytes per round (all clients, up + down, log scale)")
     ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title(title or "accuracy vs communication per round")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="lower right")
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
+    _place_labels(fig, ax, [(r["variant"], r["bytes_per_round"], 100 * r["accuracy"]) for r in rows])
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+_OFFSETS = ((6, 6), (6, -14), (-6, 6), (-6, -14), (0, 14), (0, -20), (12, -4), (-12, -4), (6, 22), (6, -28))
+
+
+def _place_labels(fig: Any, ax: Any, points: Sequence[tuple[str, float, float]]) -> list[Any]:
+    """Annotate each (text, x, y) at the first offset (points) whose box overlaps no placed box, no point
+    and stays inside the axes (else the last offset tried); return the labels' boxes (display units)."""
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    taken = [ax.transData.transform((x, y)) for _, x, y in points]
+    boxes: list[Any] = []
+    for text, x, y in sorted(points, key=lambda p: (p[1], p[2])):
+        label = None
+        for dx, dy in _OFFSETS:
+            if label is not None:
+                label.remove()
+            label = ax.annotate(
+                text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8,
+                ha="left" if dx >= 0 else "right",
+            )  # fmt: skip
+            box = label.get_window_extent(renderer).expanded(1.05, 1.1)
+            inside = frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)
+            on_point = any(box.contains(px, py) for px, py in taken)
+            if inside and not on_point and not any(box.overlaps(b) for b in boxes):
+                break
+        boxes.append(label.get_window_extent(renderer))  # type: ignore[union-attr]
+    return boxes

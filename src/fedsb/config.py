@@ -74,6 +74,11 @@ class ModelConfig:
         "null (the whole model on `device`) or auto (spread a local/hub checkpoint over the visible GPUs "
         "with accelerate, for a model one GPU cannot hold; needs device=cuda)",
     )
+    hub: bool = _f(
+        False,
+        "download model.name from the Hugging Face hub if it is not a builtin, a directory or in the local hub "
+        "cache (needs network; false: unknown names fail at once)",
+    )
 
     def __post_init__(self) -> None:
         _check(
@@ -84,6 +89,7 @@ class ModelConfig:
         )
         _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         _check(self.device_map in (None, "auto"), "model.device_map", self.device_map, "use null or auto")
+        _check(isinstance(self.hub, bool), "model.hub", self.hub, "use true or false")
 
 
 @dataclass
@@ -272,11 +278,16 @@ class TrainConfig:
         _positive_int("train.grad_accum", self.grad_accum)
         _positive_int("train.local_steps", self.local_steps, allow_none=True)
         _positive_float("train.local_epochs", self.local_epochs, allow_none=True)
+        one_of = "set exactly one of train.local_steps and train.local_epochs (the other null)"
+        if self.local_steps is not None and self.local_epochs is not None:
+            raise ConfigError(
+                field="train.local_epochs",
+                value=self.local_epochs,
+                what=f"conflicts with train.local_steps={self.local_steps} (the default unless you set it)",
+                fix=one_of + ", e.g. train.local_steps=null to train by epochs",
+            )
         _check(
-            (self.local_steps is None) != (self.local_epochs is None),
-            "train.local_steps",
-            self.local_steps,
-            "set exactly one of train.local_steps and train.local_epochs (the other null)",
+            self.local_steps is not None or self.local_epochs is not None, "train.local_steps", None, one_of
         )
         _choice("train.schedule", self.schedule, ("constant", "linear", "cosine"))
         _check(
@@ -474,6 +485,9 @@ class RunConfig:
                 fix="lower fed.min_clients or sample more clients (fed.clients_per_round)",
             )
         self._check_privacy()
+        from fedsb.config_audit import check_unused
+
+        check_unused(self, warn=False)  # a privacy setting that does nothing is an error in any config
 
     def _check_privacy(self) -> None:
         mode, method = self.privacy.mode, self.fed.method
@@ -605,9 +619,24 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(field="override", value=text, fix="name the setting, e.g. fed.rounds=5")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+    except yaml.YAMLError as exc:
+        if raw.strip()[:1] not in ("{", "["):  # a plain string such as a path with ': ' in it
+            return path, raw
+        raise ConfigError(
+            field=".".join(path),
+            value=raw,
+            what=f"is not valid YAML ({_yaml_problem(exc)})",
+            fix="write mappings as {key: value, ...} and lists as [a, b], quoting strings with , : [ ] { }",
+        ) from None
     return path, value
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """'line L, column C: <problem>' from a YAML error (1-based, as editors count)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + str(problem)
 
 
 def merge_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -642,7 +671,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(
-            field="--config", value=str(path), what="is not valid YAML", fix=str(exc).splitlines()[0]
+            field="--config",
+            value=str(path),
+            what=f"is not valid YAML at {_yaml_problem(exc)}",
+            fix="correct the file there (indent sections by two spaces, close every [ and {)",
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            field="--config", value=str(path), what=f"cannot be read ({exc})", fix="pass a readable YAML file"
         ) from None
     if not isinstance(data, dict):
         raise ConfigError(field="--config", value=str(path), fix="the file must hold a mapping of sections")
@@ -650,9 +686,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults <- YAML file <- overrides, validated."""
-    data = load_yaml(config_file) if config_file else {}
-    return config_from_dict(merge_overrides(data, overrides or []))
+    """Defaults <- YAML file <- overrides, validated; settings given but without effect (`config_audit`)
+    are an error (privacy) or a logged warning."""
+    from fedsb.config_audit import check_unused, given_keys
+
+    data = merge_overrides(load_yaml(config_file) if config_file else {}, overrides or [])
+    cfg = config_from_dict(data)
+    check_unused(cfg, given_keys(data, _section_types()))
+    return cfg
 
 
 def config_to_yaml(cfg: RunConfig) -> str:

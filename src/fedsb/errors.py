@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
 
 class FedsbError(ValueError):
     """A user-facing error: `<field>=<value> <what>; fix: <fix>`.
@@ -16,6 +20,26 @@ class FedsbError(ValueError):
         self.fix = fix
         self.what = what
         super().__init__(f"{field}={value!r} {what}; fix: {fix}")
+
+    def renamed(self, names: Mapping[str, str]) -> FedsbError:
+        """This error with `field` (and identifiers such as `min_size` in `fix`) renamed by `names`:
+        a library argument name becomes the setting it came from (`min_size` -> `partition.min_size`)."""
+        fix = self.fix
+        for old, new in names.items():
+            if "_" in old:  # plain words (size, split, column) stay words in the prose
+                fix = re.sub(rf"(?<![\w.]){re.escape(old)}(?![\w])", new, fix)
+        return type(self)(field=names.get(self.field, self.field), value=self.value, fix=fix, what=self.what)
+
+
+@contextmanager
+def naming_settings(names: Mapping[str, str]) -> Iterator[None]:
+    """Re-raise a `FedsbError` whose field is a key of `names` under the dotted setting it maps to."""
+    try:
+        yield
+    except FedsbError as exc:
+        if exc.field not in names:
+            raise
+        raise exc.renamed(names) from exc.__cause__
 
 
 class ConfigError(FedsbError):

@@ -20,8 +20,9 @@ from typing import Any, Literal
 import torch
 
 from fedsb.config import RunConfig
-from fedsb.data.prepare import PreparedData, loader_factory, model_task, prepare_data
+from fedsb.data.prepare import PreparedData, loader_factory, model_task, prepare_data, task_from_config
 from fedsb.device import Placement, resolve_placement
+from fedsb.errors import naming_settings
 from fedsb.seeding import derive_seed
 from fedsb.train.local import loss_for
 
@@ -99,6 +100,7 @@ def load_base(cfg: RunConfig, task: Any, placement: Placement) -> Any:
         seed=derive_seed(cfg.seed, "model") % (2**32),
         device=placement.device,
         device_map=cfg.model.device_map,
+        hub=cfg.model.hub,
         **model_task(task),
     )
 
@@ -120,10 +122,8 @@ def build_components(
     server, from which the method rebuilds its frozen basis (`FederatedMethod.from_setup`).
     `placement`: the device and dtype if already resolved (default: resolved from `cfg` here).
     """
-    from fedsb.data.tasks import get_task
-
     placement = placement or placement_of(cfg)
-    task = get_task(cfg.data.task, **cfg.data.options)
+    task = task_from_config(cfg)
     loaded = load_base(cfg, task, placement)
     data = None
     if role != "trained":
@@ -187,7 +187,19 @@ def build_method(
         resume=resume,
         info=data.init_info if data else {},
     )
-    return get_method_class(cfg.fed.method).create(model, ctx)
+    with naming_settings(METHOD_ARGS):
+        return get_method_class(cfg.fed.method).create(model, ctx)
+
+
+#: arguments of the setup code -> the settings they come from (for the errors they raise)
+METHOD_ARGS = {
+    "rank": "adapter.rank",
+    "scaling": "adapter.scaling",
+    "init": "init.method",
+    "svd": "init.svd",
+    "eta": "init.eta",
+    "num_samples": "init.num_samples",
+}
 
 
 def plan_ledger(cfg: RunConfig, method: Any, data: PreparedData) -> Any:

@@ -36,7 +36,7 @@ def meta_model(cfg: RunConfig, task: Any, dtype: torch.dtype) -> tuple[nn.Module
     from fedsb.models import load_config
 
     kind = model_task(task)
-    config, source = load_config(cfg.model.name, **kind)
+    config, source = load_config(cfg.model.name, hub=cfg.model.hub, **kind)
     if config.pad_token_id is None:
         config.pad_token_id = 0  # a causal LM classifies batches by its pad token; any id serves the plan
     auto = AutoModelForSequenceClassification if kind["task"] == "seq_cls" else AutoModelForCausalLM

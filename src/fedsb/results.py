@@ -101,7 +101,9 @@ def plot_learning_curve(results: dict[str, Any], path: Path) -> Path:
     acc_pts += [
         (r["round"], mb, r["eval"]["accuracy"]) for r, mb in zip(rounds, cum_mb, strict=True) if r.get("eval")
     ]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.0))
     ax = axes[0]
     ax.plot([p[0] for p in acc_pts], [100 * p[2] for p in acc_pts], "o-")
     ax.set_xlabel("round")
@@ -121,6 +123,8 @@ def plot_learning_curve(results: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("mean local training loss")
     ax.set_title("training loss")
     ax.grid(alpha=0.3)
+    for ax in (axes[0], axes[2]):  # rounds are whole numbers
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(
         f"{results['method']} on {results['task']} ({results['model']}), {results['num_clients']} clients"
     )

@@ -25,6 +25,7 @@ from fedsb.errors import CheckpointError, ConfigError
 from fedsb.fed.checkpoint import RunState, latest_checkpoint
 from fedsb.fed.rounds import RoundRecord, Server, run_rounds
 from fedsb.job import CONFIG_FILE, Components, build_components, configure_torch, placement_of
+from fedsb.paths import make_output_dir
 from fedsb.results import write_json
 from fedsb.seeding import derive_seed
 
@@ -109,7 +110,7 @@ class Run:
                 what="already holds a run",
                 fix=f"use --resume {self.out} or another output_dir",
             )
-        self.out.mkdir(parents=True, exist_ok=True)
+        make_output_dir(self.out)
         if not self.resume:  # a resumed run rewrites its config only once its checkpoint has loaded
             (self.out / CONFIG_FILE).write_text(config_to_yaml(self.cfg))
         self.echo(f"fedsb: {self.cfg.fed.method} run, results in {self.out}")

@@ -62,25 +62,33 @@ def load_trained(run_dir: str | Path, *, device: str | None = None) -> tuple[Any
     return parts.method, parts.tokenizer, parts.loaded
 
 
-def export_run(run_dir: str | Path, fmt: str, out: str | Path) -> dict[str, Any]:
-    """Export a run's final model as a standard PEFT LoRA directory or a merged HF checkpoint."""
-    from fedsb.export import export_merged, export_peft, has_folds
+def export_run(run_dir: str | Path, fmt: str, out: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
+    """Export a run's final model as a standard PEFT LoRA directory or a merged HF checkpoint.
 
+    `out` must be new or empty (or `overwrite`: its contents are replaced); the export is written next to
+    it and swapped in only when complete, so a failed export leaves `out` as it was."""
+    from fedsb.export import export_merged, export_peft, has_folds
+    from fedsb.paths import check_export_target, replace_dir
+
+    if fmt not in ("peft", "merged"):
+        raise ConfigError(field="--format", value=fmt, fix="use peft or merged")
+    target = check_export_target(out, run_dir, overwrite=overwrite)
     method, tokenizer, loaded = load_trained(run_dir)
     method.verify_basis(before="export the run")
-    if fmt == "peft":
-        if has_folds(method.adapted):
-            raise ConfigError(
-                field="--format",
-                value=fmt,
-                what=f"cannot represent {method.name}: it folds updates into W0",
-                fix="use --format merged",
-            )
-        base = loaded.source if os.path.isdir(loaded.source) else loaded.name
-        summary = export_peft(method.adapted, out, base_model=base)
-        tokenizer.save_pretrained(str(out))
-        return summary
-    if fmt == "merged":
-        export_merged(method.adapted, out, tokenizer=tokenizer)
-        return {"directory": str(out), "format": "merged"}
-    raise ConfigError(field="--format", value=fmt, fix="use peft or merged")
+    if fmt == "peft" and (has_folds(method.adapted) or not method.adapted.layers):
+        why = "it folds updates into W0" if method.adapted.layers else "it trains no adapter"
+        raise ConfigError(
+            field="--format",
+            value=fmt,
+            what=f"cannot represent {method.name}: {why}",
+            fix="use --format merged",
+        )
+    with replace_dir(target) as tmp:
+        if fmt == "peft":
+            base = loaded.source if os.path.isdir(loaded.source) else loaded.name
+            summary = export_peft(method.adapted, tmp, base_model=base)
+            tokenizer.save_pretrained(str(tmp))
+        else:
+            export_merged(method.adapted, tmp, tokenizer=tokenizer)
+            summary = {"format": "merged"}
+    return {**summary, "directory": str(out)}

@@ -2,7 +2,9 @@
 
 The key of a tokenized dataset hashes the tokenizer (its full serialized definition), the tokenization
 recipe and ``max_length``, and every row as the task renders it (prompt and target, or texts and label),
-so a change of template, data, task options or tokenizer is a new entry, never a stale hit. Entries live
+so a change of template, data, task options or tokenizer is a new entry, never a stale hit. Every entry
+records the sha256 of its files; a hit is verified against them before the (memory-mapped) files are
+opened, and a damaged or unreadable entry is rebuilt, never trusted and never fatal. Entries live
 under ``<fedsb cache>/tokenized/`` (``$FEDSB_CACHE``, else ``~/.cache/fedsb``); delete the folder to clear
 it. Warnings raised while tokenizing (e.g. examples dropped for length) are stored and replayed on a hit.
 """
@@ -28,6 +30,7 @@ __all__ = ["CacheStats", "cached_prompt_ids", "cached_tokenized", "content_key",
 
 _FORMAT_VERSION = "1"  # bump when the tokenization functions change what they produce
 _MEMORY_ENTRIES = 16
+_META = "fedsb_cache.json"  # per entry: warnings, rows and the sha256 of every file of the entry
 
 
 class CacheStats:
@@ -35,6 +38,7 @@ class CacheStats:
 
     hits = 0
     misses = 0
+    rebuilt = 0  # entries found damaged (checksum or read error) and built again
 
 
 _FINGERPRINTS: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, str] = weakref.WeakKeyDictionary()
@@ -109,18 +113,17 @@ def cached_tokenized(
 ) -> datasets.Dataset:
     """The dataset stored under ``key``, else ``build()`` stored there first (written atomically)."""
     entry = _cache_root(cache_dir) / key[:2] / key
-    meta = entry / "fedsb_cache.json"
+    meta = entry / _META
     if meta.is_file():
-        try:
-            with _quiet():
-                ds = datasets.load_from_disk(str(entry))
-        except (OSError, ValueError, FileNotFoundError):  # a broken entry: rebuild it below
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
+        hit = _read_entry(entry)
+        if hit is not None:
+            ds, messages = hit
             CacheStats.hits += 1
-            for message in json.loads(meta.read_text())["warnings"]:
+            for message in messages:
                 warnings.warn(message, stacklevel=3)
             return ds
+        CacheStats.rebuilt += 1
+        shutil.rmtree(entry, ignore_errors=True)  # damaged or unreadable: rebuilt below
     CacheStats.misses += 1
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -133,13 +136,40 @@ def cached_tokenized(
     try:
         with _quiet():
             ds.save_to_disk(str(tmp))
-        (tmp / "fedsb_cache.json").write_text(json.dumps({"warnings": messages, "rows": len(ds)}))
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        (tmp / _META).write_text(json.dumps({"warnings": messages, "rows": len(ds), "sha256": files}))
         tmp.replace(entry) if not entry.exists() else shutil.rmtree(tmp)
     except OSError:  # a read-only or full cache must not fail the run
         shutil.rmtree(tmp, ignore_errors=True)
         return ds
-    with _quiet():
-        return datasets.load_from_disk(str(entry))  # memory-mapped, like a hit
+    hit = _read_entry(entry)
+    return hit[0] if hit is not None else ds  # memory-mapped, like a hit
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _read_entry(entry: Path) -> tuple[datasets.Dataset, list[str]] | None:
+    """(dataset, stored warnings) of a cache entry whose files all match the checksums recorded when it
+    was written; None for anything else (a changed or missing file, unreadable metadata, a load error).
+    Files `datasets` adds later (index caches) are not covered. Verifying first matters: Arrow files are
+    memory-mapped, and flipped bytes in an offsets buffer crash the process (SIGSEGV) instead of raising."""
+    try:
+        meta = json.loads((entry / _META).read_text())
+        expected = meta["sha256"]
+        if not isinstance(expected, dict) or not expected:
+            return None
+        if any(_sha256(entry / name) != digest for name, digest in expected.items()):
+            return None
+        with _quiet():
+            ds = datasets.load_from_disk(str(entry))
+        if len(ds) != meta["rows"]:
+            return None
+        return ds, [str(m) for m in meta["warnings"]]
+    except Exception:  # noqa: BLE001 - any damage means: rebuild, never fail the run
+        return None
 
 
 _PROMPTS: OrderedDict[str, list[list[int]]] = OrderedDict()

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedsb.config import RunConfig
-from fedsb.errors import ConfigError, FedsbError
+from fedsb.errors import ConfigError, FedsbError, naming_settings
 from fedsb.seeding import derive_seed
 
 
@@ -84,35 +84,66 @@ def model_task(task: Any) -> dict[str, Any]:
     )
 
 
+_PARTITION_ARGS = {k: f"partition.{k}" for k in ("scheme", "num_clients", "column", "alpha", "min_size")}
+
+
+def _option_names(task_cls: Any) -> dict[str, str]:
+    """A task's constructor arguments -> their settings (data.options.<name>), for its errors."""
+    import inspect
+
+    names = {p: f"data.options.{p}" for p in inspect.signature(task_cls).parameters}
+    names["validation_fraction + init_fraction"] = (
+        "data.options.validation_fraction + data.options.init_fraction"
+    )
+    return {**names, "task": "data.task"}
+
+
+def task_from_config(cfg: RunConfig) -> Any:
+    """The run's task, `get_task(data.task, **data.options)`; its errors name data.options.<option>."""
+    from fedsb.data.tasks import TASKS, get_task, register_builtin_tasks
+
+    register_builtin_tasks()
+    cls = TASKS.get(cfg.data.task)
+    with naming_settings(_option_names(cls) if cls is not None else {"task": "data.task"}):
+        return get_task(cfg.data.task, **cfg.data.options)
+
+
 def partition_rows(cfg: RunConfig, task: Any) -> tuple[list[Any], dict[str, Any]]:
-    """The raw training rows split into the clients' shards, and the partition's statistics."""
+    """The raw training rows split into the clients' shards, and the partition's statistics; errors name
+    the setting behind the argument (`size` -> `data.train_size`, `min_size` -> `partition.min_size`)."""
     from fedsb.data.partition import partition_dataset, partition_stats
 
-    train = task.load("train", cfg.data.train_size, cfg.seed)
+    with naming_settings({**_option_names(type(task)), "size": "data.train_size"}):
+        train = task.load("train", cfg.data.train_size, cfg.seed)
     column = cfg.partition.column or task.partition_column
-    parts = partition_dataset(
-        train,
-        scheme=cfg.partition.scheme,
-        num_clients=cfg.partition.num_clients,
-        seed=derive_seed(cfg.seed, "partition") % (2**32),
-        column=column if cfg.partition.scheme in ("dirichlet", "natural") else None,
-        alpha=cfg.partition.alpha,
-        min_size=cfg.partition.min_size,
-    )
+    with naming_settings(_PARTITION_ARGS):
+        parts = partition_dataset(
+            train,
+            scheme=cfg.partition.scheme,
+            num_clients=cfg.partition.num_clients,
+            seed=derive_seed(cfg.seed, "partition") % (2**32),
+            column=column if cfg.partition.scheme in ("dirichlet", "natural") else None,
+            alpha=cfg.partition.alpha,
+            min_size=cfg.partition.min_size,
+        )
     return parts, partition_stats(parts, column if column in train.column_names else None)
 
 
 def prepare_data(cfg: RunConfig, task: Any, tokenizer: Any) -> PreparedData:
-    """Load and partition the task's data, tokenize each client's shard, and pick the init data."""
+    """Load and partition the task's data, tokenize each client's shard, and pick the init data (errors
+    name the settings: data.test_size, data.eval_split, data.max_length, ...)."""
     from fedsb.fed.simulate import ClientData
 
     parts, stats = partition_rows(cfg, task)
-    test = task.load(cfg.data.eval_split, cfg.data.test_size, cfg.seed)
+    names = {**_option_names(type(task)), "size": "data.test_size", "split": "data.eval_split"}
+    with naming_settings(names):
+        test = task.load(cfg.data.eval_split, cfg.data.test_size, cfg.seed)
     width = max(2, len(str(len(parts) - 1)))
     make_loader = loader_factory(cfg, task, tokenizer, cfg.train.batch_size)
     clients: dict[str, ClientData] = {}
     for i, part in enumerate(parts):
-        tokenized = tokenize_task(task, part, tokenizer, cfg.data.max_length, cache=cfg.data.cache)
+        with naming_settings({"max_length": "data.max_length"}):
+            tokenized = tokenize_task(task, part, tokenizer, cfg.data.max_length, cache=cfg.data.cache)
         clients[f"client-{i:0{width}d}"] = ClientData(
             num_examples=len(tokenized), loader=make_loader(tokenized)
         )

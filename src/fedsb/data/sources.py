@@ -76,6 +76,32 @@ def read_file(path: Path) -> datasets.Dataset:
             field="data file", value=str(path), what="has an unknown extension",
             fix=f"use one of {', '.join(FILE_FORMATS)}",
         )  # fmt: skip
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        raise FedsbError(
+            field="data file", value=str(path), what=f"cannot be read ({err.strerror or err})",
+            fix="check the path and its permissions",
+        ) from None  # fmt: skip
+    if size == 0:
+        raise FedsbError(field="data file", value=str(path), what="is empty", fix=_ROWS_FIX[builder])
+    try:
+        ds = _load_file(path, builder)
+    except Exception as err:  # datasets/pyarrow raise many kinds; each becomes one error naming the file
+        raise _unreadable(path, builder, err) from None
+    if len(ds) == 0:
+        raise FedsbError(field="data file", value=str(path), what="holds no rows", fix=_ROWS_FIX[builder])
+    return ds
+
+
+_ROWS_FIX = {
+    "json": "write one JSON object per line (jsonl), or one JSON array of objects (json)",
+    "csv": "write a header line with the column names, then one row per line",
+    "parquet": "write a parquet file with at least one row",
+}
+
+
+def _load_file(path: Path, builder: str) -> datasets.Dataset:
     kwargs: dict[str, Any] = {}
     if builder == "csv":
         sep = "\t" if path.suffix.lower() == ".tsv" else ","
@@ -86,6 +112,52 @@ def read_file(path: Path) -> datasets.Dataset:
         kwargs = {"sep": sep, "quoting": quoting, "keep_default_na": False, "na_filter": False}
         kwargs["features"] = features
     return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+
+
+def _unreadable(path: Path, builder: str, err: Exception) -> FedsbError:
+    """The error for a file `datasets` could not read: for JSON, the first bad line (1-based) and column."""
+    where = _bad_json(path) if builder == "json" else None
+    if where is not None:
+        return FedsbError(
+            field="data file", value=str(path), what=f"has an invalid row at {where}",
+            fix="fix or remove that line: " + _ROWS_FIX["json"],
+        )  # fmt: skip
+    if builder == "csv" and _data_lines(path) <= 1:
+        return FedsbError(field="data file", value=str(path), what="holds no rows", fix=_ROWS_FIX["csv"])
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return FedsbError(
+        field="data file", value=str(path), what=f"could not be read as {path.suffix} ({first})",
+        fix=f"check the file: {_ROWS_FIX[builder]}",
+    )  # fmt: skip
+
+
+def _bad_json(path: Path) -> str | None:
+    """'line L, column C: <why>' of the first row that is not a JSON object, else None."""
+    import json
+
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            return f"line {e.lineno}, column {e.colno}: {e.msg}"
+        bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
+        return None if bad is None else f"array item {bad}: not a JSON object"
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"line {number}, column {e.colno}: {e.msg}"
+        if not isinstance(row, dict):
+            return f"line {number}: a {type(row).__name__}, not a JSON object"
+    return None
+
+
+def _data_lines(path: Path) -> int:
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        return sum(1 for line in fh if line.strip())
 
 
 def load_hub(hub_id: str, config: str | None, split: str, *, task: str) -> datasets.Dataset:
@@ -171,6 +243,7 @@ class SourcedTask(Task):
         self._cache: dict[str, datasets.Dataset] = {}
 
     def _check_data_files(self, data_files: Mapping[str, Any] | None) -> dict[str, Path]:
+        self._relative_files: set[str] = set()
         if data_files is None:
             return {}
         if not isinstance(data_files, Mapping):
@@ -186,6 +259,7 @@ class SourcedTask(Task):
                 fix=f"use keys among {list(SPLITS)}",
             )  # fmt: skip
         base = self.data_dir if self.data_dir is not None else Path.cwd()
+        self._relative_files = {s for s, p in data_files.items() if not Path(p).expanduser().is_absolute()}
         return {split: base / Path(p).expanduser() for split, p in data_files.items()}
 
     # ------------------------------------------------------------------ subclass hooks
@@ -311,6 +385,18 @@ class SourcedTask(Task):
             )  # fmt: skip
         return found
 
+    def _user_file(self, split: str, path: Path) -> Path:
+        """A file the user named in ``data_files`` (resolved at construction); no data-folder advice."""
+        if path.is_file():
+            return path
+        base = "data.options.data_dir" if self.data_dir is not None else f"the working directory {Path.cwd()}"
+        relative = f" (a relative path is resolved under {base})" if split in self._relative_files else ""
+        raise FedsbError(
+            field=f"data.options.data_files.{split}", value=str(path),
+            what="is a directory, not a file" if path.is_dir() else "does not exist",
+            fix="give the path of an existing file" + relative,
+        )  # fmt: skip
+
     def _dir_fix(self, name: str) -> str:
         sub = f"{self.data_subdir}/" if self.data_subdir else ""
         return (
@@ -328,7 +414,9 @@ class SourcedTask(Task):
                 ds = load_hub(self.hub_id, self.hub_config, str(where), task=self.name)
                 label = f"{self.hub_id}/{self.hub_config or ''}:{where}"
             else:
-                path = self._file_path(split, where)
+                path = (
+                    self._user_file(split, Path(where)) if kind == "file" else self._file_path(split, where)
+                )
                 ds = read_file(path)
                 label = path.name
             self._cache[split] = self._normalize(ds, label)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsb.errors import ConfigError
+from fedsb.errors import ConfigError, naming_settings
 
 __all__ = ["EvalTarget", "evaluate_saved", "format_report", "load_target"]
 
@@ -40,11 +40,13 @@ def load_target(
     dtype: str = "auto",
     seed: int = 0,
     device: str = "auto",
+    hub: bool = False,
 ) -> EvalTarget:
     """Load what ``target`` names: a run directory (config.yaml + checkpoints/: the final global model,
     rebuilt by the job recipe), a PEFT LoRA directory (adapter_config.json; base from ``model`` or the
     adapter's base_model_name_or_path; merged for speed) or, for ``target=None``, the base model ``model``
-    itself; on ``device`` (auto, cpu, cuda[:N], mps) in ``dtype`` (auto: bf16 on CUDA, else fp32)."""
+    itself; on ``device`` (auto, cpu, cuda[:N], mps) in ``dtype`` (auto: bf16 on CUDA, else fp32). ``hub``:
+    base models may be downloaded from the Hugging Face hub (see `fedsb.models.load_model`)."""
     from fedsb.data.prepare import model_task
     from fedsb.device import resolve_placement
     from fedsb.models import load_model
@@ -56,7 +58,8 @@ def load_target(
             raise ConfigError(
                 field="--model", value=model, fix="name a model, or give a run or PEFT directory"
             )
-        loaded = load_model(model, **on, **model_task(task))
+        with naming_settings({"model.name": "--model"}):
+            loaded = load_model(model, **on, hub=hub, **model_task(task))
         return EvalTarget(loaded.model, loaded.tokenizer, "base", model)
     path = Path(target).expanduser()
     if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
@@ -90,7 +93,8 @@ def load_target(
                 what=f"does not fit the adapter's task_type {task_type}",
                 fix="pick a task of the kind the adapter was trained for (data.options.mode for classification)",
             )  # fmt: skip
-        loaded = load_model(base, **on, **wanted)
+        with naming_settings({"model.name": "--model"} if model else {}):
+            loaded = load_model(base, **on, hub=hub, **wanted)
         merged = PeftModel.from_pretrained(loaded.model, str(path)).merge_and_unload()
         tokenizer = loaded.tokenizer
         return EvalTarget(merged, tokenizer, "peft", base)
@@ -118,6 +122,7 @@ def evaluate_saved(
     seed: int | None = None,
     progress: bool = False,
     device: str | None = None,
+    hub: bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``target`` (see ``load_target``) and return a JSON-ready report.
 
@@ -129,6 +134,11 @@ def evaluate_saved(
     from fedsb.data.tasks import get_task
     from fedsb.eval.evaluate import evaluate_task
 
+    if target is not None and not Path(target).expanduser().exists():
+        raise ConfigError(
+            field="target", value=os.fspath(target), what="does not exist",
+            fix="give a run directory, an exported PEFT directory, or no target with --model <base model>",
+        )  # fmt: skip
     run_cfg = None
     if target is not None and (Path(target) / "config.yaml").is_file():
         run_cfg = config_from_dict(load_yaml(Path(target) / "config.yaml"))
@@ -152,9 +162,11 @@ def evaluate_saved(
                 what=f"({task.kind}) does not fit the run's model, trained on {run_cfg.data.task!r} ({trained.kind})",
                 fix=fix,
             )  # fmt: skip
+    hub = cfg.model.hub if hub is None else hub
     loaded = load_target(
-        target, model=model, task=task, dtype=cfg.model.dtype, seed=cfg.seed, device=device or cfg.device
-    )
+        target, model=model, task=task, dtype=cfg.model.dtype, seed=cfg.seed, device=device or cfg.device,
+        hub=hub,
+    )  # fmt: skip
     the_split = split or cfg.data.eval_split
     n = cfg.data.test_size if size == "auto" else size
     the_seed = cfg.seed if seed is None else seed

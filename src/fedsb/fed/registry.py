@@ -15,3 +15,6 @@ METHODS: dict[str, str] = {
 }
 
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+
+#: methods whose setup reads the init.* settings (a basis from data or from W0); the others ignore them
+INIT_METHODS: tuple[str, ...] = ("fedsb",)

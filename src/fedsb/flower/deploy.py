@@ -3,19 +3,26 @@
 Used by the deployment tests and the benchmark, and runnable by hand (`python -m fedsb.flower.deploy
 --help`). Every process is started here, its PID recorded at spawn, and stopped by that PID (with the
 ServerApp/ClientApp processes they spawned, found through /proc); nothing is ever killed by name.
+
+`main` refuses a config the Flower path cannot honour before any process starts, stops everything it
+started on SIGINT, SIGTERM, SIGHUP or any error, and exits non-zero (printing the ServerApp's error) unless
+Flower reports the run `finished:completed`: `flwr run --stream` itself exits 0 when the ServerApp fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +135,20 @@ def wait_gone(pids: Sequence[int], timeout: float = 10.0) -> None:
         time.sleep(0.1)
 
 
+def process_tree(pids: Sequence[int]) -> list[int]:
+    """`pids`, their descendants and the processes started with `--parent-pid` of any of them, transitively
+    (Flower's SuperExec, ServerApp and ClientApp processes outlive their parents as orphans of init)."""
+    seen: list[int] = []
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.append(pid)
+        todo.extend(p for p in [*descendants(pid), *adopted(pid)] if p not in seen)
+    return seen
+
+
 def is_zombie(pid: int) -> bool:
     try:
         return "State:\tZ" in Path(f"/proc/{pid}/status").read_text()
@@ -150,6 +171,7 @@ class LocalDeployment:
         self.port = free_port()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}  # name -> process (PID recorded at spawn)
         self.node_ready_timeout = node_ready_timeout
+        self.last_status: dict[str, Any] = {}  # Flower's record of the last run_app's run (run_status)
 
     # ---- start ----------------------------------------------------------------------------------------------
     def _spawn(self, name: str, cmd: Sequence[str]) -> subprocess.Popen[bytes]:
@@ -246,10 +268,31 @@ class LocalDeployment:
     def run_app(
         self, run_config: Mapping[str, Any], *, app: Path = APP_DIR, timeout: float = 600.0
     ) -> tuple[int, str]:
-        """Run the app to completion: (exit code, streamed log)."""
+        """Run the app to completion: (exit code, streamed log). The exit code is `flwr run`'s unless the
+        run did not finish `completed` (Flower's own status, `flwr ls`): then 1, or `flwr run`'s if non-zero."""
         proc = self.start_app(run_config, app=app)
         out, _ = proc.communicate(timeout=timeout)
+        status, deadline = self.run_status(out), time.monotonic() + 30
+        while status.get("status") in ("pending", "starting", "running") and time.monotonic() < deadline:
+            time.sleep(0.5)  # the log stream can end a moment before the run's status is final
+            status = self.run_status(out)
+        self.last_status = status
+        if proc.returncode == 0 and status.get("status") != "finished:completed":
+            return 1, out
         return proc.returncode, out
+
+    def run_status(self, log: str) -> dict[str, Any]:
+        """Flower's record of the run whose id `flwr run` printed in `log` (`flwr ls --format json`):
+        status (`finished:completed`, `finished:failed`, ...) and status-details; {} if none is found."""
+        found = re.search(r"Successfully started run (\d+)", log)
+        if not found:
+            return {}
+        res = self._flwr("ls", CONNECTION, "--run-id", found.group(1), "--format", "json", timeout=60)
+        try:
+            runs = json.loads(res.stdout[res.stdout.index("{") :])["runs"]
+        except (ValueError, KeyError):
+            return {"status": "unknown", "status-details": (res.stdout + res.stderr)[-500:]}
+        return runs[0] if runs else {}
 
     def kill_node(self, i: int) -> None:
         """SIGKILL SuperNode i and whatever it spawned (a dead machine, not a clean shutdown)."""
@@ -276,26 +319,33 @@ class LocalDeployment:
     # ---- stop -----------------------------------------------------------------------------------------------
     def stop(self) -> None:
         """SIGTERM every process started here (SuperNodes first), SIGKILL their descendants and orphans and
-        anything still running after 10 s; return once all are gone."""
-        order = [n for n in self.procs if n != "superlink"] + ["superlink"]
-        for name in order:
-            proc = self.procs.get(name)
-            if proc is None:
-                continue
-            kids = [*descendants(proc.pid), *adopted(proc.pid)]
-            if proc.poll() is None:
-                stop_pid(proc.pid)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    stop_pid(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=10)
-            kids += adopted(proc.pid)
-            for kid in kids:
-                stop_pid(kid, signal.SIGKILL)
-            wait_gone(kids)
-        if self._tmp is not None:
-            self._tmp.cleanup()
+        anything still running after 10 s; return once all are gone. Signals are held off meanwhile, so
+        a second Ctrl-C cannot cut the cleanup short."""
+        with _signals_held():
+            order = [n for n in self.procs if n != "superlink"] + ["superlink"]
+            everything = process_tree([p.pid for p in self.procs.values()])  # before parents exit
+            for name in order:
+                proc = self.procs.get(name)
+                if proc is None:
+                    continue
+                kids = process_tree([proc.pid])[1:]
+                if proc.poll() is None:
+                    stop_pid(proc.pid)
+                    try:
+                        proc.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        stop_pid(proc.pid, signal.SIGKILL)
+                        proc.wait(timeout=10)
+                kids += adopted(proc.pid)
+                for kid in kids:
+                    stop_pid(kid, signal.SIGKILL)
+                wait_gone(kids)
+            left = [p for p in everything if Path(f"/proc/{p}").exists() and not is_zombie(p)]
+            for pid in left:  # orphans whose parent exited before they were found through it
+                stop_pid(pid, signal.SIGKILL)
+            wait_gone(left)
+            if self._tmp is not None:
+                self._tmp.cleanup()
 
     def __enter__(self) -> LocalDeployment:
         try:
@@ -316,11 +366,73 @@ def _toml(v: Any) -> str:
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+class Stopped(BaseException):
+    """Raised in the main thread by SIGTERM or SIGHUP (SIGINT raises KeyboardInterrupt), so that every
+    `with LocalDeployment` block stops its processes on the way out."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, _frame: Any) -> None:
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise `Stopped` inside the block (default handlers would end the process at once,
+    leaving every child running); the previous handlers are restored afterwards."""
+    sigs = (signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, _raise_stopped) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ignore SIGINT/SIGTERM/SIGHUP inside the block (main thread only; elsewhere a no-op)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def check_deployment(config: str, overrides: str, output: str, nodes: int) -> None:
+    """Everything the ServerApp would refuse, refused here before any Flower process starts: the config
+    (validation, settings the Flower app cannot honour), the output directory, the node count."""
+    from fedsb.config import resolve_config
+    from fedsb.errors import ConfigError
+    from fedsb.flower.client import check_flower_config
+    from fedsb.paths import check_output_dir
+
+    if nodes < 1:
+        raise ConfigError(field="--nodes", value=nodes, fix="use at least 1 SuperNode")
+    cfg = resolve_config(config or None, overrides.split())
+    check_flower_config(cfg)
+    if output:
+        check_output_dir(output, field="--output")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from fedsb.errors import FedsbError
+
     p = argparse.ArgumentParser(
         prog="python -m fedsb.flower.deploy",
         description="Run the fedsb Flower app on a loopback deployment: SuperLink + N SuperNodes, TLS and "
-        "node authentication with throw-away credentials; everything is stopped at the end.",
+        "node authentication with throw-away credentials; everything is stopped at the end, on SIGINT, "
+        "SIGTERM or any error. Exit status: 0 only if the run finished and completed.",
     )
     p.add_argument("--nodes", type=int, default=2, help="SuperNodes (= partition.num_clients)")
     p.add_argument("--config", default="", help="fedsb YAML preset")
@@ -329,13 +441,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=None, help="keep certificates, keys and logs here")
     args = p.parse_args(argv)
     overrides = f"partition.num_clients={args.nodes} {args.overrides}".strip()
+    try:
+        check_deployment(args.config, overrides, args.output, args.nodes)
+    except FedsbError as exc:
+        print(f"fedsb: error: {exc}", file=sys.stderr)
+        return 2
     run_config = {"config": str(Path(args.config).resolve()) if args.config else "", "overrides": overrides}
     if args.output:
         run_config["output-dir"] = str(Path(args.output).resolve())
-    with LocalDeployment(args.nodes, Path(args.workdir) if args.workdir else None) as dep:
-        code, log = dep.run_app(run_config)
-        print(log)
-        return code
+    try:
+        with (
+            stop_on_signals(),
+            LocalDeployment(args.nodes, Path(args.workdir) if args.workdir else None) as dep,
+        ):
+            code, log = dep.run_app(run_config)
+            print(log)
+            if code != 0:
+                print(f"fedsb: error: {failure_summary(log, dep.last_status)}", file=sys.stderr)
+            return code
+    except (Stopped, KeyboardInterrupt) as exc:
+        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        print(
+            f"fedsb: deployment {exc or 'interrupted'}; every process it started was stopped", file=sys.stderr
+        )
+        return 128 + int(signum)
+
+
+def failure_summary(log: str, status: Mapping[str, Any]) -> str:
+    """Why a run failed: the ServerApp's `fedsb: error:` line, else Flower's status details, else its last
+    exception line; with Flower's status of the run."""
+    ours = [line.split("fedsb: error: ", 1)[1] for line in log.splitlines() if "fedsb: error: " in line]
+    raised = [line.strip() for line in log.splitlines() if re.match(r"\s*[\w.]+(Error|Exception): ", line)]
+    details = str(status.get("status-details") or "")
+    what = (ours or ([details] if details else []) or raised or ["no error message (see the log above)"])[-1]
+    state = status.get("status") or "unknown: no run id in the log"
+    return f"the Flower run did not complete (status {state}): {what}"
 
 
 if __name__ == "__main__":

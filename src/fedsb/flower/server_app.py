@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -96,4 +97,13 @@ def run_flower_job(
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_flower_job(grid, AppSettings.from_run_config(context.run_config), context)
+    """Run the job; a user error is printed as one `fedsb: error: ...` line (what `flwr log` and
+    `fedsb.flower.deploy` show) and re-raised, so Flower records the run as failed."""
+    from fedsb.errors import CheckpointError, FedsbError
+    from fedsb.fed.rounds import RoundFailed
+
+    try:
+        run_flower_job(grid, AppSettings.from_run_config(context.run_config), context)
+    except (FedsbError, CheckpointError, RoundFailed) as exc:
+        print(f"fedsb: error: {exc}", file=sys.stderr, flush=True)
+        raise

