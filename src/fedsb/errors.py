@@ -22,13 +22,14 @@ class FedsbError(ValueError):
         super().__init__(f"{field}={value!r} {what}; fix: {fix}")
 
     def renamed(self, names: Mapping[str, str]) -> FedsbError:
-        """This error with `field` (and identifiers such as `min_size` in `fix`) renamed by `names`:
+        """This error with `field` (and identifiers such as `min_size` in its text) renamed by `names`:
         a library argument name becomes the setting it came from (`min_size` -> `partition.min_size`)."""
-        fix = self.fix
+        fix, what = self.fix, self.what
         for old, new in names.items():
             if "_" in old:  # plain words (size, split, column) stay words in the prose
-                fix = re.sub(rf"(?<![\w.]){re.escape(old)}(?![\w])", new, fix)
-        return type(self)(field=names.get(self.field, self.field), value=self.value, fix=fix, what=self.what)
+                pattern = rf"(?<![\w.]){re.escape(old)}(?![\w])"
+                fix, what = re.sub(pattern, new, fix), re.sub(pattern, new, what)
+        return type(self)(field=names.get(self.field, self.field), value=self.value, fix=fix, what=what)
 
 
 @contextmanager

@@ -122,7 +122,7 @@ def _unreadable(path: Path, builder: str, err: Exception) -> FedsbError:
             field="data file", value=str(path), what=f"has an invalid row at {where}",
             fix="fix or remove that line: " + _ROWS_FIX["json"],
         )  # fmt: skip
-    if builder == "csv" and _data_lines(path) <= 1:
+    if builder != "parquet" and _data_lines(path) <= (1 if builder == "csv" else 0):  # blank, or a header
         return FedsbError(field="data file", value=str(path), what="holds no rows", fix=_ROWS_FIX["csv"])
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
     return FedsbError(
