@@ -232,7 +232,7 @@ def test_a_run_whose_basis_dir_was_replaced_or_removed_is_refused(
     )  # a consistent, other basis
     with pytest.raises(CheckpointError, match="basis/ was replaced or belongs to another run"):
         load_trained(run)
-    assert main(["export", str(run), "--format", "merged", "--out", str(tmp_path / "merged")]) == 2
+    assert main(["export", str(run), "--format", "merged", "--output", str(tmp_path / "merged")]) == 2
     assert "basis/ was replaced" in capsys.readouterr().err and not (tmp_path / "merged").exists()
     assert main(["eval", str(run)]) == 2
     assert "basis/ was replaced" in capsys.readouterr().err
@@ -241,3 +241,163 @@ def test_a_run_whose_basis_dir_was_replaced_or_removed_is_refused(
         CheckpointError, match="basis is missing, but the run's checkpoint was trained on basis"
     ):
         load_trained(run)
+
+
+# ---- issue 15: validation before anything is written, one flag name per idea, plain output --------------------
+
+
+def test_a_privacy_setting_without_a_mode_is_refused_before_any_directory(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "never"
+    assert _run(out, "privacy.target_epsilon=3") == 2
+    err = capsys.readouterr().err
+    assert "privacy.target_epsilon=3.0 has no effect: privacy.mode=none" in err
+    assert not out.exists()
+
+
+def test_eval_of_a_missing_target_says_so(capsys) -> None:
+    assert main(["eval", "/nonexistent/run"]) == 2
+    err = capsys.readouterr().err
+    assert "target='/nonexistent/run' does not exist" in err and "--task" not in err
+
+
+@pytest.mark.parametrize(
+    "where,phrase",
+    [("file/sub", "is a file, not a directory"), ("file", "is a file, not a directory")],
+)
+def test_unusable_output_directories_are_one_clear_error(
+    where: str, phrase: str, tmp_path: Path, capsys
+) -> None:
+    (tmp_path / "file").write_text("x")
+    assert _run(tmp_path / where) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fedsb: error: output_dir='{tmp_path / where}'") and phrase in err
+    assert "Traceback" not in err
+
+
+def test_an_output_directory_the_os_refuses_is_one_clear_error(capsys) -> None:
+    assert _run(Path("/proc/fedsb-cannot-be-here")) == 2  # /proc takes no new directories, even from root
+    err = capsys.readouterr().err
+    assert "output_dir='/proc/fedsb-cannot-be-here' cannot be created" in err and "Traceback" not in err
+
+
+def test_eval_checks_its_output_file_before_evaluating(tmp_path: Path, capsys) -> None:
+    args = ["eval", "--model", "tiny-llama", "--task", "arithmetic", "--size", "2", "--no-progress"]
+    assert main([*args, "--output", str(tmp_path)]) == 2  # a directory
+    assert f"--output='{tmp_path}' is a directory" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main([*args, "--output", str(tmp_path / "file" / "eval.json")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+
+
+def test_export_refuses_a_non_empty_directory_unless_overwrite(
+    tiny_run: Path, tmp_path: Path, capsys
+) -> None:
+    target = tmp_path / "export"
+    target.mkdir()
+    (target / "old.txt").write_text("someone's file")
+    assert main(["export", str(tiny_run), "--format", "peft", "--output", str(target)]) == 2
+    assert "is not empty" in capsys.readouterr().err and (target / "old.txt").is_file()
+    assert not (target / "adapter_config.json").exists()
+    assert main(["export", str(tiny_run), "--format", "peft", "--output", str(target), "--overwrite"]) == 0
+    assert (target / "adapter_config.json").is_file() and not (target / "old.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export")]  # no temporary left over
+    assert main(["export", str(tiny_run), "--output", str(tiny_run), "--overwrite"]) == 2  # never the run
+    assert "holds the run being exported" in capsys.readouterr().err
+    assert (tiny_run / "config.yaml").is_file()
+
+
+def test_old_flag_spellings_still_work_with_a_deprecation_warning(capsys) -> None:
+    from fedsb.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["export", "runs/x", "--out", "dir"])
+    assert args.output == "dir"
+    assert "--out is deprecated" in capsys.readouterr().err
+    args = parser.parse_args(["export", "runs/x", "--output", "dir"])
+    assert args.output == "dir" and capsys.readouterr().err == ""
+    args = parser.parse_args(["eval", "runs/x", "--out", "e.json"])
+    assert args.output == "e.json" and "use --output" in capsys.readouterr().err
+    args = parser.parse_args(["compare", "--method", "fedsb", "--out", "cmp"])
+    assert args.methods == ["fedsb"] and args.output == "cmp"
+    err = capsys.readouterr().err
+    assert "--method is deprecated" in err and "--out is deprecated" in err
+    args = parser.parse_args(["comm", "--model", "bert-base", "--clients", "2", "--method", "fedsb"])
+    assert args.method == ["fedsb"] and "use --methods" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv,verbose", [(["tasks"], False), (["-v", "tasks"], True), (["tasks", "-v"], True)]
+)
+def test_verbose_is_accepted_before_and_after_the_subcommand(argv: list[str], verbose: bool) -> None:
+    from fedsb.cli import build_parser
+
+    assert build_parser().parse_args(argv).verbose is verbose
+    assert build_parser().parse_args(["run", "--verbose", "fed.rounds=1"]).verbose is True
+
+
+def test_tasks_are_listed_as_plain_text(capsys) -> None:
+    assert main(["tasks"]) == 0
+    out = capsys.readouterr().out
+    assert "``" not in out and ":class:" not in out
+    # the classify entry used to stop mid-sentence ("relative paths are under")
+    assert "relative paths are under data_dir if given, else the working directory)" in " ".join(out.split())
+    assert all(len(line) <= 120 for line in out.splitlines())
+
+
+def test_comm_counts_bytes_in_the_runs_default_wire_dtype_and_says_so(capsys) -> None:
+    argv = ["comm", "--model", "bert-base", "--methods", "fedsb", "--rank", "32", "--clients", "3"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "bytes as float32 (4 B/param" in out and "fed.wire_dtype's default" in out
+    assert main([*argv, "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    assert row["dtype"] == "float32" and row["upload_bytes"] == 4 * row["upload_params"]
+
+
+def _kept_figures(monkeypatch) -> list:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kept: list = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: kept.append(fig))
+    return kept
+
+
+def test_learning_curve_round_axes_have_integer_ticks(tiny_run: Path, tmp_path: Path, monkeypatch) -> None:
+    from fedsb.results import plot_learning_curve
+
+    kept = _kept_figures(monkeypatch)
+    plot_learning_curve(json.loads((tiny_run / "results.json").read_text()), tmp_path / "c.png")
+    axes = kept[0].axes
+    for ax in (axes[0], axes[2]):  # accuracy per round, training loss per round
+        lo, hi = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    assert (tmp_path / "c.png").stat().st_size > 10_000
+
+
+def test_pareto_plot_has_a_title_and_labels_that_do_not_overlap(tmp_path: Path, monkeypatch) -> None:
+    from fedsb.compare import pareto_plot
+
+    rows = [
+        {"variant": f"{m}-r{r}", "method": m, "bytes_per_round": b, "accuracy": a}
+        for m, r, b, a in [
+            ("fedsb", 32, 2.1e5, 0.41), ("fedsb", 64, 8.4e5, 0.43), ("fedit", 8, 2.4e6, 0.40),
+            ("ffa", 8, 1.2e6, 0.40), ("fedex", 8, 2.4e6, 0.401), ("flora", 8, 2.5e6, 0.402),
+        ]
+    ]  # fmt: skip
+    kept = _kept_figures(monkeypatch)
+    pareto_plot(rows, tmp_path / "p.png", title="accuracy vs communication: arithmetic")
+    fig = kept[0]
+    ax = fig.axes[0]
+    assert ax.get_title() == "accuracy vs communication: arithmetic"
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    assert sorted(t.get_text() for t in ax.texts) == sorted(r["variant"] for r in rows)
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not a.overlaps(b), (a, b)
+    pareto_plot(rows, tmp_path / "untitled.png")
+    assert kept[1].axes[0].get_title()  # a default title, never none
