@@ -14,13 +14,12 @@ import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fedsb.errors import ConfigError
 from fedsb.fed.registry import INIT_METHODS
 
-if TYPE_CHECKING:
-    from fedsb.config import RunConfig
+RunConfig = Any  # a fedsb.config.RunConfig (not imported: fedsb.config imports this module)
 
 log = logging.getLogger("fedsb.config")
 
