@@ -158,6 +158,17 @@ def build_components(
     return parts
 
 
+#: arguments of the setup code -> the settings they come from (for the errors they raise)
+METHOD_ARGS = {
+    "rank": "adapter.rank",
+    "scaling": "adapter.scaling",
+    "init": "init.method",
+    "svd": "init.svd",
+    "eta": "init.eta",
+    "num_samples": "init.num_samples",
+}
+
+
 def build_method(
     cfg: RunConfig,
     model: torch.nn.Module,
@@ -189,17 +200,6 @@ def build_method(
     )
     with naming_settings(METHOD_ARGS):
         return get_method_class(cfg.fed.method).create(model, ctx)
-
-
-#: arguments of the setup code -> the settings they come from (for the errors they raise)
-METHOD_ARGS = {
-    "rank": "adapter.rank",
-    "scaling": "adapter.scaling",
-    "init": "init.method",
-    "svd": "init.svd",
-    "eta": "init.eta",
-    "num_samples": "init.num_samples",
-}
 
 
 def plan_ledger(cfg: RunConfig, method: Any, data: PreparedData) -> Any:
