@@ -42,11 +42,10 @@ SHARED = [
     "train.local_steps=100",  # per round; tens of DP-SGD steps learn nothing here (benchmarks/README)
     "fed.rounds=2",
     "eval.every=2",
-    "privacy.max_grad_norm=0.1",
-    "privacy.accountant=prv",
     "export=false",
     "progress=false",
 ]
+DP = ["privacy.max_grad_norm=0.1", "privacy.accountant=prv"]  # with privacy.mode=sample only (else an error)
 
 
 def tuned_rates(preset: str) -> dict[str, list[str]]:
@@ -123,7 +122,7 @@ def step_times(config: str, rank: int, steps: int, repeats: int, threads: int) -
     torch.set_num_threads(threads)
     overrides = [*SHARED, f"adapter.rank={rank}", "init.method=random", f"train.local_steps={steps}"]
     cfg, task, method, data, (cid, client) = one_client(
-        config, [*overrides, "fed.method=fedsb", "privacy.mode=sample", "privacy.noise_multiplier=1.0"]
+        config, [*overrides, "fed.method=fedsb", "privacy.mode=sample", *DP, "privacy.noise_multiplier=1.0"]
     )
     ledger = PrivacyLedger.plan(cfg, data.client_sizes, dict.fromkeys(data.clients, steps), init_info={})
     params = method.adapted.trainable_parameters()
@@ -212,7 +211,7 @@ def _relative_noise(
     from fedsb.train.schedule import Schedule
 
     # the same Poisson batches for dW(sigma) and dW(0) need the seeded (research) noise source
-    base = [*SHARED, f"fed.method={v.method}", "init.method=random", *extra, "privacy.mode=sample"]
+    base = [*SHARED, f"fed.method={v.method}", "init.method=random", *extra, "privacy.mode=sample", *DP]
     base += ["privacy.reproducible_noise=true"]
     base += [f"adapter.rank={v.rank}"] if v.rank else []
     cfg0, task, method, data, (cid, client) = one_client(config, [*base, "privacy.noise_multiplier=0"])
@@ -288,7 +287,7 @@ def main() -> int:
     preset = Path(args.config).stem
     out = Path(args.output or ROOT / "benchmarks" / "out" / f"dp-{preset}")
     out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"config": args.config, "shared": SHARED + args.overrides}
+    report: dict[str, Any] = {"config": args.config, "shared": SHARED + DP + args.overrides}
     if args.noise_only:
         noise = noise_in_update(
             args.config,
@@ -329,7 +328,7 @@ def main() -> int:
                     variants,
                     output=out / f"eps{eps}",
                     config_file=args.config,
-                    overrides=[*shared, "privacy.mode=sample", f"privacy.target_epsilon={eps}"],
+                    overrides=[*shared, "privacy.mode=sample", *DP, f"privacy.target_epsilon={eps}"],
                     variant_overrides=rates,
                 )
             return 0
@@ -350,7 +349,7 @@ def main() -> int:
                 variants,
                 output=out / f"eps{eps}",
                 config_file=args.config,
-                overrides=[*shared, "privacy.mode=sample", f"privacy.target_epsilon={eps}"],
+                overrides=[*shared, "privacy.mode=sample", *DP, f"privacy.target_epsilon={eps}"],
                 variant_overrides=rates,
             )
             runs[eps] = rows
