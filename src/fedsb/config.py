@@ -686,13 +686,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults <- YAML file <- overrides, validated; settings given but without effect (`config_audit`)
-    are an error (privacy) or a logged warning."""
+    """Defaults <- YAML file <- overrides, validated; settings set but without effect (`config_audit`; an
+    override counts even at its default value) are an error (privacy) or a logged warning."""
     from fedsb.config_audit import check_unused, given_keys
 
     data = merge_overrides(load_yaml(config_file) if config_file else {}, overrides or [])
     cfg = config_from_dict(data)
-    check_unused(cfg, given_keys(data, _section_types()))
+    check_unused(cfg, given_keys(merge_overrides({}, overrides or []), _section_types()))
     return cfg
 
 

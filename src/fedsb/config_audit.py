@@ -1,9 +1,10 @@
 """Settings that another setting makes ineffective: an error for privacy settings, else a warning naming them.
 
-A setting counts as *set* when its value differs from its default, or when the user's YAML file or
-overrides give it a non-null value (`given`: dotted keys, `given_keys`). So `privacy.target_epsilon=3` with
-`privacy.mode=none` is an error, a preset that spells out a default is checked too, and a saved config
-(every key present) is judged on its values alone. Each rule lists the settings it covers, when they take
+A setting counts as *set* when its value differs from its default, or when the user's overrides give it
+a non-null value (`given`: dotted keys, `given_keys`; `privacy.max_grad_norm=0.1` typed on the command
+line was meant, default or not). A YAML file counts by its values only: it may be a saved config.yaml,
+which holds every key, most at their defaults. So `privacy.target_epsilon=3` with `privacy.mode=none` is
+an error wherever it comes from. Each rule lists the settings it covers, when they take
 effect, why not otherwise, and the fix; `privacy.*` stands for every privacy field but the mode itself, so
 fields added to `PrivacyConfig` later are covered without a new rule.
 """
@@ -77,6 +78,18 @@ RULES: tuple[Rule, ...] = (
         lambda c: c.privacy.mode != "client" or c.fed.weighting == "uniform",
         lambda c: "privacy.mode=client (DP-FedAvg) always averages with uniform weights",
         "remove fed.weighting, or use privacy.mode=sample",
+    ),
+    Rule(
+        ("fed.clients_per_round",),
+        lambda c: (
+            c.fed.clients_per_round <= 1
+            or c.partition.num_clients is None
+            or int(c.fed.clients_per_round) <= c.partition.num_clients
+        ),
+        lambda c: (
+            f"only partition.num_clients={c.partition.num_clients} clients exist; every round samples all"
+        ),
+        "use at most partition.num_clients clients, or a fraction such as 0.5",
     ),
     Rule(
         ("init.*",),
