@@ -182,6 +182,9 @@ def test_privacy_settings_of_the_other_mode_are_errors(overrides, field) -> None
     [
         (["fed.method=fedit", "init.eta=0.01"], ["init.eta=0.01", "init.server_size=16", "fed.method=fedit"]),
         (["fed.method=full", "adapter.dropout=0.1"], ["adapter.dropout=0.1", "adapter.rank=4"]),
+        (["fed.method=fedit", "ravan.heads=2"], ["ravan.heads=2", "fed.method=ravan"]),
+        (["fed.method=ravan", "init.method=lora-xs"], ["init.method='lora-xs'", "from ravan.init"]),
+        (["fed.method=ravan", "init.eta=0.01"], ["init.eta=0.01", "ravan.init=random needs no gradient"]),
         (["init.method=random", "init.eta=0.01", "init.svd=randomized"], ["init.eta=0.01", "init.svd='randomized'"]),
         (["init.method=lora-xs", "init.min_samples=4"], ["init.min_samples=4", "init.method=lora-xs"]),
         (["init.oversample=4"], ["init.oversample=4", "init.svd=exact"]),

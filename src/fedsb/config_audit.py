@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedsb.errors import ConfigError
-from fedsb.fed.registry import INIT_METHODS
+from fedsb.fed.registry import BASIS_INIT
 
 RunConfig = Any  # a fedsb.config.RunConfig (not imported: fedsb.config imports this module)
 
@@ -28,6 +28,17 @@ _GRADIENT_ESTIMATE = tuple(
     f"init.{k}"
     for k in ("source", "server_size", "num_samples", "sample_fraction", "min_samples", "batch_size", "eta")
 ) + ("init.eta_rule",)
+
+
+def _basis_init_setting(cfg: RunConfig) -> str:
+    """The setting naming the method's basis init (BASIS_INIT; init.method for the others)."""
+    return BASIS_INIT.get(cfg.fed.method, "init.method")
+
+
+def _basis_init(cfg: RunConfig) -> str:
+    """The basis init the method uses: lora-sb, lora-xs or random."""
+    section, _, name = _basis_init_setting(cfg).partition(".")
+    return getattr(getattr(cfg, section), name)
 
 
 @dataclass(frozen=True)
@@ -93,11 +104,21 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         ("init.*",),
-        lambda c: c.fed.method in INIT_METHODS,
-        lambda c: (
-            f"fed.method={c.fed.method} computes no basis (only {', '.join(INIT_METHODS)} reads init.*)"
-        ),
+        lambda c: c.fed.method in BASIS_INIT,
+        lambda c: f"fed.method={c.fed.method} computes no basis (only {', '.join(BASIS_INIT)} read init.*)",
         "remove the init settings, or use fed.method=fedsb",
+    ),
+    Rule(
+        ("init.method",),
+        lambda c: _basis_init_setting(c) == "init.method",
+        lambda c: f"fed.method={c.fed.method} takes its basis init from {_basis_init_setting(c)}",
+        "set that setting instead of init.method",
+    ),
+    Rule(
+        ("ravan.*",),
+        lambda c: c.fed.method == "ravan",
+        lambda c: f"the ravan section configures fed.method=ravan, not {c.fed.method}",
+        "remove the ravan settings, or use fed.method=ravan",
     ),
     Rule(
         ("adapter.*",),
@@ -107,15 +128,15 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         _GRADIENT_ESTIMATE,
-        lambda c: c.init.method == "lora-sb",
-        lambda c: f"init.method={c.init.method} needs no gradient estimate (only lora-sb does)",
-        "remove them, or use init.method=lora-sb",
+        lambda c: _basis_init(c) == "lora-sb",
+        lambda c: f"{_basis_init_setting(c)}={_basis_init(c)} needs no gradient estimate (only lora-sb does)",
+        "remove them, or use lora-sb as the basis init",
     ),
     Rule(
         ("init.svd", "init.oversample", "init.power_iters"),
-        lambda c: c.init.method != "random",
-        lambda c: "init.method=random draws its bases without an SVD",
-        "remove them, or use init.method=lora-sb or lora-xs",
+        lambda c: _basis_init(c) != "random",
+        lambda c: f"{_basis_init_setting(c)}=random draws its bases without an SVD",
+        "remove them, or use lora-sb or lora-xs as the basis init",
     ),
     Rule(
         ("init.oversample", "init.power_iters"),

@@ -16,5 +16,6 @@ METHODS: dict[str, str] = {
 
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
 
-#: methods whose setup reads the init.* settings (a basis from data or from W0); the others ignore them
-INIT_METHODS: tuple[str, ...] = ("fedsb",)
+#: methods whose setup computes a frozen basis from the init.* settings -> the setting naming the basis init
+#: (lora-sb, lora-xs or random); the other methods ignore init.*
+BASIS_INIT: dict[str, str] = {"fedsb": "init.method", "ravan": "ravan.init"}
