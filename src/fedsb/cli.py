@@ -10,6 +10,7 @@ import logging
 import sys
 import textwrap
 from collections.abc import Sequence
+from typing import Any
 
 from fedsb import __version__
 from fedsb.argparsing import Renamed, common_options
@@ -117,6 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="run each variant in its own process (its own peak memory in the table; a crash stops one variant)",
     )
     compare.add_argument("overrides", nargs="*", metavar="key=value")
+    _add_eval_parser(sub, common)
+    from fedsb.comm import add_comm_parser
+
+    add_comm_parser(sub, parents=common)
+    sub.add_parser("models", parents=common, help="list the builtin (offline) models")
+    sub.add_parser("tasks", parents=common, help="list the tasks")
+    return parser
+
+
+def _add_eval_parser(sub: Any, common: list[argparse.ArgumentParser]) -> None:
+    """`fedsb eval`: a run directory, an exported PEFT directory or a base model, without training."""
     ev = sub.add_parser(
         "eval",
         parents=common,
@@ -159,12 +171,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the report as JSON (--out: deprecated alias)",
     )  # fmt: skip
     ev.add_argument("--no-progress", action="store_true")
-    from fedsb.comm import add_comm_parser
-
-    add_comm_parser(sub, parents=common)
-    sub.add_parser("models", parents=common, help="list the builtin (offline) models")
-    sub.add_parser("tasks", parents=common, help="list the tasks")
-    return parser
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
