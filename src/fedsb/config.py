@@ -512,6 +512,15 @@ class RunConfig:
                 what=f"does not apply to fed.method={method}: its aggregate is not a mean of the sent tensors",
                 fix="use privacy.mode=sample, or fed.method fedsb, ravan, fedit, ffa, fedsvd or full",
             )
+        if mode == "client" and self.train.keep_optimizer_state:
+            raise ConfigError(
+                field="train.keep_optimizer_state",
+                value=True,
+                what="is not supported with privacy.mode=client: each client's optimizer state is an unnoised "
+                "function of its gradients, and the run's checkpoints would hold it",
+                fix="set train.keep_optimizer_state=false, or use privacy.mode=sample (its optimizer state "
+                "is post-processing of the noised gradients)",
+            )
 
     def expected_clients_per_round(self) -> int:
         n = self.partition.num_clients

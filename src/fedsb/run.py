@@ -26,6 +26,7 @@ from fedsb.fed.checkpoint import RunState, latest_checkpoint
 from fedsb.fed.rounds import RoundRecord, Server, run_rounds
 from fedsb.job import CONFIG_FILE, Components, build_components, configure_torch, placement_of
 from fedsb.paths import make_output_dir
+from fedsb.privacy.release import WITHHELD_TIMING, ReleaseRules
 from fedsb.results import write_json
 from fedsb.seeding import derive_seed
 
@@ -141,6 +142,7 @@ class Run:
             max_update_norm=cfg.fed.max_update_norm,
             aggregator=privacy.client_level_aggregator if privacy and privacy.mode == "client" else None,
             declared_sizes=privacy.client_sizes if privacy else None,
+            release=ReleaseRules.for_mode(cfg.privacy.mode),
         )
 
     def _read_checkpoint(self, precision: dict[str, Any]) -> RunState:
@@ -316,7 +318,7 @@ class Run:
             "rounds_completed": self.completed,
             "final": evals[-1] if evals else None,
             "ledger": {**ledger.summary(), "schemas": ledger.schemas, "entries": ledger.entries},
-            "timing": _timing(hist, time.perf_counter() - self.t_start),
+            "timing": _timing(hist, time.perf_counter() - self.t_start, private=self.server.release.private),
         }
         if p.privacy is not None:
             out["privacy"] = p.privacy.summary()
@@ -354,7 +356,7 @@ class Run:
             },
             "init": p.data.init_info,
             "federated_init": p.data.init_info["federated"],
-            "partition": p.data.partition_stats,
+            "partition": self.server.release.partition(p.data.partition_stats),
             "resumed": self.resume is not None,
             "privacy": p.privacy.summary() if p.privacy else {"mode": "none"},
         }
@@ -398,8 +400,22 @@ class _StopRequested(Exception):
         self.round = round
 
 
-def _timing(history: list[dict[str, Any]], total: float) -> dict[str, Any]:
-    """Wall-time split: local training (forward/backward/step), evaluation, and round-loop overhead."""
+def _timing(history: list[dict[str, Any]], total: float, *, private: bool = False) -> dict[str, Any]:
+    """Wall-time split: local training (forward/backward/step), evaluation, and round-loop overhead.
+
+    Under DP the rounds hold no client or total times (`ReleaseRules.round_seconds`): the split is withheld.
+    """
+    if private:
+        return {
+            "total_seconds": total,
+            "rounds_seconds": None,
+            "local_training_seconds": None,
+            "eval_seconds": sum(r["seconds"].get("eval", 0.0) for r in history),
+            "round_overhead_seconds": None,
+            "round_overhead_fraction": None,
+            "withheld": WITHHELD_TIMING,
+            "peak_rss_mib": peak_rss_mib(),
+        }
     clients = sum(r["seconds"].get("clients", 0.0) for r in history)
     evals = sum(r["seconds"].get("eval", 0.0) for r in history)
     rounds_total = sum(

@@ -20,6 +20,7 @@ from fedsb.fed.base import ClientUpdate, FederatedMethod, Tensors
 from fedsb.fed.ledger import Ledger
 from fedsb.fed.sampling import ClientSampler
 from fedsb.fed.validate import WIRE_DTYPES, validate_update
+from fedsb.privacy.release import ReleaseRules
 
 log = logging.getLogger("fedsb.rounds")
 
@@ -84,6 +85,7 @@ class Server:
         max_update_norm: float | None = None,
         aggregator: Callable[[Tensors, int], Any] | None = None,
         declared_sizes: Mapping[str, int] | None = None,
+        release: ReleaseRules | None = None,
     ) -> None:
         self.method = method
         self.sampler = sampler
@@ -94,6 +96,7 @@ class Server:
         self.max_update_norm = max_update_norm
         self.aggregator = aggregator  # (global state, round) -> the round's aggregator; default the method's
         self.declared_sizes = declared_sizes  # under DP: the public sizes of the privacy plan, checked
+        self.release = release or ReleaseRules()  # what the records may hold about each client
         self.history: list[RoundRecord] = []
 
     def applied_through(self, client_ids: Sequence[str]) -> int:
@@ -132,7 +135,8 @@ class Server:
         t_agg = time.perf_counter()
         self.method.apply(result(), round)
         now = time.perf_counter()
-        record.seconds = {"total": now - t0, "clients": client_seconds, "aggregate": now - t_agg}
+        seconds = {"total": now - t0, "clients": client_seconds, "aggregate": now - t_agg}
+        record.seconds = self.release.round_seconds(seconds)
         self.history.append(record)
         self.method.release_history(self.applied_through(self.sampler.client_ids))
         return record
@@ -156,7 +160,8 @@ class Server:
         bar = tqdm(total=len(sampled), desc=f"round {round} clients", leave=False, disable=not progress)
         for update, waited in _timed(executor.train_round(round, sampled, download)):
             # a private client keeps its timings: count the time the server waited for the update instead
-            client_seconds += float(update.metrics.get("seconds", waited))
+            # (not recorded under DP: `ReleaseRules.round_seconds`)
+            client_seconds += float(self.release.metrics(update.metrics).get("seconds", waited))
             try:
                 validate_update(
                     update,
@@ -169,6 +174,7 @@ class Server:
                     reference=reference,
                     max_norm=self.max_update_norm,
                     declared_sizes=self.declared_sizes,
+                    private=self.release.private,
                 )
             except UpdateRejected as exc:
                 log.warning("round %d: %s", round, exc)
@@ -180,10 +186,11 @@ class Server:
             aggregator.add(decode(update.tensors), update.num_examples)
             seen.add(update.client_id)
             record.accepted.append(update.client_id)
-            record.client_metrics[update.client_id] = {"num_examples": update.num_examples, **update.metrics}
+            metrics = self.release.metrics(update.metrics)  # under DP: what the accountant covers
+            record.client_metrics[update.client_id] = {"num_examples": update.num_examples, **metrics}
             w = aggregator.weight_of(update.num_examples)
-            if "loss" in update.metrics:
-                weighted_loss += w * float(update.metrics["loss"])
+            if "loss" in metrics:
+                weighted_loss += w * float(metrics["loss"])
                 loss_weight += w
             bar.update(1)
         bar.close()

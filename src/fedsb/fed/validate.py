@@ -29,12 +29,17 @@ def validate_update(
     reference: Mapping[str, torch.Tensor] | None = None,
     max_norm: float | None = None,
     declared_sizes: Mapping[str, int] | None = None,
+    private: bool = False,
 ) -> None:
     """Raise `UpdateRejected` with a reason if the update must not be aggregated.
 
-    Checks, in order: round (stale or future), client sampled this round, duplicate, example count (under DP:
-    equal to the public size in `declared_sizes`, the privacy plan's), basis fingerprint, key set, shapes, dtype, finite values, and the norm bound: the Frobenius norm of the change
-    sum_k ||T_k - reference_k||^2 over all tensors (the change a client proposes, not its absolute state).
+    Checks, in order: round (stale or future), client sampled this round, duplicate, example count (under
+    DP: equal to the public size in `declared_sizes`, the privacy plan's), basis fingerprint, key set,
+    shapes, dtype, finite values, and the norm bound: the Frobenius norm of the change
+    sqrt(sum_k ||T_k - reference_k||^2) over all tensors (the change a client proposes, not its state).
+
+    `private` (any DP mode): the reason is written to logs and results, so it names the failed check and
+    public values only, never one computed from the update (its norm, the count it sent).
     """
     cid = update.client_id
     if update.round != round:
@@ -50,12 +55,14 @@ def validate_update(
         or not isinstance(update.num_examples, int)
         or update.num_examples <= 0
     ):
-        raise UpdateRejected(cid, f"num_examples={update.num_examples!r} must be a positive integer")
+        sent = "num_examples" if private else f"num_examples={update.num_examples!r}"
+        raise UpdateRejected(cid, f"{sent} must be a positive integer")
     if declared_sizes is not None and update.num_examples != declared_sizes.get(cid):
+        sent = "num_examples" if private else f"num_examples={update.num_examples}"
         raise UpdateRejected(
             cid,
-            f"num_examples={update.num_examples} differs from the size the privacy plan used "
-            f"({declared_sizes.get(cid)}); under DP a client declares its planned size",
+            f"{sent} differs from the size the privacy plan used ({declared_sizes.get(cid)}); under DP a "
+            "client declares its planned size",
         )
     if fingerprint is not None and update.basis_fingerprint != fingerprint:
         got = (update.basis_fingerprint or "none")[:12]
@@ -84,4 +91,5 @@ def validate_update(
             sq += float(torch.sum((t.float() - ref) ** 2))
         norm = math.sqrt(sq)
         if norm > max_norm:
-            raise UpdateRejected(cid, f"update norm {norm:.4g} exceeds fed.max_update_norm={max_norm:g}")
+            value = "" if private else f" {norm:.4g}"
+            raise UpdateRejected(cid, f"update norm{value} exceeds fed.max_update_norm={max_norm:g}")

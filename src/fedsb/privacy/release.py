@@ -14,11 +14,18 @@ accountant's state -- nothing else:
 
 A client's losses, first loss and timings stay on the client (logged there at debug level): they are
 functions of its data that no mechanism privatizes. Without DP every metric is sent as before.
+
+The server applies the same rules to what it writes (`ReleaseRules`: results.json, checkpoints, logs),
+whatever a client sent: a private client's record holds its declared count and the accounted metrics; a
+rejection names the failed check, not a value computed from the update; the round's timings keep only the
+server's own phases (the time spent waiting for a private client is its training time); the manifest's
+partition keeps the clients' sizes (the plan's public N_i) but not their label histograms.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from fedsb.privacy.noise import noise_statement
@@ -31,12 +38,59 @@ ACCOUNTED_METRICS: dict[str, tuple[str, ...] | None] = {
 }
 
 KEPT_ON_CLIENTS = ["training losses (loss, first_loss)", "timings (seconds)", "optimizer state"]
+#: what the server does not write about a private client, whatever the client sent
+NOT_WRITTEN = [
+    "any client metric the accountant does not cover (losses, timings), even if a client sends it",
+    "values computed from a rejected update (a rejection names the failed check only)",
+    "per-round client and total times (the run's total wall time is written)",
+    "the clients' label histograms (their sizes are the plan's public N_i)",
+]
+
+#: the phases of a round the server times itself, with no client's training in them
+SERVER_PHASES = ("aggregate", "eval", "checkpoint")
+
+WITHHELD_TIMING = (
+    "withheld under DP: a round's client and total times are the private clients' training times "
+    "(only the server's own phases and the run's total wall time are written)"
+)
+
+
+@dataclass(frozen=True)
+class ReleaseRules:
+    """What the server may write about its clients: everything without DP (`accounted=None`), else only
+    the declared count and the metrics the accountant covers."""
+
+    accounted: tuple[str, ...] | None = None
+
+    @classmethod
+    def for_mode(cls, mode: str) -> ReleaseRules:
+        return cls(ACCOUNTED_METRICS[mode])
+
+    @property
+    def private(self) -> bool:
+        return self.accounted is not None
+
+    def metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """A client's metrics as the server may record them."""
+        keep = self.accounted
+        return dict(metrics) if keep is None else {k: v for k, v in metrics.items() if k in keep}
+
+    def round_seconds(self, seconds: Mapping[str, float]) -> dict[str, float]:
+        """A round's timings as the server may record them (under DP its own phases only)."""
+        return dict(seconds) if not self.private else {k: v for k, v in seconds.items() if k in SERVER_PHASES}
+
+    def partition(self, stats: Mapping[str, Any]) -> dict[str, Any]:
+        """The partition statistics for the manifest (under DP the sizes, not the label histograms)."""
+        if not self.private or "histograms" not in stats:
+            return dict(stats)
+        out = {k: v for k, v in stats.items() if k != "histograms"}
+        out["histograms"] = "withheld under DP (each is a function of a client's labels)"
+        return out
 
 
 def releasable_metrics(mode: str, metrics: Mapping[str, float]) -> dict[str, float]:
     """The metrics a client may send under privacy mode `mode` (all of them without DP)."""
-    keep = ACCOUNTED_METRICS[mode]
-    return dict(metrics) if keep is None else {k: v for k, v in metrics.items() if k in keep}
+    return ReleaseRules.for_mode(mode).metrics(metrics)
 
 
 def released_statement(mode: str, reproducible_noise: bool) -> dict[str, Any]:
@@ -58,6 +112,7 @@ def released_statement(mode: str, reproducible_noise: bool) -> dict[str, Any]:
                 "its accountant's state (epsilon, noise multiplier, DP steps): functions of the public plan",
             ],
             "kept_on_clients": KEPT_ON_CLIENTS,
+            "not_written": NOT_WRITTEN,
             "published": "the global state after every round and the final model (post-processing of the "
             "privatized updates), the per-round epsilons",
             "noise": noise_statement(reproducible_noise),
@@ -72,6 +127,7 @@ def released_statement(mode: str, reproducible_noise: bool) -> dict[str, Any]:
             "its declared example count (public: the planned partition), not used for weighting",
         ],
         "kept_on_clients": KEPT_ON_CLIENTS,
+        "not_written": NOT_WRITTEN,
         "published": "the noisy global state after every round and the final model, the per-round epsilons",
         "noise": noise_statement(reproducible_noise),
         "holds_against": against,
