@@ -22,6 +22,7 @@ from fedsb.fed.rounds import Server
 from fedsb.fed.sampling import ClientSampler
 from fedsb.fed.validate import validate_update
 from fedsb.init.initialize import attach_basis, compute_basis
+from fedsb.privacy.mechanism import mechanism_named
 from fedsb.privacy.release import SERVER_PHASES, ReleaseRules
 from tiny import lm_batches, make_tiny_llama
 
@@ -88,7 +89,7 @@ class LeakyExecutor:
 def test_the_server_records_only_accounted_metrics_and_its_own_timings_under_dp(mode: str) -> None:
     method = _fedsb()
     sampler = ClientSampler(["a", "b"], 1.0, seed=0)
-    server = Server(method, sampler, Ledger(), release=ReleaseRules.for_mode(mode))
+    server = Server(method, sampler, Ledger(), release=mechanism_named(mode).release)
     record = server.run_round(1, LeakyExecutor(method))
     accounted = {"sample": {"epsilon"}, "client": set()}[mode]
     assert all(set(m) == {"num_examples", *accounted} for m in record.client_metrics.values())
@@ -120,7 +121,7 @@ def test_a_dp_run_writes_no_client_timing_and_no_label_histogram(tmp_path: Path)
 def test_partition_histograms_and_timings_stay_as_they_were_without_dp() -> None:
     stats = {"sizes": [3, 4], "histograms": [{"a": 3}, {"b": 4}]}
     assert ReleaseRules().partition(stats) == stats
-    assert ReleaseRules.for_mode("sample").partition(stats)["sizes"] == [3, 4]
+    assert mechanism_named("sample").release.partition(stats)["sizes"] == [3, 4]
     seconds = {"total": 2.0, "clients": 1.5, "aggregate": 0.1}
     assert ReleaseRules().round_seconds(seconds) == seconds
 

@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from fedsb.errors import ConfigError
+from fedsb.privacy.mechanism import MECHANISMS, PrivacyMechanism, mechanism_named, mode_help
 
 #: the `device` setting's syntax (availability is checked by `fedsb.device.resolve_device`)
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
@@ -332,11 +333,7 @@ class FedConfig:
 
 @dataclass
 class PrivacyConfig:
-    mode: str = _f(
-        "none",
-        "none; sample (record-level DP-SGD inside each client, Opacus); client (DP-FedAvg: per-client "
-        "update clipping and Gaussian noise at the server)",
-    )
+    mode: str = _f("none", mode_help())
     target_epsilon: float | None = _f(
         None, "epsilon for the WHOLE planned training (all rounds); the noise multiplier is solved from it"
     )
@@ -365,7 +362,7 @@ class PrivacyConfig:
     clip_update: float = _f(1.0, "mode=client: clip each client's update (all its tensors) to this L2 norm")
 
     def __post_init__(self) -> None:
-        _choice("privacy.mode", self.mode, ("none", "sample", "client"))
+        _choice("privacy.mode", self.mode, tuple(MECHANISMS))
         _positive_float("privacy.target_epsilon", self.target_epsilon, allow_none=True)
         _positive_float("privacy.noise_multiplier", self.noise_multiplier, zero=True, allow_none=True)
         if self.delta is not None:
@@ -390,18 +387,16 @@ class PrivacyConfig:
         _positive_float("privacy.max_grad_norm", self.max_grad_norm)
         _choice("privacy.accountant", self.accountant, ("prv", "rdp"))
         _positive_float("privacy.clip_update", self.clip_update)
-        if self.mode != "none":
-            _check(
-                (self.target_epsilon is None) != (self.noise_multiplier is None),
-                "privacy.target_epsilon",
-                self.target_epsilon,
-                "set exactly one of privacy.target_epsilon and privacy.noise_multiplier",
-                what=f"with privacy.noise_multiplier={self.noise_multiplier} is ambiguous or missing",
-            )
+        self.mechanism.check_settings(self)
+
+    @property
+    def mechanism(self) -> PrivacyMechanism:
+        """The privacy mechanism of `mode` (`fedsb.privacy.mechanism`): what it changes in the run."""
+        return mechanism_named(self.mode)
 
     @property
     def enabled(self) -> bool:
-        return self.mode != "none"
+        return self.mechanism.private
 
 
 @dataclass
@@ -490,37 +485,7 @@ class RunConfig:
         check_unused(self, warn=False)  # a privacy setting that does nothing is an error in any config
 
     def _check_privacy(self) -> None:
-        mode, method = self.privacy.mode, self.fed.method
-        if mode == "sample" and self.train.grad_accum != 1:
-            raise ConfigError(
-                field="train.grad_accum",
-                value=self.train.grad_accum,
-                what="is not supported with privacy.mode=sample (a Poisson batch is one DP-SGD step)",
-                fix="use train.grad_accum=1 and set the expected batch with train.batch_size",
-            )
-        if mode == "sample" and method == "full":
-            raise ConfigError(
-                field="fed.method",
-                value=method,
-                what="is not supported with privacy.mode=sample (Opacus rejects trainable modules with buffers)",
-                fix="use an adapter method (fedsb, ravan, fedit, ffa, fedsvd, fedex, flora)",
-            )
-        if mode == "client" and method in ("fedex", "flora"):
-            raise ConfigError(
-                field="privacy.mode",
-                value=mode,
-                what=f"does not apply to fed.method={method}: its aggregate is not a mean of the sent tensors",
-                fix="use privacy.mode=sample, or fed.method fedsb, ravan, fedit, ffa, fedsvd or full",
-            )
-        if mode == "client" and self.train.keep_optimizer_state:
-            raise ConfigError(
-                field="train.keep_optimizer_state",
-                value=True,
-                what="is not supported with privacy.mode=client: each client's optimizer state is an unnoised "
-                "function of its gradients, and the run's checkpoints would hold it",
-                fix="set train.keep_optimizer_state=false, or use privacy.mode=sample (its optimizer state "
-                "is post-processing of the noised gradients)",
-            )
+        self.privacy.mechanism.check(self)
 
     def expected_clients_per_round(self) -> int:
         n = self.partition.num_clients

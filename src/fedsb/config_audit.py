@@ -19,6 +19,7 @@ from typing import Any
 
 from fedsb.errors import ConfigError
 from fedsb.fed.registry import BASIS_INIT
+from fedsb.privacy.mechanism import MECHANISMS, own_settings
 
 RunConfig = Any  # a fedsb.config.RunConfig (not imported: fedsb.config imports this module)
 
@@ -52,44 +53,52 @@ class Rule:
     error: bool = False
 
 
+def _privacy_rules() -> tuple[Rule, ...]:
+    """Privacy settings without a DP mechanism, or of another mechanism (errors); settings a mechanism
+    overrides (warnings). Each mechanism declares what it reads and overrides (`fedsb.privacy.mechanism`)."""
+    dp = [m for m in MECHANISMS.values() if m.private]
+    rules = [
+        Rule(
+            ("privacy.*",),
+            lambda c: c.privacy.mechanism.private,
+            lambda c: f"privacy.mode={c.privacy.mode} (the run is not private)",
+            "set "
+            + " or ".join(f"privacy.mode={m.name} ({m.short})" for m in dp)
+            + ", or remove the privacy "
+            "settings",
+            error=True,
+        )
+    ]
+    for m in dp:
+        own = own_settings(m)
+        if own:
+            rules.append(
+                Rule(
+                    own,
+                    lambda c, own=own: set(own) <= set(c.privacy.mechanism.reads),
+                    lambda c, m=m, own=own: (
+                        f"{'it configures' if len(own) == 1 else 'they configure'} {m.configures} "
+                        f"(privacy.mode={m.name}); {c.privacy.mechanism.clipping}"
+                    ),
+                    f"remove {'it' if len(own) == 1 else 'them'}, or use privacy.mode={m.name}",
+                    error=True,
+                )
+            )
+    for m in dp:
+        for o in m.overrides:
+            rules.append(
+                Rule(
+                    o.keys,
+                    lambda c, m=m, o=o: c.privacy.mechanism is not m or not o.applies(c),
+                    lambda c, o=o: o.because,
+                    o.fix,
+                )
+            )
+    return tuple(rules)
+
+
 RULES: tuple[Rule, ...] = (
-    Rule(
-        ("privacy.*",),
-        lambda c: c.privacy.mode != "none",
-        lambda c: "privacy.mode=none (the run is not private)",
-        "set privacy.mode=sample (DP-SGD in each client) or privacy.mode=client (DP-FedAvg at the server), "
-        "or remove the privacy settings",
-        error=True,
-    ),
-    Rule(
-        ("privacy.max_grad_norm", "privacy.poisson"),
-        lambda c: c.privacy.mode != "client",
-        lambda c: (
-            "they configure per-example DP-SGD (privacy.mode=sample); privacy.mode=client clips each "
-            "client's whole update at privacy.clip_update"
-        ),
-        "remove them, or use privacy.mode=sample",
-        error=True,
-    ),
-    Rule(
-        ("privacy.clip_update",),
-        lambda c: c.privacy.mode != "sample",
-        lambda c: "privacy.mode=sample clips each example's gradient at privacy.max_grad_norm, not updates",
-        "set privacy.max_grad_norm instead, or use privacy.mode=client",
-        error=True,
-    ),
-    Rule(
-        ("train.max_grad_norm",),
-        lambda c: c.privacy.mode != "sample",
-        lambda c: "with privacy.mode=sample, per-example clipping at privacy.max_grad_norm replaces it",
-        "set privacy.max_grad_norm, or remove train.max_grad_norm",
-    ),
-    Rule(
-        ("fed.weighting",),
-        lambda c: c.privacy.mode != "client" or c.fed.weighting == "uniform",
-        lambda c: "privacy.mode=client (DP-FedAvg) always averages with uniform weights",
-        "remove fed.weighting, or use privacy.mode=sample",
-    ),
+    *_privacy_rules(),
     Rule(
         ("fed.clients_per_round",),
         lambda c: (

@@ -72,10 +72,10 @@ class Components:
             rounds=cfg.fed.rounds,
             seed=cfg.seed,
             wire_dtype=cfg.fed.wire_dtype,
-            loss_fn=loss_for(self.task, per_example=cfg.privacy.mode == "sample"),
+            loss_fn=loss_for(self.task, per_example=cfg.privacy.mechanism.per_example_loss),
             progress=cfg.progress,
-            privacy=self.privacy if cfg.privacy.mode == "sample" else None,
-            privacy_mode=cfg.privacy.mode,
+            privacy=self.privacy,
+            mechanism=cfg.privacy.mechanism,
         )
 
 
@@ -235,9 +235,8 @@ def plan_privacy(cfg: RunConfig, data: PreparedData, echo: Callable[[str], None]
     summary = ledger.summary()
     lo, hi = summary["noise_multiplier_range"]
     target = cfg.privacy.target_epsilon
-    kind = "record-level DP-SGD in each client" if ledger.mode == "sample" else "client-level DP-FedAvg"
     echo(
-        f"privacy: {kind} ({cfg.privacy.accountant}), "
+        f"privacy: {ledger.mechanism.description} ({cfg.privacy.accountant}), "
         + (f"target epsilon {target:g} over all {cfg.fed.rounds} rounds, " if target else "")
         + f"sigma {lo:.3f}"
         + (f"..{hi:.3f}" if hi != lo else "")

@@ -103,7 +103,7 @@ def plan_run(cfg: RunConfig) -> dict[str, Any]:
         "communication": communication(cfg, adapted),
         "privacy": privacy_plan(cfg, task) if cfg.privacy.enabled else None,
         "data": "read: the raw training split, to size the clients for DP-SGD (no tokenization cache)"
-        if cfg.privacy.mode == "sample"
+        if cfg.privacy.mechanism.accounts_per_client
         else "none read",
         "written": "nothing",
     }
@@ -148,9 +148,9 @@ def privacy_plan(cfg: RunConfig, task: Any) -> dict[str, Any]:
     from fedsb.privacy.ledger import PrivacyLedger
     from fedsb.train.local import steps_for
 
-    if cfg.privacy.mode == "sample":
+    if cfg.privacy.mechanism.accounts_per_client:  # each account from its client's size N_i
         sizes = client_sizes(cfg, task)
-    else:  # client-level DP needs only the number of clients
+    else:  # one account over the clients (client-level DP) needs only their number
         n = cfg.partition.num_clients
         if n is None:
             return {

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fedsb.privacy.mechanism import mechanism_named
+
 PACKAGES = (
     "fedsb",
     "torch",
@@ -172,10 +174,13 @@ def final_table(results: dict[str, Any]) -> str:
         ("wall time", f"{results['timing']['total_seconds']:.1f} s"),
     ]
     privacy = results.get("privacy")
-    if privacy and privacy.get("mode", "none") != "none":
-        where = "max over clients" if privacy["mode"] == "sample" else "client-level"
+    mechanism = mechanism_named(privacy.get("mode", "none")) if privacy else None
+    if mechanism is not None and mechanism.private:
         rows.append(
-            (f"privacy epsilon ({where})", f"{privacy['max_epsilon']:.3f} at delta <= {privacy['delta']:.2e}")
+            (
+                f"privacy epsilon ({mechanism.epsilon_scope})",
+                f"{privacy['max_epsilon']:.3f} at delta <= {privacy['delta']:.2e}",
+            )
         )
         rows.append(
             (

@@ -26,7 +26,7 @@ from fedsb.fed.checkpoint import RunState, latest_checkpoint
 from fedsb.fed.rounds import RoundRecord, Server, run_rounds
 from fedsb.job import CONFIG_FILE, Components, build_components, configure_torch, placement_of
 from fedsb.paths import make_output_dir
-from fedsb.privacy.release import WITHHELD_TIMING, ReleaseRules
+from fedsb.privacy.release import WITHHELD_TIMING
 from fedsb.results import write_json
 from fedsb.seeding import derive_seed
 
@@ -140,9 +140,9 @@ class Run:
             wire_dtype=cfg.fed.wire_dtype,
             min_clients=cfg.fed.min_clients,
             max_update_norm=cfg.fed.max_update_norm,
-            aggregator=privacy.client_level_aggregator if privacy and privacy.mode == "client" else None,
+            aggregator=privacy.aggregator if privacy else None,
             declared_sizes=privacy.client_sizes if privacy else None,
-            release=ReleaseRules.for_mode(cfg.privacy.mode),
+            release=cfg.privacy.mechanism.release,
         )
 
     def _read_checkpoint(self, precision: dict[str, Any]) -> RunState:

@@ -21,12 +21,14 @@ from fedsb.fed.base import ClientUpdate, FederatedMethod, Tensors
 from fedsb.fed.checkpoint import flatten_optimizer_state, unflatten_optimizer_state
 from fedsb.fed.rounds import decode, encode
 from fedsb.fed.validate import WIRE_DTYPES
+from fedsb.privacy.release import ReleaseRules
 from fedsb.seeding import derive_seed
 from fedsb.train.local import LossFn, causal_lm_loss, steps_for, train_local
 from fedsb.train.schedule import round_schedule
 
 if TYPE_CHECKING:  # Opacus loads only when DP-SGD is used
     from fedsb.privacy.ledger import PrivacyLedger
+    from fedsb.privacy.mechanism import PrivacyMechanism
 
 log = logging.getLogger("fedsb.simulate")
 
@@ -57,7 +59,7 @@ class InProcessExecutor:
         loss_fn: LossFn = causal_lm_loss,
         progress: bool = False,
         privacy: PrivacyLedger | None = None,
-        privacy_mode: str = "none",
+        mechanism: PrivacyMechanism | None = None,
     ) -> None:
         self.method = method
         self.adapted = adapted
@@ -68,8 +70,9 @@ class InProcessExecutor:
         self.wire_dtype = WIRE_DTYPES[wire_dtype]
         self.loss_fn = loss_fn
         self.progress = progress
-        self.privacy = privacy  # DP-SGD accounts per client (privacy.mode=sample), persisted across rounds
-        self.privacy_mode = privacy_mode  # under DP, losses and timings stay here (fedsb.privacy.release)
+        self.privacy = privacy  # the run's accounts (DP-SGD: one per client), persisted across rounds
+        # what a client may send (fedsb.privacy.release); under DP its losses and timings stay here
+        self.release = mechanism.release if mechanism is not None else ReleaseRules()
         self.optimizer_states: dict[str, dict[str, Any]] = {}
 
     def train_round(self, round: int, client_ids: Sequence[str], download: Tensors) -> Iterator[ClientUpdate]:
@@ -131,11 +134,9 @@ class InProcessExecutor:
             "seconds": result.seconds,
             **privacy_metrics,
         }
-        if self.privacy_mode != "none":
-            from fedsb.privacy.release import releasable_metrics
-
+        if self.release.private:
             log.debug("%s round %d (kept on the client under DP): %s", cid, round, metrics)
-            metrics = releasable_metrics(self.privacy_mode, metrics)
+            metrics = self.release.metrics(metrics)
         return ClientUpdate(
             client_id=cid,
             round=round,

@@ -39,7 +39,7 @@ def check_flower_config(cfg: RunConfig) -> None:
             what=f"is not supported by the Flower app ({UNSUPPORTED_REASON})",
             fix=f"use one of {', '.join(SUPPORTED_METHODS)}, or the in-process simulator (fedsb run)",
         )
-    if cfg.privacy.mode == "sample":
+    if cfg.privacy.mechanism.accounts_per_client:
         raise ConfigError(
             field="privacy.mode",
             value="sample",

@@ -177,7 +177,7 @@ def check_secagg_config(cfg: Any) -> None:
     are float32 legacy parameters."""
     from fedsb.errors import ConfigError
 
-    if cfg.privacy.mode != "none":
+    if cfg.privacy.enabled:
         raise ConfigError(
             field="privacy.mode",
             value=cfg.privacy.mode,

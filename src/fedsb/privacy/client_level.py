@@ -17,8 +17,9 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from fedsb.fed.base import Tensors
 from fedsb.privacy.noise import NoiseSource
+
+Tensors = dict[str, torch.Tensor]  # name -> tensor, as `fedsb.fed.base.Tensors`
 
 
 class ClippedNoisyMean:
@@ -42,7 +43,6 @@ class ClippedNoisyMean:
         self.on_release = on_release
         self.sum = {k: torch.zeros_like(v) for k, v in self.reference.items()}
         self.count = 0
-        self.norms: list[float] = []  # each client's update norm before clipping
 
     def weight_of(self, num_examples: int) -> float:
         return 1.0
@@ -53,7 +53,6 @@ class ClippedNoisyMean:
         factor = min(1.0, self.clip / (norm + 1e-12))
         for k, d in delta.items():
             self.sum[k].add_(d, alpha=factor)
-        self.norms.append(norm)
         self.count += 1
 
     def result(self) -> Tensors:

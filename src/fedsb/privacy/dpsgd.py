@@ -15,7 +15,7 @@ norms were off by up to ~0.4%, and the accountant assumes exactly C).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +30,7 @@ from torch.utils.data import DataLoader
 from fedsb.errors import FedsbError
 from fedsb.privacy.accounting import PrivacyAccount
 from fedsb.privacy.noise import NoiseSource, noise_source
-
-Batch = Mapping[str, torch.Tensor]
+from fedsb.train.batches import Batch, cycle_epochs
 
 # Opacus' backward hooks sit on modules whose inputs need no gradient (R's input is A x): expected here.
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
@@ -120,8 +119,6 @@ class DPSGD:
     def batches(self, make_epoch: Callable[[int], Iterable[Batch]], steps: int, seed: int) -> Iterator[Batch]:
         """Poisson batches at rate q (or, with poisson=False, the loader's own shuffled batches)."""
         if not self.poisson:
-            from fedsb.train.local import cycle_epochs
-
             return cycle_epochs(make_epoch)
         return poisson_batches(
             make_epoch(0),

@@ -16,53 +16,28 @@ planned size, and the server rejects any other.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
-
-from fedsb.config import PrivacyConfig, RunConfig
-from fedsb.errors import CheckpointError, ConfigError
+from fedsb.config import RunConfig
+from fedsb.errors import CheckpointError
 from fedsb.fed.sampling import clients_per_round
-from fedsb.privacy.accounting import PrivacyAccount, plan_account
-from fedsb.privacy.client_level import ClippedNoisyMean
+from fedsb.privacy.accounting import PrivacyAccount
+from fedsb.privacy.delta import DEFAULT_DELTA_CAP, default_delta, delta_rule, resolve_delta
 from fedsb.privacy.dpsgd import DPSGD
-from fedsb.privacy.noise import noise_source, noise_statement
-from fedsb.privacy.release import released_statement
+from fedsb.privacy.mechanism import ClientLevel, PrivacyMechanism, mechanism_named
+from fedsb.privacy.noise import noise_statement
 
-SERVER_UNIT = "server"
-DEFAULT_DELTA_CAP = 1e-5
+__all__ = [
+    "DEFAULT_DELTA_CAP",
+    "SERVER_UNIT",
+    "PrivacyLedger",
+    "default_delta",
+    "init_coverage",
+    "resolve_delta",
+]
 
-
-def default_delta(n: int) -> float:
-    """min(1e-5, 1 / (10 n)) for a unit protecting one of n records (or clients)."""
-    return min(DEFAULT_DELTA_CAP, 1.0 / (10 * n))
-
-
-def resolve_delta(p: PrivacyConfig, n: int, *, of: str) -> float:
-    """privacy.delta, or the default rule; a delta >= 1/n is refused unless privacy.allow_large_delta."""
-    if p.delta is None:
-        return default_delta(n)
-    if p.delta >= 1.0 / n and not p.allow_large_delta:
-        raise ConfigError(
-            field="privacy.delta",
-            value=p.delta,
-            what=f"is >= 1/N = 1/{n} ({of}): a mechanism that publishes a whole record with probability "
-            "delta would meet it",
-            fix=f"use privacy.delta <= {default_delta(n):.3g} (or null for min(1e-5, 1/(10 N))), or set "
-            "privacy.allow_large_delta=true to accept it knowingly",
-        )
-    return float(p.delta)
-
-
-def delta_rule(p: PrivacyConfig, mode: str) -> str:
-    """The rule that chose every account's delta (recorded in the manifest)."""
-    if p.delta is not None:
-        return f"privacy.delta={p.delta:g} (configured" + (
-            ", privacy.allow_large_delta=true)" if p.allow_large_delta else ", < 1/N)"
-        )
-    n = "N_i = the client's examples" if mode == "sample" else "N = the number of clients"
-    return f"min(1e-5, 1/(10 N)), {n}"
+SERVER_UNIT = ClientLevel.SERVER_UNIT
 
 
 def init_coverage(init_info: Mapping[str, Any]) -> str:
@@ -80,7 +55,7 @@ class PrivacyLedger:
 
     def __init__(
         self,
-        mode: str,
+        mechanism: PrivacyMechanism | str,
         accounts: dict[str, PrivacyAccount],
         *,
         max_grad_norm: float,
@@ -93,7 +68,7 @@ class PrivacyLedger:
         reproducible_noise: bool = False,
         delta_rule: str = "",
     ) -> None:
-        self.mode = mode
+        self.mechanism = mechanism_named(mechanism) if isinstance(mechanism, str) else mechanism
         self.accounts = accounts
         self.max_grad_norm = max_grad_norm
         self.clip_update = clip_update
@@ -106,6 +81,11 @@ class PrivacyLedger:
         self.delta_rule = delta_rule
         self.rounds: list[dict[str, Any]] = []
 
+    @property
+    def mode(self) -> str:
+        """The mechanism's `privacy.mode` name."""
+        return self.mechanism.name
+
     @classmethod
     def plan(
         cls,
@@ -117,68 +97,30 @@ class PrivacyLedger:
     ) -> PrivacyLedger:
         """Solve (or take) every account's noise multiplier for the whole planned training."""
         p = cfg.privacy
-        accounts: dict[str, PrivacyAccount] = {}
-        if p.mode == "sample":
-            for cid, n in client_sizes.items():
-                accounts[cid] = plan_account(
-                    unit=cid,
-                    target_epsilon=p.target_epsilon,
-                    noise_multiplier=p.noise_multiplier,
-                    delta=resolve_delta(p, n, of=f"client {cid} holds {n} examples"),
-                    sample_rate=min(1.0, cfg.train.batch_size / n),
-                    planned_steps=cfg.fed.rounds * steps_per_round[cid],
-                    accountant=p.accountant,
-                )
-        elif p.mode == "client":
-            accounts[SERVER_UNIT] = plan_account(
-                unit=SERVER_UNIT,
-                target_epsilon=p.target_epsilon,
-                noise_multiplier=p.noise_multiplier,
-                delta=resolve_delta(p, len(client_sizes), of=f"{len(client_sizes)} clients"),
-                sample_rate=1.0,
-                planned_steps=cfg.fed.rounds,
-                accountant=p.accountant,
-            )
-        per_round = clients_per_round(len(client_sizes), cfg.fed.clients_per_round)
+        mechanism = p.mechanism
         return cls(
-            p.mode,
-            accounts,
+            mechanism,
+            mechanism.plan_accounts(cfg, client_sizes, steps_per_round),
             max_grad_norm=p.max_grad_norm,
             clip_update=p.clip_update,
             poisson=p.poisson,
-            clients_per_round=per_round,
+            clients_per_round=clients_per_round(len(client_sizes), cfg.fed.clients_per_round),
             seed=cfg.seed,
             client_sizes=client_sizes,
             init_note=init_coverage(init_info),
             reproducible_noise=p.reproducible_noise,
-            delta_rule=delta_rule(p, p.mode),
+            delta_rule=delta_rule(p, mechanism.delta_population),
         )
 
-    # ---- sample level: the client's DP-SGD settings ----------------------------------------------------------
+    # ---- what the mechanism changes: the client's step, the server's aggregator ---------------------------
     def dpsgd_for(self, client_id: str) -> DPSGD | None:
-        if self.mode != "sample":
-            return None
-        return DPSGD(
-            self.accounts[client_id],
-            max_grad_norm=self.max_grad_norm,
-            num_examples=self.client_sizes[client_id],
-            poisson=self.poisson,
-            reproducible_noise=self.reproducible_noise,
-        )
+        """The client step wrapping `client_id`'s optimizer (DP-SGD under record-level DP, else None)."""
+        return self.mechanism.client_step(self, client_id)
 
-    # ---- client level: the round's aggregator ----------------------------------------------------------------
-    def client_level_aggregator(self, reference: Mapping[str, torch.Tensor], round: int) -> ClippedNoisyMean:
-        account = self.accounts[SERVER_UNIT]
-        return ClippedNoisyMean(
-            reference,
-            clip=self.clip_update,
-            noise_multiplier=account.noise_multiplier,
-            denominator=self.clients_per_round,
-            noise=noise_source(
-                reproducible=self.reproducible_noise, seed=self.seed, purpose=["client-dp-noise", round]
-            ),
-            on_release=account.step,
-        )
+    @property
+    def aggregator(self) -> Callable[[Mapping[str, Any], int], Any] | None:
+        """(global state, round) -> the round's aggregator where the mechanism replaces the method's."""
+        return self.mechanism.aggregator(self)
 
     # ---- reporting and persistence ---------------------------------------------------------------------------
     def end_round(self, round: int) -> dict[str, Any]:
@@ -194,7 +136,7 @@ class PrivacyLedger:
         sigmas = [a["noise_multiplier"] for a in accounts.values()]
         return {
             "mode": self.mode,
-            "unit": "one training example" if self.mode == "sample" else "one client's whole data",
+            "unit": self.mechanism.unit,
             "accountant": next(iter(self.accounts.values())).accountant if self.accounts else None,
             "max_epsilon": max(eps, default=0.0),
             "delta": max((a["delta"] for a in accounts.values()), default=None),
@@ -202,15 +144,9 @@ class PrivacyLedger:
             "reproducible_noise": self.reproducible_noise,
             "noise": noise_statement(self.reproducible_noise),
             "noise_multiplier_range": [min(sigmas), max(sigmas)] if sigmas else None,
-            "max_grad_norm": self.max_grad_norm if self.mode == "sample" else None,
-            "clip_update": self.clip_update if self.mode == "client" else None,
-            "poisson_sampling": self.poisson if self.mode == "sample" else None,
-            "caveat": "privacy.poisson=false: shuffled batches are accounted as if Poisson-sampled, so the "
-            "stated epsilon is not a proven bound"
-            if self.mode == "sample" and not self.poisson
-            else None,
+            **self.mechanism.summary_fields(self),
             "init": self.init_note,
-            "released": released_statement(self.mode, self.reproducible_noise),
+            "released": self.mechanism.released(self.reproducible_noise),
             "client_sizes": dict(self.client_sizes),
             "accounts": accounts,
             "rounds": self.rounds,

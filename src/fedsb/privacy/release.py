@@ -1,4 +1,5 @@
-"""What may leave a private client, and the statement of what a DP run released under which guarantee.
+"""What may leave a private client and what the server may write about it (each mechanism's statement of
+what it released, under which guarantee, is `PrivacyMechanism.released`).
 
 Under any DP mode a client's reply (the simulator's `ClientUpdate` and the Flower ClientApp's reply, which
 is built from it) carries its uploaded tensors, its declared example count and, under DP-SGD, its
@@ -28,15 +29,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fedsb.privacy.noise import noise_statement
-
-#: per privacy mode, the client metrics covered by the accounting (None: everything, no DP)
-ACCOUNTED_METRICS: dict[str, tuple[str, ...] | None] = {
-    "none": None,
-    "sample": ("epsilon", "noise_multiplier", "dp_steps"),
-    "client": (),
-}
-
 KEPT_ON_CLIENTS = ["training losses (loss, first_loss)", "timings (seconds)", "optimizer state"]
 #: what the server does not write about a private client, whatever the client sent
 NOT_WRITTEN = [
@@ -58,20 +50,16 @@ WITHHELD_TIMING = (
 @dataclass(frozen=True)
 class ReleaseRules:
     """What the server may write about its clients: everything without DP (`accounted=None`), else only
-    the declared count and the metrics the accountant covers."""
+    the declared count and the metrics the accountant covers (`PrivacyMechanism.release`)."""
 
     accounted: tuple[str, ...] | None = None
-
-    @classmethod
-    def for_mode(cls, mode: str) -> ReleaseRules:
-        return cls(ACCOUNTED_METRICS[mode])
 
     @property
     def private(self) -> bool:
         return self.accounted is not None
 
     def metrics(self, metrics: Mapping[str, float]) -> dict[str, float]:
-        """A client's metrics as the server may record them."""
+        """A client's metrics as it may send them and the server may record them."""
         keep = self.accounted
         return dict(metrics) if keep is None else {k: v for k, v in metrics.items() if k in keep}
 
@@ -88,47 +76,11 @@ class ReleaseRules:
         return out
 
 
-def releasable_metrics(mode: str, metrics: Mapping[str, float]) -> dict[str, float]:
-    """The metrics a client may send under privacy mode `mode` (all of them without DP)."""
-    return ReleaseRules.for_mode(mode).metrics(metrics)
-
-
-def released_statement(mode: str, reproducible_noise: bool) -> dict[str, Any]:
-    """results.json's account of what a DP run released, to whom, and under which guarantee."""
-    against = (
-        "NOT against a reader of config.yaml or manifest.json: the noise is derived from the published seed "
-        "(privacy.reproducible_noise=true)"
-        if reproducible_noise
-        else "a reader of everything the run writes (config, manifest, results, checkpoints, exports)"
-    )
-    if mode == "sample":
-        return {
-            "guarantee": "record-level (epsilon, delta)-DP for each client's training examples, composed over "
-            "all of its DP-SGD steps; the run's epsilon is the maximum over clients (disjoint data)",
-            "from_each_client": [
-                "its trained tensors after DP-SGD (per-example clipping at privacy.max_grad_norm in fp32, "
-                "Gaussian noise)",
-                "its declared example count: the planned size N_i (public: the plan's q_i = b/N_i)",
-                "its accountant's state (epsilon, noise multiplier, DP steps): functions of the public plan",
-            ],
-            "kept_on_clients": KEPT_ON_CLIENTS,
-            "not_written": NOT_WRITTEN,
-            "published": "the global state after every round and the final model (post-processing of the "
-            "privatized updates), the per-round epsilons",
-            "noise": noise_statement(reproducible_noise),
-            "holds_against": against,
-        }
-    return {
-        "guarantee": "client-level (epsilon, delta)-DP (one client's whole data) for everything the server "
-        "publishes; the server is trusted with the unnoised updates it clips and noises",
-        "from_each_client": [
-            "its trained tensors, unnoised, to the trusted server, which clips each update to "
-            "privacy.clip_update and adds Gaussian noise to their sum (uniform weights)",
-            "its declared example count (public: the planned partition), not used for weighting",
-        ],
-        "kept_on_clients": KEPT_ON_CLIENTS,
-        "not_written": NOT_WRITTEN,
-        "published": "the noisy global state after every round and the final model, the per-round epsilons",
-        "noise": noise_statement(reproducible_noise),
-        "holds_against": against,
-    }
+def holds_against(reproducible_noise: bool) -> str:
+    """Whom the stated guarantee holds against (not a reader of the config when the noise is seeded)."""
+    if reproducible_noise:
+        return (
+            "NOT against a reader of config.yaml or manifest.json: the noise is derived from the published seed "
+            "(privacy.reproducible_noise=true)"
+        )
+    return "a reader of everything the run writes (config, manifest, results, checkpoints, exports)"

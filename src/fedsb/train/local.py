@@ -5,9 +5,9 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,18 +16,11 @@ from torch import nn
 from fedsb.config import TrainConfig
 from fedsb.data.tasks import IGNORE_INDEX
 from fedsb.device import autocast, module_device, seeded, to_device
+from fedsb.train.batches import Batch, batch_size_of, cycle_epochs
+from fedsb.train.privatizer import Privatizer
 from fedsb.train.schedule import Schedule
 
-if TYPE_CHECKING:  # Opacus loads only when DP-SGD is used
-    from fedsb.privacy.dpsgd import DPSGD
-
-Batch = Mapping[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
-
-
-def batch_size_of(batch: Batch) -> int:
-    """Examples in a batch (0 for the empty dict a Poisson draw of no example gives)."""
-    return int(next(iter(batch.values())).shape[0]) if batch else 0
 
 
 def default_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -112,19 +105,6 @@ def steps_for(num_examples: int, cfg: TrainConfig) -> int:
     return max(1, math.ceil(cfg.local_epochs * num_examples / (cfg.batch_size * cfg.grad_accum)))
 
 
-def cycle_epochs(make_epoch: Callable[[int], Iterable[Batch]]) -> Iterator[Batch]:
-    """Batches of epoch 0, 1, 2, ... without end."""
-    epoch = 0
-    while True:
-        empty = True
-        for batch in make_epoch(epoch):
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("the client's data loader yields no batches")
-        epoch += 1
-
-
 def train_local(
     model: nn.Module,
     params: Mapping[str, nn.Parameter],
@@ -138,7 +118,7 @@ def train_local(
     seed: int = 0,
     loss_fn: LossFn = causal_lm_loss,
     on_step: Callable[[int, float], None] | None = None,
-    privacy: DPSGD | None = None,
+    privacy: Privatizer | None = None,
 ) -> tuple[LocalResult, dict[str, Any]]:
     """Run `steps` optimizer steps on `params` (everything else frozen) and return (result, optimizer state).
 
@@ -149,8 +129,9 @@ def train_local(
     runs under that device type's bf16 autocast (`train.bf16`). Dropout draws come from the CPU and device
     generators forked and seeded with `seed`, so the caller's RNG states are untouched and runs repeatable.
 
-    With `privacy` (DP-SGD), every step is one Poisson batch with per-example clipping and noise (Opacus);
-    `loss_fn` must then be a mean of per-example losses (`per_example_causal_lm_loss` for LMs).
+    With `privacy` (a record-level mechanism's client step, `PrivacyMechanism.client_step`; DP-SGD: every
+    step is one Poisson batch with per-example clipping and noise, Opacus), `loss_fn` must be a mean of
+    per-example losses (`per_example_causal_lm_loss` for LMs; `PrivacyMechanism.per_example_loss`).
     """
     if privacy is not None and cfg.grad_accum != 1:
         raise ValueError("DP-SGD takes one Poisson batch per step: use grad_accum=1")
