@@ -3,6 +3,8 @@
     python benchmarks/bench_generalization.py                     # run `fedsb run` (timed), then evaluate
     python benchmarks/bench_generalization.py --run-dir runs/X    # evaluate a finished default-job run
     python benchmarks/bench_generalization.py --job-src /tmp/old/src --out out/generalization_old.json
+    python benchmarks/bench_generalization.py --untuned-only --out out/untuned.json   # base model only
+    python benchmarks/bench_generalization.py --run-dir runs/X --untuned out/untuned.json   # reuse it
 
 Runs the embedded default job in a subprocess (``--job-src``: the ``src`` tree it imports, e.g. an older
 checkout, to measure a previous generator with this script's evaluation sets), times it (wall and CPU
@@ -40,7 +42,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import datasets  # noqa: E402
 import torch  # noqa: E402
 
-from fedsb.config import config_from_dict, load_yaml  # noqa: E402
+from fedsb.config import RunConfig, config_from_dict, load_yaml  # noqa: E402
 from fedsb.data.arithmetic import make_arithmetic_dataset  # noqa: E402
 from fedsb.data.tasks import get_task  # noqa: E402
 from fedsb.eval.evaluate import evaluate_task  # noqa: E402
@@ -105,20 +107,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=200, help="problems per generated evaluation set")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the evaluation")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "generalization.json"))
+    p.add_argument(
+        "--untuned", metavar="JSON", help="reuse the untuned scores of an earlier --out (same --size)"
+    )
+    p.add_argument(
+        "--untuned-only",
+        action="store_true",
+        help="score only the untuned default model (no job), e.g. beforehand",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.untuned_only:
+        untuned = score_untuned(RunConfig(), eval_sets(args.size, RunConfig().seed))
+        write_report(Path(args.out), {"settings": vars(args), "untuned": untuned})
+        print({name: row["accuracy"] for name, row in untuned.items()})
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(args.run_dir) if args.run_dir else Path(tmp) / "run"
         timing = None if args.run_dir else run_default_job(run_dir, Path(args.job_src), args.overrides)
         cfg = config_from_dict(load_yaml(run_dir / "config.yaml"))
         results = json.loads((run_dir / "results.json").read_text())
         sets = eval_sets(args.size, cfg.seed)
-        base = load_target(
-            None, model=cfg.model.name, task=get_task("arithmetic"), dtype=cfg.model.dtype, seed=cfg.seed
-        )
-        untuned = score(base.model, base.tokenizer, cfg, sets)
-        del base
+        untuned = reused_untuned(args.untuned, args.size) if args.untuned else score_untuned(cfg, sets)
         trained = load_target(str(run_dir))
         tuned = score(trained.model, trained.tokenizer, cfg, sets)
     table = {"own test": {"untuned": results["before"]["accuracy"], "tuned": results["final"]["accuracy"]}}
@@ -133,16 +144,38 @@ def main(argv: list[str] | None = None) -> int:
     if timing:
         print(f"wall {timing['wall_seconds']:.1f} s, CPU {timing['cpu_seconds']:.1f} s, "
               f"load {timing['loadavg_start'][0]:.1f} -> {timing['loadavg_end'][0]:.1f}")  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    write_report(Path(args.out), {
         "settings": {**vars(args), "task_options": cfg.data.options}, "table": table, "timing": timing,
         "job_timing": results.get("timing"), "untuned": untuned, "tuned": tuned,
-        "packages": package_versions(), "git": git_state(ROOT), "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-    }, indent=2, default=str))  # fmt: skip
-    print(f"written to {out}")
+    })  # fmt: skip
     return 0
+
+
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    """``report`` plus package versions, git state, CPU and threads, as JSON at ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report |= {
+        "packages": package_versions(), "git": git_state(ROOT), "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "loadavg_written": os.getloadavg(),
+    }  # fmt: skip
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print(f"written to {out}")
+
+
+def score_untuned(cfg: Any, sets: dict[str, datasets.Dataset]) -> dict[str, Any]:
+    """The base model of ``cfg`` (no adapter) on ``sets``."""
+    base = load_target(
+        None, model=cfg.model.name, task=get_task("arithmetic"), dtype=cfg.model.dtype, seed=cfg.seed
+    )
+    return score(base.model, base.tokenizer, cfg, sets)
+
+
+def reused_untuned(path: str, size: int) -> dict[str, Any]:
+    """The untuned scores of an earlier report, checked to be of the same set sizes."""
+    report = json.loads(Path(path).read_text())
+    if report["settings"]["size"] != size:
+        raise SystemExit(f"{path} scored sets of {report['settings']['size']} problems, not --size {size}")
+    return report["untuned"]
 
 
 if __name__ == "__main__":
