@@ -26,6 +26,8 @@ from fedsb.data import (
     split_of,
     tokenize_for_training,
 )
+from fedsb.data.arithmetic import number_words, template_pools
+from fedsb.data.arithmetic_templates import TEMPLATES
 from fedsb.errors import FedsbError
 from fedsb.models import build_char_tokenizer
 
@@ -40,8 +42,40 @@ FORMULAS = {
 }
 
 
+_WORD_VALUES = {
+    **{
+        w: i
+        for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve".split())
+    },
+    **{
+        w: 13 + i
+        for i, w in enumerate("thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split())
+    },
+    **{w: 20 + 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split())},
+}
+
+
 def _numbers(question: str) -> list[int]:
-    return [int(n) for n in re.findall(r"\d+", question)]
+    """The question's numbers left to right, in digits or words ("one hundred forty-two")."""
+    found: list[int] = []
+    run: list[int] | None = None  # [total, current] of a run of number words
+    for token in re.findall(r"\d+|[A-Za-z]+", question):
+        word = token.lower()
+        if token.isdigit():
+            found.append(int(token))
+        elif word in _WORD_VALUES or (word in ("hundred", "thousand") and run is not None):
+            run = run or [0, 0]
+            if word == "hundred":
+                run[1] *= 100
+            elif word == "thousand":
+                run = [(run[0] + run[1]) * 1000, 0]
+            else:
+                run[1] += _WORD_VALUES[word]
+            continue
+        if run is not None:
+            found.append(sum(run))
+            run = None
+    return found + ([sum(run)] if run is not None else [])
 
 
 def _smollm2_tokenizer():  # the real tokenizer only; the conversion is cached after the first run
@@ -74,6 +108,7 @@ def test_generator_is_deterministic_and_seed_dependent() -> None:
     b = generate_problems(200, seed=4, split="train")
     assert len({r["question"] for r in a} & {r["question"] for r in b}) < 10
     assert make_arithmetic_dataset("train", 200, seed=3).to_list() == a
+    assert generate_problems(200, seed=3, template_seed=1) != a  # other held-out templates, other draws
 
 
 def test_splits_are_disjoint_and_unique() -> None:
@@ -91,8 +126,29 @@ def test_splits_are_disjoint_and_unique() -> None:
     assert not {r["question"] for r in other_seed_train} & set(questions["test"])
 
 
+def test_number_words() -> None:
+    cases = {0: "zero", 7: "seven", 13: "thirteen", 20: "twenty", 42: "forty-two", 100: "one hundred"}
+    cases |= {105: "one hundred five", 999: "nine hundred ninety-nine", 12_040: "twelve thousand forty"}
+    assert {n: number_words(n) for n in cases} == cases
+    assert all(_numbers(f"x {number_words(n)} y") == [n] for n in (*range(0, 1200, 7), 54_321))
+    with pytest.raises(ValueError):
+        number_words(10**6)
+
+
+def test_templates_hold_no_numbers_of_their_own_and_name_a_b_c_in_order() -> None:
+    number_word = re.compile(rf"\b({'|'.join(_WORD_VALUES)}|hundred|thousand)\b|\d", re.IGNORECASE)
+    assert sum(len(t) for t in TEMPLATES.values()) >= 120 and set(TEMPLATES) == set(CATEGORIES)
+    for op, texts in TEMPLATES.items():
+        assert len(texts) >= 20 and len(set(texts)) == len(texts), op
+        arity = 3 if op == "add_sub" else 2
+        for text in texts:
+            assert not number_word.search(text), text
+            assert re.findall(r"\{([abc])\}", text) == list("abc"[:arity]), text
+
+
 def test_answers_recompute_from_the_question_for_every_category() -> None:
     rows = generate_problems(1200, seed=7, split="train")
+    assert 0.05 < sum(not re.search(r"\d", r["question"]) for r in rows) / len(rows) < 0.2  # numbers in words
     assert {r["category"] for r in rows} == set(CATEGORIES) == set(FORMULAS)
     for row in rows:
         expected = FORMULAS[row["category"]](*_numbers(row["question"]))
@@ -109,6 +165,50 @@ def test_max_value_bounds_every_number_in_the_question(max_value: int) -> None:
         assert max(max(_numbers(r["question"])) for r in rows) > 100
 
 
+def test_template_pools_partition_the_templates_and_follow_the_seed() -> None:
+    pools = template_pools(0)
+    assert set(pools) == {"train", "validation", "test"}
+    for op, texts in TEMPLATES.items():
+        members = [i for pool in pools.values() for i in pool[op]]
+        assert sorted(members) == list(range(len(texts))), op  # each template in exactly one pool
+        assert len(pools["validation"][op]) == len(pools["test"][op]) == max(1, round(0.15 * len(texts)))
+    assert template_pools(0) == pools and template_pools(1) != pools
+
+
+def _ids(pool: str, seed: int = 0) -> set[str]:
+    return {f"{op}-{i:02d}" for op, indices in template_pools(seed)[pool].items() for i in indices}
+
+
+def test_validation_and_test_use_templates_never_seen_in_training() -> None:
+    used = {
+        s: {r["template"] for r in generate_problems(n, seed=0, split=s)}
+        for s, n in [("train", 2000), ("init", 256), ("validation", 500), ("test", 500)]
+    }
+    assert used["train"] == _ids("train") and used["init"] <= _ids("train")
+    assert used["validation"] == _ids("validation") and used["test"] == _ids("test")
+    assert not (used["train"] | used["init"]) & (used["validation"] | used["test"])
+    assert not used["validation"] & used["test"]
+    shared = {r["template"] for r in generate_problems(500, seed=0, split="test", templates="all")}
+    assert shared & _ids("train") and shared & _ids("test")  # template_split off: every phrasing everywhere
+    in_domain = generate_problems(200, seed=0, split="test", templates="train")
+    assert {r["template"] for r in in_domain} <= _ids("train")
+    assert all(split_of(r["question"]) == "test" for r in in_domain)  # still never a training question
+    seed1 = {r["template"] for r in generate_problems(500, seed=0, split="test", template_seed=1)}
+    assert seed1 == _ids("test", 1) != used["test"]
+
+
+def test_task_template_split_option() -> None:
+    held_out = get_task("arithmetic").load("test", 200, 0)
+    assert set(held_out["template"]) <= _ids("test")
+    shared = get_task("arithmetic", template_split=False).load("test", 200, 0)
+    assert set(shared["template"]) & _ids("train")
+    other = get_task("arithmetic", template_seed=3).load("test", 200, 0)
+    assert set(other["template"]) <= _ids("test", 3)
+    with pytest.raises(FedsbError) as err:
+        get_task("arithmetic", template_split="yes")
+    assert err.value.field == "data.options.template_split"
+
+
 def test_categories_subset() -> None:
     rows = generate_problems(100, seed=0, categories=["mul", "div"])
     assert {r["category"] for r in rows} == {"mul", "div"}
@@ -122,6 +222,8 @@ def test_categories_subset() -> None:
         ({"categories": ["pow"]}, "categories"),
         ({"categories": []}, "categories"),
         ({"seed": -1}, "seed"),
+        ({"templates": "heldout"}, "templates"),
+        ({"template_seed": -2}, "template_seed"),
     ],
 )
 def test_generator_errors_name_the_field(kwargs: dict, field: str) -> None:
@@ -149,7 +251,7 @@ def test_registry_and_get_task() -> None:
 def test_task_load_sizes_and_split_check(task: ArithmeticTask) -> None:
     assert len(task.load("test", 12, 0)) == 12
     assert len(task.load("init", None, 0)) == task.default_sizes["init"]
-    assert task.load("test", 12, 0).column_names == ["question", "answer", "category"]
+    assert task.load("test", 12, 0).column_names == ["question", "answer", "category", "template"]
     with pytest.raises(FedsbError, match="split"):
         task.load("dev", 10, 0)
 

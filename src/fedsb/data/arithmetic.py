@@ -1,4 +1,12 @@
-"""Seeded generator of short arithmetic word problems with integer answers (the default federated task)."""
+"""Seeded generator of short arithmetic word problems with integer answers (the default federated task).
+
+Six operations (the categories add, sub, add_sub, mul, div, difference), each phrased by ~20 templates
+over everyday themes (``fedsb.data.arithmetic_templates``), with random names, objects and numbers; one
+question in ten spells its numbers in words. Two splits never share a question, and by default
+(``templates="split"``) they do not share templates either: validation and test problems come from
+templates that the train and init splits never use, so the test split measures phrasings unseen in
+training (see ``template_pools``).
+"""
 
 from __future__ import annotations
 
@@ -9,15 +17,19 @@ from dataclasses import dataclass
 import datasets
 import numpy as np
 
+from fedsb.data.arithmetic_templates import TEMPLATES
 from fedsb.errors import FedsbError
 
 __all__ = [
     "CATEGORIES",
     "DEFAULT_MAX_VALUE",
     "SPLITS",
+    "TEMPLATE_CHOICES",
     "generate_problems",
     "make_arithmetic_dataset",
+    "number_words",
     "split_of",
+    "template_pools",
 ]
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test", "init")
@@ -36,24 +48,54 @@ _SPLIT_BUCKETS: dict[str, range] = {
 }
 _SPLIT_STREAM: dict[str, int] = {"train": 0, "test": 1, "init": 2, "validation": 3}
 
+# Template pools: per operation, the templates ranked by blake2b("<template_seed>:<text>"); the first
+# 15 % (at least one) form the validation pool, the next 15 % the test pool, the rest the train pool.
+# The init split (the server's proxy data for the basis) is training data and uses the train pool.
+TEMPLATE_POOLS: tuple[str, ...] = ("train", "validation", "test")
+TEMPLATE_CHOICES: tuple[str, ...] = ("split", "all", *TEMPLATE_POOLS)
+_HELD_OUT_FRACTION = 0.15
+_POOL_OF_SPLIT: dict[str, str] = {
+    "train": "train",
+    "init": "train",
+    "validation": "validation",
+    "test": "test",
+}
+_WORDS_PROBABILITY = 0.1  # share of questions whose numbers are spelled out ("twelve")
+
 _PEOPLE: tuple[tuple[str, str], ...] = (
     ("Tom", "he"), ("Mia", "she"), ("Sam", "he"), ("Lena", "she"), ("Omar", "he"), ("Nora", "she"),
     ("Ben", "he"), ("Ava", "she"), ("Leo", "he"), ("Zoe", "she"), ("Raj", "he"), ("Ines", "she"),
     ("Max", "he"), ("Ella", "she"), ("Ivan", "he"), ("Aiko", "she"), ("Paul", "he"), ("Sofia", "she"),
     ("Kofi", "he"), ("Lucy", "she"),
 )  # fmt: skip
+_FORMS: dict[str, tuple[str, str]] = {"he": ("him", "his"), "she": ("her", "her")}  # object, possessive
 _OBJECTS: tuple[str, ...] = (
     "apples", "marbles", "stickers", "books", "pencils", "cookies", "coins", "cards", "shells", "stamps",
     "balloons", "crayons", "toy cars", "flowers", "candies", "buttons", "beads", "rocks", "ribbons", "eggs",
 )  # fmt: skip
 _CONTAINERS: tuple[str, ...] = ("boxes", "bags", "baskets", "jars", "packs", "trays", "shelves", "rows")
+_UNITS: tuple[str, ...] = (
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+    "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen",
+)  # fmt: skip
+_TENS: tuple[str, ...] = (
+    "",
+    "",
+    "twenty",
+    "thirty",
+    "forty",
+    "fifty",
+    "sixty",
+    "seventy",
+    "eighty",
+    "ninety",
+)
 
 
 @dataclass(frozen=True)
-class _Category:
-    """Templates of one category; numbers appear in the text in the order `answer` takes them."""
+class _Operation:
+    """How an operation draws its numbers (``numbers(rng, max_value)``) and computes its answer."""
 
-    templates: tuple[str, ...]
     numbers: Callable[[np.random.Generator, int], tuple[int, ...]]
     answer: Callable[..., int]
 
@@ -93,82 +135,52 @@ def _difference_numbers(rng: np.random.Generator, m: int) -> tuple[int, ...]:
     return a, _randint(rng, 1, a - 1)
 
 
-_TEMPLATES: dict[str, _Category] = {
-    "add": _Category(
-        templates=(
-            "{N} has {a} {o}. {P} buys {b} more {o}. How many {o} does {N} have now?",
-            "{N} found {a} {o} in the morning and {b} {o} in the afternoon. How many {o} did {N} find in all?",
-            "{N} has {a} {o} and {M} has {b} {o}. How many {o} do they have together?",
-            "There are {a} {o} on the table. {N} puts {b} more {o} on the table. "
-            "How many {o} are on the table now?",
-            "{N} collected {a} {o} on Monday and {b} {o} on Tuesday. How many {o} did {N} collect?",
-        ),
-        numbers=_add_numbers,
-        answer=lambda a, b: a + b,
-    ),
-    "sub": _Category(
-        templates=(
-            "{N} has {a} {o}. {P} gives {b} {o} to {M}. How many {o} does {N} have left?",
-            "There were {a} {o} in a box. {N} took {b} of them. How many {o} are left in the box?",
-            "{N} bought {a} {o} and lost {b} of them. How many {o} does {N} have now?",
-            "{N} had {a} {o}. After selling {b} {o}, how many {o} does {N} have?",
-            "A shop had {a} {o}. It sold {b} {o} today. How many {o} does the shop have left?",
-        ),
-        numbers=_sub_numbers,
-        answer=lambda a, b: a - b,
-    ),
-    "add_sub": _Category(
-        templates=(
-            "{N} has {a} {o}. {P} gets {b} more {o} and then gives {c} {o} to {M}. "
-            "How many {o} does {N} have now?",
-            "There are {a} {o} in a jar. {N} adds {b} {o} and {M} takes out {c} {o}. "
-            "How many {o} are in the jar?",
-            "{N} picked {a} {o} and {M} picked {b} {o}. They gave away {c} {o}. How many {o} do they have left?",
-            "A class had {a} {o}. The teacher brought {b} more, then the children used {c}. "
-            "How many {o} are left?",
-            "{N} started with {a} {o}, won {b} {o} in a game and lost {c} {o} on the way home. "
-            "How many {o} does {N} have?",
-        ),
-        numbers=_add_sub_numbers,
-        answer=lambda a, b, c: a + b - c,
-    ),
-    "mul": _Category(
-        templates=(
-            "There are {a} {k} with {b} {o} in each. How many {o} are there in total?",
-            "{N} buys {a} {k} of {o}. Each of the {k} holds {b} {o}. How many {o} does {N} buy?",
-            "{N} has {a} {k}, and every one of them has {b} {o}. How many {o} does {N} have?",
-            "Each of {a} children gets {b} {o}. How many {o} do the children get altogether?",
-            "{N} fills {a} {k} with {b} {o} each. How many {o} does {N} use?",
-        ),
-        numbers=_mul_numbers,
-        answer=lambda a, b: a * b,
-    ),
-    "div": _Category(
-        templates=(
-            "{N} shares {a} {o} equally among {b} friends. How many {o} does each friend get?",
-            "{a} {o} are packed into {b} {k} with the same number in each. How many {o} are in each of the {k}?",
-            "{N} puts {a} {o} into {b} equal groups. How many {o} are in each group?",
-            "A teacher divides {a} {o} equally between {b} children. How many {o} does each child get?",
-            "{N} splits {a} {o} evenly among {b} people. How many {o} does each person get?",
-        ),
-        numbers=_div_numbers,
-        answer=lambda a, b: a // b,
-    ),
-    "difference": _Category(
-        templates=(
-            "{N} has {a} {o} and {M} has {b} {o}. How many more {o} does {N} have than {M}?",
-            "{N} read {a} {o} and {M} read {b} {o}. How many fewer {o} did {M} read than {N}?",
-            "A red box holds {a} {o} and a blue box holds {b} {o}. "
-            "How many more {o} are in the red box than in the blue box?",
-            "{N} scored {a} points and {M} scored {b} points. By how many points did {N} win?",
-            "There are {a} {o} in the garden and {b} {o} in the house. How many more {o} are in the garden?",
-        ),
-        numbers=_difference_numbers,
-        answer=lambda a, b: a - b,
-    ),
+_OPERATIONS: dict[str, _Operation] = {
+    "add": _Operation(_add_numbers, lambda a, b: a + b),
+    "sub": _Operation(_sub_numbers, lambda a, b: a - b),
+    "add_sub": _Operation(_add_sub_numbers, lambda a, b, c: a + b - c),
+    "mul": _Operation(_mul_numbers, lambda a, b: a * b),
+    "div": _Operation(_div_numbers, lambda a, b: a // b),
+    "difference": _Operation(_difference_numbers, lambda a, b: a - b),
 }
 
-CATEGORIES: tuple[str, ...] = tuple(_TEMPLATES)
+CATEGORIES: tuple[str, ...] = tuple(_OPERATIONS)
+
+
+def number_words(n: int) -> str:
+    """``n`` (0 <= n < 10**6) in English words without "and": 105 -> "one hundred five", 42 -> "forty-two"."""
+    if not 0 <= n < 10**6:
+        raise ValueError(f"number_words covers 0..999999, got {n}")
+    if n < 20:
+        return _UNITS[n]
+    if n < 100:
+        return _TENS[n // 10] + ("" if n % 10 == 0 else "-" + _UNITS[n % 10])
+    if n < 1000:
+        head, rest = f"{_UNITS[n // 100]} hundred", n % 100
+    else:
+        head, rest = f"{number_words(n // 1000)} thousand", n % 1000
+    return head if rest == 0 else f"{head} {number_words(rest)}"
+
+
+def _rank(text: str, template_seed: int) -> bytes:
+    return hashlib.blake2b(f"{template_seed}:{text}".encode(), digest_size=8).digest()
+
+
+def template_pools(template_seed: int = 0) -> dict[str, dict[str, tuple[int, ...]]]:
+    """pool (train, validation, test) -> operation -> indices of its templates in that pool.
+
+    Per operation, templates are ranked by blake2b("<template_seed>:<text>"); the first
+    max(1, round(0.15 n)) go to validation, the next as many to test, the rest to train. Deterministic
+    in ``template_seed``; every template is in exactly one pool.
+    """
+    pools: dict[str, dict[str, tuple[int, ...]]] = {pool: {} for pool in TEMPLATE_POOLS}
+    for op, texts in TEMPLATES.items():
+        order = sorted(range(len(texts)), key=lambda i: _rank(texts[i], template_seed))
+        held = max(1, round(_HELD_OUT_FRACTION * len(texts)))
+        pools["validation"][op] = tuple(sorted(order[:held]))
+        pools["test"][op] = tuple(sorted(order[held : 2 * held]))
+        pools["train"][op] = tuple(sorted(order[2 * held :]))
+    return pools
 
 
 def split_of(question: str) -> str:
@@ -177,38 +189,66 @@ def split_of(question: str) -> str:
     return next(name for name, owned in _SPLIT_BUCKETS.items() if bucket in owned)
 
 
-def _check(split: str, size: int, seed: int, max_value: int, categories: Sequence[str]) -> None:
+def _is_count(value: object, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _check(
+    split: str,
+    size: int,
+    seed: int,
+    max_value: int,
+    categories: Sequence[str],
+    templates: str,
+    template_seed: int,
+) -> None:
     if split not in SPLITS:
         raise FedsbError(field="split", value=split, fix=f"use one of {', '.join(SPLITS)}")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+    if not _is_count(size, 0):
         raise FedsbError(field="size", value=size, fix="use a non-negative integer number of problems")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if not _is_count(seed, 0):
         raise FedsbError(field="seed", value=seed, fix="use a non-negative integer")
-    if isinstance(max_value, bool) or not isinstance(max_value, int) or max_value < MIN_MAX_VALUE:
+    if not _is_count(max_value, MIN_MAX_VALUE):
         raise FedsbError(field="max_value", value=max_value, fix=f"use an integer >= {MIN_MAX_VALUE}")
-    unknown = [c for c in categories if c not in _TEMPLATES]
+    unknown = [c for c in categories if c not in _OPERATIONS]
     if unknown or not categories:
         raise FedsbError(
             field="categories", value=list(categories), fix=f"choose a non-empty subset of {list(CATEGORIES)}"
         )
+    if templates not in TEMPLATE_CHOICES:
+        raise FedsbError(field="templates", value=templates, fix=f"use one of {', '.join(TEMPLATE_CHOICES)}")
+    if not _is_count(template_seed, 0):
+        raise FedsbError(field="template_seed", value=template_seed, fix="use a non-negative integer")
 
 
-def _render(rng: np.random.Generator, category: str, max_value: int) -> tuple[str, int]:
-    cat = _TEMPLATES[category]
-    template = cat.templates[int(rng.integers(len(cat.templates)))]
-    numbers = cat.numbers(rng, max_value)
+def _render(
+    rng: np.random.Generator, category: str, indices: tuple[int, ...], max_value: int
+) -> tuple[str, int, int]:
+    """(question, answer, template index) of one draw from ``category``'s templates ``indices``."""
+    op = _OPERATIONS[category]
+    index = indices[int(rng.integers(len(indices)))]
+    numbers = op.numbers(rng, max_value)
     i, j = rng.choice(len(_PEOPLE), size=2, replace=False)
     (name, pronoun), (other, _) = _PEOPLE[int(i)], _PEOPLE[int(j)]
-    fields = dict(zip("abc", numbers, strict=False))
-    question = template.format(
-        N=name,
-        P=pronoun.capitalize(),
-        M=other,
-        o=_OBJECTS[int(rng.integers(len(_OBJECTS)))],
-        k=_CONTAINERS[int(rng.integers(len(_CONTAINERS)))],
-        **fields,
-    )
-    return question, cat.answer(*numbers)
+    obj = _OBJECTS[int(rng.integers(len(_OBJECTS)))]
+    container = _CONTAINERS[int(rng.integers(len(_CONTAINERS)))]
+    spell = rng.random() < _WORDS_PROBABILITY
+    shown = [number_words(n) if spell else str(n) for n in numbers]
+    objective, possessive = _FORMS[pronoun]
+    question = TEMPLATES[category][index].format(
+        N=name, M=other, P=pronoun.capitalize(), p=pronoun, H=objective, R=possessive, o=obj, k=container,
+        **dict(zip("abc", shown, strict=False)),
+    )  # fmt: skip
+    return question[0].upper() + question[1:], op.answer(*numbers), index
+
+
+def _pools_for(
+    split: str, templates: str, template_seed: int, cats: Sequence[str]
+) -> dict[str, tuple[int, ...]]:
+    if templates == "all":
+        return {c: tuple(range(len(TEMPLATES[c]))) for c in cats}
+    pool = _POOL_OF_SPLIT[split] if templates == "split" else templates
+    return {c: template_pools(template_seed)[pool][c] for c in cats}
 
 
 def generate_problems(
@@ -218,14 +258,21 @@ def generate_problems(
     split: str = "train",
     max_value: int = DEFAULT_MAX_VALUE,
     categories: Sequence[str] | None = None,
+    templates: str = "split",
+    template_seed: int = 0,
 ) -> list[dict[str, str]]:
-    """``size`` distinct problems of ``split`` as rows ``{question, answer, category}`` (answer: int as str).
+    """``size`` distinct problems of ``split`` as rows ``{question, answer, category, template}``.
 
-    Deterministic in (``size``, ``seed``, ``split``, ``max_value``, ``categories``); ``max_value`` bounds
-    every number in a question (answers of "add"/"mul" may exceed it). Categories are drawn uniformly.
+    ``answer`` is an int as str, ``template`` the id "<category>-<index>" of the phrasing. Deterministic in
+    every argument; ``max_value`` bounds every number in a question (answers of "add"/"mul" may exceed
+    it). Categories are drawn uniformly. ``templates``: "split" (default) draws from the split's own
+    template pool (train and init: the train pool; validation, test: their held-out pools; see
+    ``template_pools(template_seed)``), "all" from every template (splits then share phrasings but never
+    a question), or a pool name (e.g. test questions in training phrasings: ``templates="train"``).
     """
     cats = tuple(CATEGORIES if categories is None else categories)
-    _check(split, size, seed, max_value, cats)
+    _check(split, size, seed, max_value, cats, templates, template_seed)
+    pools = _pools_for(split, templates, template_seed, cats)
     rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_STREAM[split]]))
     rows: list[dict[str, str]] = []
     seen: set[str] = set()
@@ -234,11 +281,18 @@ def generate_problems(
         if len(rows) == size:
             break
         category = cats[int(rng.integers(len(cats)))]
-        question, answer = _render(rng, category, max_value)
+        question, answer, index = _render(rng, category, pools[category], max_value)
         if question in seen or split_of(question) != split:
             continue
         seen.add(question)
-        rows.append({"question": question, "answer": str(answer), "category": category})
+        rows.append(
+            {
+                "question": question,
+                "answer": str(answer),
+                "category": category,
+                "template": f"{category}-{index:02d}",
+            }
+        )
     if len(rows) < size:
         raise FedsbError(
             field="size",
@@ -256,15 +310,16 @@ def make_arithmetic_dataset(
     seed: int,
     max_value: int = DEFAULT_MAX_VALUE,
     categories: Sequence[str] | None = None,
+    templates: str = "split",
+    template_seed: int = 0,
 ) -> datasets.Dataset:
-    """``generate_problems`` as a ``datasets.Dataset`` with string columns question, answer, category."""
-    rows = generate_problems(size, seed=seed, split=split, max_value=max_value, categories=categories)
+    """``generate_problems`` as a ``datasets.Dataset`` with string columns question, answer, category, template."""
+    rows = generate_problems(
+        size, seed=seed, split=split, max_value=max_value, categories=categories, templates=templates,
+        template_seed=template_seed,
+    )  # fmt: skip
     features = datasets.Features(
-        {
-            "question": datasets.Value("string"),
-            "answer": datasets.Value("string"),
-            "category": datasets.Value("string"),
-        }
+        {name: datasets.Value("string") for name in ("question", "answer", "category", "template")}
     )
     columns = {name: [row[name] for row in rows] for name in features}
     return datasets.Dataset.from_dict(columns, features=features)
