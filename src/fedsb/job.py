@@ -125,12 +125,10 @@ def load_base(cfg: RunConfig, task: Any, placement: Placement) -> Any:
         **model_task(task),
     )
     if quantized:
-        from fedsb.models.quantize import quantize_model
+        from fedsb.models.quantize import place_quantized
 
         device = None if cfg.model.device_map is not None else placement.device
-        quantize_model(loaded.model, placement.quantize, compute_dtype=placement.dtype, device=device)
-        if device is not None:
-            loaded.model.to(device)
+        place_quantized(loaded.model, placement.quantize, compute_dtype=placement.dtype, device=device)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(loaded.model)
     return loaded
@@ -147,7 +145,11 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
             what=f"is not supported by {type(model).__name__} (transformers has no checkpointing for it)",
             fix="set train.gradient_checkpointing=false",
         )
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # pragma: no cover - older transformers
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def build_components(

@@ -26,12 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: bytes per element of a quantized linear weight: nf4 (4 bits + an fp32 absmax per block of 64), int8
-QUANTIZED_BYTES: dict[str, float] = {"nf4": 0.5 + 4 / 64, "int8": 1.0}
+from fedsb.models.quantize import KEEP_DENSE, QUANTIZED_BYTES
+
 #: fp32 tensors of the logits' size alive at the start of backward (logits, their fp32 view, the loss grad)
 LOGIT_COPIES = 3
-#: output heads that stay unquantized in a quantized base (transformers' default: the output embedding)
-UNQUANTIZED = ("lm_head", "score", "classifier")
 
 
 @dataclass(frozen=True)
@@ -229,11 +227,14 @@ def _linears(model: nn.Module) -> list[nn.Linear]:
 
 
 def _quantizable_weights(model: nn.Module) -> set[int]:
-    """ids of the linear weights a 4/8-bit base quantizes: every nn.Linear of the base but the heads."""
+    """ids of the linear weights a 4/8-bit base quantizes (`fedsb.models.quantize.quantize_model`): every
+    nn.Linear and Conv1D of the base outside the heads it keeps dense."""
+    from transformers.pytorch_utils import Conv1D
+
     adapters = set(map(id, _adapter_modules(model)))
     out = set()
     for path, m in model.named_modules():
-        leaf = path.rsplit(".", 1)[-1]
-        if isinstance(m, nn.Linear) and leaf not in UNQUANTIZED and id(m) not in adapters:
+        dense = set(path.split(".")) & set(KEEP_DENSE)
+        if isinstance(m, nn.Linear | Conv1D) and not dense and id(m) not in adapters:
             out.add(id(m.weight))
     return out

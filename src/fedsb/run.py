@@ -364,32 +364,44 @@ class Run:
 
 
 def placement_record(cfg: RunConfig, placement: Placement) -> dict[str, Any]:
-    """The precision a checkpoint was written under: the frozen base's dtype (and quantization, where the
-    config has that setting), and the device, which is informative only (checkpoints are device-free)."""
+    """The precision a checkpoint was written under: the frozen base's dtype and quantization (none, nf4,
+    int8), and the device, which is informative only (checkpoints are device-free)."""
     return {
         "device": str(placement.device),
         "model_dtype": placement.dtype_name,
-        "quantize": getattr(cfg.model, "quantize", "none"),
+        "quantize": placement.quantize,
     }
 
 
-def check_placement(state: RunState, current: dict[str, Any], where: Path) -> None:
-    """Refuse to continue a checkpoint under another frozen-base precision (it would change W0 mid-run).
+def check_placement(
+    state: RunState, current: dict[str, Any], where: Path, *, purpose: str = "resume"
+) -> None:
+    """Refuse to continue (or load: `purpose`) a checkpoint under another frozen-base precision, a base
+    dtype or quantization other than the one that wrote it: it would change W0 under the trained state.
 
     A different device is fine: checkpoints hold CPU tensors and every random draw is seeded per round.
-    Checkpoints older than this record carry none and are accepted as they are.
+    Checkpoints older than this record carry none and are accepted as they are; a record without
+    `quantize` was written before quantized bases existed, by a dense (none) base.
     """
     saved = state.placement
     if not saved:
         return
+    defaults = {"model_dtype": current["model_dtype"], "quantize": "none"}
     for key, field in (("model_dtype", "model.dtype"), ("quantize", "model.quantize")):
-        if saved.get(key, current[key]) != current[key]:
+        was = saved.get(key, defaults[key])
+        if was != current[key]:
+            then = (
+                "continuing would train the remaining rounds"
+                if purpose == "resume"
+                else "the model would run"
+            )
             raise ConfigError(
                 field=field,
                 value=current[key],
-                what=f"differs from the {saved[key]} base that wrote checkpoint {where} (on {saved['device']}); "
-                "continuing would train the remaining rounds on a different frozen W0",
-                fix=f"resume with {field}={saved[key]} (it runs on any device), or start a new run",
+                what=f"differs from the {was} base that wrote checkpoint {where} (on {saved['device']}); "
+                f"{then} on a different frozen W0 than the one the adapter was trained on",
+                fix=f"{purpose} with {field}={was} (it runs on any device)"
+                + (", or start a new run" if purpose == "resume" else ""),
             )
 
 

@@ -183,6 +183,18 @@ def quantize_model(
     return [p for p, _ in targets]
 
 
+def place_quantized(
+    model: nn.Module, mode: str, *, compute_dtype: torch.dtype, device: torch.device | None
+) -> None:
+    """Quantize a model loaded on the CPU (or spread by a device map: `device` None) onto `device`, then
+    move the rest of it there; nothing for mode 'none'."""
+    if mode == "none":
+        return
+    quantize_model(model, mode, compute_dtype=compute_dtype, device=device)
+    if device is not None:
+        model.to(device)
+
+
 def quantized_bytes(model: nn.Module) -> int:
     """Bytes of the model's parameters and buffers as stored (packed 4/8-bit weights and their scales)."""
     total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
