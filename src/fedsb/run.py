@@ -380,14 +380,15 @@ def check_placement(
     dtype or quantization other than the one that wrote it: it would change W0 under the trained state.
 
     A different device is fine: checkpoints hold CPU tensors and every random draw is seeded per round.
-    Checkpoints older than this record carry none and are accepted as they are; a record without
-    `quantize` was written before quantized bases existed, by a dense (none) base.
+    Checkpoints older than this record carry none and are accepted as they are under a dense base; a
+    record without `quantize` (or none at all) was written before quantized bases existed, by a dense
+    (none) base.
     """
-    saved = state.placement
+    saved = state.placement or ({"device": "unknown"} if current["quantize"] != "none" else None)
     if not saved:
         return
     defaults = {"model_dtype": current["model_dtype"], "quantize": "none"}
-    for key, field in (("model_dtype", "model.dtype"), ("quantize", "model.quantize")):
+    for key, field in (("quantize", "model.quantize"), ("model_dtype", "model.dtype")):
         was = saved.get(key, defaults[key])
         if was != current[key]:
             then = (
