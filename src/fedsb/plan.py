@@ -83,6 +83,7 @@ def plan_run(cfg: RunConfig) -> dict[str, Any]:
             bf16_autocast=cfg.train.bf16,
             grad_accum=cfg.train.grad_accum,
             quantize=q,
+            gradient_checkpointing=cfg.train.gradient_checkpointing,
         ).to_dict()
         for q in dict.fromkeys((configured, *QUANTIZE_VARIANTS))
     }
