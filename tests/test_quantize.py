@@ -16,8 +16,8 @@ import torch
 
 from fedsb.config import resolve_config
 from fedsb.errors import ConfigError
-from fedsb.fed.checkpoint import RunState, latest_checkpoint
-from fedsb.run import Run, check_placement, resolve_resume_config, run_job
+from fedsb.fed.checkpoint import RunState, check_placement, latest_checkpoint
+from fedsb.run import Run, resolve_resume_config, run_job
 
 bnb = pytest.importorskip("bitsandbytes")
 

@@ -20,9 +20,8 @@ from typing import Any
 import torch
 
 from fedsb.config import RunConfig, config_to_yaml, load_yaml
-from fedsb.device import Placement
 from fedsb.errors import CheckpointError, ConfigError
-from fedsb.fed.checkpoint import RunState, latest_checkpoint
+from fedsb.fed.checkpoint import RunState, check_placement, latest_checkpoint, placement_record
 from fedsb.fed.rounds import RoundRecord, Server, run_rounds
 from fedsb.job import CONFIG_FILE, Components, build_components, configure_torch, placement_of
 from fedsb.paths import make_output_dir
@@ -358,52 +357,6 @@ class Run:
             "resumed": self.resume is not None,
             "privacy": p.privacy.summary() if p.privacy else {"mode": "none"},
         }
-
-
-# ---- what a checkpoint may be continued with -------------------------------------------------------------
-
-
-def placement_record(cfg: RunConfig, placement: Placement) -> dict[str, Any]:
-    """The precision a checkpoint was written under: the frozen base's dtype and quantization (none, nf4,
-    int8), and the device, which is informative only (checkpoints are device-free)."""
-    return {
-        "device": str(placement.device),
-        "model_dtype": placement.dtype_name,
-        "quantize": placement.quantize,
-    }
-
-
-def check_placement(
-    state: RunState, current: dict[str, Any], where: Path, *, purpose: str = "resume"
-) -> None:
-    """Refuse to continue (or load: `purpose`) a checkpoint under another frozen-base precision, a base
-    dtype or quantization other than the one that wrote it: it would change W0 under the trained state.
-
-    A different device is fine: checkpoints hold CPU tensors and every random draw is seeded per round.
-    Checkpoints older than this record carry none and are accepted as they are under a dense base; a
-    record without `quantize` (or none at all) was written before quantized bases existed, by a dense
-    (none) base.
-    """
-    saved = state.placement or ({"device": "unknown"} if current["quantize"] != "none" else None)
-    if not saved:
-        return
-    defaults = {"model_dtype": current["model_dtype"], "quantize": "none"}
-    for key, field in (("quantize", "model.quantize"), ("model_dtype", "model.dtype")):
-        was = saved.get(key, defaults[key])
-        if was != current[key]:
-            then = (
-                "continuing would train the remaining rounds"
-                if purpose == "resume"
-                else "the model would run"
-            )
-            raise ConfigError(
-                field=field,
-                value=current[key],
-                what=f"differs from the {was} base that wrote checkpoint {where} (on {saved['device']}); "
-                f"{then} on a different frozen W0 than the one the adapter was trained on",
-                fix=f"{purpose} with {field}={was} (it runs on any device)"
-                + (", or start a new run" if purpose == "resume" else ""),
-            )
 
 
 class _StopRequested(Exception):

@@ -44,10 +44,9 @@ def load_trained(
     (`CheckpointError`); `dtype` or `quantize` (model.dtype / model.quantize values) other than the
     checkpoint's are refused with a `ConfigError` (`fedsb.run.check_placement`).
     """
-    from fedsb.fed.checkpoint import RunState, latest_checkpoint
+    from fedsb.fed.checkpoint import RunState, check_placement, latest_checkpoint, placement_record
     from fedsb.init.integrity import check_run_basis, require_run_basis
     from fedsb.job import placement_of
-    from fedsb.run import check_placement, placement_record
 
     d = Path(run_dir)
     latest = latest_checkpoint(d / "checkpoints") if (d / CONFIG_FILE).is_file() else None
