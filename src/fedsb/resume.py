@@ -4,8 +4,9 @@ A resumed run continues with its saved configuration. Allowed overrides: `fed.ro
 run; not when privacy.target_epsilon fixed the noise for the planned rounds: more rounds would spend more
 than the target), `progress` (display only), `output_dir` naming the run directory itself, and where it
 runs: `device`, `model.dtype`, `model.quantize` and `model.device_map` (a checkpoint is continued only
-under the base dtype and quantization that wrote it: `fedsb.run.check_placement` says why otherwise). Anything else is refused with a `ConfigError` naming the
-field, the value and the fix, and config.yaml is untouched.
+under the base dtype and quantization that wrote it: `fedsb.fed.checkpoint.check_placement` says why
+otherwise). Anything else is refused with a `ConfigError` naming the field, the value and the fix, and
+config.yaml is untouched.
 """
 
 from __future__ import annotations

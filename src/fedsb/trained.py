@@ -42,7 +42,7 @@ def load_trained(
     (and, for FedEx-LoRA / FLoRA, the updates folded into W0), through the job recipe. A Fed-SB run whose
     basis/ is missing, or does not hash to the fingerprint its checkpoint recorded, is refused
     (`CheckpointError`); `dtype` or `quantize` (model.dtype / model.quantize values) other than the
-    checkpoint's are refused with a `ConfigError` (`fedsb.run.check_placement`).
+    checkpoint's are refused with a `ConfigError` (`fedsb.fed.checkpoint.check_placement`).
     """
     from fedsb.fed.checkpoint import RunState, check_placement, latest_checkpoint, placement_record
     from fedsb.init.integrity import check_run_basis, require_run_basis
