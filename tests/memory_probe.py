@@ -1,6 +1,7 @@
 """Measure one client's training peak memory, each configuration in a fresh process forked after the
 imports: `python tests/memory_probe.py JSON`, a list of {"model": LlamaConfig kwargs, "overrides": fedsb
-settings, "batch": B, "seq": T, "steps": n}. The
+settings (model.quantize and train.gradient_checkpointing as a run applies them), "batch": B, "seq": T,
+"steps": n}. The
 model is a random Llama built from its config; the configured method's adapters are injected
 (`FederatedMethod.inject`, exactly what trains); `train_local` (the real training loop: loss, autocast,
 clipping, AdamW) runs `steps` steps on B x T random tokens, all labelled. Prints a JSON list: per
@@ -35,8 +36,10 @@ def main(spec: dict) -> dict:
     torch.set_num_threads(1)
     cfg = resolve_config(None, [*spec["overrides"], f"train.batch_size={spec['batch']}"])
     config = LlamaConfig(**spec["model"])
+    quantize = cfg.model.quantize
+    dtype = torch.bfloat16 if quantize != "none" else torch.float32  # model.dtype=auto on the CPU
     with torch.device("meta"):
-        meta = LlamaForCausalLM(config)
+        meta = LlamaForCausalLM(config).to(dtype)
     get_method_class(cfg.fed.method).inject(meta, cfg)
     estimate = estimate_memory(
         meta,
@@ -45,12 +48,22 @@ def main(spec: dict) -> dict:
         optimizer=cfg.train.optimizer,
         bf16_autocast=cfg.train.bf16,
         grad_accum=cfg.train.grad_accum,
+        quantize=quantize,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
     )
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (spec["batch"], spec["seq"]), generator=g)  # (B, T)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     baseline = resident()
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config).to(dtype)
+    if quantize != "none":  # as the job recipe loads a quantized base: bf16, then 4/8-bit layer by layer
+        from fedsb.models.quantize import quantize_model
+
+        quantize_model(model, quantize, compute_dtype=dtype)
+    if cfg.train.gradient_checkpointing:
+        from fedsb.job import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
     adapted = get_method_class(cfg.fed.method).inject(model, cfg)
     train_local(
         model,

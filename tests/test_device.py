@@ -50,6 +50,7 @@ def test_device_auto_is_the_cpu_here_and_bit_identical_to_device_cpu(tmp_path: P
         "name": "cpu",
         "model_dtype": "float32",
         "requested_model_dtype": "auto",
+        "quantize": "none",
     }
     a, b = adapter(tmp_path / "auto"), adapter(tmp_path / "cpu")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

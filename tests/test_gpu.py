@@ -120,6 +120,33 @@ def test_nf4_base_on_cuda(tmp_path: Path) -> None:
     assert max(float(v.abs().max()) for v in r.values()) > 0
 
 
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_a_quantized_base_on_cuda_trains_only_r_close_to_the_cpu(tmp_path: Path, quantize: str) -> None:
+    """The CPU pins of tests/test_quantize.py within 2e-2 relative: bitsandbytes' CUDA kernels dequantize
+    the same bytes but sum in another order, in bf16 (the quantized base's auto dtype on both)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from test_quantize import PINNED
+
+    cfg = resolve_config(
+        TINY, [*QUICK, "device=cuda", f"model.quantize={quantize}", f"output_dir={tmp_path}"]
+    )
+    run = Run(cfg, echo=print).setup()
+    kind = bnb.nn.Linear4bit if quantize == "nf4" else bnb.nn.Linear8bitLt
+    layers = run.parts.adapted.layers
+    assert all(isinstance(layer.base_layer, kind) for layer in layers.values())
+    assert all(layer.base_layer.weight.device.type == "cuda" for layer in layers.values())
+    model = run.parts.adapted.model
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    run.begin()
+    assert run.train()
+    after = model.state_dict()
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert moved and all(k.endswith("lora_sb_R.weight") for k in moved), moved[:5]
+    first = first_losses(run.finish())
+    print(f"cuda {quantize}-base first losses", first)
+    assert first == pytest.approx(PINNED[quantize], rel=2e-2)
+
+
 @pytest.mark.parametrize(("first", "then"), [("cuda", "cpu"), ("cpu", "cuda")])
 def test_a_run_resumes_on_the_other_device(tmp_path: Path, first: str, then: str) -> None:
     whole = tmp_path / "whole"

@@ -163,6 +163,14 @@ def _add_eval_parser(sub: Any, common: list[argparse.ArgumentParser]) -> None:
         "--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:N or mps (default: the run's, else auto)"
     )
     ev.add_argument(
+        "--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+        help="base model dtype (default: the run's, which a run directory requires; else auto)",
+    )  # fmt: skip
+    ev.add_argument(
+        "--quantize", choices=("none", "nf4", "int8"),
+        help="4/8-bit base (default: the run's, which a run directory requires; else none)",
+    )  # fmt: skip
+    ev.add_argument(
         "--hub", action="store_true", default=None,
         help="allow downloading --model from the Hugging Face hub (default: the run's model.hub, else no)",
     )  # fmt: skip
@@ -256,6 +264,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         bf16=args.bf16,
         progress=not args.no_progress,
         device=args.device,
+        dtype=args.dtype,
+        quantize=args.quantize,
         hub=args.hub,
     )
     print(format_report(report))

@@ -70,6 +70,12 @@ class ModelConfig:
         "frozen base model dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16; "
         "R, heads and optimizer state always stay float32",
     )
+    quantize: str = _f(
+        "none",
+        "frozen base in 4 or 8 bits through bitsandbytes: none, nf4 (4-bit NormalFloat, ~0.56 bytes per "
+        "linear weight) or int8 (LLM.int8()); every linear layer but the heads; with model.dtype=auto the "
+        "rest of the base is bfloat16; adapters, R and optimizer state stay float32",
+    )
     device_map: str | None = _f(
         None,
         "null (the whole model on `device`) or auto (spread a local/hub checkpoint over the visible GPUs "
@@ -89,6 +95,7 @@ class ModelConfig:
             "name a model, e.g. smollm2-135m",
         )
         _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        _choice("model.quantize", self.quantize, ("none", "nf4", "int8"))
         _check(self.device_map in (None, "auto"), "model.device_map", self.device_map, "use null or auto")
         _check(isinstance(self.hub, bool), "model.hub", self.hub, "use true or false")
 
@@ -262,6 +269,11 @@ class TrainConfig:
     )
     max_grad_norm: float | None = _f(1.0, "clip the gradient norm of the trained tensors (null: no clipping)")
     bf16: bool = _f(True, "bf16 autocast on CPU (about 1.8x faster; R and optimizer state stay fp32)")
+    gradient_checkpointing: bool = _f(
+        False,
+        "recompute each block's activations in the backward pass instead of keeping them (less memory, "
+        "about one more forward per step; transformers' gradient checkpointing, non-reentrant)",
+    )
 
     def __post_init__(self) -> None:
         _choice("train.optimizer", self.optimizer, ("adamw", "sgd"))
@@ -296,6 +308,12 @@ class TrainConfig:
         )
         _choice("train.schedule_scope", self.schedule_scope, ("global", "round"))
         _positive_float("train.max_grad_norm", self.max_grad_norm, allow_none=True)
+        _check(
+            isinstance(self.gradient_checkpointing, bool),
+            "train.gradient_checkpointing",
+            self.gradient_checkpointing,
+            "use true or false",
+        )
 
 
 @dataclass

@@ -29,12 +29,15 @@ DTYPES: dict[str, torch.dtype] = {
 
 @dataclass(frozen=True)
 class Placement:
-    """The run's device and the base model's dtype, with what was asked for (for the manifest)."""
+    """The run's device, the base model's dtype and its quantization (none, nf4, int8), with what was asked
+    for (for the manifest). With a quantized base, `dtype` is that of the unquantized rest (embeddings,
+    norms, heads) and the quantized layers' compute dtype."""
 
     device: torch.device
     dtype: torch.dtype
     requested_device: str = "auto"
     requested_dtype: str = "auto"
+    quantize: str = "none"
 
     @property
     def dtype_name(self) -> str:
@@ -48,6 +51,7 @@ class Placement:
             "name": device_name(self.device),
             "model_dtype": self.dtype_name,
             "requested_model_dtype": self.requested_dtype,
+            "quantize": self.quantize,
         }
 
 
@@ -88,21 +92,32 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
-    """`auto`: bfloat16 on a CUDA device that supports it, float32 everywhere else (the CPU default)."""
+def resolve_dtype(spec: str, device: torch.device, quantize: str = "none") -> torch.dtype:
+    """`auto`: bfloat16 on a CUDA device that supports it, float32 everywhere else (the CPU default); for a
+    quantized base (nf4, int8) bfloat16 on the CPU too (the rest of a 4-bit base in 16 bits, as
+    transformers loads one), float16 on a CUDA device without bf16."""
     if spec == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
+        if quantize != "none":
+            return torch.float16 if device.type == "cuda" else torch.bfloat16
         return torch.float32
     if spec not in DTYPES:
         raise ConfigError(field="model.dtype", value=spec, fix=f"use auto or one of {', '.join(DTYPES)}")
     return DTYPES[spec]
 
 
-def resolve_placement(device: str, dtype: str) -> Placement:
-    """The `Placement` for the `device` and `model.dtype` settings (checked against this machine)."""
+def resolve_placement(device: str, dtype: str, quantize: str = "none") -> Placement:
+    """The `Placement` for the `device`, `model.dtype` and `model.quantize` settings (checked against this
+    machine)."""
     dev = resolve_device(device)
-    return Placement(dev, resolve_dtype(dtype, dev), requested_device=device, requested_dtype=dtype)
+    return Placement(
+        dev,
+        resolve_dtype(dtype, dev, quantize),
+        requested_device=device,
+        requested_dtype=dtype,
+        quantize=quantize,
+    )
 
 
 def device_name(device: torch.device) -> str:

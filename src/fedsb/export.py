@@ -3,6 +3,10 @@
 PEFT export of dW = s * B R A: lora_B = B R (m, r), lora_A = A (r, n), lora_alpha = s * r so PEFT's scale
 alpha / r equals s. RAVAN's h heads export as one LoRA of rank h r: lora_B = [s_1 B_1 H_1 | ... | s_h B_h H_h],
 lora_A = [A_1; ...; A_h]. Nothing is approximated: the exported LoRA computes exactly the same update.
+
+On a 4/8-bit base (`model.quantize`) the PEFT adapter is the same standard LoRA: it loads on the same base
+quantized by transformers (`BitsAndBytesConfig`, the settings of `fedsb.models.quantize`) and computes the
+same logits; the merged export dequantizes W0 and adds the update (a dense checkpoint in the base dtype).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from fedsb.adapters.layer import AdapterLayer, LoraSBLinear
 from fedsb.adapters.lora import LoraLinear
 from fedsb.adapters.ravan import RavanLinear
 from fedsb.errors import CheckpointError
+from fedsb.models.quantize import dense_dtype, dequantized_weight, is_quantized
 
 log = logging.getLogger("fedsb.export")
 
@@ -225,13 +230,34 @@ def export_peft(
 
 
 @torch.no_grad()
+def dense_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`model.state_dict()` with every 4/8-bit layer's weight dequantized to the dtype it was quantized
+    from (its quantization statistics dropped): the state dict of the same model with a dense base."""
+    quantized = {path: m for path, m in model.named_modules() if is_quantized(m)}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        owner = next((p for p in quantized if key.startswith(p + ".")), None)
+        if owner is None:
+            out[key] = value
+        elif key == f"{owner}.weight":
+            out[key] = dequantized_weight(quantized[owner]).to(dense_dtype(quantized[owner]))  # (m, n)
+        elif key == f"{owner}.bias":
+            out[key] = value
+    if quantized:
+        log.info("merged export: %d quantized layers dequantized", len(quantized))
+    return out
+
+
+@torch.no_grad()
 def merged_state_dict(adapted: AdaptedModel) -> dict[str, torch.Tensor]:
-    """The base model's state dict with W0 + s B R A in place of every adapted weight (no wrappers)."""
+    """The base model's state dict with W0 + s B R A in place of every adapted weight (no wrappers); a
+    4/8-bit base is dequantized first (`dense_state_dict`): the merged model is a dense checkpoint whose
+    W0 is deq(W0), the weights the run trained on, not the full-precision checkpoint it was quantized from."""
     layers = _adapter_layers(adapted)
     if any(layer.merged for layer in layers.values()):
         raise RuntimeError("unmerge the model before exporting it merged")
     out: dict[str, torch.Tensor] = {}
-    for key, value in adapted.model.state_dict().items():
+    for key, value in dense_state_dict(adapted.model).items():
         path, _, leaf = key.rpartition(".")
         owner, _, sub = path.rpartition(".")
         if sub == "base_layer" and owner in layers:

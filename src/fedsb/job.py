@@ -22,7 +22,7 @@ import torch
 from fedsb.config import RunConfig
 from fedsb.data.prepare import PreparedData, loader_factory, model_task, prepare_data, task_from_config
 from fedsb.device import Placement, resolve_placement
-from fedsb.errors import naming_settings
+from fedsb.errors import ConfigError, naming_settings
 from fedsb.seeding import derive_seed
 from fedsb.train.local import loss_for
 
@@ -83,26 +83,77 @@ def configure_torch(cfg: RunConfig) -> None:
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # deterministic mode also fills every new tensor with NaN (a debugging aid for kernels that read
+        # memory they never wrote); it costs a pass over each allocation, as much as dequantizing a 4-bit
+        # weight, and changes no result of a kernel that writes what it reads
+        torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 def placement_of(cfg: RunConfig) -> Placement:
-    """The run's device and base dtype on this machine (`device`, `model.dtype`; ConfigError if absent)."""
-    return resolve_placement(cfg.device, cfg.model.dtype)
+    """The run's device, base dtype and quantization on this machine (`device`, `model.dtype`,
+    `model.quantize`; ConfigError if the device is absent or the method cannot train on a quantized base)."""
+    if cfg.model.quantize != "none":
+        check_quantized_method(cfg)
+    return resolve_placement(cfg.device, cfg.model.dtype, cfg.model.quantize)
+
+
+def check_quantized_method(cfg: RunConfig) -> None:
+    """Refuse a method that writes the frozen base (it declares why: `FederatedMethod.quantized_base`)."""
+    from fedsb.fed.base import get_method_class
+
+    why = get_method_class(cfg.fed.method).quantized_base
+    if why is not None:
+        raise ConfigError(
+            field="model.quantize",
+            value=cfg.model.quantize,
+            what=f"does not work with fed.method={cfg.fed.method}: {why}",
+            fix="use model.quantize=none for this method, or an adapter method that leaves W0 frozen "
+            "(fedsb, ravan, fedit, ffa, fedsvd)",
+        )
 
 
 def load_base(cfg: RunConfig, task: Any, placement: Placement) -> Any:
-    """The base model and tokenizer, on the placement's device in its dtype (the recipe's one load)."""
+    """The base model and tokenizer, on the placement's device in its dtype (the recipe's one load); a
+    quantized base is loaded on the CPU (or spread by device_map) and quantized layer by layer onto the
+    device (`fedsb.models.quantize`); `train.gradient_checkpointing` is switched on here."""
     from fedsb.models import load_model
 
-    return load_model(
+    quantized = placement.quantize != "none"
+    loaded = load_model(
         cfg.model.name,
         dtype=placement.dtype,
         seed=derive_seed(cfg.seed, "model") % (2**32),
-        device=placement.device,
+        device=None if quantized else placement.device,
         device_map=cfg.model.device_map,
         hub=cfg.model.hub,
         **model_task(task),
     )
+    if quantized:
+        from fedsb.models.quantize import place_quantized
+
+        device = None if cfg.model.device_map is not None else placement.device
+        place_quantized(loaded.model, placement.quantize, compute_dtype=placement.dtype, device=device)
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(loaded.model)
+    return loaded
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """transformers' gradient checkpointing, non-reentrant (no input that requires grad needed; dropout
+    masks replayed from the saved RNG state, so the gradients equal those without it). Active in train
+    mode only: evaluation is untouched."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(
+            field="train.gradient_checkpointing",
+            value=True,
+            what=f"is not supported by {type(model).__name__} (transformers has no checkpointing for it)",
+            fix="set train.gradient_checkpointing=false",
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # pragma: no cover - older transformers
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def build_components(

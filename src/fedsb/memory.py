@@ -10,7 +10,9 @@
 - activations: exactly the tensors autograd saves for backward in one training forward of batch x sequence
   tokens (all of them labelled: the worst case), traced with `saved_tensors_hooks` on the meta device (no
   memory, no compute; SDPA traced as the fused kernels CPU and CUDA run, which keep q, k, v, the output and
-  the log-sum-exp), plus the backward's first gradients of the fp32 logits (`LOGIT_COPIES` of them).
+  the log-sum-exp), plus the backward's first gradients of the fp32 logits (`LOGIT_COPIES` of them); with
+  gradient checkpointing every block's input and one block's saved tensors; an int8 base's layers also
+  keep their inputs (bitsandbytes' CPU training matmul).
 
 Allocator slack, the CUDA context (~0.5 GiB) and the interpreter's own memory are not included.
 """
@@ -26,12 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: bytes per element of a quantized linear weight: nf4 (4 bits + an fp32 absmax per block of 64), int8
-QUANTIZED_BYTES: dict[str, float] = {"nf4": 0.5 + 4 / 64, "int8": 1.0}
+from fedsb.models.quantize import KEEP_DENSE, QUANTIZED_BYTES
+
 #: fp32 tensors of the logits' size alive at the start of backward (logits, their fp32 view, the loss grad)
 LOGIT_COPIES = 3
-#: output heads that stay unquantized in a quantized base (transformers' default: the output embedding)
-UNQUANTIZED = ("lm_head", "score", "classifier")
 
 
 @dataclass(frozen=True)
@@ -82,9 +82,13 @@ def estimate_memory(
     bf16_autocast: bool = False,
     grad_accum: int = 1,
     quantize: str = "none",
+    gradient_checkpointing: bool = False,
 ) -> MemoryEstimate:
     """Estimate the training peak of `model`: a meta-device model with its adapters injected and exactly
-    the trained tensors requiring gradients (built by `fedsb.plan`). `quantize`: none, nf4 or int8."""
+    the trained tensors requiring gradients (built by `fedsb.plan`). `quantize`: none, nf4 or int8 (int8's
+    CPU/XPU training matmul keeps each quantized layer's input for backward as well; nf4 keeps nothing
+    but its packed weight). `gradient_checkpointing`: each decoder block keeps only its input; one block's
+    own saved tensors are recomputed at a time in the backward pass."""
     if quantize != "none" and quantize not in QUANTIZED_BYTES:
         raise ValueError(f"quantize={quantize!r}: use none or one of {', '.join(QUANTIZED_BYTES)}")
     trained = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
@@ -110,7 +114,15 @@ def estimate_memory(
             m.weight.numel() * 2 for m in _linears(model) if id(m.weight) not in adapter_ids
         )
     trace_dtype = torch.bfloat16 if bf16_autocast else None
-    saved, logits = traced_activations(model, batch=batch, seq=seq, classify=classify, dtype=trace_dtype)
+    saved, logits = traced_activations(
+        model,
+        batch=batch,
+        seq=seq,
+        classify=classify,
+        dtype=trace_dtype,
+        checkpointed=gradient_checkpointing,
+        keeps_inputs=quantized if quantize == "int8" else set(),
+    )
     return MemoryEstimate(
         frozen_weights=frozen,
         adapter_weights=adapter,
@@ -126,18 +138,58 @@ def estimate_memory(
 
 
 def traced_activations(
-    model: nn.Module, *, batch: int, seq: int, classify: bool = False, dtype: torch.dtype | None = None
+    model: nn.Module,
+    *,
+    batch: int,
+    seq: int,
+    classify: bool = False,
+    dtype: torch.dtype | None = None,
+    checkpointed: bool = False,
+    keeps_inputs: set[int] = frozenset(),  # type: ignore[assignment]
 ) -> tuple[int, int]:
     """(bytes autograd saves for backward, bytes of the fp32 logits) in one training forward of a meta
-    model on `batch` x `seq` tokens; `dtype` casts the floating activations (bf16 autocast's compute dtype)."""
+    model on `batch` x `seq` tokens; `dtype` casts the floating activations (bf16 autocast's compute dtype).
+
+    `checkpointed` (gradient checkpointing of the decoder blocks): what a block saves is counted once, for
+    the largest block (recomputed one at a time in backward), plus every block's input (what the
+    checkpoint keeps). `keeps_inputs`: ids of linear weights whose layers also keep their input."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     params = {id(p) for p in model.parameters()}
     saved: dict[int, int] = {}
+    block_saved: dict[int, dict[int, int]] = {}  # block -> its own saved tensors
+    current: list[int] = []  # the block being traced (checkpointed only)
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         base = t._base if t._base is not None else t
         if id(base) not in params:
-            saved[id(base)] = base.numel() * base.element_size()
+            into = block_saved.setdefault(current[-1], {}) if current else saved
+            into[id(base)] = base.numel() * base.element_size()
         return t
+
+    def enter(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        saved[id(hidden)] = hidden.numel() * hidden.element_size()  # the checkpoint keeps the block input
+        current.append(id(module))
+
+    def leave(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        current.pop()
+
+    def keep_input(module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0]
+        into = block_saved.setdefault(current[-1], {}) if current else saved
+        into[id(x)] = x.numel() * x.element_size()
+
+    handles = [
+        m.register_forward_pre_hook(keep_input)
+        for m in model.modules()
+        if isinstance(getattr(m, "weight", None), torch.Tensor) and id(m.weight) in keeps_inputs
+    ]
+    if checkpointed:
+        for m in model.modules():
+            if isinstance(m, GradientCheckpointingLayer):
+                handles.append(m.register_forward_pre_hook(enter, with_kwargs=True))
+                handles.append(m.register_forward_hook(leave, with_kwargs=True))
 
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
     was_training = model.training
@@ -155,7 +207,10 @@ def traced_activations(
                     F.cross_entropy(pred.reshape(-1, pred.shape[-1]), ids[:, 1:].reshape(-1))
     finally:
         model.train(was_training)
-    return sum(saved.values()), logits.numel() * 4
+        for h in handles:
+            h.remove()
+    blocks = max((sum(b.values()) for b in block_saved.values()), default=0)
+    return sum(saved.values()) + blocks, logits.numel() * 4
 
 
 class _FusedAttention(torch.autograd.Function):
@@ -229,11 +284,14 @@ def _linears(model: nn.Module) -> list[nn.Linear]:
 
 
 def _quantizable_weights(model: nn.Module) -> set[int]:
-    """ids of the linear weights a 4/8-bit base quantizes: every nn.Linear of the base but the heads."""
+    """ids of the linear weights a 4/8-bit base quantizes (`fedsb.models.quantize.quantize_model`): every
+    nn.Linear and Conv1D of the base outside the heads it keeps dense."""
+    from transformers.pytorch_utils import Conv1D
+
     adapters = set(map(id, _adapter_modules(model)))
     out = set()
     for path, m in model.named_modules():
-        leaf = path.rsplit(".", 1)[-1]
-        if isinstance(m, nn.Linear) and leaf not in UNQUANTIZED and id(m) not in adapters:
+        dense = set(path.split(".")) & set(KEEP_DENSE)
+        if isinstance(m, nn.Linear | Conv1D) and not dense and id(m) not in adapters:
             out.add(id(m.weight))
     return out

@@ -51,12 +51,13 @@ def planned_placement(cfg: RunConfig) -> tuple[Placement, str | None]:
     try:
         return placement_of(cfg), None
     except ConfigError as exc:
-        if cfg.device == "auto":
+        if cfg.device == "auto" or exc.field != "device":  # only a missing device is planned for
             raise
         device = torch.device(cfg.device)
-        dtype = DTYPES.get(cfg.model.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        auto = torch.bfloat16 if device.type == "cuda" or cfg.model.quantize != "none" else torch.float32
+        dtype = DTYPES.get(cfg.model.dtype, auto)
         note = f"{exc.what.removeprefix('is ')}: planned as if it were there"
-        return Placement(device, dtype, cfg.device, cfg.model.dtype), note
+        return Placement(device, dtype, cfg.device, cfg.model.dtype, cfg.model.quantize), note
 
 
 def plan_run(cfg: RunConfig) -> dict[str, Any]:
@@ -70,7 +71,7 @@ def plan_run(cfg: RunConfig) -> dict[str, Any]:
     model, source = meta_model(cfg, task, placement.dtype)
     params = sum(p.numel() for p in model.parameters())
     adapted = get_method_class(cfg.fed.method).inject(model, cfg)
-    configured = getattr(cfg.model, "quantize", "none")  # the setting arrives with quantized bases
+    configured = cfg.model.quantize
     memory = {
         q: estimate_memory(
             model,
@@ -82,6 +83,7 @@ def plan_run(cfg: RunConfig) -> dict[str, Any]:
             bf16_autocast=cfg.train.bf16,
             grad_accum=cfg.train.grad_accum,
             quantize=q,
+            gradient_checkpointing=cfg.train.gradient_checkpointing,
         ).to_dict()
         for q in dict.fromkeys((configured, *QUANTIZE_VARIANTS))
     }

@@ -3,9 +3,10 @@
 A resumed run continues with its saved configuration. Allowed overrides: `fed.rounds` (to extend or end a
 run; not when privacy.target_epsilon fixed the noise for the planned rounds: more rounds would spend more
 than the target), `progress` (display only), `output_dir` naming the run directory itself, and where it
-runs: `device`, `model.dtype` and `model.device_map` (a checkpoint is continued only under the base dtype
-that wrote it: `fedsb.run.check_placement`). Anything else is refused with a `ConfigError` naming the
-field, the value and the fix, and config.yaml is untouched.
+runs: `device`, `model.dtype`, `model.quantize` and `model.device_map` (a checkpoint is continued only
+under the base dtype and quantization that wrote it: `fedsb.fed.checkpoint.check_placement` says why
+otherwise). Anything else is refused with a `ConfigError` naming the field, the value and the fix, and
+config.yaml is untouched.
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ from typing import Any
 from fedsb.config import RunConfig, config_from_dict, merge_overrides, parse_override
 from fedsb.errors import ConfigError
 
-ALLOWED_ON_RESUME = ("fed.rounds", "progress", "output_dir", "device", "model.dtype", "model.device_map")
+ALLOWED_ON_RESUME = (
+    "fed.rounds",
+    "progress",
+    "output_dir",
+    "device",
+    "model.dtype",
+    "model.quantize",
+    "model.device_map",
+)
 
 
 def resumed_config(saved: dict[str, Any], overrides: list[str], run_dir: Path) -> RunConfig:

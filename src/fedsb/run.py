@@ -20,9 +20,8 @@ from typing import Any
 import torch
 
 from fedsb.config import RunConfig, config_to_yaml, load_yaml
-from fedsb.device import Placement
 from fedsb.errors import CheckpointError, ConfigError
-from fedsb.fed.checkpoint import RunState, latest_checkpoint
+from fedsb.fed.checkpoint import RunState, check_placement, latest_checkpoint, placement_record
 from fedsb.fed.rounds import RoundRecord, Server, run_rounds
 from fedsb.job import CONFIG_FILE, Components, build_components, configure_torch, placement_of
 from fedsb.paths import make_output_dir
@@ -360,39 +359,6 @@ class Run:
             "resumed": self.resume is not None,
             "privacy": p.privacy.summary() if p.privacy else {"mode": "none"},
         }
-
-
-# ---- what a checkpoint may be continued with -------------------------------------------------------------
-
-
-def placement_record(cfg: RunConfig, placement: Placement) -> dict[str, Any]:
-    """The precision a checkpoint was written under: the frozen base's dtype (and quantization, where the
-    config has that setting), and the device, which is informative only (checkpoints are device-free)."""
-    return {
-        "device": str(placement.device),
-        "model_dtype": placement.dtype_name,
-        "quantize": getattr(cfg.model, "quantize", "none"),
-    }
-
-
-def check_placement(state: RunState, current: dict[str, Any], where: Path) -> None:
-    """Refuse to continue a checkpoint under another frozen-base precision (it would change W0 mid-run).
-
-    A different device is fine: checkpoints hold CPU tensors and every random draw is seeded per round.
-    Checkpoints older than this record carry none and are accepted as they are.
-    """
-    saved = state.placement
-    if not saved:
-        return
-    for key, field in (("model_dtype", "model.dtype"), ("quantize", "model.quantize")):
-        if saved.get(key, current[key]) != current[key]:
-            raise ConfigError(
-                field=field,
-                value=current[key],
-                what=f"differs from the {saved[key]} base that wrote checkpoint {where} (on {saved['device']}); "
-                "continuing would train the remaining rounds on a different frozen W0",
-                fix=f"resume with {field}={saved[key]} (it runs on any device), or start a new run",
-            )
 
 
 class _StopRequested(Exception):

@@ -32,16 +32,21 @@ def export_final(method: Any, loaded: Any, tokenizer: Any, out: Path, *, rounds:
     return {"format": "peft", **export_peft(adapted, out / "peft", base_model=base)}
 
 
-def load_trained(run_dir: str | Path, *, device: str | None = None) -> tuple[Any, Any, Any]:
+def load_trained(
+    run_dir: str | Path, *, device: str | None = None, dtype: str | None = None, quantize: str | None = None
+) -> tuple[Any, Any, Any]:
     """(method with the final global state installed, tokenizer, loaded model info) of a run directory.
 
-    Rebuilds the base model (on the run's `device` setting, or `device`; in the dtype its checkpoint
-    records), the method's adapters (Fed-SB: from basis/) and the last checkpoint's global state (and, for
-    FedEx-LoRA / FLoRA, the updates folded into W0), through the job recipe. A Fed-SB run whose basis/ is
-    missing, or does not hash to the fingerprint its checkpoint recorded, is refused (`CheckpointError`).
+    Rebuilds the base model (on the run's `device` setting, or `device`; in the dtype and quantization its
+    checkpoint records), the method's adapters (Fed-SB: from basis/) and the last checkpoint's global state
+    (and, for FedEx-LoRA / FLoRA, the updates folded into W0), through the job recipe. A Fed-SB run whose
+    basis/ is missing, or does not hash to the fingerprint its checkpoint recorded, is refused
+    (`CheckpointError`); `dtype` or `quantize` (model.dtype / model.quantize values) other than the
+    checkpoint's are refused with a `ConfigError` (`fedsb.fed.checkpoint.check_placement`).
     """
-    from fedsb.fed.checkpoint import RunState, latest_checkpoint
+    from fedsb.fed.checkpoint import RunState, check_placement, latest_checkpoint, placement_record
     from fedsb.init.integrity import check_run_basis, require_run_basis
+    from fedsb.job import placement_of
 
     d = Path(run_dir)
     latest = latest_checkpoint(d / "checkpoints") if (d / CONFIG_FILE).is_file() else None
@@ -54,9 +59,15 @@ def load_trained(run_dir: str | Path, *, device: str | None = None) -> tuple[Any
     require_run_basis(d, state.basis_fingerprint)
     if device is not None:
         cfg.device = device
-    if state.placement:  # the base in the dtype it was trained with, whatever `auto` means here
+    if dtype is not None:
+        cfg.model.dtype = dtype
+    if quantize is not None:
+        cfg.model.quantize = quantize
+    if state.placement and dtype is None:  # the base in the dtype it was trained with, whatever `auto` means
         cfg.model.dtype = state.placement["model_dtype"]
-    parts = build_components(cfg, role="trained", setup_dir=d, resume=True)
+    placement = placement_of(cfg)
+    check_placement(state, placement_record(cfg, placement), latest, purpose="load")
+    parts = build_components(cfg, role="trained", setup_dir=d, resume=True, placement=placement)
     check_run_basis(d, state.basis_fingerprint, parts.method.basis_fingerprint, latest.name)
     parts.method.load_state_tensors(state.global_tensors)
     return parts.method, parts.tokenizer, parts.loaded

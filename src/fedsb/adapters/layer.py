@@ -14,6 +14,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from fedsb.errors import FedsbError
+from fedsb.models.quantize import dequantized_weight, is_quantized, quantization_of
 
 log = logging.getLogger("fedsb.adapters")
 
@@ -38,6 +39,13 @@ def linear_dims(base: nn.Module) -> tuple[int, int]:
 def weight_in_linear_layout(base: nn.Module) -> torch.Tensor:
     """The base weight as an (m, n) view in `nn.Linear` layout (a transpose view for Conv1D)."""
     return base.weight.T if isinstance(base, Conv1D) else base.weight
+
+
+def dense_weight(base: nn.Module) -> torch.Tensor:
+    """W0 as a dense fp32 (m, n) tensor: the dequantized weight of a 4/8-bit layer, else a copy."""
+    if is_quantized(base):
+        return dequantized_weight(base)
+    return weight_in_linear_layout(base).detach().float()
 
 
 def base_device(base: nn.Module) -> torch.device:
@@ -141,12 +149,22 @@ class AdapterLayer(nn.Module):
         """W0 <- W0 + delta for a dense (m, n) update (FedEx-LoRA residuals, FLoRA stacks)."""
         if self.merged:
             raise RuntimeError("unmerge the layer before folding an update into it")
+        if is_quantized(self.base_layer):
+            self._add_to_base(delta)  # refused with the reason
         w = weight_in_linear_layout(self.base_layer)
         if w.dtype != torch.float32:
             log.warning("folding into a %s base weight loses precision; load the model in float32", w.dtype)
         self._add_to_base(delta)
 
     def _add_to_base(self, delta: torch.Tensor) -> None:
+        if is_quantized(self.base_layer):
+            raise FedsbError(
+                field="model.quantize",
+                value=quantization_of(self.base_layer),
+                what="gives a 4/8-bit W0, which cannot hold a merged or folded update without requantizing it",
+                fix="keep the adapter unmerged (a merged export dequantizes W0: export_merged), or use a base "
+                "with model.quantize=none",
+            )
         w = weight_in_linear_layout(self.base_layer)
         w.copy_((w.float() + delta.to(w.device, torch.float32)).to(w.dtype))
 

@@ -41,18 +41,25 @@ def load_target(
     seed: int = 0,
     device: str = "auto",
     hub: bool = False,
+    quantize: str = "none",
+    run_precision: tuple[str | None, str | None] = (None, None),
 ) -> EvalTarget:
     """Load what ``target`` names: a run directory (config.yaml + checkpoints/: the final global model,
     rebuilt by the job recipe), a PEFT LoRA directory (adapter_config.json; base from ``model`` or the
     adapter's base_model_name_or_path; merged for speed) or, for ``target=None``, the base model ``model``
-    itself; on ``device`` (auto, cpu, cuda[:N], mps) in ``dtype`` (auto: bf16 on CUDA, else fp32). ``hub``:
-    base models may be downloaded from the Hugging Face hub (see `fedsb.models.load_model`)."""
+    itself; on ``device`` (auto, cpu, cuda[:N], mps) in ``dtype`` (auto: bf16 on CUDA, else fp32), its
+    linear layers in 4/8 bits with ``quantize`` (nf4, int8; the PEFT adapter then stays unmerged). A run
+    directory is rebuilt as its checkpoint records; ``run_precision`` (dtype, quantize) asked for
+    explicitly must match it (`fedsb.trained.load_trained`). ``hub``: base models may be downloaded from
+    the Hugging Face hub (see `fedsb.models.load_model`)."""
     from fedsb.data.prepare import model_task
     from fedsb.device import resolve_placement
     from fedsb.models import load_model
+    from fedsb.models.quantize import place_quantized
 
-    placement = resolve_placement(device, dtype)
-    on = {"dtype": placement.dtype, "device": placement.device, "seed": seed}
+    placement = resolve_placement(device, dtype, quantize)
+    quantized = quantize != "none"
+    on = {"dtype": placement.dtype, "device": None if quantized else placement.device, "seed": seed}
     if target is None:
         if not model:
             raise ConfigError(
@@ -60,6 +67,7 @@ def load_target(
             )
         with naming_settings({"model.name": "--model"}):
             loaded = load_model(model, **on, hub=hub, **model_task(task))
+        place_quantized(loaded.model, quantize, compute_dtype=placement.dtype, device=placement.device)
         return EvalTarget(loaded.model, loaded.tokenizer, "base", model)
     path = Path(target).expanduser()
     if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
@@ -72,7 +80,9 @@ def load_target(
             )  # fmt: skip
         from fedsb.config import config_from_dict, load_yaml
 
-        method, tokenizer, loaded = load_trained(path, device=device)
+        method, tokenizer, loaded = load_trained(
+            path, device=device, dtype=run_precision[0], quantize=run_precision[1]
+        )
         method.install_global()
         cfg = config_from_dict(load_yaml(path / "config.yaml"))
         return EvalTarget(method.adapted.model, tokenizer, "run", loaded.name, run_config=cfg)
@@ -95,9 +105,10 @@ def load_target(
             )  # fmt: skip
         with naming_settings({"model.name": "--model"} if model else {}):
             loaded = load_model(base, **on, hub=hub, **wanted)
-        merged = PeftModel.from_pretrained(loaded.model, str(path)).merge_and_unload()
-        tokenizer = loaded.tokenizer
-        return EvalTarget(merged, tokenizer, "peft", base)
+        place_quantized(loaded.model, quantize, compute_dtype=placement.dtype, device=placement.device)
+        peft = PeftModel.from_pretrained(loaded.model, str(path))
+        ready = peft if quantized else peft.merge_and_unload()  # merging into 4/8 bits would requantize
+        return EvalTarget(ready, loaded.tokenizer, "peft", base)
     raise ConfigError(
         field="target", value=str(target),
         what="is neither a fedsb run directory (config.yaml, checkpoints/) nor a PEFT directory (adapter_config.json)",
@@ -123,12 +134,16 @@ def evaluate_saved(
     progress: bool = False,
     device: str | None = None,
     hub: bool | None = None,
+    dtype: str | None = None,
+    quantize: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``target`` (see ``load_target``) and return a JSON-ready report.
 
     For a run directory every unset argument comes from the run's config (task, options, evaluation split
     and size, scorer, batch size, bf16 autocast, ...), so the report reproduces the run's final
-    evaluation. Otherwise ``task_name`` is required and the defaults are the config defaults.
+    evaluation. Otherwise ``task_name`` is required and the defaults are the config defaults. ``dtype`` /
+    ``quantize``: the base's precision (a run directory's must be its checkpoint's: anything else is
+    refused with a reason).
     """
     from fedsb.config import RunConfig, config_from_dict, load_yaml
     from fedsb.data.tasks import get_task
@@ -164,8 +179,9 @@ def evaluate_saved(
             )  # fmt: skip
     hub = cfg.model.hub if hub is None else hub
     loaded = load_target(
-        target, model=model, task=task, dtype=cfg.model.dtype, seed=cfg.seed, device=device or cfg.device,
-        hub=hub,
+        target, model=model, task=task, dtype=dtype or cfg.model.dtype, seed=cfg.seed,
+        device=device or cfg.device, hub=hub, quantize=quantize or cfg.model.quantize,
+        run_precision=(dtype, quantize),
     )  # fmt: skip
     the_split = split or cfg.data.eval_split
     n = cfg.data.test_size if size == "auto" else size

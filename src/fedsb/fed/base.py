@@ -110,6 +110,8 @@ class FederatedMethod(ABC):
     name: ClassVar[str]
     exact: ClassVar[bool]
     default_scaling: ClassVar[float] = 1.0
+    #: why this method cannot train on a 4/8-bit frozen base (`model.quantize`), or None where it can
+    quantized_base: ClassVar[str | None] = None
 
     def __init__(self, adapted: AdaptedModel, *, weighting: str = "examples") -> None:
         self.adapted = adapted

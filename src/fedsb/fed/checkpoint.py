@@ -13,12 +13,16 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedsb.errors import CheckpointError
+from fedsb.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from fedsb.config import RunConfig
+    from fedsb.device import Placement
 
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
@@ -196,3 +200,49 @@ def unflatten_optimizer_state(
     for pid, values in meta["scalars"].items():
         state.setdefault(int(pid), {}).update(values)
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# ---- what a checkpoint may be continued with -------------------------------------------------------------
+
+
+def placement_record(cfg: RunConfig, placement: Placement) -> dict[str, Any]:
+    """The precision a checkpoint was written under: the frozen base's dtype and quantization (none, nf4,
+    int8), and the device, which is informative only (checkpoints are device-free)."""
+    return {
+        "device": str(placement.device),
+        "model_dtype": placement.dtype_name,
+        "quantize": placement.quantize,
+    }
+
+
+def check_placement(
+    state: RunState, current: dict[str, Any], where: Path, *, purpose: str = "resume"
+) -> None:
+    """Refuse to continue (or load: `purpose`) a checkpoint under another frozen-base precision, a base
+    dtype or quantization other than the one that wrote it: it would change W0 under the trained state.
+
+    A different device is fine: checkpoints hold CPU tensors and every random draw is seeded per round.
+    Checkpoints older than this record carry none and are accepted as they are under a dense base; a
+    record without `quantize` (or none at all) was written before quantized bases existed, by a dense
+    (none) base.
+    """
+    saved = state.placement or ({"device": "unknown"} if current["quantize"] != "none" else None)
+    if not saved:
+        return
+    defaults = {"model_dtype": current["model_dtype"], "quantize": "none"}
+    for key, name in (("quantize", "model.quantize"), ("model_dtype", "model.dtype")):
+        was = saved.get(key, defaults[key])
+        if was != current[key]:
+            then = (
+                "continuing would train the remaining rounds"
+                if purpose == "resume"
+                else "the model would run"
+            )
+            raise ConfigError(
+                field=name,
+                value=current[key],
+                what=f"differs from the {was} base that wrote checkpoint {where} (on {saved['device']}); "
+                f"{then} on a different frozen W0 than the one the adapter was trained on",
+                fix=f"{purpose} with {name}={was} (it runs on any device)"
+                + (", or start a new run" if purpose == "resume" else ""),
+            )

@@ -22,6 +22,9 @@ class FullFineTune(FederatedMethod):
 
     name: ClassVar[str] = "full"
     exact: ClassVar[bool] = True
+    quantized_base: ClassVar[str | None] = (
+        "it trains every weight of the base, and 4/8-bit weights do not train"
+    )
 
     @classmethod
     def inject(cls, model: nn.Module, cfg: RunConfig) -> AdaptedModel:

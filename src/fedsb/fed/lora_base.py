@@ -189,6 +189,10 @@ class FoldingMethod(LoraMethod):
     themselves and the folds still needed, so a resumed run continues from bit-identical W0.
     """
 
+    quantized_base: ClassVar[str | None] = (
+        "it folds a dense update into W0 every round, which a 4/8-bit W0 cannot hold without requantizing"
+    )
+
     def __init__(self, adapted: AdaptedModel, *, weighting: str = "examples", seed: int = 0) -> None:
         super().__init__(adapted, weighting=weighting, seed=seed)
         self.folds: dict[int, Fold] = {}  # round -> its fold, while some client may still need it

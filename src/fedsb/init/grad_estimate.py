@@ -1,9 +1,20 @@
-"""Accumulate full fine-tuning gradients of the target weights over n samples, leaving no trace."""
+"""Accumulate full fine-tuning gradients of the target weights over n samples, leaving no trace.
+
+A dense weight W gets its gradient from autograd (W.requires_grad). A 4/8-bit bitsandbytes weight cannot
+require a gradient, so its layer is tapped instead (`quantized_weight_grads`): the layer computes
+y = x deq(W0)^T (+ b) in its compute dtype, and its tap adds G = g^T x, with g = dL/dy (tokens, m) and x
+the layer's input (tokens, n), to an fp32 (m, n) buffer. That
+is exactly the gradient of the loss with respect to the dequantized weight deq(W0) the model computes
+with; what is approximated is W0 itself: the first full fine-tuning step is taken from the quantized
+model (the one the run trains), not from the full-precision checkpoint, and x is the layer's input before
+its cast to the compute dtype (bf16 rounding of x, for a bf16 compute dtype).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,11 +73,58 @@ def isolated_training_state(
                 p.grad = saved_grads[p]
 
 
+class _WeightGradTap(torch.autograd.Function):
+    """Identity on a layer's output y (..., m); its backward adds g^T x (m, n) to the layer's buffer."""
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, x: torch.Tensor, anchor: torch.Tensor, acc: torch.Tensor) -> Any:
+        ctx.save_for_backward(x)
+        ctx.acc = acc
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (x,) = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).to(torch.float32)  # (tokens, m)
+        ctx.acc.add_(g.T @ x.reshape(-1, x.shape[-1]).to(torch.float32))  # (m, tokens) @ (tokens, n)
+        return grad, None, None, None
+
+
+@contextmanager
+def quantized_weight_grads(layers: Mapping[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """name -> fp32 (m, n) buffer collecting dL/d deq(W) of each 4/8-bit layer over every backward pass
+    inside the block (forward hooks, removed on exit). A zero-dim `anchor` requiring grad makes every
+    tapped output part of the graph even where nothing upstream requires a gradient."""
+    if not layers:
+        yield {}
+        return
+    device = next(iter(layers.values())).weight.device
+    anchor = torch.zeros((), device=device, requires_grad=True)
+    acc = {
+        name: torch.zeros(m.out_features, m.in_features, dtype=torch.float32, device=device)
+        for name, m in layers.items()
+    }  # (m, n) each
+
+    def tap(buffer: torch.Tensor) -> Callable[..., torch.Tensor]:
+        def hook(module: nn.Module, args: tuple[Any, ...], y: torch.Tensor) -> torch.Tensor:
+            return _WeightGradTap.apply(y, args[0].detach(), anchor, buffer)
+
+        return hook
+
+    handles = [m.register_forward_hook(tap(acc[name])) for name, m in layers.items()]
+    try:
+        yield acc
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def estimate_gradients(
     model: nn.Module,
     weights: Mapping[str, nn.Parameter],
     batches: Iterable[Batch] | None = None,
     *,
+    quantized: Mapping[str, nn.Module] | None = None,
     num_samples: int | None = None,
     loss_fn: LossFn = default_loss,
     train_step: Callable[[nn.Module], None] | None = None,
@@ -75,6 +133,8 @@ def estimate_gradients(
 ) -> dict[str, torch.Tensor]:
     """G_W = sum over batches of grad_W(mean batch loss) for each weight in `weights` (fp32, same shape).
 
+    `quantized`: name -> 4/8-bit layer whose dequantized weight's gradient is wanted as well (tapped:
+    `quantized_weight_grads`; the module docstring says what is approximated).
     Two ways to drive it:
       * an iterator of batches plus `num_samples`: exactly `num_samples` examples are used (the last batch is
         truncated); `loss_fn(model, batch)` returns the mean loss of a batch;
@@ -88,9 +148,10 @@ def estimate_gradients(
     """
     if (batches is None) == (train_step is None):
         raise ValueError("pass either `batches` (with num_samples) or `train_step`, not both")
-    if not weights:
+    quantized = quantized or {}
+    if not weights and not quantized:
         raise FedsbError(field="weights", value={}, fix="pass at least one target weight")
-    with isolated_training_state(model, weights, seed):
+    with isolated_training_state(model, weights, seed), quantized_weight_grads(quantized) as taps:
         if train_step is not None:
             train_step(model)
         else:
@@ -122,4 +183,8 @@ def estimate_gradients(
             if p.grad is None:
                 raise RuntimeError(f"weight {name} received no gradient; is it used in the forward pass?")
             grads[name] = p.grad.detach().to(torch.float32).clone()
+        for name, g in taps.items():
+            if not g.any():
+                raise RuntimeError(f"layer {name} received no gradient; is it used in the forward pass?")
+            grads[name] = g
     return grads

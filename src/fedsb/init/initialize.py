@@ -18,10 +18,11 @@ from fedsb.adapters.inject import (
     resolve_ranks,
     resolve_targets,
 )
-from fedsb.adapters.layer import LoraSBLinear, linear_dims, weight_in_linear_layout
+from fedsb.adapters.layer import LoraSBLinear, dense_weight, linear_dims
 from fedsb.errors import FedsbError
 from fedsb.init.basis import INIT_KINDS, Basis, lora_sb_basis, lora_xs_basis, random_basis
 from fedsb.init.grad_estimate import Batch, LossFn, default_loss, estimate_gradients
+from fedsb.models.quantize import is_quantized
 
 log = logging.getLogger("fedsb.init")
 
@@ -61,11 +62,13 @@ def compute_basis(
     modules = resolve_targets(model, targets, exclude)
     ranks = resolve_ranks(modules, rank, rank_overflow=rank_overflow)
     if init == "lora-sb":
-        weights = {path: m.weight for path, m in modules.items()}
+        weights = {path: m.weight for path, m in modules.items() if not is_quantized(m)}
+        quantized = {path: m for path, m in modules.items() if is_quantized(m)}  # tapped: dL/d deq(W0)
         grads = estimate_gradients(
             model,
             weights,
             batches,
+            quantized=quantized,
             num_samples=num_samples,
             loss_fn=loss_fn,
             train_step=train_step,
@@ -86,7 +89,7 @@ def compute_basis(
         )
         basis.info["num_samples"] = num_samples
     elif init == "lora-xs":
-        w = {p: weight_in_linear_layout(m).detach().float() for p, m in modules.items()}
+        w = {p: dense_weight(m) for p, m in modules.items()}  # (m, n) fp32, dequantized for a 4/8-bit base
         basis = lora_xs_basis(w, ranks, scaling=scaling, generator=generator)
     else:
         if generator is None:

@@ -221,6 +221,14 @@ class RecordLevel(DifferentialPrivacy):
                 what="is not supported with privacy.mode=sample (a Poisson batch is one DP-SGD step)",
                 fix="use train.grad_accum=1 and set the expected batch with train.batch_size",
             )
+        if cfg.train.gradient_checkpointing:
+            raise ConfigError(
+                field="train.gradient_checkpointing",
+                value=True,
+                what="is not supported with privacy.mode=sample: the recomputed forward breaks Opacus' "
+                "per-example gradient hooks (its optimizer then finds no per-sample gradients)",
+                fix="set train.gradient_checkpointing=false (or lower train.batch_size) for DP-SGD",
+            )
         if cfg.fed.method == "full":
             raise ConfigError(
                 field="fed.method",
