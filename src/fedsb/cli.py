@@ -197,7 +197,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         print(format_plan(plan_run(cfg)))
         return 0
-    run_job(cfg, resume=args.resume, stop_after_round=args.stop_after_round, command=["fedsb", *sys.argv[1:]])
+    run_job(
+        cfg,
+        resume=args.resume,
+        stop_after_round=args.stop_after_round,
+        command=["fedsb", *sys.argv[1:]],
+        handle_signals=True,  # SIGINT/SIGTERM: stop after the next checkpoint, print the resume command
+    )
     return 0
 
 
@@ -218,6 +224,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
     import yaml
 
+    from fedsb.console import bars_enabled
     from fedsb.errors import ConfigError
     from fedsb.eval.saved import evaluate_saved, format_report
 
@@ -254,7 +261,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         max_length=args.max_length,
         bf16=args.bf16,
-        progress=not args.no_progress,
+        progress=bars_enabled(not args.no_progress),
         device=args.device,
         hub=args.hub,
     )
@@ -319,6 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     from fedsb.errors import CheckpointError, FedsbError, UpdateRejected
+    from fedsb.interrupt import RunStopped
 
     try:
         if args.command == "run":
@@ -350,10 +358,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FedsbError, CheckpointError, UpdateRejected, _round_failed()) as exc:
         print(f"fedsb: error: {exc}", file=sys.stderr)
         return 2
+    except RunStopped as stop:  # a run stopped by SIGINT/SIGTERM: how to continue it
+        print(f"fedsb: {stop.message}", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
-        print(
-            "fedsb: interrupted; a run continues from its last checkpoint with --resume DIR", file=sys.stderr
-        )
+        print("fedsb: interrupted", file=sys.stderr)
         return 130
     parser.error(f"unknown command {args.command}")
     return 2

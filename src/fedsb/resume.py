@@ -2,7 +2,8 @@
 
 A resumed run continues with its saved configuration. Allowed overrides: `fed.rounds` (to extend or end a
 run; not when privacy.target_epsilon fixed the noise for the planned rounds: more rounds would spend more
-than the target), `progress` (display only), `output_dir` naming the run directory itself, and where it
+than the target; never below the rounds already done: `fedsb.run`), `progress` and `report_to` (display
+and tracking only), `output_dir` naming the run directory itself, and where it
 runs: `device`, `model.dtype` and `model.device_map` (a checkpoint is continued only under the base dtype
 that wrote it: `fedsb.run.check_placement`). Anything else is refused with a `ConfigError` naming the
 field, the value and the fix, and config.yaml is untouched.
@@ -16,7 +17,9 @@ from typing import Any
 from fedsb.config import RunConfig, config_from_dict, merge_overrides, parse_override
 from fedsb.errors import ConfigError
 
-ALLOWED_ON_RESUME = ("fed.rounds", "progress", "output_dir", "device", "model.dtype", "model.device_map")
+ALLOWED_ON_RESUME = (
+    "fed.rounds", "progress", "report_to", "output_dir", "device", "model.dtype", "model.device_map",
+)  # fmt: skip
 
 
 def resumed_config(saved: dict[str, Any], overrides: list[str], run_dir: Path) -> RunConfig:
