@@ -366,15 +366,17 @@ class Run:
             torch_rng=torch.get_rng_state().tolist(),
             privacy=p.privacy.state_dict() if p.privacy is not None else None,
             placement=placement_record(self.cfg, p.placement),
-            sessions=self.sessions(),
+            sessions=self.sessions(round),
         )
 
-    def sessions(self) -> list[dict[str, Any]]:
-        """Wall time of every session of this run (the earlier ones up to their last checkpoint)."""
+    def sessions(self, through: int | None = None) -> list[dict[str, Any]]:
+        """Wall time of every session of this run (the earlier ones up to their last checkpoint); this one
+        has trained rounds `first..through` (default: through the last checkpoint)."""
+        last, first = self.completed if through is None else through, max(self.first_round, 1)
         now = {
             "started": self.started,
             "seconds": time.perf_counter() - self.t_start,
-            "rounds": [self.first_round, self.completed] if self.completed >= self.first_round else [],
+            "rounds": [first, last] if last >= first else [],
         }
         return [*self.earlier_sessions, now]
 
