@@ -210,8 +210,8 @@ def test_a_write_the_os_refuses_mid_run_is_one_error_with_the_resume_command(
     [
         (signal.SIGINT, "round 1/", 1),  # Ctrl-C: the round in progress ends, its checkpoint is written
         (signal.SIGTERM, "round 1/", 1),  # a scheduler's stop: the same
-        (signal.SIGINT, "round 1/", 2),  # twice: at once; the last checkpoint is still whole
         (signal.SIGTERM, "clients:", 1),  # during the setup: stops before round 1, restartable
+        (signal.SIGINT, "clients:", 2),  # twice: at once, in the middle of the setup; restartable
     ],
 )
 def test_signals_stop_at_a_checkpoint_and_print_the_exact_resume_command(
@@ -236,19 +236,50 @@ def test_signals_stop_at_a_checkpoint_and_print_the_exact_resume_command(
     assert text.rstrip().endswith(f"continue with: fedsb run --resume {out.resolve()}"), text[-2000:]
     assert "Traceback" not in text
     done = _results(out)["rounds_completed"] if (out / "results.json").exists() else 0
-    if when == "clients:":
+    basis = "reusing the saved basis"
+    if times == 2:  # at once, in the middle of the setup (the basis may not be saved yet)
         assert (
-            f"stopped by {name} before round 1 (no checkpoint yet: it starts at round 1, reusing the saved basis)"
-            in text
+            done == 0
+            and f"stopped by {name} during the setup (no checkpoint yet: it starts at round 1" in text
         )
-    elif times == 1:
-        assert 1 <= done < 3 and f"stopped by {name} after round {done}'s checkpoint" in text
+    elif when == "clients:":  # the first consistent point: the setup done, the basis saved
+        assert (
+            done == 0
+            and f"stopped by {name} before round 1 (no checkpoint yet: it starts at round 1, {basis})" in text
+        )
     else:
-        assert f"stopped by {name} during round {done + 1} (the last checkpoint is round {done} of 3)" in text
+        assert 1 <= done < 3 and f"stopped by {name} after round {done}'s checkpoint" in text
     assert main(["run", "--resume", str(out), "--no-progress"]) == 0
     assert _results(out)["rounds_completed"] == 3
     resumed = capsys.readouterr().out
     assert (f"resuming after round {done}" in resumed) if done else ("starting at round 1" in resumed)
+
+
+def test_an_interrupt_in_the_middle_of_a_round_keeps_the_last_checkpoint(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from fedsb.fed.simulate import InProcessExecutor
+
+    real = InProcessExecutor.train_client
+
+    def interrupted(self, round: int, cid: str, download):
+        if round == 2:
+            raise KeyboardInterrupt  # Ctrl-C (or a second signal) while round 2 trains
+        return real(self, round, cid, download)
+
+    monkeypatch.setattr(InProcessExecutor, "train_client", interrupted)
+    out = tmp_path / "run"
+    assert (
+        main(["run", "--config", TINY, "--output", str(out), "--no-progress", *FAST, "fed.rounds=3"]) == 130
+    )
+    err = capsys.readouterr().err
+    assert err == (
+        "fedsb: stopped by SIGINT during round 2 (the last checkpoint is round 1 of 3); "
+        f"continue with: fedsb run --resume {out.resolve()}\n"
+    )
+    monkeypatch.setattr(InProcessExecutor, "train_client", real)
+    assert main(["run", "--resume", str(out), "--no-progress"]) == 0
+    assert _results(out)["rounds_completed"] == 3
 
 
 @pytest.mark.slow

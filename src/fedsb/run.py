@@ -120,6 +120,7 @@ class Run:
         self.first_round = 1  # the first round this session trains
         self.earlier_sessions: list[dict[str, Any]] = []  # timing of the sessions before a resume
         self.trackers = Trackers([])
+        self.training = False  # in the round loop (for what a stop says)
         self.export: dict[str, Any] | None = None
         self.manifest: dict[str, Any] = {}
 
@@ -306,6 +307,7 @@ class Run:
             self.echo(f"all {cfg.fed.rounds} rounds are already done")
             return True
         clock = RoundClock(self.completed + 1, cfg.fed.rounds)
+        self.training = True
         say = _tqdm_write if self.bars else self.echo  # a line between the bars, not through them
 
         def after_round(record: RoundRecord) -> None:
@@ -393,11 +395,11 @@ class Run:
         name = signal_name(signum)
         if not (self.out / CONFIG_FILE).is_file():
             return RunStopped(signum, f"stopped by {name} before anything was written; run the command again")
-        where = (
-            f"during round {self.completed + 1}" if at_once else f"after round {self.completed}'s checkpoint"
-        )
+        if at_once:
+            where = f"during round {self.completed + 1}" if self.training else "during the setup"
+        else:
+            where = f"after round {self.completed}'s checkpoint" if self.completed else "before round 1"
         if self.completed == 0:
-            where = "before round 1" if not at_once else where
             last = "no checkpoint yet: it starts at round 1" + (
                 ", reusing the saved basis" if _basis_saved(self.out) else ""
             )
