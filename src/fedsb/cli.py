@@ -20,7 +20,8 @@ examples:
   fedsb run                                   # the embedded default: SmolLM2-135M, arithmetic, 4 clients
   fedsb run --config configs/tiny.yaml        # a preset
   fedsb run fed.rounds=5 adapter.rank=64      # overrides (section.key=value), applied after the preset
-  fedsb run --resume runs/20261125-101500     # continue an interrupted run from its last checkpoint
+  fedsb run --resume runs/20261125-101500-3fa9c2   # continue a stopped run from its last checkpoint
+  fedsb run report_to=[csv,tensorboard]       # trackers (also wandb, mlflow when installed)
   fedsb run --dry-run device=cuda model.name=meta-llama/Llama-3.2-1B   # plan it: memory, bytes, sigma
 """
 
