@@ -20,7 +20,8 @@ examples:
   fedsb run                                   # the embedded default: SmolLM2-135M, arithmetic, 4 clients
   fedsb run --config configs/tiny.yaml        # a preset
   fedsb run fed.rounds=5 adapter.rank=64      # overrides (section.key=value), applied after the preset
-  fedsb run --resume runs/20261125-101500     # continue an interrupted run from its last checkpoint
+  fedsb run --resume runs/20261125-101500-3fa9c2   # continue a stopped run from its last checkpoint
+  fedsb run report_to=[csv,tensorboard]       # trackers (also wandb, mlflow when installed)
   fedsb run --dry-run device=cuda model.name=meta-llama/Llama-3.2-1B   # plan it: memory, bytes, sigma
 """
 
@@ -205,7 +206,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         print(format_plan(plan_run(cfg)))
         return 0
-    run_job(cfg, resume=args.resume, stop_after_round=args.stop_after_round, command=["fedsb", *sys.argv[1:]])
+    run_job(
+        cfg,
+        resume=args.resume,
+        stop_after_round=args.stop_after_round,
+        command=["fedsb", *sys.argv[1:]],
+        handle_signals=True,  # SIGINT/SIGTERM: stop after the next checkpoint, print the resume command
+    )
     return 0
 
 
@@ -226,6 +233,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
     import yaml
 
+    from fedsb.console import bars_enabled
     from fedsb.errors import ConfigError
     from fedsb.eval.saved import evaluate_saved, format_report
 
@@ -262,7 +270,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         max_length=args.max_length,
         bf16=args.bf16,
-        progress=not args.no_progress,
+        progress=bars_enabled(not args.no_progress),
         device=args.device,
         dtype=args.dtype,
         quantize=args.quantize,
@@ -329,6 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     from fedsb.errors import CheckpointError, FedsbError, UpdateRejected
+    from fedsb.interrupt import RunStopped
 
     try:
         if args.command == "run":
@@ -360,10 +369,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FedsbError, CheckpointError, UpdateRejected, _round_failed()) as exc:
         print(f"fedsb: error: {exc}", file=sys.stderr)
         return 2
+    except RunStopped as stop:  # a run stopped by SIGINT/SIGTERM: how to continue it
+        print(f"fedsb: {stop.message}", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
-        print(
-            "fedsb: interrupted; a run continues from its last checkpoint with --resume DIR", file=sys.stderr
-        )
+        print("fedsb: interrupted", file=sys.stderr)
         return 130
     parser.error(f"unknown command {args.command}")
     return 2

@@ -84,7 +84,7 @@ def _finished(run_dir: Path, rounds: int) -> dict[str, Any] | None:
     return results if results.get("rounds_completed") == rounds and results.get("final") else None
 
 
-_VOLATILE = ("output_dir", "progress", "threads")  # settings that do not change a run's results
+_VOLATILE = ("output_dir", "progress", "report_to", "threads")  # settings that do not change a run's results
 
 
 def _set_aside_if_changed(run_dir: Path, cfg: Any, echo: Callable[[str], None]) -> None:

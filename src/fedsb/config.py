@@ -441,6 +441,21 @@ class EvalConfig:
         _choice("eval.normalize", self.normalize, ("sum", "mean"))
 
 
+def _report_to(value: Any) -> list[str]:
+    """`report_to` as a list of distinct tracker names (a single name, or 'none', also accepted)."""
+    from fedsb.tracking import TRACKER_NAMES
+
+    if value is None or value == "none":
+        return []
+    names = [value] if isinstance(value, str) else value
+    fix = f"use a list of {', '.join(TRACKER_NAMES)} (e.g. report_to=[csv,tensorboard]), or [] for none"
+    _check(isinstance(names, list) and all(isinstance(n, str) for n in names), "report_to", value, fix)
+    for name in names:
+        _check(name in TRACKER_NAMES, "report_to", value, fix, what=f"names an unknown tracker {name!r}")
+    _check(len(set(names)) == len(names), "report_to", value, fix, what="names a tracker twice")
+    return list(names)
+
+
 @dataclass
 class RunConfig:
     seed: int = _f(0, "master seed: sampling, partitions, data order, init")
@@ -452,7 +467,13 @@ class RunConfig:
     output_dir: str | None = _f(None, "results directory (null: runs/<timestamp>)")
     threads: int | None = _f(None, "torch threads (null: all cores)")
     deterministic: bool = _f(True, "torch deterministic algorithms (bit-identical resume)")
-    progress: bool = _f(True, "progress bars")
+    progress: bool = _f(True, "progress bars (drawn only on a terminal; otherwise one log line per round)")
+    report_to: list[str] = _f(
+        ["csv"],
+        "experiment tracking, any of csv (metrics.csv in the run directory), tensorboard (<run>/tensorboard), "
+        "wandb (offline unless WANDB_MODE is set), mlflow (a file store in <run>/mlruns unless "
+        "MLFLOW_TRACKING_URI is set); [] for none; wandb and mlflow are skipped with a warning when not installed",
+    )
     export: bool = _f(
         True,
         "export the final model: a standard PEFT LoRA adapter where lossless, a merged checkpoint for "
@@ -477,6 +498,7 @@ class RunConfig:
             "use an integer",
         )
         _positive_int("threads", self.threads, allow_none=True)
+        self.report_to = _report_to(self.report_to)
         _check(
             isinstance(self.device, str) and re.fullmatch(DEVICE_RE, self.device) is not None,
             "device",

@@ -59,6 +59,7 @@ class Components:
 
     def simulator(self, only: list[str] | None = None) -> Any:
         """The in-process executor: the clients (all, or `only` these) train on this process's one model."""
+        from fedsb.console import bars_enabled
         from fedsb.fed.simulate import InProcessExecutor
 
         cfg = self.cfg
@@ -73,7 +74,7 @@ class Components:
             seed=cfg.seed,
             wire_dtype=cfg.fed.wire_dtype,
             loss_fn=loss_for(self.task, per_example=cfg.privacy.mechanism.per_example_loss),
-            progress=cfg.progress,
+            progress=bars_enabled(cfg.progress),
             privacy=self.privacy,
             mechanism=cfg.privacy.mechanism,
         )

@@ -2,11 +2,11 @@
 
 A resumed run continues with its saved configuration. Allowed overrides: `fed.rounds` (to extend or end a
 run; not when privacy.target_epsilon fixed the noise for the planned rounds: more rounds would spend more
-than the target), `progress` (display only), `output_dir` naming the run directory itself, and where it
-runs: `device`, `model.dtype`, `model.quantize` and `model.device_map` (a checkpoint is continued only
-under the base dtype and quantization that wrote it: `fedsb.fed.checkpoint.check_placement` says why
-otherwise). Anything else is refused with a `ConfigError` naming the field, the value and the fix, and
-config.yaml is untouched.
+than the target; never below the rounds already done: `fedsb.run`), `progress` and `report_to` (display
+and tracking only), `output_dir` naming the run directory itself, and where it runs: `device`,
+`model.dtype`, `model.quantize` and `model.device_map` (a checkpoint is continued only under the base dtype
+and quantization that wrote it: `fedsb.fed.checkpoint.check_placement` says why otherwise). Anything else
+is refused with a `ConfigError` naming the field, the value and the fix, and config.yaml is untouched.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from fedsb.errors import ConfigError
 ALLOWED_ON_RESUME = (
     "fed.rounds",
     "progress",
+    "report_to",
     "output_dir",
     "device",
     "model.dtype",

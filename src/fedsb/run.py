@@ -2,14 +2,21 @@
 checkpoint after each -> finish (export, results, manifest, plot, table).
 
 `run_job` is what `fedsb run` calls. Every stage writes into one results directory: config.yaml,
-manifest.json, results.json, learning_curve.png, basis/ (Fed-SB), checkpoints/, adapter/, and the final
-export (peft/ where lossless, merged/ for methods that fold updates into W0). The parts of the job come
-from the recipe (`fedsb.job.build_components`); the rounds from the one round loop (`fedsb.fed.rounds`).
+manifest.json, results.json, metrics.csv (and the other `report_to` trackers), learning_curve.png,
+basis/ (Fed-SB), checkpoints/, adapter/, and the final export (peft/ where lossless, merged/ for methods
+that fold updates into W0). The parts of the job come from the recipe (`fedsb.job.build_components`); the
+rounds from the one round loop (`fedsb.fed.rounds`). The directory is created only once the checkpoint
+(when resuming) and the output location are checked, and a setup that fails removes what it created.
+After each round the run logs one line (`fedsb.console.round_line`) and feeds the trackers
+(`fedsb.tracking`); SIGINT/SIGTERM stop it after the next checkpoint (`fedsb.interrupt`).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -20,22 +27,27 @@ from typing import Any
 import torch
 
 from fedsb.config import RunConfig, config_to_yaml, load_yaml
-from fedsb.errors import CheckpointError, ConfigError
+from fedsb.console import RoundClock, bars_enabled, round_line
+from fedsb.device import Placement
+from fedsb.errors import CheckpointError, ConfigError, FedsbError
 from fedsb.fed.checkpoint import RunState, check_placement, latest_checkpoint, placement_record
 from fedsb.fed.rounds import RoundRecord, Server, run_rounds
+from fedsb.interrupt import RunStopped, StopSignals, signal_name
 from fedsb.job import CONFIG_FILE, Components, build_components, configure_torch, placement_of
-from fedsb.paths import make_output_dir
+from fedsb.paths import Created, make_output_dir, make_run_dir
 from fedsb.privacy.release import WITHHELD_TIMING
 from fedsb.results import write_json
+from fedsb.round_metrics import RoundMetrics, flat_eval, round_metrics
 from fedsb.seeding import derive_seed
+from fedsb.tracking import Trackers
 
 log = logging.getLogger("fedsb.run")
 
 MakeExecutor = Callable[[Any, Any], Any]
-
-
-def default_output_dir() -> Path:
-    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+RUNS_ROOT = "runs"  # where runs without an output_dir go: runs/<timestamp>-<random>
+RESUME_COMMAND = "fedsb run --resume {dir}"
+#: OS refusals of a write that the user can fix (space, permissions, a read-only mount)
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def resolve_resume_config(resume: Path, overrides: list[str]) -> RunConfig:
@@ -56,17 +68,23 @@ def run_job(
     echo: Callable[[str], None] = print,
     command: list[str] | None = None,
     make_executor: MakeExecutor | None = None,
+    handle_signals: bool = False,
+    resume_command: str = RESUME_COMMAND,
 ) -> dict[str, Any]:
     """Run (or resume) a federated fine-tuning job and return the results dict (also in results.json).
 
     `make_executor(method, data)` replaces the in-process simulator with another `ClientExecutor` (the
     Flower app's); it must also offer `state_dict()` / `load_state_dict()` for checkpoints.
+    `handle_signals`: SIGINT/SIGTERM stop the run after the next checkpoint (`fedsb.interrupt`; the CLI's
+    choice, main thread only); an interrupt raises `RunStopped` naming `resume_command` (with `{dir}`).
     """
-    run = Run(cfg, resume=resume, echo=echo, command=command, make_executor=make_executor).setup()
-    run.begin()
-    if run.train(stop_after_round=stop_after_round):
-        return run.finish()
-    return run.results()
+    run = Run(
+        cfg, resume=resume, echo=echo, command=command, make_executor=make_executor,
+        resume_command=resume_command,
+    )  # fmt: skip
+    with StopSignals(enabled=handle_signals) as stop:
+        run.stop = stop
+        return run.execute(stop_after_round=stop_after_round)
 
 
 class Run:
@@ -80,45 +98,96 @@ class Run:
         echo: Callable[[str], None] = print,
         command: list[str] | None = None,
         make_executor: MakeExecutor | None = None,
+        resume_command: str = RESUME_COMMAND,
     ) -> None:
         self.cfg = cfg
         self.resume = Path(resume) if resume else None
         self.echo = echo
         self.command = command or sys.argv
         self.make_executor = make_executor
-        self.out = self.resume or (Path(cfg.output_dir) if cfg.output_dir else default_output_dir())
+        self.resume_command = resume_command
+        given = self.resume or (Path(cfg.output_dir) if cfg.output_dir else None)
+        self.out: Path = given or Path(RUNS_ROOT)  # the run's directory once `setup` has created it
         self.ckpt_root = self.out / "checkpoints"
+        self.created: Created | None = None  # what this run created (removed if its setup fails)
+        self.stop = StopSignals(enabled=False)  # `run_job` installs the signal handlers
+        self.bars = bars_enabled(cfg.progress)  # tqdm bars only on a terminal
         self.t_start = time.perf_counter()
+        self.started = datetime.now().isoformat(timespec="seconds")
         self.saved: RunState | None = None  # the checkpoint a resumed run continues from
         self.latest: Path | None = None  # where it was read
         self.before: dict[str, Any] | None = None  # the untuned model's evaluation
         self.completed = 0  # the last round whose checkpoint is written
+        self.first_round = 1  # the first round this session trains
+        self.earlier_sessions: list[dict[str, Any]] = []  # timing of the sessions before a resume
+        self.trackers = Trackers([])
+        self.training = False  # in the round loop (for what a stop says)
         self.export: dict[str, Any] | None = None
         self.manifest: dict[str, Any] = {}
 
+    def execute(self, *, stop_after_round: int | None = None) -> dict[str, Any]:
+        """setup -> begin -> train -> finish, stopping at a consistent point when a signal asked for it."""
+        finished = False
+        try:
+            self.setup()
+            self._stop_if_requested()
+            self.begin()
+            self._stop_if_requested()
+            if self.train(stop_after_round=stop_after_round):
+                finished = True
+                return self.finish()
+            return self.results()
+        except KeyboardInterrupt:
+            raise self._stopped(self.stop.requested or signal.SIGINT, at_once=True) from None
+        except OSError as exc:
+            if exc.errno not in WRITE_ERRNOS:
+                raise
+            raise self._unwritable(exc) from None
+        finally:
+            if not finished:
+                self.trackers.close({}, finished=False)
+
     # ---- setup -------------------------------------------------------------------------------------------
     def setup(self) -> Run:
-        """Check the directory (and, resuming, the checkpoint), write config.yaml, build the components."""
+        """Check the checkpoint (resuming) and the directory, create it, write config.yaml, build the
+        components; if building fails, what this run created is removed (a failed setup leaves nothing)."""
         configure_torch(self.cfg)
         placement = placement_of(self.cfg)  # a device this machine lacks is refused before any write
         if self.resume:
             self.saved = self._read_checkpoint(placement_record(self.cfg, placement))
-        elif self.ckpt_root.exists() and any(self.ckpt_root.iterdir()):
+        elif self.cfg.output_dir and self.ckpt_root.exists() and any(self.ckpt_root.iterdir()):
             raise ConfigError(
                 field="output_dir",
                 value=str(self.out),
                 what="already holds a run",
                 fix=f"use --resume {self.out} or another output_dir",
             )
-        make_output_dir(self.out)
         if not self.resume:  # a resumed run rewrites its config only once its checkpoint has loaded
+            self.created = make_output_dir(self.out) if self.cfg.output_dir else make_run_dir(RUNS_ROOT)
+            self.out, self.ckpt_root = self.created.path, self.created.path / "checkpoints"
+        try:
+            self._build(placement)
+        except Exception:
+            if self.created is not None:
+                self.created.remove()
+            raise
+        return self
+
+    def _build(self, placement: Placement) -> None:
+        if not self.resume:
             (self.out / CONFIG_FILE).write_text(config_to_yaml(self.cfg))
         self.echo(f"fedsb: {self.cfg.fed.method} run, results in {self.out}")
+        reuse = self.saved is not None or (self.resume is not None and _basis_saved(self.out))
+        if self.resume is not None and self.saved is None:
+            self.echo(
+                f"no checkpoint yet in {self.ckpt_root}: starting at round 1"
+                + (" (reusing the saved basis)" if reuse else "")
+            )
         self.parts = build_components(
             self.cfg,
             role="server",
             setup_dir=self.out,
-            resume=bool(self.resume),
+            resume=reuse,
             placement=placement,
             echo=self.echo,
         )
@@ -128,7 +197,6 @@ class Run:
             if self.make_executor is not None
             else self.parts.simulator()
         )
-        return self
 
     def _server(self, parts: Components) -> Server:
         cfg, privacy = self.cfg, parts.privacy
@@ -144,22 +212,37 @@ class Run:
             release=cfg.privacy.mechanism.release,
         )
 
-    def _read_checkpoint(self, precision: dict[str, Any]) -> RunState:
-        """The latest checkpoint, refused before anything is written if this run cannot continue it."""
+    def _read_checkpoint(self, precision: dict[str, Any]) -> RunState | None:
+        """The latest checkpoint (None: a run stopped before its first one, which starts at round 1),
+        refused before anything is written if this run cannot continue it."""
         latest = latest_checkpoint(self.ckpt_root)
         if latest is None:
-            raise CheckpointError(f"{self.ckpt_root} holds no checkpoint to resume from")
+            return None
         state = RunState.load(latest)
         check_placement(state, precision, latest)
+        if self.cfg.fed.rounds < state.round:
+            raise ConfigError(
+                field="fed.rounds",
+                value=self.cfg.fed.rounds,
+                what=f"is below the {state.round} rounds this run has already done (checkpoint {latest})",
+                fix=f"resume with fed.rounds={state.round} or more (or without fed.rounds), or start a new run",
+            )
         self.latest = latest
         return state
 
     # ---- restore from a checkpoint, or start --------------------------------------------------------------
     def begin(self) -> None:
-        """Continue from the checkpoint (resuming) or evaluate the untuned model; write the manifest."""
+        """Continue from the checkpoint (resuming) or evaluate the untuned model; write the manifest; open
+        the trackers."""
+        self.first_round = 0 if self.saved is None else self.saved.round + 1  # 0: the untuned evaluation
+        self.trackers = Trackers.open(
+            self.cfg.report_to, self.out, first_round=self.first_round, config=self.cfg.to_dict()
+        )
         if self.saved is not None:
             self.restore(self.saved)
         else:
+            if self.resume:
+                (self.out / CONFIG_FILE).write_text(config_to_yaml(self.cfg))  # e.g. a raised fed.rounds
             self.start()
         self.manifest = self._manifest()
         write_json(self.out / "manifest.json", self.manifest)
@@ -179,6 +262,7 @@ class Run:
             p.privacy.load_state_dict(state.privacy)
         self.server.history = [RoundRecord(**r) for r in state.history]
         self.before = state.before
+        self.earlier_sessions = list(state.sessions)
         torch.set_rng_state(torch.tensor(state.torch_rng, dtype=torch.uint8))
         (self.out / CONFIG_FILE).write_text(config_to_yaml(self.cfg))  # e.g. a raised fed.rounds
         self.completed = state.round
@@ -192,6 +276,7 @@ class Run:
             self.before = self.evaluate(0)
             b = self.before
             self.echo(f"untuned accuracy: {100 * b['accuracy']:.1f}% ({b['correct']}/{b['total']})")
+            self.trackers.log(RoundMetrics(round=0, rounds=self.cfg.fed.rounds, eval=flat_eval(b)))
         method.install_global()
 
     def evaluate(self, _round: int) -> dict[str, Any]:
@@ -211,21 +296,28 @@ class Run:
             max_length=cfg.data.max_length,
             normalize=cfg.eval.normalize,
             bf16=cfg.train.bf16 if cfg.eval.bf16 is None else cfg.eval.bf16,
-            progress=cfg.progress,
+            progress=self.bars,
         )
         return res.to_dict()
 
     # ---- rounds -----------------------------------------------------------------------------------------
     def train(self, *, stop_after_round: int | None = None) -> bool:
-        """The remaining rounds, a checkpoint after each; False if stopped early (`stop_after_round`)."""
+        """The remaining rounds, a checkpoint and a log line after each; False if stopped early as asked
+        (`stop_after_round`); a signal (`self.stop`) stops it after a checkpoint with `RunStopped`."""
         cfg = self.cfg
         if self.completed >= cfg.fed.rounds:
             self.echo(f"all {cfg.fed.rounds} rounds are already done")
             return True
+        clock = RoundClock(self.completed + 1, cfg.fed.rounds)
+        self.training = True
+        say = _tqdm_write if self.bars else self.echo  # a line between the bars, not through them
 
         def after_round(record: RoundRecord) -> None:
-            self.save_checkpoint(record)
-            if stop_after_round is not None and stop_after_round <= record.round < cfg.fed.rounds:
+            metrics = self.save_checkpoint(record)
+            say(round_line(metrics, elapsed=time.perf_counter() - self.t_start, eta=clock.eta(record.round)))
+            if record.round < cfg.fed.rounds and (
+                self.stop.requested or (stop_after_round is not None and stop_after_round <= record.round)
+            ):
                 raise _StopRequested(record.round)
 
         try:
@@ -237,23 +329,29 @@ class Run:
                 evaluate=self.evaluate,
                 eval_every=cfg.eval.every,
                 on_round_end=after_round,
-                progress=cfg.progress,
+                progress=self.bars,
             )
         except _StopRequested as stop:
-            self.echo(
-                f"stopped after round {stop.round} as requested; continue with: fedsb run --resume {self.out}"
-            )
+            if self.stop.requested:
+                raise self._stopped(self.stop.requested) from None
+            self.echo(f"stopped after round {stop.round} as requested; continue with: {self._resume_hint()}")
             return False
         return True
 
-    def save_checkpoint(self, record: RoundRecord) -> None:
-        """Close round `record.round` (its privacy spend), write its checkpoint and the results so far."""
+    def save_checkpoint(self, record: RoundRecord) -> RoundMetrics:
+        """Close round `record.round` (its privacy spend), log it to the trackers, write its checkpoint and
+        the results so far; return its released figures."""
         p = self.parts
         if p.privacy is not None:
             record.privacy = p.privacy.end_round(record.round)
+        metrics = round_metrics(
+            record, rounds=self.cfg.fed.rounds, ledger=p.ledger, privacy_mode=self.cfg.privacy.mode
+        )
+        self.trackers.log(metrics)  # before the checkpoint: a round repeated after a crash replaces its log
         self.state(record.round).save(self.ckpt_root, keep=self.cfg.fed.keep_checkpoints)
         self.completed = record.round
         write_json(self.out / "results.json", self.results())
+        return metrics
 
     def state(self, round: int) -> RunState:
         """What a checkpoint after round `round` holds."""
@@ -272,6 +370,54 @@ class Run:
             torch_rng=torch.get_rng_state().tolist(),
             privacy=p.privacy.state_dict() if p.privacy is not None else None,
             placement=placement_record(self.cfg, p.placement),
+            sessions=self.sessions(round),
+        )
+
+    def sessions(self, through: int | None = None) -> list[dict[str, Any]]:
+        """Wall time of every session of this run (the earlier ones up to their last checkpoint); this one
+        has trained rounds `first..through` (default: through the last checkpoint)."""
+        last, first = self.completed if through is None else through, max(self.first_round, 1)
+        now = {
+            "started": self.started,
+            "seconds": time.perf_counter() - self.t_start,
+            "rounds": [first, last] if last >= first else [],
+        }
+        return [*self.earlier_sessions, now]
+
+    # ---- stops ------------------------------------------------------------------------------------------
+    def _resume_hint(self) -> str:
+        return self.resume_command.format(dir=Path(os.path.abspath(self.out)))
+
+    def _stop_if_requested(self) -> None:
+        if self.stop.requested:
+            raise self._stopped(self.stop.requested)
+
+    def _stopped(self, signum: int, *, at_once: bool = False) -> RunStopped:
+        """The stop by `signum` and how to continue: resume from the last checkpoint, or start over."""
+        name = signal_name(signum)
+        if not (self.out / CONFIG_FILE).is_file():
+            return RunStopped(signum, f"stopped by {name} before anything was written; run the command again")
+        if at_once:
+            where = f"during round {self.completed + 1}" if self.training else "during the setup"
+        else:
+            where = f"after round {self.completed}'s checkpoint" if self.completed else "before round 1"
+        if self.completed == 0:
+            last = "no checkpoint yet: it starts at round 1" + (
+                ", reusing the saved basis" if _basis_saved(self.out) else ""
+            )
+        else:
+            last = f"the last checkpoint is round {self.completed} of {self.cfg.fed.rounds}"
+        return RunStopped(signum, f"stopped by {name} {where} ({last}); continue with: {self._resume_hint()}")
+
+    def _unwritable(self, exc: OSError) -> FedsbError:
+        """A write the OS refused mid-run: one error naming the file, the reason and how to continue."""
+        resumable = (self.out / CONFIG_FILE).is_file()
+        return FedsbError(
+            field="output_dir",
+            value=str(self.out),
+            what=f"cannot be written ({exc.strerror or exc}: {exc.filename or 'a file in it'})",
+            fix="free space or fix its permissions, then "
+            + (f"continue with: {self._resume_hint()}" if resumable else "run the command again"),
         )
 
     # ---- finish -----------------------------------------------------------------------------------------
@@ -291,6 +437,7 @@ class Run:
             self.manifest["privacy"] = results["privacy"]  # the epsilons actually spent
         write_json(self.out / "manifest.json", self.manifest)
         plot_learning_curve(results, self.out / "learning_curve.png")
+        self.trackers.close(final_scalars(results), finished=True)
         self.echo(final_table(results))
         return results
 
@@ -317,7 +464,7 @@ class Run:
             "rounds_completed": self.completed,
             "final": evals[-1] if evals else None,
             "ledger": {**ledger.summary(), "schemas": ledger.schemas, "entries": ledger.entries},
-            "timing": _timing(hist, time.perf_counter() - self.t_start, private=self.server.release.private),
+            "timing": _timing(hist, self.sessions(), private=self.server.release.private),
         }
         if p.privacy is not None:
             out["privacy"] = p.privacy.summary()
@@ -362,18 +509,29 @@ class Run:
 
 
 class _StopRequested(Exception):
+    """Raised from the round loop's callback to leave it after round `round`'s checkpoint."""
+
     def __init__(self, round: int) -> None:
         self.round = round
 
 
-def _timing(history: list[dict[str, Any]], total: float, *, private: bool = False) -> dict[str, Any]:
-    """Wall-time split: local training (forward/backward/step), evaluation, and round-loop overhead.
+def _timing(
+    history: list[dict[str, Any]], sessions: list[dict[str, Any]], *, private: bool = False
+) -> dict[str, Any]:
+    """Wall-time split: local training (forward/backward/step), evaluation, and round-loop overhead;
+    `total_seconds` over every session of the run (a resumed run adds its earlier sessions, each counted
+    up to its last checkpoint), `session_seconds` this one's.
 
     Under DP the rounds hold no client or total times (`ReleaseRules.round_seconds`): the split is withheld.
     """
+    total = {
+        "total_seconds": sum(s["seconds"] for s in sessions),
+        "session_seconds": sessions[-1]["seconds"],
+        "sessions": sessions,
+    }
     if private:
         return {
-            "total_seconds": total,
+            **total,
             "rounds_seconds": None,
             "local_training_seconds": None,
             "eval_seconds": sum(r["seconds"].get("eval", 0.0) for r in history),
@@ -390,7 +548,7 @@ def _timing(history: list[dict[str, Any]], total: float, *, private: bool = Fals
     )
     overhead = rounds_total - clients - evals
     return {
-        "total_seconds": total,
+        **total,
         "rounds_seconds": rounds_total,
         "local_training_seconds": clients,
         "eval_seconds": evals,
@@ -398,6 +556,29 @@ def _timing(history: list[dict[str, Any]], total: float, *, private: bool = Fals
         "round_overhead_fraction": overhead / rounds_total if rounds_total > 0 else 0.0,
         "peak_rss_mib": peak_rss_mib(),
     }
+
+
+def final_scalars(results: dict[str, Any]) -> dict[str, float]:
+    """What the trackers keep as the run's summary: final evaluation, bytes, time, epsilon."""
+    out = {f"final/{k}": v for k, v in flat_eval(results.get("final")).items()}
+    out["final/bytes_rounds"] = results["ledger"]["totals"]["bytes_rounds"]
+    out["final/total_seconds"] = results["timing"]["total_seconds"]
+    if "privacy" in results:
+        out["final/max_epsilon"] = results["privacy"]["max_epsilon"]
+    return out
+
+
+def _basis_saved(run_dir: Path) -> bool:
+    """A complete saved basis (basis.json is written last) that a restarted run can reuse."""
+    from fedsb.init.basis import BASIS_META
+
+    return (run_dir / "basis" / BASIS_META).is_file()
+
+
+def _tqdm_write(text: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(text)
 
 
 def peak_rss_mib() -> float | None:

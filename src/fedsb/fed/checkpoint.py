@@ -39,7 +39,8 @@ class RunState:
 
     On disk: `global/<name>` and `opt/<client>/<param>/<key>` tensors and the rest in state.json, the
     layout of every earlier checkpoint, so those stay readable. `placement` records the device and base
-    dtype that wrote it (absent in checkpoints of older versions).
+    dtype that wrote it, `sessions` the wall time of each session of the run so far (both absent in
+    checkpoints of older versions).
     """
 
     round: int
@@ -54,6 +55,7 @@ class RunState:
     torch_rng: list[int] = field(default_factory=list)
     privacy: dict[str, Any] | None = None
     placement: dict[str, Any] | None = None
+    sessions: list[dict[str, Any]] = field(default_factory=list)  # wall time of each session so far
 
     def to_tensors(self) -> tuple[Tensors, dict[str, Any]]:
         """(tensors keyed by their on-disk names, on the CPU; the JSON state)."""
@@ -69,6 +71,7 @@ class RunState:
             "torch_rng": self.torch_rng,
             "privacy": self.privacy,
             "placement": self.placement,
+            "sessions": self.sessions,
         }
         return tensors, state
 
@@ -92,6 +95,7 @@ class RunState:
             torch_rng=list(state["torch_rng"]),
             privacy=state.get("privacy"),
             placement=state.get("placement"),
+            sessions=list(state.get("sessions") or []),
         )
 
     def save(self, root: str | Path, *, keep: int = 2) -> Path:

@@ -87,6 +87,7 @@ def run_flower_job(
         make_executor=make_executor,
         command=["flower-serverapp"],
         stop_after_round=stop_after_round,
+        resume_command="flwr run ... --run-config 'resume=\"{dir}\"'",  # the app's `resume` key
     )
     if executors:
         wire = executors[0].wire
