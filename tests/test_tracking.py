@@ -16,6 +16,7 @@ from fedsb.console import bars_enabled, round_line
 from fedsb.errors import ConfigError
 from fedsb.fed.ledger import Ledger
 from fedsb.fed.rounds import RoundRecord
+from fedsb.privacy.mechanism import MECHANISMS
 from fedsb.round_metrics import RoundMetrics, round_metrics
 from fedsb.run import run_job
 from fedsb.tracking import Trackers
@@ -78,13 +79,13 @@ def test_under_dp_the_server_logs_no_client_loss_or_timing() -> None:
         c: {"num_examples": 8, "loss": 0.7, "seconds": 1.5, "epsilon": 0.4} for c in "ab"
     }
     record.privacy = {"round": 1, "max_epsilon": 0.4, "epsilon": {"a": 0.4, "b": 0.4}}
-    m = round_metrics(record, rounds=3, ledger=ledger, privacy_mode="sample")
+    m = round_metrics(record, rounds=3, ledger=ledger, release=MECHANISMS["sample"].release)
     assert m.loss is None and m.loss_withheld and m.epsilon == 0.4
     assert m.clients == {c: {"epsilon": 0.4, "num_examples": 8.0} for c in "ab"}
     assert "train/loss" not in m.scalars() and m.scalars()["privacy/epsilon"] == 0.4
     line = round_line(m, elapsed=1, eta=2)
     assert "loss withheld (DP)" in line and "epsilon 0.4" in line and "0.7" not in line
-    plain = round_metrics(record, rounds=3, ledger=ledger, privacy_mode="none")
+    plain = round_metrics(record, rounds=3, ledger=ledger, release=MECHANISMS["none"].release)
     assert plain.loss == 0.7 and plain.clients["a"]["loss"] == 0.7 and plain.epsilon is None
 
 

@@ -209,7 +209,9 @@ class DataConfig:
     eval_split: str = _f("test", "split evaluated each round: test (report) or validation (tuning)")
     max_length: int = _f(96, "maximum tokens of prompt + answer")
     pad_to_multiple: int = _f(8, "round padded batch lengths up to a multiple of this (bounds kernel caches)")
-    options: dict = _f({}, "task-specific options, e.g. {max_value: 50, template_split: false} for arithmetic")
+    options: dict = _f(
+        {}, "task-specific options, e.g. {max_value: 50, template_split: false} for arithmetic"
+    )
     cache: bool = _f(True, "cache tokenized client shards and init data on disk ($FEDSB_CACHE/tokenized)")
 
     def __post_init__(self) -> None:

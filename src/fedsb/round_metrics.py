@@ -3,7 +3,7 @@
 `round_metrics` reads a finished `RoundRecord`, the communication ledger and the privacy mode. Under DP
 (`privacy.mode` sample or client) the clients' losses never reach the server (`fedsb.privacy.release`):
 `loss` is then None and `loss_withheld` True, and `client_scalars` keeps only what a private client may
-send (`releasable_metrics`) plus its declared (public) example count.
+send (`ReleaseRules.metrics`) plus its declared (public) example count.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedsb.privacy.release import releasable_metrics
+from fedsb.privacy.release import ReleaseRules
 
 
 @dataclass
@@ -70,9 +70,13 @@ def flat_eval(result: Mapping[str, Any] | None) -> dict[str, float]:
     return out
 
 
-def round_metrics(record: Any, *, rounds: int, ledger: Any, privacy_mode: str = "none") -> RoundMetrics:
-    """The released figures of a finished round (`record`: a `fedsb.fed.rounds.RoundRecord`)."""
-    private = privacy_mode != "none"
+def round_metrics(
+    record: Any, *, rounds: int, ledger: Any, release: ReleaseRules | None = None
+) -> RoundMetrics:
+    """The released figures of a finished round (`record`: a `fedsb.fed.rounds.RoundRecord`; `release`: the
+    privacy mechanism's rules, everything without DP)."""
+    release = release or ReleaseRules()
+    private = release.private
     loss = None if private or not _finite(record.train_loss) else float(record.train_loss)
     bytes_round = bytes_total = 0
     for entry in ledger.entries:
@@ -95,17 +99,17 @@ def round_metrics(record: Any, *, rounds: int, ledger: Any, privacy_mode: str = 
         bytes_total=bytes_total,
         epsilon=(record.privacy or {}).get("max_epsilon") if private else None,
         seconds=sum(seconds.get(k, 0.0) for k in ("total", "eval", "checkpoint")),
-        clients=client_scalars(record.client_metrics, privacy_mode),
+        clients=client_scalars(record.client_metrics, release),
     )
 
 
 def client_scalars(
-    client_metrics: Mapping[str, Mapping[str, Any]], privacy_mode: str
+    client_metrics: Mapping[str, Mapping[str, Any]], release: ReleaseRules
 ) -> dict[str, dict[str, float]]:
     """Per client: its numeric metrics that the privacy rules let leave it, and its declared size."""
     out: dict[str, dict[str, float]] = {}
     for cid, metrics in client_metrics.items():
-        kept = releasable_metrics(privacy_mode, metrics)
+        kept = release.metrics(metrics)
         if "num_examples" in metrics:
             kept["num_examples"] = metrics["num_examples"]  # declared: the public plan's size under DP
         out[cid] = {k: float(v) for k, v in kept.items() if _number(v) and _finite(v)}

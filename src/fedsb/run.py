@@ -345,7 +345,7 @@ class Run:
         if p.privacy is not None:
             record.privacy = p.privacy.end_round(record.round)
         metrics = round_metrics(
-            record, rounds=self.cfg.fed.rounds, ledger=p.ledger, privacy_mode=self.cfg.privacy.mode
+            record, rounds=self.cfg.fed.rounds, ledger=p.ledger, release=self.cfg.privacy.mechanism.release
         )
         self.trackers.log(metrics)  # before the checkpoint: a round repeated after a crash replaces its log
         self.state(record.round).save(self.ckpt_root, keep=self.cfg.fed.keep_checkpoints)
