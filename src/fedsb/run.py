@@ -31,7 +31,7 @@ from fedsb.seeding import derive_seed
 
 log = logging.getLogger("fedsb.run")
 
-MakeExecutor = Callable[[Any, Any], Any]
+MakeExecutor = Callable[[Components], Any]
 
 
 def default_output_dir() -> Path:
@@ -59,8 +59,9 @@ def run_job(
 ) -> dict[str, Any]:
     """Run (or resume) a federated fine-tuning job and return the results dict (also in results.json).
 
-    `make_executor(method, data)` replaces the in-process simulator with another `ClientExecutor` (the
-    Flower app's); it must also offer `state_dict()` / `load_state_dict()` for checkpoints.
+    `make_executor(parts)` replaces the in-process simulator with another `ClientExecutor` (the Flower
+    app's) built from the job's server components (method, data, privacy ledger); it must also offer
+    `state_dict()` / `load_state_dict()` for checkpoints.
     """
     run = Run(cfg, resume=resume, echo=echo, command=command, make_executor=make_executor).setup()
     run.begin()
@@ -124,9 +125,7 @@ class Run:
         )
         self.server = self._server(self.parts)
         self.executor = (
-            self.make_executor(self.parts.method, self.parts.data)
-            if self.make_executor is not None
-            else self.parts.simulator()
+            self.make_executor(self.parts) if self.make_executor is not None else self.parts.simulator()
         )
         return self
 

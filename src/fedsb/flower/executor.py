@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -21,7 +21,11 @@ from flwr.serverapp import Grid
 
 from fedsb.fed.base import ClientUpdate, Tensors
 from fedsb.flower import protocol as P
+from fedsb.flower.dp import account_message
 from fedsb.flower.records import from_record, payload_bytes, to_record
+
+if TYPE_CHECKING:
+    from fedsb.privacy.ledger import PrivacyLedger
 
 log = logging.getLogger("fedsb.flower.server")
 
@@ -42,6 +46,8 @@ class FlowerExecutor:
         round_timeout: float = 600.0,
         straggler_timeout: float = 0.0,
         connect_timeout: float = 120.0,
+        privacy: PrivacyLedger | None = None,
+        dp_steps: Mapping[str, int] | None = None,
     ) -> None:
         self.grid = grid
         self.client_ids = list(client_ids)
@@ -52,6 +58,10 @@ class FlowerExecutor:
         self.straggler_timeout = straggler_timeout
         self.connect_timeout = connect_timeout
         self.nodes: dict[str, int] = {}  # client id -> node id
+        #: privacy.mode=sample: the server's ledger is every client's accountant (`fedsb.flower.dp`); a
+        #: train message carries the client's account and the round's steps are charged when it is sent
+        self.privacy = privacy if privacy is not None and privacy.mode == "sample" else None
+        self.dp_steps = dict(dp_steps or {})
         #: Flower's own count of every ArrayRecord sent or received: round (0 = setup), client, direction
         self.wire: list[dict[str, Any]] = []
 
@@ -120,14 +130,14 @@ class FlowerExecutor:
         for cid in client_ids:
             node = self.nodes[cid]
             sent[node] = cid
+            content = RecordDict(
+                {P.DOWNLOAD: record, P.ROUND_CONFIG: ConfigRecord({"round": round, "client-id": cid})}
+            )
+            if self.privacy is not None:
+                content[P.PRIVACY] = ConfigRecord(account_message(self.privacy.accounts[cid]))
             messages.append(
                 Message(
-                    RecordDict(
-                        {
-                            P.DOWNLOAD: record,
-                            P.ROUND_CONFIG: ConfigRecord({"round": round, "client-id": cid}),
-                        }
-                    ),
+                    content,
                     dst_node_id=node,
                     message_type=P.TRAIN_MESSAGE,
                     group_id=str(round),
@@ -137,6 +147,9 @@ class FlowerExecutor:
                 {"round": round, "client": cid, "direction": "down", "bytes": payload_bytes(record)}
             )
         pending = set(self.grid.push_messages(messages))
+        if self.privacy is not None:  # sent: a client that trains spends them, whether or not its reply comes
+            for cid in client_ids:
+                self.privacy.accounts[cid].step(self.dp_steps[cid])
         deadline = time.monotonic() + self.round_timeout
         while pending and time.monotonic() < deadline:
             replies = list(self.grid.pull_messages(list(pending)))

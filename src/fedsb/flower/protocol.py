@@ -15,6 +15,7 @@ SETUP_CONFIG = "fedsb.setup"  # ConfigRecord: config (YAML), fingerprint ("" if 
 SETUP_ARRAYS = "fedsb.basis"  # ArrayRecord: the setup payload (fp32)
 NODE_INFO = "fedsb.node"  # ConfigRecord in the setup reply: partition-id
 ROUND_CONFIG = "fedsb.round"  # ConfigRecord: round, client-id
+PRIVACY = "fedsb.privacy"  # ConfigRecord (privacy.mode=sample): the client's account on the server's ledger
 DOWNLOAD = "fedsb.download"  # ArrayRecord: the round's download in the wire dtype
 UPDATE = "fedsb.update"  # ArrayRecord: the client's upload in the wire dtype
 UPDATE_META = "fedsb.meta"  # ConfigRecord: round, client-id, num-examples, fingerprint

@@ -53,14 +53,15 @@ def run_flower_job(
         if settings.output_dir:
             cfg.output_dir = settings.output_dir
     cfg.progress = False
-    check_flower_config(cfg)
+    check_flower_config(cfg, resuming=resume is not None)
     if settings.secagg:
         from fedsb.flower.secagg import check_secagg_config
 
         check_secagg_config(cfg)
     executors: list[Any] = []
 
-    def make_executor(method: Any, data: Any) -> Any:
+    def make_executor(parts: Any) -> Any:
+        method, data = parts.method, parts.data
         flower = {
             "config_yaml": config_to_yaml(cfg),
             "setup": method.setup_payload(),
@@ -76,7 +77,10 @@ def run_flower_job(
                 raise ValueError("SecAgg+ rounds need the ServerApp's Context")
             ex: Any = SecAggExecutor(grid, context, list(data.clients), settings=secagg, **flower)
         else:
-            ex = FlowerExecutor(grid, list(data.clients), **flower)
+            from fedsb.flower.dp import round_steps
+
+            dp_steps = {cid: round_steps(cfg, n) for cid, n in data.client_sizes.items()}
+            ex = FlowerExecutor(grid, list(data.clients), privacy=parts.privacy, dp_steps=dp_steps, **flower)
         ex.connect()
         executors.append(ex)
         return ex
