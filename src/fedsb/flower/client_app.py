@@ -82,7 +82,7 @@ def runtime(context: Context, *, rebuild: bool = False) -> Any:
     from fedsb.flower.records import from_record
 
     if P.SETUP_CONFIG not in context.state:
-        raise RuntimeError("train message before setup: this node never received the run's setup message")
+        raise RuntimeError(f"{P.NO_SETUP} (train message before setup: a restarted SuperNode?)")
     cfg_rec = context.state[P.SETUP_CONFIG]
     device = node_device(context)
     key = (
@@ -101,18 +101,17 @@ def runtime(context: Context, *, rebuild: bool = False) -> Any:
     return _CACHE[key]
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """One round of local training from the downloaded global state, with the client's state between
-    rounds kept in the node's `context.state` (`fedsb.flower.node_state`)."""
+def prepared_client(msg: Message, context: Context) -> Any:
+    """This node's client with what it kept from earlier rounds installed and, under DP-SGD, the account
+    the server's ledger sent (checked against the client's own plan and budget: `fedsb.flower.dp`)."""
     from fedsb.flower import node_state
-    from fedsb.flower.records import from_record, to_record
 
     rt = runtime(context)
-    if not node_state.restore(rt, context):
-        rt = runtime(context, rebuild=True)
-        node_state.restore(rt, context)
     rnd = msg.content.config_records[P.ROUND_CONFIG]
+    sent_before = int(rnd.get("sent-before", 0))
+    if not node_state.restore(rt, context, sent_before=sent_before):
+        rt = runtime(context, rebuild=True)
+        node_state.restore(rt, context, sent_before=sent_before)
     if str(rnd["client-id"]) != rt.client_id:
         raise RuntimeError(f"asked to train {rnd['client-id']}, but this node holds {rt.client_id}")
     if rt.cfg.privacy.mode == "sample":
@@ -121,6 +120,18 @@ def train(msg: Message, context: Context) -> Message:
         sent = msg.content.config_records.get(P.PRIVACY)
         steps = int(node_state.node_record(context)["dp-steps"])
         rt.use_account(client_account(rt.cfg, rt.client_id, rt.num_examples, sent, node_steps=steps))
+    return rt
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of local training from the downloaded global state, with the client's state between
+    rounds kept in the node's `context.state` (`fedsb.flower.node_state`)."""
+    from fedsb.flower import node_state
+    from fedsb.flower.records import from_record, to_record
+
+    rt = prepared_client(msg, context)
+    rnd = msg.content.config_records[P.ROUND_CONFIG]
     folds_before = rt.fold_round()
     update = rt.train(int(rnd["round"]), from_record(msg.content.array_records[P.DOWNLOAD]))
     node_state.keep(rt, context, fold_round_before=folds_before)

@@ -62,6 +62,9 @@ class FlowerExecutor:
         #: train message carries the client's account and the round's steps are charged when it is sent
         self.privacy = privacy if privacy is not None and privacy.mode == "sample" else None
         self.dp_steps = dict(dp_steps or {})
+        self.lost_setup: set[int] = set()  # nodes that answered a train message without holding the setup
+        self.setup_bytes = 0
+        self.sent_before: dict[str, int] = {}  # client id -> train messages sent to it so far
         #: Flower's own count of every ArrayRecord sent or received: round (0 = setup), client, direction
         self.wire: list[dict[str, Any]] = []
 
@@ -79,29 +82,8 @@ class FlowerExecutor:
                 f"{len(node_ids)} SuperNode(s) connected within {self.connect_timeout:g} s, the run has {want} "
                 "clients (one SuperNode per partition): start more SuperNodes or raise connect-timeout"
             )
-        arrays = to_record(self.setup)
-        messages = [
-            Message(
-                RecordDict(
-                    {
-                        P.SETUP_CONFIG: ConfigRecord(
-                            {"config": self.config_yaml, "fingerprint": self.fingerprint or ""}
-                        ),
-                        P.SETUP_ARRAYS: arrays,
-                    }
-                ),
-                dst_node_id=node,
-                message_type=P.SETUP_MESSAGE,
-                group_id="setup",
-            )
-            for node in node_ids
-        ]
         by_partition: dict[int, int] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.connect_timeout):
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                raise RuntimeError(f"SuperNode {node} failed the setup: {reply.error.reason}")
-            pid = int(reply.content.config_records[P.NODE_INFO]["partition-id"])
+        for node, pid in self._send_setup(node_ids, strict=True):
             if pid in by_partition:
                 raise RuntimeError(
                     f"SuperNodes {by_partition[pid]} and {node} both hold partition-id={pid}: "
@@ -115,24 +97,78 @@ class FlowerExecutor:
                 f"(the run has {want} partitions, 0..{want - 1})"
             )
         self.nodes = {cid: by_partition[i] for i, cid in enumerate(self.client_ids)}
-        for cid in self.client_ids:
-            self.wire.append({"round": 0, "client": cid, "direction": "down", "bytes": payload_bytes(arrays)})
+        for cid in self.client_ids:  # round 0: the setup
+            self.wire.append({"round": 0, "client": cid, "direction": "down", "bytes": self.setup_bytes})
         return self.nodes
+
+    def _send_setup(self, node_ids: Sequence[int], *, strict: bool, round: int = 0) -> list[tuple[int, int]]:
+        """Send the setup (config, basis) to `node_ids`; (node id, its partition id) of every node that
+        answered. A failed node raises with `strict`, else it is logged and left out."""
+        arrays = to_record(self.setup)
+        setup_config = {"config": self.config_yaml, "fingerprint": self.fingerprint or ""}
+        messages = [
+            Message(
+                RecordDict({P.SETUP_CONFIG: ConfigRecord(setup_config), P.SETUP_ARRAYS: arrays}),
+                dst_node_id=node,
+                message_type=P.SETUP_MESSAGE,
+                group_id="setup",
+            )
+            for node in node_ids
+        ]
+        answered: list[tuple[int, int]] = []
+        for reply in self.grid.send_and_receive(messages, timeout=self.connect_timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                if strict:
+                    raise RuntimeError(f"SuperNode {node} failed the setup: {reply.error.reason}")
+                log.warning("round %d: SuperNode %s failed the setup: %s", round, node, reply.error.reason)
+                continue
+            answered.append((node, int(reply.content.config_records[P.NODE_INFO]["partition-id"])))
+        self.setup_bytes = payload_bytes(arrays)
+        return answered
+
+    def rejoin(self, round: int) -> None:
+        """Send the setup again to the nodes that lost it (a SuperNode that restarted answers a train
+        message with `protocol.NO_SETUP`) and to nodes that connected since: each takes over the client of
+        its partition id from the next message on. What the client kept on its old node is gone: its DP
+        account is the server's anyway, a FedEx-LoRA/FLoRA client refuses its stale W0, an optimizer state
+        starts afresh (the ClientApp warns)."""
+        known = set(self.nodes.values())
+        todo = sorted(self.lost_setup | {n for n in self.grid.get_node_ids() if n not in known})
+        self.lost_setup.clear()
+        if not todo:
+            return
+        for node, pid in self._send_setup(todo, strict=False, round=round):
+            if not 0 <= pid < len(self.client_ids):
+                log.warning(
+                    "round %d: SuperNode %s holds partition-id=%d, outside 0..%d: ignored",
+                    round,
+                    node,
+                    pid,
+                    len(self.client_ids) - 1,
+                )
+                continue
+            cid = self.client_ids[pid]
+            log.warning("round %d: %s (re)joined on SuperNode %s: setup sent again", round, cid, node)
+            self.nodes[cid] = node
+            line = {"round": 0, "client": cid, "direction": "down", "bytes": self.setup_bytes}
+            self.wire.append({**line, "before_round": round})  # a setup sent again mid-run
 
     # ---- per round --------------------------------------------------------------------------------------
     def train_round(self, round: int, client_ids: Sequence[str], download: Tensors) -> Iterator[ClientUpdate]:
         """Push the download to the sampled clients' nodes; yield each reply as it arrives."""
         if not self.nodes:
             self.connect()
+        self.rejoin(round)
         record = to_record(download)
         sent: dict[int, str] = {}  # node id -> client id
         messages = []
         for cid in client_ids:
             node = self.nodes[cid]
             sent[node] = cid
-            content = RecordDict(
-                {P.DOWNLOAD: record, P.ROUND_CONFIG: ConfigRecord({"round": round, "client-id": cid})}
-            )
+            round_config = {"round": round, "client-id": cid, "sent-before": self.sent_before.get(cid, 0)}
+            content = RecordDict({P.DOWNLOAD: record, P.ROUND_CONFIG: ConfigRecord(round_config)})
+            self.sent_before[cid] = self.sent_before.get(cid, 0) + 1
             if self.privacy is not None:
                 content[P.PRIVACY] = ConfigRecord(account_message(self.privacy.accounts[cid]))
             messages.append(
@@ -163,6 +199,8 @@ class FlowerExecutor:
                     continue
                 if reply.has_error():
                     log.warning("round %d: %s failed: %s", round, cid, reply.error.reason)
+                    if P.NO_SETUP in reply.error.reason:
+                        self.lost_setup.add(reply.metadata.src_node_id)
                     continue
                 update = decode_reply(reply.content, cid, round)
                 if P.UPDATE in reply.content.array_records:

@@ -41,9 +41,12 @@ def node_record(context: Context) -> dict[str, Any]:
     return {"fold-round": 0, "dp-steps": 0, **(dict(saved) if saved is not None else {})}
 
 
-def restore(rt: ClientRuntime, context: Context) -> bool:
+def restore(rt: ClientRuntime, context: Context, *, sent_before: int = 0) -> bool:
     """Install the node's saved state into `rt` (a fresh or a cached client of this run); False if `rt`
-    holds folds its node does not (a cached client the node's state does not describe: rebuild it)."""
+    holds folds its node does not (a cached client the node's state does not describe: rebuild it).
+
+    `sent_before`: the train messages the server sent this client before; with none kept here, a
+    kept optimizer state was lost (a restarted SuperNode) and starts afresh, with a warning."""
     record = node_record(context)
     fold_round = int(record["fold-round"])
     if rt.fold_round() != fold_round:
@@ -52,6 +55,13 @@ def restore(rt: ClientRuntime, context: Context) -> bool:
         rt.load_folded_base(fold_round, from_record(context.state.array_records[W0]))
     if rt.cfg.train.keep_optimizer_state:
         rt.executor.optimizer_states = {}
+        if sent_before and OPTIMIZER_META not in context.state.config_records:
+            log.warning(
+                "%s: no optimizer state on this node after %d earlier round(s) (a restarted SuperNode?): "
+                "train.keep_optimizer_state starts afresh",
+                rt.client_id,
+                sent_before,
+            )
         if OPTIMIZER_META in context.state.config_records:
             meta = {rt.client_id: json.loads(str(context.state.config_records[OPTIMIZER_META]["json"]))}
             rt.executor.load_state_dict(from_record(context.state.array_records[OPTIMIZER]), meta)
