@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedsb.fed.base import ClientUpdate, Tensors
@@ -155,34 +155,29 @@ class FlowerExecutor:
             self.wire.append({**line, "before_round": round})  # a setup sent again mid-run
 
     # ---- per round --------------------------------------------------------------------------------------
+    def _train_message(self, round: int, cid: str, record: ArrayRecord) -> Message:
+        """Client `cid`'s train message: the download, {round, client-id, sent-before} and, under DP-SGD, its
+        account on the server's ledger (counted on the wire list as sent)."""
+        round_config = {"round": round, "client-id": cid, "sent-before": self.sent_before.get(cid, 0)}
+        content = RecordDict({P.DOWNLOAD: record, P.ROUND_CONFIG: ConfigRecord(round_config)})
+        if self.privacy is not None:
+            content[P.PRIVACY] = ConfigRecord(account_message(self.privacy.accounts[cid]))
+        self.sent_before[cid] = self.sent_before.get(cid, 0) + 1
+        self.wire.append({"round": round, "client": cid, "direction": "down", "bytes": payload_bytes(record)})
+        return Message(
+            content, dst_node_id=self.nodes[cid], message_type=P.TRAIN_MESSAGE, group_id=str(round)
+        )
+
     def train_round(self, round: int, client_ids: Sequence[str], download: Tensors) -> Iterator[ClientUpdate]:
         """Push the download to the sampled clients' nodes; yield each reply as it arrives."""
         if not self.nodes:
             self.connect()
         self.rejoin(round)
         record = to_record(download)
-        sent: dict[int, str] = {}  # node id -> client id
-        messages = []
-        for cid in client_ids:
-            node = self.nodes[cid]
-            sent[node] = cid
-            round_config = {"round": round, "client-id": cid, "sent-before": self.sent_before.get(cid, 0)}
-            content = RecordDict({P.DOWNLOAD: record, P.ROUND_CONFIG: ConfigRecord(round_config)})
-            self.sent_before[cid] = self.sent_before.get(cid, 0) + 1
-            if self.privacy is not None:
-                content[P.PRIVACY] = ConfigRecord(account_message(self.privacy.accounts[cid]))
-            messages.append(
-                Message(
-                    content,
-                    dst_node_id=node,
-                    message_type=P.TRAIN_MESSAGE,
-                    group_id=str(round),
-                )
-            )
-            self.wire.append(
-                {"round": round, "client": cid, "direction": "down", "bytes": payload_bytes(record)}
-            )
-        pending = set(self.grid.push_messages(messages))
+        sent = {self.nodes[cid]: cid for cid in client_ids}  # node id -> client id
+        pending = set(
+            self.grid.push_messages([self._train_message(round, cid, record) for cid in client_ids])
+        )
         if self.privacy is not None:  # sent: a client that trains spends them, whether or not its reply comes
             for cid in client_ids:
                 self.privacy.accounts[cid].step(self.dp_steps[cid])
