@@ -101,17 +101,24 @@ def runtime(context: Context, *, rebuild: bool = False) -> Any:
     return _CACHE[key]
 
 
+def restored_client(context: Context, *, sent_before: int = 0) -> Any:
+    """This node's client (cached or rebuilt) with what it kept from earlier rounds installed."""
+    from fedsb.flower import node_state
+
+    rt = runtime(context)
+    if not node_state.restore(rt, context, sent_before=sent_before):
+        rt = runtime(context, rebuild=True)
+        node_state.restore(rt, context, sent_before=sent_before)
+    return rt
+
+
 def prepared_client(msg: Message, context: Context) -> Any:
     """This node's client with what it kept from earlier rounds installed and, under DP-SGD, the account
     the server's ledger sent (checked against the client's own plan and budget: `fedsb.flower.dp`)."""
     from fedsb.flower import node_state
 
-    rt = runtime(context)
     rnd = msg.content.config_records[P.ROUND_CONFIG]
-    sent_before = int(rnd.get("sent-before", 0))
-    if not node_state.restore(rt, context, sent_before=sent_before):
-        rt = runtime(context, rebuild=True)
-        node_state.restore(rt, context, sent_before=sent_before)
+    rt = restored_client(context, sent_before=int(rnd.get("sent-before", 0)))
     if str(rnd["client-id"]) != rt.client_id:
         raise RuntimeError(f"asked to train {rnd['client-id']}, but this node holds {rt.client_id}")
     if rt.cfg.privacy.mode == "sample":
