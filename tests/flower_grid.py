@@ -1,7 +1,8 @@
 """An in-process Flower Grid for fast tests: messages go straight to a ClientApp, one Context per node.
 
 Nodes can be told to vanish (no reply: a dead SuperNode) or to have their replies rewritten (a malformed
-client); everything else is the real ClientApp handling real Flower Messages.
+client), and every message can meet a fresh ClientApp process (`fresh_processes`, as in a deployment:
+only the node's Context survives); everything else is the real ClientApp handling real Flower Messages.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import copy
 import uuid
 from collections.abc import Callable, Iterable
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
@@ -37,6 +38,8 @@ class LocalGrid(Grid):
         self.silent: set[int] = set()  # nodes that never answer train messages
         self.tamper: dict[int, Callable[[Message], Message]] = {}  # node -> reply rewriter
         self.pushed: list[Message] = []
+        #: as in a deployment, every message meets a fresh ClientApp process: nothing cached between them
+        self.fresh_processes = False
 
     def set_run(self, run) -> None:  # noqa: ANN001 - unused in tests
         pass
@@ -61,12 +64,38 @@ class LocalGrid(Grid):
             node = msg.metadata.dst_node_id
             if node in self.silent and msg.metadata.message_type == "train":
                 continue
+            if self.fresh_processes:
+                from fedsb.flower import client_app as module
+
+                module._CACHE.clear()
             # a copy, as after transport: a client must not share objects with the server or other nodes
-            reply = copy.deepcopy(self.client_app(copy.deepcopy(msg), self.contexts[node]))
+            reply = copy.deepcopy(self._serve(copy.deepcopy(msg), node))
             if node in self.tamper and msg.metadata.message_type == "train":
                 reply = self.tamper[node](reply)
             self.replies[mid] = reply
         return ids
+
+    def _serve(self, msg: Message, node: int) -> Message:
+        """The ClientApp's reply; as a SuperNode does, an exception becomes an error reply and leaves the
+        node's Context as it was (Flower's run_clientapp: "Don't update/change NodeState")."""
+        context = copy.deepcopy(self.contexts[node])
+        try:
+            reply = self.client_app(msg, context)
+        except Exception as exc:  # noqa: BLE001 - what the SuperNode does
+            return Message(Error(code=2, reason=f"{type(exc)}:<'{exc}'>"), reply_to=msg)
+        self.contexts[node] = context
+        return reply
+
+    def restart(self, node: int) -> None:
+        """The SuperNode restarts: its Context (and everything in it) is gone, the node id stays."""
+        old = self.contexts[node]
+        self.contexts[node] = Context(
+            run_id=old.run_id,
+            node_id=node,
+            node_config=dict(old.node_config),
+            state=RecordDict(),
+            run_config={},
+        )
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self.replies.pop(m) for m in list(message_ids) if m in self.replies]

@@ -179,23 +179,6 @@ def test_malformed_replies_are_rejected_by_the_simulators_validator(tmp_path: Pa
     assert (1, "rejected") in statuses
 
 
-@pytest.mark.parametrize(
-    ("override", "field"),
-    [
-        ("fed.method=fedex", "fed.method"),
-        ("fed.method=flora", "fed.method"),
-        ("train.keep_optimizer_state=true", "train.keep_optimizer_state"),
-        ("privacy.mode=sample privacy.noise_multiplier=1.0", "privacy.mode"),
-    ],
-)
-def test_settings_the_flower_app_cannot_honour_are_refused(tmp_path: Path, override: str, field: str) -> None:
-    from fedsb.errors import ConfigError
-
-    with pytest.raises(ConfigError, match=field) as err:
-        flower(tmp_path, override.split())
-    assert "fix:" in str(err.value)
-
-
 def test_unknown_run_config_keys_are_refused() -> None:
     from fedsb.errors import ConfigError
 

@@ -145,7 +145,7 @@ def test_deployment_with_tls_and_auth_matches_simulator_and_survives_a_killed_su
     run_job(
         cfg,
         echo=lambda s: None,
-        make_executor=lambda method, data: DropInRound(method, data, cfg, 2, "client-01"),
+        make_executor=lambda parts: DropInRound(parts.method, parts.data, cfg, 2, "client-01"),
     )
     for rnd in ("round-0001", "round-0002"):
         ref = global_state(tmp_path / "sim" / "checkpoints" / rnd)

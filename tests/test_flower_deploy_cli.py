@@ -44,10 +44,9 @@ def _env() -> dict[str, str]:
 @pytest.mark.parametrize(
     "overrides,phrase",
     [
-        ("privacy.mode=sample privacy.target_epsilon=8", "privacy.mode='sample' is not supported by the Flower app"),
+        ("privacy.mode=sample", "privacy.target_epsilon=None with privacy.noise_multiplier=None"),
         ("train.lr=-1", "train.lr=-1.0"),
-        ("fed.method=fedex", "fed.method='fedex' is not supported by the Flower app"),
-        ("train.keep_optimizer_state=true", "train.keep_optimizer_state=True"),
+        ("fed.method=fedex privacy.mode=client privacy.noise_multiplier=1", "privacy.mode='client' does not apply"),
         ("privacy.target_epsilon=3", "privacy.target_epsilon=3.0 has no effect"),
     ],
 )  # fmt: skip

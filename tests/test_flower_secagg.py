@@ -111,3 +111,19 @@ def test_secagg_refuses_what_it_cannot_honour(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=name):
             secagg_job(LocalGrid(client_app, 3), tmp_path / name, [*OVERRIDES, *bad.split()])
         assert not (tmp_path / name).exists()  # refused before anything was written
+
+
+def test_secagg_clients_keep_their_optimizer_state_on_their_nodes(tmp_path: Path) -> None:
+    """train.keep_optimizer_state under SecAgg+: each node's AdamW state after 2 rounds of 2 steps has
+    taken 4 steps (a state lost between rounds would have taken 2)."""
+    from fedsb.flower import node_state
+    from fedsb.flower.records import from_record
+
+    overrides = [*[o for o in OVERRIDES if not o.startswith("fed.rounds")], "fed.rounds=2"]
+    grid = LocalGrid(client_app, 3)
+    grid.fresh_processes = True  # as deployed: only the node's Context survives between messages
+    secagg_job(grid, tmp_path, [*overrides, "train.keep_optimizer_state=true"])
+    for context in grid.contexts.values():
+        kept = from_record(context.state.array_records[node_state.OPTIMIZER])
+        steps = {float(v) for k, v in kept.items() if k.endswith("/step")}
+        assert steps == {4.0}

@@ -386,14 +386,6 @@ def test_client_level_run_accounts_one_release_per_round(tmp_path: Path) -> None
     assert p["delta"] == 1e-5 and p["delta_rule"].startswith("min(1e-5, 1/(10 N))")
 
 
-def test_flower_refuses_sample_level_dp_instead_of_overstating_privacy() -> None:
-    from fedsb.flower.client import check_flower_config
-
-    with pytest.raises(ConfigError, match="privacy.mode='sample' is not supported by the Flower app"):
-        check_flower_config(resolve_config(TINY, ["privacy.mode=sample", "privacy.target_epsilon=3"]))
-    check_flower_config(resolve_config(TINY, ["privacy.mode=client", "privacy.noise_multiplier=1"]))
-
-
 def test_noise_free_steps_have_no_finite_epsilon() -> None:
     acc = PrivacyAccount("c", 0.0, 0.1, 1e-3, "prv", planned_steps=2)
     assert acc.epsilon() == 0.0

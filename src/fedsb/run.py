@@ -43,7 +43,7 @@ from fedsb.tracking import Trackers
 
 log = logging.getLogger("fedsb.run")
 
-MakeExecutor = Callable[[Any, Any], Any]
+MakeExecutor = Callable[[Components], Any]
 RUNS_ROOT = "runs"  # where runs without an output_dir go: runs/<timestamp>-<random>
 RESUME_COMMAND = "fedsb run --resume {dir}"
 #: OS refusals of a write that the user can fix (space, permissions, a read-only mount)
@@ -73,8 +73,9 @@ def run_job(
 ) -> dict[str, Any]:
     """Run (or resume) a federated fine-tuning job and return the results dict (also in results.json).
 
-    `make_executor(method, data)` replaces the in-process simulator with another `ClientExecutor` (the
-    Flower app's); it must also offer `state_dict()` / `load_state_dict()` for checkpoints.
+    `make_executor(parts)` replaces the in-process simulator with another `ClientExecutor` (the Flower
+    app's) built from the job's server components (method, data, privacy ledger); it must also offer
+    `state_dict()` / `load_state_dict()` for checkpoints.
     `handle_signals`: SIGINT/SIGTERM stop the run after the next checkpoint (`fedsb.interrupt`; the CLI's
     choice, main thread only); an interrupt raises `RunStopped` naming `resume_command` (with `{dir}`).
     """
@@ -193,9 +194,7 @@ class Run:
         )
         self.server = self._server(self.parts)
         self.executor = (
-            self.make_executor(self.parts.method, self.parts.data)
-            if self.make_executor is not None
-            else self.parts.simulator()
+            self.make_executor(self.parts) if self.make_executor is not None else self.parts.simulator()
         )
 
     def _server(self, parts: Components) -> Server:

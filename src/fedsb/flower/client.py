@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
@@ -20,54 +21,112 @@ from fedsb.fed.base import ClientUpdate, FederatedMethod, Tensors
 from fedsb.fed.simulate import InProcessExecutor
 from fedsb.job import build_components
 
-#: methods whose server state every client can rebuild from one round's download
-SUPPORTED_METHODS = ("fedsb", "ravan", "fedit", "ffa", "fedsvd", "full")
-#: why the others are refused (a SuperNode keeps its own W0, and these fold updates into it every round)
-UNSUPPORTED_REASON = (
-    "folds every round's stacked factors into each client's own W0; the server sends the folds a client "
-    "missed, but a deployed ClientApp process lives for one message and would rebuild W0 without them "
-    "(the client then refuses the round rather than train on a stale W0)"
-)
+if TYPE_CHECKING:
+    from fedsb.privacy.accounting import PrivacyAccount
 
 
-def check_flower_config(cfg: RunConfig) -> None:
-    """Refuse settings the Flower path cannot honour, naming field, value and fix."""
-    if cfg.fed.method not in SUPPORTED_METHODS:
-        raise ConfigError(
-            field="fed.method",
-            value=cfg.fed.method,
-            what=f"is not supported by the Flower app ({UNSUPPORTED_REASON})",
-            fix=f"use one of {', '.join(SUPPORTED_METHODS)}, or the in-process simulator (fedsb run)",
-        )
-    if cfg.privacy.mechanism.accounts_per_client:
-        raise ConfigError(
-            field="privacy.mode",
-            value="sample",
-            what="is not supported by the Flower app yet (each client's DP-SGD accountant must persist on its "
-            "SuperNode across rounds; without it the stated epsilon would not hold)",
-            fix="use privacy.mode=client (server-side DP-FedAvg) with Flower, or the in-process simulator",
-        )
+def folds_into_w0(method: str) -> bool:
+    """Whether `method` folds every round's update into each party's W0 (FedEx-LoRA, FLoRA)."""
+    from fedsb.fed.base import get_method_class
+    from fedsb.fed.lora_base import FoldingMethod
+
+    return issubclass(get_method_class(method), FoldingMethod)
+
+
+def check_flower_config(cfg: RunConfig, *, resuming: bool = False) -> None:
+    """Refuse settings the Flower path cannot honour, naming field, value and fix.
+
+    Everything the simulator runs also runs over Flower: what a client keeps between rounds (its optimizer
+    state, its folded W0 under FedEx-LoRA and FLoRA, its DP-SGD step count) lives in its node's per-run
+    state (`fedsb.flower.node_state`). A resumed run is a new Flower run whose nodes start without it, so
+    resuming is refused where that state cannot be rebuilt.
+    """
+    if not resuming:
+        return
+    fix = "resume with the in-process simulator (fedsb run --resume), or start a new Flower run"
     if cfg.train.keep_optimizer_state:
         raise ConfigError(
             field="train.keep_optimizer_state",
             value=True,
-            what="is not supported by the Flower app (a ClientApp process lives for one message)",
-            fix="set train.keep_optimizer_state=false",
+            what="cannot be resumed over Flower: each client's optimizer state lives on its SuperNode for "
+            "one Flower run (never on the server), and the resumed run's nodes start without it",
+            fix=fix,
+        )
+    if folds_into_w0(cfg.fed.method):
+        raise ConfigError(
+            field="fed.method",
+            value=cfg.fed.method,
+            what="cannot be resumed over Flower: each client's folded W0 lives on its SuperNode for one "
+            "Flower run, and the folds of the rounds before the checkpoint are gone from the server",
+            fix=fix,
         )
 
 
 @dataclass
 class ClientRuntime:
-    """One client's model, method and trainer, built from the server's setup."""
+    """One client's model, method and trainer, built from the server's setup.
+
+    What the client keeps between rounds is read and set here so its node can store it between messages
+    (`fedsb.flower.node_state`): the folded W0 of the adapted layers, the optimizer state, the DP account.
+    """
 
     cfg: RunConfig
     client_id: str
     method: FederatedMethod
     executor: InProcessExecutor
 
+    @property
+    def num_examples(self) -> int:
+        return self.executor.clients[self.client_id].num_examples
+
     def train(self, round: int, download: Tensors) -> ClientUpdate:
         """Train round `round` from the downloaded global state; the update is in the wire dtype."""
         return self.executor.train_client(round, self.client_id, download)
+
+    # ---- the folded W0 (FedEx-LoRA, FLoRA) -------------------------------------------------------------------
+    def fold_round(self) -> int:
+        """The last round whose fold every adapted layer's W0 holds (0: the pretrained W0)."""
+        return min((layer.fold_round for layer in self.method.adapted.layers.values()), default=0)
+
+    def folded_base(self) -> Tensors:
+        """path -> the adapted layer's base weight (m, n) as it is now, on the CPU in its own dtype."""
+        from fedsb.adapters.layer import weight_in_linear_layout
+
+        return {
+            path: weight_in_linear_layout(layer.base_layer).detach().cpu().clone()
+            for path, layer in self.method.adapted.layers.items()
+        }
+
+    @torch.no_grad()
+    def load_folded_base(self, fold_round: int, weights: Mapping[str, torch.Tensor]) -> None:
+        """Install a W0 saved by `folded_base` after round `fold_round` (bit for bit)."""
+        from fedsb.adapters.layer import weight_in_linear_layout
+
+        layers = self.method.adapted.layers
+        if set(weights) != set(layers):
+            raise RuntimeError("the node's saved W0 does not match this model's adapted layers")
+        for path, layer in layers.items():
+            weight_in_linear_layout(layer.base_layer).copy_(weights[path])
+            layer.fold_round = fold_round
+
+    # ---- DP-SGD: the account the server's ledger sent --------------------------------------------------------
+    def use_account(self, account: PrivacyAccount) -> None:
+        """Train the next round under `account` (sigma, q, delta and the steps taken so far); it is
+        charged step by step as in the simulator."""
+        from fedsb.privacy.ledger import PrivacyLedger
+
+        p = self.cfg.privacy
+        self.executor.privacy = PrivacyLedger(
+            "sample",
+            {self.client_id: account},
+            max_grad_norm=p.max_grad_norm,
+            clip_update=p.clip_update,
+            poisson=p.poisson,
+            clients_per_round=1,
+            seed=self.cfg.seed,
+            client_sizes={self.client_id: self.num_examples},
+            reproducible_noise=p.reproducible_noise,
+        )
 
 
 def build_runtime(
@@ -81,7 +140,6 @@ def build_runtime(
     """Rebuild everything client-side through the job recipe: the same model seed, data partition and
     method as the server's run, on this node's `device` (its node config's, else the run's `device`)."""
     cfg = config_from_dict(yaml.safe_load(config_yaml))
-    check_flower_config(cfg)
     if device is not None:
         cfg.device = device
     torch.set_num_threads(cfg.threads or 1)

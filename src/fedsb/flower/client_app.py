@@ -1,8 +1,9 @@
 """The Flower ClientApp: translate Messages to `fedsb.flower.client` calls and back; nothing else.
 
 `query.setup` stores the server's config and one-time payload in the node's `context.state`; `train`
-rebuilds the client (cached per process; the basis fingerprint is checked there) and runs one round of the
-simulator's local trainer; SecAgg+ train messages go through `secaggplus_mod` (`secagg_router`). Start
+rebuilds the client (cached per process; the basis fingerprint is checked there), installs what it kept
+from earlier rounds (`fedsb.flower.node_state`: folded W0, optimizer state, DP step count), checks the DP
+account the server sent (`fedsb.flower.dp`) and runs one round of the simulator's local trainer; SecAgg+ train messages go through `secaggplus_mod` (`secagg_router`). Start
 SuperNodes with `--node-config 'partition-id=<i>'` (and optionally `device="cuda:1"`); in simulation
 Flower sets the partition id.
 """
@@ -36,9 +37,9 @@ def secagg_router(msg: Message, context: Context, call_next: Any) -> Message:
 
 app = ClientApp(mods=[secagg_router])
 
-#: (config, partition, fingerprint, device) -> ClientRuntime, most recent last; a simulation process may host
+#: (config, partition, fingerprint, device, run id) -> ClientRuntime, most recent last; a simulation process may host
 #: several nodes, a deployment ClientApp process lives for one message
-_CACHE: dict[tuple[str, int, str], Any] = {}
+_CACHE: dict[tuple[str, int, str, str, int], Any] = {}
 CACHE_SIZE = 2
 
 
@@ -75,17 +76,23 @@ def setup(msg: Message, context: Context) -> Message:
     return Message(RecordDict({P.NODE_INFO: ConfigRecord({"partition-id": pid})}), reply_to=msg)
 
 
-def runtime(context: Context) -> Any:
-    """This node's client, built from the stored setup (once per process)."""
+def runtime(context: Context, *, rebuild: bool = False) -> Any:
+    """This node's client, built from the stored setup (once per process and run, or again if `rebuild`)."""
     from fedsb.flower.client import build_runtime
     from fedsb.flower.records import from_record
 
     if P.SETUP_CONFIG not in context.state:
-        raise RuntimeError("train message before setup: this node never received the run's setup message")
+        raise RuntimeError(f"{P.NO_SETUP} (train message before setup: a restarted SuperNode?)")
     cfg_rec = context.state[P.SETUP_CONFIG]
     device = node_device(context)
-    key = (str(cfg_rec["config"]), partition_id(context), str(cfg_rec["fingerprint"]), device or "")
-    if key not in _CACHE:
+    key = (
+        str(cfg_rec["config"]),
+        partition_id(context),
+        str(cfg_rec["fingerprint"]),
+        device or "",
+        context.run_id,
+    )
+    if rebuild or key not in _CACHE:
         setup_tensors = from_record(context.state.array_records.get(P.SETUP_ARRAYS, ArrayRecord()))
         _CACHE[key] = build_runtime(key[0], key[1], setup_tensors, key[2] or None, device=device)
     _CACHE[key] = _CACHE.pop(key)
@@ -94,16 +101,47 @@ def runtime(context: Context) -> Any:
     return _CACHE[key]
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """One round of local training from the downloaded global state."""
-    from fedsb.flower.records import from_record, to_record
+def restored_client(context: Context, *, sent_before: int = 0) -> Any:
+    """This node's client (cached or rebuilt) with what it kept from earlier rounds installed."""
+    from fedsb.flower import node_state
 
     rt = runtime(context)
+    if not node_state.restore(rt, context, sent_before=sent_before):
+        rt = runtime(context, rebuild=True)
+        node_state.restore(rt, context, sent_before=sent_before)
+    return rt
+
+
+def prepared_client(msg: Message, context: Context) -> Any:
+    """This node's client with what it kept from earlier rounds installed and, under DP-SGD, the account
+    the server's ledger sent (checked against the client's own plan and budget: `fedsb.flower.dp`)."""
+    from fedsb.flower import node_state
+
     rnd = msg.content.config_records[P.ROUND_CONFIG]
+    rt = restored_client(context, sent_before=int(rnd.get("sent-before", 0)))
     if str(rnd["client-id"]) != rt.client_id:
         raise RuntimeError(f"asked to train {rnd['client-id']}, but this node holds {rt.client_id}")
+    if rt.cfg.privacy.mechanism.accounts_per_client:
+        from fedsb.flower.dp import client_account
+
+        sent = msg.content.config_records.get(P.PRIVACY)
+        steps = int(node_state.node_record(context)["dp-steps"])
+        rt.use_account(client_account(rt.cfg, rt.client_id, rt.num_examples, sent, node_steps=steps))
+    return rt
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of local training from the downloaded global state, with the client's state between
+    rounds kept in the node's `context.state` (`fedsb.flower.node_state`)."""
+    from fedsb.flower import node_state
+    from fedsb.flower.records import from_record, to_record
+
+    rt = prepared_client(msg, context)
+    rnd = msg.content.config_records[P.ROUND_CONFIG]
+    folds_before = rt.fold_round()
     update = rt.train(int(rnd["round"]), from_record(msg.content.array_records[P.DOWNLOAD]))
+    node_state.keep(rt, context, fold_round_before=folds_before)
     meta = {
         "round": update.round,
         "client-id": update.client_id,

@@ -13,15 +13,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedsb.fed.base import ClientUpdate, Tensors
 from fedsb.flower import protocol as P
+from fedsb.flower.dp import account_message
 from fedsb.flower.records import from_record, payload_bytes, to_record
+
+if TYPE_CHECKING:
+    from fedsb.privacy.ledger import PrivacyLedger
 
 log = logging.getLogger("fedsb.flower.server")
 
@@ -42,6 +46,8 @@ class FlowerExecutor:
         round_timeout: float = 600.0,
         straggler_timeout: float = 0.0,
         connect_timeout: float = 120.0,
+        privacy: PrivacyLedger | None = None,
+        dp_steps: Mapping[str, int] | None = None,
     ) -> None:
         self.grid = grid
         self.client_ids = list(client_ids)
@@ -52,6 +58,13 @@ class FlowerExecutor:
         self.straggler_timeout = straggler_timeout
         self.connect_timeout = connect_timeout
         self.nodes: dict[str, int] = {}  # client id -> node id
+        #: privacy.mode=sample: the server's ledger is every client's accountant (`fedsb.flower.dp`); a
+        #: train message carries the client's account and the round's steps are charged when it is sent
+        self.privacy = privacy if privacy is not None and privacy.mechanism.accounts_per_client else None
+        self.dp_steps = dict(dp_steps or {})
+        self.lost_setup: set[int] = set()  # nodes that answered a train message without holding the setup
+        self.setup_bytes = 0
+        self.sent_before: dict[str, int] = {}  # client id -> train messages sent to it so far
         #: Flower's own count of every ArrayRecord sent or received: round (0 = setup), client, direction
         self.wire: list[dict[str, Any]] = []
 
@@ -69,29 +82,8 @@ class FlowerExecutor:
                 f"{len(node_ids)} SuperNode(s) connected within {self.connect_timeout:g} s, the run has {want} "
                 "clients (one SuperNode per partition): start more SuperNodes or raise connect-timeout"
             )
-        arrays = to_record(self.setup)
-        messages = [
-            Message(
-                RecordDict(
-                    {
-                        P.SETUP_CONFIG: ConfigRecord(
-                            {"config": self.config_yaml, "fingerprint": self.fingerprint or ""}
-                        ),
-                        P.SETUP_ARRAYS: arrays,
-                    }
-                ),
-                dst_node_id=node,
-                message_type=P.SETUP_MESSAGE,
-                group_id="setup",
-            )
-            for node in node_ids
-        ]
         by_partition: dict[int, int] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.connect_timeout):
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                raise RuntimeError(f"SuperNode {node} failed the setup: {reply.error.reason}")
-            pid = int(reply.content.config_records[P.NODE_INFO]["partition-id"])
+        for node, pid in self._send_setup(node_ids, strict=True):
             if pid in by_partition:
                 raise RuntimeError(
                     f"SuperNodes {by_partition[pid]} and {node} both hold partition-id={pid}: "
@@ -105,38 +97,90 @@ class FlowerExecutor:
                 f"(the run has {want} partitions, 0..{want - 1})"
             )
         self.nodes = {cid: by_partition[i] for i, cid in enumerate(self.client_ids)}
-        for cid in self.client_ids:
-            self.wire.append({"round": 0, "client": cid, "direction": "down", "bytes": payload_bytes(arrays)})
+        for cid in self.client_ids:  # round 0: the setup
+            self.wire.append({"round": 0, "client": cid, "direction": "down", "bytes": self.setup_bytes})
         return self.nodes
 
+    def _send_setup(self, node_ids: Sequence[int], *, strict: bool, round: int = 0) -> list[tuple[int, int]]:
+        """Send the setup (config, basis) to `node_ids`; (node id, its partition id) of every node that
+        answered. A failed node raises with `strict`, else it is logged and left out."""
+        arrays = to_record(self.setup)
+        setup_config = {"config": self.config_yaml, "fingerprint": self.fingerprint or ""}
+        messages = [
+            Message(
+                RecordDict({P.SETUP_CONFIG: ConfigRecord(setup_config), P.SETUP_ARRAYS: arrays}),
+                dst_node_id=node,
+                message_type=P.SETUP_MESSAGE,
+                group_id="setup",
+            )
+            for node in node_ids
+        ]
+        answered: list[tuple[int, int]] = []
+        for reply in self.grid.send_and_receive(messages, timeout=self.connect_timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                if strict:
+                    raise RuntimeError(f"SuperNode {node} failed the setup: {reply.error.reason}")
+                log.warning("round %d: SuperNode %s failed the setup: %s", round, node, reply.error.reason)
+                continue
+            answered.append((node, int(reply.content.config_records[P.NODE_INFO]["partition-id"])))
+        self.setup_bytes = payload_bytes(arrays)
+        return answered
+
+    def rejoin(self, round: int) -> None:
+        """Send the setup again to the nodes that lost it (a SuperNode that restarted answers a train
+        message with `protocol.NO_SETUP`) and to nodes that connected since: each takes over the client of
+        its partition id from the next message on. What the client kept on its old node is gone: its DP
+        account is the server's anyway, a FedEx-LoRA/FLoRA client refuses its stale W0, an optimizer state
+        starts afresh (the ClientApp warns)."""
+        known = set(self.nodes.values())
+        todo = sorted(self.lost_setup | {n for n in self.grid.get_node_ids() if n not in known})
+        self.lost_setup.clear()
+        if not todo:
+            return
+        for node, pid in self._send_setup(todo, strict=False, round=round):
+            if not 0 <= pid < len(self.client_ids):
+                log.warning(
+                    "round %d: SuperNode %s holds partition-id=%d, outside 0..%d: ignored",
+                    round,
+                    node,
+                    pid,
+                    len(self.client_ids) - 1,
+                )
+                continue
+            cid = self.client_ids[pid]
+            log.warning("round %d: %s (re)joined on SuperNode %s: setup sent again", round, cid, node)
+            self.nodes[cid] = node
+            line = {"round": 0, "client": cid, "direction": "down", "bytes": self.setup_bytes}
+            self.wire.append({**line, "before_round": round})  # a setup sent again mid-run
+
     # ---- per round --------------------------------------------------------------------------------------
+    def _train_message(self, round: int, cid: str, record: ArrayRecord) -> Message:
+        """Client `cid`'s train message: the download, {round, client-id, sent-before} and, under DP-SGD, its
+        account on the server's ledger (counted on the wire list as sent)."""
+        round_config = {"round": round, "client-id": cid, "sent-before": self.sent_before.get(cid, 0)}
+        content = RecordDict({P.DOWNLOAD: record, P.ROUND_CONFIG: ConfigRecord(round_config)})
+        if self.privacy is not None:
+            content[P.PRIVACY] = ConfigRecord(account_message(self.privacy.accounts[cid]))
+        self.sent_before[cid] = self.sent_before.get(cid, 0) + 1
+        self.wire.append({"round": round, "client": cid, "direction": "down", "bytes": payload_bytes(record)})
+        return Message(
+            content, dst_node_id=self.nodes[cid], message_type=P.TRAIN_MESSAGE, group_id=str(round)
+        )
+
     def train_round(self, round: int, client_ids: Sequence[str], download: Tensors) -> Iterator[ClientUpdate]:
         """Push the download to the sampled clients' nodes; yield each reply as it arrives."""
         if not self.nodes:
             self.connect()
+        self.rejoin(round)
         record = to_record(download)
-        sent: dict[int, str] = {}  # node id -> client id
-        messages = []
-        for cid in client_ids:
-            node = self.nodes[cid]
-            sent[node] = cid
-            messages.append(
-                Message(
-                    RecordDict(
-                        {
-                            P.DOWNLOAD: record,
-                            P.ROUND_CONFIG: ConfigRecord({"round": round, "client-id": cid}),
-                        }
-                    ),
-                    dst_node_id=node,
-                    message_type=P.TRAIN_MESSAGE,
-                    group_id=str(round),
-                )
-            )
-            self.wire.append(
-                {"round": round, "client": cid, "direction": "down", "bytes": payload_bytes(record)}
-            )
-        pending = set(self.grid.push_messages(messages))
+        sent = {self.nodes[cid]: cid for cid in client_ids}  # node id -> client id
+        pending = set(
+            self.grid.push_messages([self._train_message(round, cid, record) for cid in client_ids])
+        )
+        if self.privacy is not None:  # sent: a client that trains spends them, whether or not its reply comes
+            for cid in client_ids:
+                self.privacy.accounts[cid].step(self.dp_steps[cid])
         deadline = time.monotonic() + self.round_timeout
         while pending and time.monotonic() < deadline:
             replies = list(self.grid.pull_messages(list(pending)))
@@ -150,6 +194,8 @@ class FlowerExecutor:
                     continue
                 if reply.has_error():
                     log.warning("round %d: %s failed: %s", round, cid, reply.error.reason)
+                    if P.NO_SETUP in reply.error.reason:
+                        self.lost_setup.add(reply.metadata.src_node_id)
                     continue
                 update = decode_reply(reply.content, cid, round)
                 if P.UPDATE in reply.content.array_records:

@@ -14,10 +14,14 @@ TRAIN_MESSAGE = "train"
 SETUP_CONFIG = "fedsb.setup"  # ConfigRecord: config (YAML), fingerprint ("" if none)
 SETUP_ARRAYS = "fedsb.basis"  # ArrayRecord: the setup payload (fp32)
 NODE_INFO = "fedsb.node"  # ConfigRecord in the setup reply: partition-id
-ROUND_CONFIG = "fedsb.round"  # ConfigRecord: round, client-id
+ROUND_CONFIG = "fedsb.round"  # ConfigRecord: round, client-id, sent-before (earlier train messages to it)
+PRIVACY = "fedsb.privacy"  # ConfigRecord (privacy.mode=sample): the client's account on the server's ledger
 DOWNLOAD = "fedsb.download"  # ArrayRecord: the round's download in the wire dtype
 UPDATE = "fedsb.update"  # ArrayRecord: the client's upload in the wire dtype
 UPDATE_META = "fedsb.meta"  # ConfigRecord: round, client-id, num-examples, fingerprint
+#: what a ClientApp raises on a train message its node holds no setup for (a restarted SuperNode): the
+#: server sends the setup again before the next round (`FlowerExecutor.rejoin`)
+NO_SETUP = "this node holds no setup for the run"
 METRICS = "metrics"  # MetricRecord: loss, first_loss, steps, seconds (under DP: fedsb.privacy.release)
 
 

@@ -35,7 +35,8 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from fedsb.flower.client_app import runtime
+from fedsb.flower import node_state
+from fedsb.flower.client_app import restored_client
 from fedsb.flower.executor import FlowerExecutor
 
 # ---- client side (reached through `fedsb.flower.client_app.secagg_router`) ---------------------------------
@@ -47,11 +48,13 @@ def secagg_train(msg: Message, context: Context) -> Message:
     keys = str(fitins.config["keys"]).split(",")
     upload = str(fitins.config["upload"]).split(",")  # FedSVD downloads A and B, uploads B
     arrays = parameters_to_ndarrays(fitins.parameters)
-    rt = runtime(context)
+    rt = restored_client(context)  # with what it kept from earlier rounds (its optimizer state)
+    folds_before = rt.fold_round()
     update = rt.train(
         int(fitins.config["round"]),
         {k: torch.from_numpy(a.copy()) for k, a in zip(keys, arrays, strict=True)},
     )
+    node_state.keep(rt, context, fold_round_before=folds_before)
     params = [update.tensors[k].to(torch.float32).numpy() for k in upload]
     weight = update.num_examples if rt.cfg.fed.weighting == "examples" else 1
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(params), weight, {})

@@ -40,9 +40,8 @@ def run_flower_job(
     With `settings.secagg` the rounds are securely aggregated (`fedsb.flower.secagg.SecAggExecutor`, with
     the SecAgg+ parameters `secagg`, default `SecAggSettings()`; it needs the ServerApp's `context`).
     """
-    from fedsb.config import config_to_yaml, resolve_config
+    from fedsb.config import resolve_config
     from fedsb.flower.client import check_flower_config
-    from fedsb.flower.executor import FlowerExecutor
     from fedsb.run import resolve_resume_config, run_job
 
     resume = Path(settings.resume) if settings.resume else None
@@ -53,31 +52,15 @@ def run_flower_job(
         if settings.output_dir:
             cfg.output_dir = settings.output_dir
     cfg.progress = False
-    check_flower_config(cfg)
+    check_flower_config(cfg, resuming=resume is not None)
     if settings.secagg:
         from fedsb.flower.secagg import check_secagg_config
 
         check_secagg_config(cfg)
     executors: list[Any] = []
 
-    def make_executor(method: Any, data: Any) -> Any:
-        flower = {
-            "config_yaml": config_to_yaml(cfg),
-            "setup": method.setup_payload(),
-            "fingerprint": method.basis_fingerprint,
-            "round_timeout": settings.round_timeout,
-            "straggler_timeout": settings.straggler_timeout,
-            "connect_timeout": settings.connect_timeout,
-        }
-        if settings.secagg:
-            from fedsb.flower.secagg import SecAggExecutor
-
-            if context is None:
-                raise ValueError("SecAgg+ rounds need the ServerApp's Context")
-            ex: Any = SecAggExecutor(grid, context, list(data.clients), settings=secagg, **flower)
-        else:
-            ex = FlowerExecutor(grid, list(data.clients), **flower)
-        ex.connect()
+    def make_executor(parts: Any) -> Any:
+        ex = connected_executor(grid, cfg, parts, settings, context, secagg)
         executors.append(ex)
         return ex
 
@@ -94,6 +77,38 @@ def run_flower_job(
         (Path(results["output_dir"]) / WIRE_FILE).write_text(json.dumps(wire, indent=1))
         results["flower_wire"] = wire
     return results
+
+
+def connected_executor(
+    grid: Grid, cfg: Any, parts: Any, settings: AppSettings, context: Context | None, secagg: Any
+) -> Any:
+    """The run's executor over `grid` (plain or SecAgg+), built from the job's server components and
+    connected: every SuperNode has its setup. Under DP-SGD it charges the server's privacy ledger."""
+    from fedsb.config import config_to_yaml
+    from fedsb.flower.executor import FlowerExecutor
+
+    method, data = parts.method, parts.data
+    flower = {
+        "config_yaml": config_to_yaml(cfg),
+        "setup": method.setup_payload(),
+        "fingerprint": method.basis_fingerprint,
+        "round_timeout": settings.round_timeout,
+        "straggler_timeout": settings.straggler_timeout,
+        "connect_timeout": settings.connect_timeout,
+    }
+    if settings.secagg:
+        from fedsb.flower.secagg import SecAggExecutor
+
+        if context is None:
+            raise ValueError("SecAgg+ rounds need the ServerApp's Context")
+        ex: Any = SecAggExecutor(grid, context, list(data.clients), settings=secagg, **flower)
+    else:
+        from fedsb.flower.dp import round_steps
+
+        dp_steps = {cid: round_steps(cfg, n) for cid, n in data.client_sizes.items()}
+        ex = FlowerExecutor(grid, list(data.clients), privacy=parts.privacy, dp_steps=dp_steps, **flower)
+    ex.connect()
+    return ex
 
 
 @app.main()

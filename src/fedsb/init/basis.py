@@ -190,8 +190,10 @@ def basis_from_payload(
     payload: Mapping[str, torch.Tensor], scaling: float, *, b_key: str, a_key: str
 ) -> Basis:
     """A `Basis` from a setup message's `<path>.<b_key>` (m, r) and `<path>.<a_key>` (r, n); R0 = 0 (the
-    trained state is downloaded every round)."""
-    paths = sorted({k.rsplit(".", 1)[0] for k in payload})
+    trained state is downloaded every round). The layers keep the payload's order, the server model's: a
+    client's trained tensors then come in the server's order, and so do the random draws (DP-SGD noise) and
+    the optimizer state that follow it."""
+    paths = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in payload))
     factors = {}
     for p in paths:
         B = payload[f"{p}.{b_key}"].to(torch.float32)  # (m, r)
