@@ -24,6 +24,7 @@ from fedsb.device import Placement
 from fedsb.errors import CheckpointError, ConfigError
 from fedsb.fed.checkpoint import RunState, latest_checkpoint
 from fedsb.fed.rounds import RoundRecord, Server, run_rounds
+from fedsb.fed.server_opt import build_server_optimizer
 from fedsb.job import CONFIG_FILE, Components, build_components, configure_torch, placement_of
 from fedsb.paths import make_output_dir
 from fedsb.results import write_json
@@ -141,6 +142,7 @@ class Run:
             max_update_norm=cfg.fed.max_update_norm,
             aggregator=privacy.client_level_aggregator if privacy and privacy.mode == "client" else None,
             declared_sizes=privacy.client_sizes if privacy else None,
+            server_optimizer=build_server_optimizer(cfg.fed, parts.method.state),
         )
 
     def _read_checkpoint(self, precision: dict[str, Any]) -> RunState:
@@ -173,6 +175,7 @@ class Run:
             )
         p.method.load_state_tensors(state.global_tensors)
         self.executor.load_state_dict(state.client_tensors, state.client_meta)
+        self.server.load_state_dict(state.server_tensors, state.server_meta)
         p.ledger.load_state_dict(state.ledger)
         if p.privacy is not None:
             p.privacy.load_state_dict(state.privacy)
@@ -258,6 +261,7 @@ class Run:
         """What a checkpoint after round `round` holds."""
         p = self.parts
         client_tensors, client_meta = self.executor.state_dict()
+        server_tensors, server_meta = self.server.state_dict()
         return RunState(
             round=round,
             basis_fingerprint=p.method.basis_fingerprint,
@@ -271,6 +275,8 @@ class Run:
             torch_rng=torch.get_rng_state().tolist(),
             privacy=p.privacy.state_dict() if p.privacy is not None else None,
             placement=placement_record(self.cfg, p.placement),
+            server_tensors=server_tensors,
+            server_meta=server_meta,
         )
 
     # ---- finish -----------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ STATE = "state.json"
 CHECKSUM = "CHECKSUM"
 GLOBAL_PREFIX = "global/"  # the server's global state (`FederatedMethod.state_tensors`)
 CLIENT_PREFIX = "opt/"  # client-side state the executor keeps (optimizer states)
+SERVER_PREFIX = "server/"  # server-side state besides the global one (the server optimizer's)
 
 Tensors = dict[str, torch.Tensor]
 
@@ -33,8 +34,9 @@ Tensors = dict[str, torch.Tensor]
 class RunState:
     """Everything a run needs to continue after round `round`, device-free (CPU tensors, JSON metadata).
 
-    On disk: `global/<name>` and `opt/<client>/<param>/<key>` tensors and the rest in state.json, the
-    layout of every earlier checkpoint, so those stay readable. `placement` records the device and base
+    On disk: `global/<name>`, `opt/<client>/<param>/<key>` and `server/<...>` (the server optimizer's
+    state) tensors and the rest in state.json, the layout of every earlier checkpoint plus `server/`,
+    so those stay readable. `placement` records the device and base
     dtype that wrote it (absent in checkpoints of older versions).
     """
 
@@ -50,11 +52,14 @@ class RunState:
     torch_rng: list[int] = field(default_factory=list)
     privacy: dict[str, Any] | None = None
     placement: dict[str, Any] | None = None
+    server_tensors: Tensors = field(default_factory=dict)
+    server_meta: dict[str, Any] = field(default_factory=dict)
 
     def to_tensors(self) -> tuple[Tensors, dict[str, Any]]:
         """(tensors keyed by their on-disk names, on the CPU; the JSON state)."""
         tensors = {GLOBAL_PREFIX + k: v.detach().cpu() for k, v in self.global_tensors.items()}
         tensors.update({CLIENT_PREFIX + k: v.detach().cpu() for k, v in self.client_tensors.items()})
+        tensors.update({SERVER_PREFIX + k: v.detach().cpu() for k, v in self.server_tensors.items()})
         state = {
             "basis_fingerprint": self.basis_fingerprint,
             "history": self.history,
@@ -65,6 +70,7 @@ class RunState:
             "torch_rng": self.torch_rng,
             "privacy": self.privacy,
             "placement": self.placement,
+            "server": self.server_meta,
         }
         return tensors, state
 
@@ -88,6 +94,8 @@ class RunState:
             torch_rng=list(state["torch_rng"]),
             privacy=state.get("privacy"),
             placement=state.get("placement"),
+            server_tensors=under(SERVER_PREFIX),
+            server_meta=state.get("server") or {},
         )
 
     def save(self, root: str | Path, *, keep: int = 2) -> Path:

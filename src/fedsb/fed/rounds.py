@@ -15,10 +15,11 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from fedsb.errors import UpdateRejected
+from fedsb.errors import CheckpointError, UpdateRejected
 from fedsb.fed.base import ClientUpdate, FederatedMethod, Tensors
 from fedsb.fed.ledger import Ledger
 from fedsb.fed.sampling import ClientSampler
+from fedsb.fed.server_opt import ServerOptimizer
 from fedsb.fed.validate import WIRE_DTYPES, validate_update
 
 log = logging.getLogger("fedsb.rounds")
@@ -84,6 +85,7 @@ class Server:
         max_update_norm: float | None = None,
         aggregator: Callable[[Tensors, int], Any] | None = None,
         declared_sizes: Mapping[str, int] | None = None,
+        server_optimizer: ServerOptimizer | None = None,
     ) -> None:
         self.method = method
         self.sampler = sampler
@@ -94,6 +96,7 @@ class Server:
         self.max_update_norm = max_update_norm
         self.aggregator = aggregator  # (global state, round) -> the round's aggregator; default the method's
         self.declared_sizes = declared_sizes  # under DP: the public sizes of the privacy plan, checked
+        self.server_optimizer = server_optimizer  # None: the new global state is the aggregate itself
         self.history: list[RoundRecord] = []
 
     def applied_through(self, client_ids: Sequence[str]) -> int:
@@ -130,12 +133,36 @@ class Server:
                 f"(sampled {len(sampled)}, rejected {len(record.rejected)}, dropped {len(record.dropped)}; {reasons})"
             )
         t_agg = time.perf_counter()
-        self.method.apply(result(), round)
+        self.method.apply(self._step(result()), round)
         now = time.perf_counter()
         record.seconds = {"total": now - t0, "clients": client_seconds, "aggregate": now - t_agg}
         self.history.append(record)
         self.method.release_history(self.applied_through(self.sampler.client_ids))
         return record
+
+    # ---- server-side state for checkpoints ------------------------------------------------------------------
+    def state_dict(self) -> tuple[Tensors, dict[str, Any]]:
+        """(tensors, JSON metadata) of the server's own state beyond the global one: the server optimizer's."""
+        if self.server_optimizer is None:
+            return {}, {}
+        tensors, meta = self.server_optimizer.state_dict()
+        return tensors, {"server_optimizer": meta}
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        """Inverse of `state_dict`; a checkpoint without server-optimizer state is refused under one."""
+        if self.server_optimizer is not None:
+            if "server_optimizer" not in meta:
+                raise CheckpointError(
+                    f"the checkpoint holds no {self.server_optimizer.name} server-optimizer state "
+                    "(it was written with fed.server_optimizer=avg)"
+                )
+            self.server_optimizer.load_state_dict(tensors, meta["server_optimizer"])
+
+    def _step(self, aggregate: Tensors) -> Tensors:
+        """The new global state: the aggregate, or the server optimizer's step along aggregate - state."""
+        if self.server_optimizer is None:
+            return aggregate
+        return self.server_optimizer.step(self.method.state, aggregate)
 
     def _collect(
         self, round: int, executor: ClientExecutor, download: Tensors, record: RoundRecord, progress: bool
