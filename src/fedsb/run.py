@@ -138,6 +138,7 @@ class Run:
             parts.sampler,
             parts.ledger,
             wire_dtype=cfg.fed.wire_dtype,
+            wire_scale=cfg.fed.wire_scale,
             min_clients=cfg.fed.min_clients,
             max_update_norm=cfg.fed.max_update_norm,
             aggregator=privacy.client_level_aggregator if privacy and privacy.mode == "client" else None,

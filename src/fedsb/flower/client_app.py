@@ -2,7 +2,8 @@
 
 `query.setup` stores the server's config and one-time payload in the node's `context.state`; `train`
 rebuilds the client (cached per process; the basis fingerprint is checked there) and runs one round of the
-simulator's local trainer; SecAgg+ train messages go through `secaggplus_mod` (`secagg_router`). Start
+simulator's local trainer (with fed.wire_dtype=int8 the client's reconstruction of the global state and
+its rounding error persist in `context.state` between rounds); SecAgg+ train messages go through `secaggplus_mod` (`secagg_router`). Start
 SuperNodes with `--node-config 'partition-id=<i>'` (and optionally `device="cuda:1"`); in simulation
 Flower sets the partition id.
 """
@@ -103,7 +104,16 @@ def train(msg: Message, context: Context) -> Message:
     rnd = msg.content.config_records[P.ROUND_CONFIG]
     if str(rnd["client-id"]) != rt.client_id:
         raise RuntimeError(f"asked to train {rnd['client-id']}, but this node holds {rt.client_id}")
+    if P.WIRE_META in context.state.config_records:  # the int8 wire's client side, kept on the node
+        meta = context.state.config_records[P.WIRE_META]
+        rt.load_wire_state(
+            from_record(context.state.array_records[P.WIRE_STATE]), {"index": int(meta["index"])}
+        )
     update = rt.train(int(rnd["round"]), from_record(msg.content.array_records[P.DOWNLOAD]))
+    kept = rt.wire_state()
+    if kept is not None:
+        context.state[P.WIRE_STATE] = to_record(kept[0])
+        context.state[P.WIRE_META] = ConfigRecord({"index": int(kept[1]["index"])})
     meta = {
         "round": update.round,
         "client-id": update.client_id,

@@ -18,6 +18,8 @@ ROUND_CONFIG = "fedsb.round"  # ConfigRecord: round, client-id
 DOWNLOAD = "fedsb.download"  # ArrayRecord: the round's download in the wire dtype
 UPDATE = "fedsb.update"  # ArrayRecord: the client's upload in the wire dtype
 UPDATE_META = "fedsb.meta"  # ConfigRecord: round, client-id, num-examples, fingerprint
+WIRE_STATE = "fedsb.wire"  # ArrayRecord in a node's context.state: int8 wire held/<name>, residual/<name>
+WIRE_META = "fedsb.wire.meta"  # ConfigRecord in a node's context.state: index (the last entry it holds)
 METRICS = "metrics"  # MetricRecord: loss, first_loss, steps, seconds (under DP: fedsb.privacy.release)
 
 
