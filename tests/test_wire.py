@@ -24,7 +24,6 @@ from fedsb.fed.wire import (
     aggregate_error_bound,
     decode_int8,
     dequantize,
-    encode_int8,
     quantize,
 )
 from test_fed import _clients, _fedsb
@@ -172,7 +171,7 @@ def test_int8_ledger_counts_values_plus_scales_and_is_near_4x_fewer_bytes(tmp_pa
 
 
 def test_int8_with_error_feedback_resumes_bit_identically(tmp_path: Path) -> None:
-    extra = ("fed.wire_dtype=int8", "fed.error_feedback=true", "fed.clients_per_round=1", "fed.rounds=4",
+    extra = ("fed.wire_dtype=int8", "fed.error_feedback=true", "fed.clients_per_round=0.5", "fed.rounds=4",
              "fed.server_optimizer=avgm")  # fmt: skip
     assert main(["run", "--config", TINY, "--output", str(tmp_path / "full"), *QUIET, *extra]) == 0
     assert main(["run", "--config", TINY, "--output", str(tmp_path / "cut"), *QUIET, *extra,
@@ -233,7 +232,7 @@ def test_flower_int8_matches_the_simulator_and_state_persists_on_the_node(tmp_pa
     from flower_grid import LocalGrid
     from test_flower import final_state, flower, simulate
 
-    extra = ["fed.wire_dtype=int8", "fed.error_feedback=true", "fed.clients_per_round=1", "fed.rounds=3"]
+    extra = ["fed.wire_dtype=int8", "fed.error_feedback=true", "fed.clients_per_round=0.5", "fed.rounds=3"]
     simulate(tmp_path / "sim", extra)
     grid = LocalGrid(capp.app, 2)
     for node in grid.contexts:  # every round rebuilds the client: its wire state must come from context.state
