@@ -421,3 +421,20 @@ def test_comm_module_does_not_import_torch():
     )
     env = {**os.environ, "PYTHONPATH": str(Path(comm.__file__).parents[1])}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
+
+
+def test_int8_bytes_are_one_per_parameter_plus_a_scale_per_tensor() -> None:
+    from fedsb.comm import comm_table
+    from fedsb.errors import FedsbError
+
+    (f32,) = comm_table("minilm-l6", ["fedsb"], [32], 5)
+    (i8,) = comm_table("minilm-l6", ["fedsb"], [32], 5, dtype="int8")
+    modules = i8["modules"]
+    assert i8["upload_params"] == f32["upload_params"] == modules * 32 * 32
+    assert i8["upload_bytes"] == modules * 32 * 32 + 4 * modules  # one fp32 scale per R
+    assert f32["upload_bytes"] / i8["upload_bytes"] > 3.9
+    assert i8["basis_bytes"] == f32["basis_bytes"]  # the basis still travels in float32
+    (fedit,) = comm_table("minilm-l6", ["fedit"], [8], 5, dtype="int8")
+    assert fedit["upload_bytes"] == fedit["upload_params"] + 4 * 2 * modules  # A and B, a scale each
+    with pytest.raises(FedsbError, match="does not apply to fedex"):
+        comm_table("minilm-l6", ["fedex"], [8], 5, dtype="int8")

@@ -64,7 +64,7 @@ def test_override_parsing() -> None:
         ({"train": {"lr": -1}}, "train.lr", -1.0),
         ({"train": {"local_steps": None}}, "train.local_steps", None),
         ({"fed": {"weighting": "median"}}, "fed.weighting", "median"),
-        ({"fed": {"wire_dtype": "int8"}}, "fed.wire_dtype", "int8"),
+        ({"fed": {"wire_dtype": "int4"}}, "fed.wire_dtype", "int4"),
         ({"fed": {"clients_per_round": 2.5}}, "fed.clients_per_round", 2.5),
         ({"fed": {"min_clients": 9}}, "fed.min_clients", 9),
         ({"init": {"source": "clients"}}, "init.source", "clients"),

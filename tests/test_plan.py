@@ -144,3 +144,13 @@ def test_memory_estimate_is_within_25_percent_of_the_measured_peak() -> None:
               f"{row['estimate'] / 2**20:.0f} MiB, ratio {ratio:.3f}")  # fmt: skip
         assert row["measured"] > 150 * 2**20  # the model and its activations dominate any noise
         assert 0.75 <= ratio <= 1.25, (spec, row)
+
+
+@pytest.mark.parametrize(("method", "scale"), [("fedsb", "tensor"), ("ravan", "row")])
+def test_int8_plan_counts_the_scales_the_run_sends(tmp_path: Path, method: str, scale: str) -> None:
+    extra = [f"fed.method={method}", "fed.wire_dtype=int8", f"fed.wire_scale={scale}", "fed.rounds=1"]
+    cfg = resolve_config(TINY, [*QUICK, *extra, f"output_dir={tmp_path}"])
+    plan = plan_run(cfg)
+    ledger = run_job(cfg, echo=lambda s: None)["ledger"]
+    assert plan["communication"]["bytes_per_round"] == ledger["rounds"][0]["bytes_total"] > 0
+    assert plan["communication"]["params_up_per_client"] == ledger["params_per_client_per_round_one_way"]

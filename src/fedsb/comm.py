@@ -26,7 +26,8 @@ fedsvd        r·m          r(m+n)                                       r(m+n) 
   h·r(m+n) once. FedSVD's A changes every round, so it travels with B in every download. FFA's frozen A comes from a shared
   seed and costs nothing; FedEx's download picks the cheaper encoding per module and reports which one
   (``factors``, ``dense`` or ``mixed``).
-- Bytes = parameters × bytes per element of the wire dtype (float32 4, bfloat16/float16 2); 1 MB = 10⁶ B.
+- Bytes = parameters × bytes per element of the wire dtype (float32 4, bfloat16/float16 2; int8 1 plus a
+  4-byte scale per tensor, for fedsb, ravan, fedit and ffa only, the basis still float32); 1 MB = 10⁶ B.
 
 Rounding convention (the tables' last digits are inconsistent, method.md 6.3): we keep **exact integer
 counts** and display them in the table's unit (M = 10⁶ for decoders, K = 10³ for encoders) **rounded half-up
@@ -74,7 +75,25 @@ from fedsb.errors import FedsbError
 #: (full module name, m = out_features, n = in_features)
 Shape = tuple[str, int, int]
 
-DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
+
+#: int8 (fed.wire_dtype=int8, fed.wire_scale=tensor): tensors per adapted module in a message, each with one
+#: fp32 scale (RAVAN: one per head); a trained head adds two (weight, bias). The basis stays float32.
+INT8_TENSORS_PER_MODULE: dict[str, int] = {"fedsb": 1, "ffa": 1, "fedit": 2, "ravan": 1}
+
+
+def int8_scale_bytes(method: str, modules: int, head_params: int, heads: int = 4) -> int:
+    """Bytes of the fp32 per-tensor scales in one int8 message (refused for methods int8 cannot carry)."""
+    if method not in INT8_TENSORS_PER_MODULE:
+        raise FedsbError(
+            field="dtype",
+            value="int8",
+            what=f"does not apply to {method}: int8 sends changes of a global state that is the mean of the uploads",
+            fix=f"use int8 with {', '.join(INT8_TENSORS_PER_MODULE)}, or a float dtype",
+        )
+    per_module = INT8_TENSORS_PER_MODULE[method] * (heads if method == "ravan" else 1)
+    return 4 * (modules * per_module + (2 if head_params else 0))
+
 
 #: Method key -> display name, in the paper's table order.
 METHOD_NAMES: dict[str, str] = {
@@ -578,6 +597,7 @@ def comm_table(
         for rank in per_method[key]:
             options = {k: {"heads": heads}[k] for k in METHOD_OPTIONS.get(key, ())}
             res = METHODS[key](shapes, rank, clients, head, **options)
+            scales = int8_scale_bytes(key, len(shapes), res.head, heads) if dtype == "int8" else 0
             rows.append(
                 {
                     "model": facts.name,
@@ -593,12 +613,12 @@ def comm_table(
                     "dtype": dtype,
                     "bytes_per_param": width,
                     "upload_params": res.upload,
-                    "upload_bytes": res.upload * width,
+                    "upload_bytes": res.upload * width + scales,
                     "download_params": res.download,
-                    "download_bytes": res.download * width,
+                    "download_bytes": res.download * width + scales,
                     "download_encoding": res.download_encoding,
                     "basis_params": res.basis,
-                    "basis_bytes": res.basis * width,
+                    "basis_bytes": res.basis * (4 if dtype == "int8" else width),
                     **options,
                     "capped_modules": len(res.capped),
                     "capped_to": _capped_summary(res.capped),

@@ -318,6 +318,10 @@ class TrainConfig:
         )
 
 
+#: fed.server_optimizer's values (fedsb.fed.server_opt builds them)
+SERVER_OPTIMIZERS = ("avg", "avgm", "adam", "yogi")
+
+
 @dataclass
 class FedConfig:
     method: str = _f("fedsb", "federated method")
@@ -325,7 +329,30 @@ class FedConfig:
     clients_per_round: float = _f(1.0, "fraction (0, 1] or count (> 1) of clients sampled each round")
     min_clients: int = _f(1, "a round fails if fewer accepted updates remain")
     weighting: str = _f("examples", "aggregation weights: 'examples' (N_i / sum N_j) or 'uniform'")
-    wire_dtype: str = _f("float32", "dtype of tensors on the wire: float32, bfloat16 or float16")
+    wire_dtype: str = _f(
+        "float32",
+        "dtype of tensors on the wire: float32, bfloat16, float16, or int8 (the change R - last global R, "
+        "absmax-quantized with fp32 scales: exact up to quantization error; fed.wire_scale, fed.error_feedback)",
+    )
+    wire_scale: str = _f(
+        "tensor",
+        "fed.wire_dtype=int8: one absmax scale per tensor (4 bytes each) or per row (4 bytes per row)",
+    )
+    error_feedback: bool = _f(
+        False,
+        "fed.wire_dtype=int8: each client adds its last upload's rounding error to its next change before "
+        "quantizing (client-side error feedback; downloads always carry the server's residual)",
+    )
+    server_optimizer: str = _f(
+        "avg",
+        "server update on the pseudo-gradient mean_i T_i - T: avg (plain weighted mean, as the paper), "
+        "avgm (FedAvgM: SGD with momentum), adam (FedAdam), yogi (FedYogi); methods whose global state "
+        "is that mean only (fedsb, ravan, fedit, ffa, full)",
+    )
+    server_lr: float | None = _f(None, "server learning rate (null: 1.0 for avgm, 0.01 for adam and yogi)")
+    server_momentum: float = _f(0.9, "fed.server_optimizer=avgm: momentum of the server's SGD")
+    server_betas: list = _f([0.9, 0.99], "fed.server_optimizer=adam or yogi: (beta1, beta2)")
+    server_eps: float = _f(1e-3, "fed.server_optimizer=adam or yogi: eps (tau in Reddi et al. 2021)")
     max_update_norm: float | None = _f(
         None, "reject updates whose Frobenius norm exceeds this (null: no bound)"
     )
@@ -346,7 +373,29 @@ class FedConfig:
         )
         _positive_int("fed.min_clients", self.min_clients)
         _choice("fed.weighting", self.weighting, ("examples", "uniform"))
-        _choice("fed.wire_dtype", self.wire_dtype, ("float32", "bfloat16", "float16"))
+        _choice("fed.wire_dtype", self.wire_dtype, ("float32", "bfloat16", "float16", "int8"))
+        _choice("fed.wire_scale", self.wire_scale, ("tensor", "row"))
+        _check(
+            isinstance(self.error_feedback, bool),
+            "fed.error_feedback",
+            self.error_feedback,
+            "use true or false",
+        )
+        _choice("fed.server_optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
+        _positive_float("fed.server_lr", self.server_lr, allow_none=True)
+        _check(
+            isinstance(self.server_momentum, int | float) and 0 <= self.server_momentum < 1,
+            "fed.server_momentum",
+            self.server_momentum,
+            "use a number in [0, 1), e.g. 0.9",
+        )
+        ok = (
+            isinstance(self.server_betas, list | tuple)
+            and len(self.server_betas) == 2
+            and all(isinstance(b, int | float) and 0 <= b < 1 for b in self.server_betas)
+        )
+        _check(ok, "fed.server_betas", self.server_betas, "use two numbers in [0, 1), e.g. [0.9, 0.99]")
+        _positive_float("fed.server_eps", self.server_eps)
         _positive_float("fed.max_update_norm", self.max_update_norm, allow_none=True)
         _positive_int("fed.keep_checkpoints", self.keep_checkpoints)
 
@@ -522,12 +571,41 @@ class RunConfig:
                 fix="lower fed.min_clients or sample more clients (fed.clients_per_round)",
             )
         self._check_privacy()
+        self._check_server_state()
         from fedsb.config_audit import check_unused
 
         check_unused(self, warn=False)  # a privacy setting that does nothing is an error in any config
 
     def _check_privacy(self) -> None:
         self.privacy.mechanism.check(self)
+
+    def _check_server_state(self) -> None:
+        """Server optimizers and int8 deltas act on a global state that is the weighted mean of the
+        uploads and is what a download carries; methods that fold, stack or re-factorize have none."""
+        from fedsb.fed.registry import MEAN_STATE_METHODS
+
+        method = self.fed.method
+        if method in MEAN_STATE_METHODS:
+            return
+        why = (
+            f"fed.method={method} has no global state that is the mean of the uploads "
+            "(it folds, stacks or re-factorizes the clients' factors)"
+        )
+        fix = f"use fed.method {', '.join(MEAN_STATE_METHODS)}"
+        if self.fed.server_optimizer != "avg":
+            raise ConfigError(
+                field="fed.server_optimizer",
+                value=self.fed.server_optimizer,
+                what=f"needs a pseudo-gradient mean - global, but {why}",
+                fix=f"{fix}, or fed.server_optimizer=avg",
+            )
+        if self.fed.wire_dtype == "int8":
+            raise ConfigError(
+                field="fed.wire_dtype",
+                value="int8",
+                what=f"sends changes of the global state, but {why}",
+                fix=f"{fix}, or fed.wire_dtype float32, bfloat16 or float16",
+            )
 
     def expected_clients_per_round(self) -> int:
         n = self.partition.num_clients

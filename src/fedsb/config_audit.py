@@ -184,6 +184,30 @@ RULES: tuple[Rule, ...] = (
         "remove them, or use train.optimizer=adamw",
     ),
     Rule(
+        ("fed.server_lr",),
+        lambda c: c.fed.server_optimizer != "avg",
+        lambda c: "fed.server_optimizer=avg installs the weighted mean itself, without a server step",
+        "remove fed.server_lr, or use fed.server_optimizer avgm, adam or yogi",
+    ),
+    Rule(
+        ("fed.server_momentum",),
+        lambda c: c.fed.server_optimizer == "avgm",
+        lambda c: f"fed.server_optimizer={c.fed.server_optimizer} has no momentum setting (avgm only)",
+        "remove fed.server_momentum, or use fed.server_optimizer=avgm",
+    ),
+    Rule(
+        ("fed.server_betas", "fed.server_eps"),
+        lambda c: c.fed.server_optimizer in ("adam", "yogi"),
+        lambda c: f"fed.server_optimizer={c.fed.server_optimizer} has no betas or eps (adam and yogi only)",
+        "remove them, or use fed.server_optimizer=adam or yogi",
+    ),
+    Rule(
+        ("fed.wire_scale", "fed.error_feedback"),
+        lambda c: c.fed.wire_dtype == "int8",
+        lambda c: f"fed.wire_dtype={c.fed.wire_dtype} sends the tensors themselves, unquantized",
+        "remove them, or use fed.wire_dtype=int8",
+    ),
+    Rule(
         ("train.schedule_scope",),
         lambda c: c.train.schedule != "constant" or c.train.warmup_ratio > 0,
         lambda c: "train.schedule=constant with train.warmup_ratio=0 has no schedule to restart",

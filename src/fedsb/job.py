@@ -73,6 +73,8 @@ class Components:
             rounds=cfg.fed.rounds,
             seed=cfg.seed,
             wire_dtype=cfg.fed.wire_dtype,
+            wire_scale=cfg.fed.wire_scale,
+            error_feedback=cfg.fed.error_feedback,
             loss_fn=loss_for(self.task, per_example=cfg.privacy.mechanism.per_example_loss),
             progress=bars_enabled(cfg.progress),
             privacy=self.privacy,

@@ -25,7 +25,7 @@ from fedsb.errors import ConfigError
 from fedsb.job import placement_of
 
 QUANTIZE_VARIANTS = ("none", "nf4", "int8")
-WIRE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+WIRE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}  # int8: plus its scales
 
 
 def meta_model(cfg: RunConfig, task: Any, dtype: torch.dtype) -> tuple[nn.Module, str]:
@@ -129,20 +129,34 @@ def communication(cfg: RunConfig, adapted: Any) -> dict[str, Any]:
         up, down, basis = res.upload, res.download, res.basis
     else:
         up = down = adapted.num_trainable()
+    scales = int8_scale_bytes(cfg, adapted) if cfg.fed.wire_dtype == "int8" else 0
     out: dict[str, Any] = {
         "wire_dtype": cfg.fed.wire_dtype,
         "clients": clients,
         "clients_per_round": per_round,
         "params_up_per_client": up,
         "params_down_per_client": down,
-        "bytes_per_round": None if per_round is None else per_round * (up + down) * width,
-        "bytes_rounds": None if per_round is None else cfg.fed.rounds * per_round * (up + down) * width,
+        "bytes_per_round": None if per_round is None else per_round * ((up + down) * width + 2 * scales),
+        "bytes_rounds": None
+        if per_round is None
+        else cfg.fed.rounds * per_round * ((up + down) * width + 2 * scales),
         "basis_params_per_client": basis,
         "bytes_one_time": None if clients is None else clients * basis * 4,  # the basis travels in fp32
     }
     if formula is None:
         out["note"] = f"{cfg.fed.method}: the trained tensors both ways (no comm formula for this method)"
     return out
+
+
+def int8_scale_bytes(cfg: RunConfig, adapted: Any) -> int:
+    """fp32 scale bytes in one int8 message: one per sent tensor (fed.wire_scale=tensor) or per row of a
+    2-D one (row); the sent tensors are the trained ones (RAVAN: its products s_k H_k, not the scales s_k)."""
+    from fedsb.fed.wire import scale_shape
+
+    shapes = [
+        tuple(p.shape) for k, p in adapted.trainable_parameters().items() if not k.endswith("ravan_s.weight")
+    ]
+    return 4 * sum(scale_shape(shape, cfg.fed.wire_scale)[0] for shape in shapes)
 
 
 def privacy_plan(cfg: RunConfig, task: Any) -> dict[str, Any]:

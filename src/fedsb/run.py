@@ -32,6 +32,7 @@ from fedsb.device import Placement
 from fedsb.errors import CheckpointError, ConfigError, FedsbError
 from fedsb.fed.checkpoint import RunState, check_placement, latest_checkpoint, placement_record
 from fedsb.fed.rounds import RoundRecord, Server, run_rounds
+from fedsb.fed.server_opt import build_server_optimizer
 from fedsb.interrupt import RunStopped, StopSignals, signal_name
 from fedsb.job import CONFIG_FILE, Components, build_components, configure_torch, placement_of
 from fedsb.paths import Created, make_output_dir, make_run_dir
@@ -204,11 +205,13 @@ class Run:
             parts.sampler,
             parts.ledger,
             wire_dtype=cfg.fed.wire_dtype,
+            wire_scale=cfg.fed.wire_scale,
             min_clients=cfg.fed.min_clients,
             max_update_norm=cfg.fed.max_update_norm,
             aggregator=privacy.aggregator if privacy else None,
             declared_sizes=privacy.client_sizes if privacy else None,
             release=cfg.privacy.mechanism.release,
+            server_optimizer=build_server_optimizer(cfg.fed, parts.method.state),
         )
 
     def _read_checkpoint(self, precision: dict[str, Any]) -> RunState | None:
@@ -256,6 +259,7 @@ class Run:
             )
         p.method.load_state_tensors(state.global_tensors)
         self.executor.load_state_dict(state.client_tensors, state.client_meta)
+        self.server.load_state_dict(state.server_tensors, state.server_meta)
         p.ledger.load_state_dict(state.ledger)
         if p.privacy is not None:
             p.privacy.load_state_dict(state.privacy)
@@ -356,6 +360,7 @@ class Run:
         """What a checkpoint after round `round` holds."""
         p = self.parts
         client_tensors, client_meta = self.executor.state_dict()
+        server_tensors, server_meta = self.server.state_dict()
         return RunState(
             round=round,
             basis_fingerprint=p.method.basis_fingerprint,
@@ -369,6 +374,8 @@ class Run:
             torch_rng=torch.get_rng_state().tolist(),
             privacy=p.privacy.state_dict() if p.privacy is not None else None,
             placement=placement_record(self.cfg, p.placement),
+            server_tensors=server_tensors,
+            server_meta=server_meta,
             sessions=self.sessions(round),
         )
 

@@ -29,6 +29,7 @@ STATE = "state.json"
 CHECKSUM = "CHECKSUM"
 GLOBAL_PREFIX = "global/"  # the server's global state (`FederatedMethod.state_tensors`)
 CLIENT_PREFIX = "opt/"  # client-side state the executor keeps (optimizer states)
+SERVER_PREFIX = "server/"  # server-side state besides the global one (the server optimizer's)
 
 Tensors = dict[str, torch.Tensor]
 
@@ -37,10 +38,10 @@ Tensors = dict[str, torch.Tensor]
 class RunState:
     """Everything a run needs to continue after round `round`, device-free (CPU tensors, JSON metadata).
 
-    On disk: `global/<name>` and `opt/<client>/<param>/<key>` tensors and the rest in state.json, the
-    layout of every earlier checkpoint, so those stay readable. `placement` records the device and base
-    dtype that wrote it, `sessions` the wall time of each session of the run so far (both absent in
-    checkpoints of older versions).
+    On disk: `global/<name>`, `opt/<client>/<param>/<key>` and `server/<...>` (the server optimizer's and
+    the int8 wire's state) tensors and the rest in state.json, the layout of every earlier checkpoint plus
+    `server/`, so those stay readable. `placement` records the device and base dtype that wrote it,
+    `sessions` the wall time of each session of the run so far (both absent in checkpoints of older versions).
     """
 
     round: int
@@ -56,11 +57,14 @@ class RunState:
     privacy: dict[str, Any] | None = None
     placement: dict[str, Any] | None = None
     sessions: list[dict[str, Any]] = field(default_factory=list)  # wall time of each session so far
+    server_tensors: Tensors = field(default_factory=dict)
+    server_meta: dict[str, Any] = field(default_factory=dict)
 
     def to_tensors(self) -> tuple[Tensors, dict[str, Any]]:
         """(tensors keyed by their on-disk names, on the CPU; the JSON state)."""
         tensors = {GLOBAL_PREFIX + k: v.detach().cpu() for k, v in self.global_tensors.items()}
         tensors.update({CLIENT_PREFIX + k: v.detach().cpu() for k, v in self.client_tensors.items()})
+        tensors.update({SERVER_PREFIX + k: v.detach().cpu() for k, v in self.server_tensors.items()})
         state = {
             "basis_fingerprint": self.basis_fingerprint,
             "history": self.history,
@@ -72,6 +76,7 @@ class RunState:
             "privacy": self.privacy,
             "placement": self.placement,
             "sessions": self.sessions,
+            "server": self.server_meta,
         }
         return tensors, state
 
@@ -96,6 +101,8 @@ class RunState:
             privacy=state.get("privacy"),
             placement=state.get("placement"),
             sessions=list(state.get("sessions") or []),
+            server_tensors=under(SERVER_PREFIX),
+            server_meta=state.get("server") or {},
         )
 
     def save(self, root: str | Path, *, keep: int = 2) -> Path:

@@ -12,11 +12,20 @@ from typing import Any
 
 import torch
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+from fedsb.fed.wire import SCALE
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8, "int8": 1}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _bytes(tensors: Mapping[str, torch.Tensor | int], width: int) -> int:
+    """Bytes of a message: numel x element size per tensor (an int size at `width`)."""
+    return sum(
+        v * width if isinstance(v, int) else int(v.numel()) * v.element_size() for v in tensors.values()
+    )
 
 
 class Ledger:
@@ -47,19 +56,22 @@ class Ledger:
         dtype: str | None = None,
         status: str = "ok",
     ) -> dict[str, Any]:
-        """One message of a round: direction 'down' (server -> client) or 'up' (client -> server)."""
+        """One message of a round: direction 'down' (server -> client) or 'up' (client -> server).
+
+        Parameters: the entries of every tensor but int8 scales. Bytes: each tensor's numel x its element
+        size (int8 values and their fp32 scales count as they are); sizes given as ints at `dtype`'s width."""
         if direction not in ("up", "down"):
             raise ValueError(f"direction must be 'up' or 'down', got {direction!r}")
         dtype = dtype or self.wire_dtype
         sid = self._schema(tensors)
-        params = sum(self.schemas[sid].values())
+        params = sum(n for k, n in self.schemas[sid].items() if not k.endswith(SCALE))
         entry = {
             "round": round,
             "client": client,
             "direction": direction,
             "schema": sid,
             "params": params,
-            "bytes": params * DTYPE_BYTES[dtype],
+            "bytes": _bytes(tensors, DTYPE_BYTES[dtype]),
             "dtype": dtype,
             "status": status,
         }

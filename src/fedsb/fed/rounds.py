@@ -15,11 +15,13 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from fedsb.errors import UpdateRejected
+from fedsb.errors import CheckpointError, UpdateRejected
 from fedsb.fed.base import ClientUpdate, FederatedMethod, Tensors
 from fedsb.fed.ledger import Ledger
 from fedsb.fed.sampling import ClientSampler
-from fedsb.fed.validate import WIRE_DTYPES, validate_update
+from fedsb.fed.server_opt import ServerOptimizer
+from fedsb.fed.validate import validate_update
+from fedsb.fed.wire import cast, server_wire
 from fedsb.privacy.release import ReleaseRules
 
 log = logging.getLogger("fedsb.rounds")
@@ -42,9 +44,7 @@ class ClientExecutor(Protocol):
     ) -> Iterator[ClientUpdate]: ...
 
 
-def encode(tensors: Mapping[str, torch.Tensor], wire_dtype: torch.dtype) -> Tensors:
-    """Cast tensors to the wire dtype on the CPU (what actually travels, whatever the model's device)."""
-    return {k: v.detach().to(device="cpu", dtype=wire_dtype).contiguous() for k, v in tensors.items()}
+encode = cast  # a float wire dtype: what actually travels, on the CPU
 
 
 def decode(tensors: Mapping[str, torch.Tensor]) -> Tensors:
@@ -81,22 +81,24 @@ class Server:
         ledger: Ledger,
         *,
         wire_dtype: str = "float32",
+        wire_scale: str = "tensor",
         min_clients: int = 1,
         max_update_norm: float | None = None,
         aggregator: Callable[[Tensors, int], Any] | None = None,
         declared_sizes: Mapping[str, int] | None = None,
         release: ReleaseRules | None = None,
+        server_optimizer: ServerOptimizer | None = None,
     ) -> None:
         self.method = method
         self.sampler = sampler
         self.ledger = ledger
-        self.wire_dtype_name = wire_dtype
-        self.wire_dtype = WIRE_DTYPES[wire_dtype]
+        self.wire = server_wire(wire_dtype, wire_scale)  # cast, or int8 changes (fedsb.fed.wire)
         self.min_clients = min_clients
         self.max_update_norm = max_update_norm
         self.aggregator = aggregator  # (global state, round) -> the round's aggregator; default the method's
         self.declared_sizes = declared_sizes  # under DP: the public sizes of the privacy plan, checked
         self.release = release or ReleaseRules()  # what the records may hold about each client
+        self.server_optimizer = server_optimizer  # None: the new global state is the aggregate itself
         self.history: list[RoundRecord] = []
 
     def applied_through(self, client_ids: Sequence[str]) -> int:
@@ -109,15 +111,26 @@ class Server:
                     last[cid] = max(last[cid], record.round - 1)
         return min(last.values(), default=0)
 
+    def held_entry(self, client_ids: Sequence[str]) -> int:
+        """The oldest int8 wire entry any of `client_ids` is known to hold (-1: one holds none): a client
+        whose update of round t was accepted received round t's download, entries through t - 1."""
+        last = dict.fromkeys(client_ids, -1)
+        for record in self.history:
+            for cid in record.accepted:
+                if cid in last:
+                    last[cid] = max(last[cid], record.round - 1)
+        return min(last.values(), default=-1)
+
     def run_round(self, round: int, executor: ClientExecutor, *, progress: bool = False) -> RoundRecord:
         """Train and aggregate round `round` (1-based); raises `RoundFailed` below `min_clients`."""
         t0 = time.perf_counter()
         sampled = self.sampler.sample(round)
         record = RoundRecord(round=round, sampled=sampled)
-        download = encode(self.method.download(since=self.applied_through(sampled)), self.wire_dtype)
+        state = self.method.download(since=self.applied_through(sampled))
+        download = self.wire.download(state, round=round, since=self.held_entry(sampled))
         for cid in sampled:
             self.ledger.record(
-                round=round, client=cid, direction="down", tensors=download, dtype=self.wire_dtype_name
+                round=round, client=cid, direction="down", tensors=download, dtype=self.wire.name
             )
         secure = getattr(executor, "secure_aggregation", False)
         collect = self._collect_secure if secure else self._collect
@@ -133,13 +146,45 @@ class Server:
                 f"(sampled {len(sampled)}, rejected {len(record.rejected)}, dropped {len(record.dropped)}; {reasons})"
             )
         t_agg = time.perf_counter()
-        self.method.apply(result(), round)
+        self.method.apply(self._step(result()), round)
         now = time.perf_counter()
         seconds = {"total": now - t0, "clients": client_seconds, "aggregate": now - t_agg}
         record.seconds = self.release.round_seconds(seconds)
         self.history.append(record)
         self.method.release_history(self.applied_through(self.sampler.client_ids))
+        self.wire.release(self.held_entry(self.sampler.client_ids))
         return record
+
+    # ---- server-side state for checkpoints ------------------------------------------------------------------
+    def state_dict(self) -> tuple[Tensors, dict[str, Any]]:
+        """(tensors, JSON metadata) of the server's own state beyond the global one: the server optimizer's
+        and the int8 wire's (the clients' reconstruction and the entries not every client holds)."""
+        tensors, wire_meta = self.wire.state_dict()
+        meta: dict[str, Any] = {"wire": wire_meta} if wire_meta else {}
+        if self.server_optimizer is not None:
+            opt_tensors, meta["server_optimizer"] = self.server_optimizer.state_dict()
+            tensors.update(opt_tensors)
+        return tensors, meta
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        """Inverse of `state_dict`; a checkpoint without server-optimizer state is refused under one."""
+        if self.server_optimizer is not None:
+            if "server_optimizer" not in meta:
+                raise CheckpointError(
+                    f"the checkpoint holds no {self.server_optimizer.name} server-optimizer state "
+                    "(it was written with fed.server_optimizer=avg)"
+                )
+            self.server_optimizer.load_state_dict(tensors, meta["server_optimizer"])
+        if self.wire.delta:
+            if "wire" not in meta:
+                raise CheckpointError("the checkpoint holds no int8 wire state (it was written without int8)")
+            self.wire.load_state_dict(tensors, meta["wire"])
+
+    def _step(self, aggregate: Tensors) -> Tensors:
+        """The new global state: the aggregate, or the server optimizer's step along aggregate - state."""
+        if self.server_optimizer is None:
+            return aggregate
+        return self.server_optimizer.step(self.method.state, aggregate)
 
     def _collect(
         self, round: int, executor: ClientExecutor, download: Tensors, record: RoundRecord, progress: bool
@@ -149,8 +194,10 @@ class Server:
         Fills the record's accepted, rejected and client metrics and the round's weighted training loss.
         """
         sampled = record.sampled
-        reference = dict(self.method.state)  # what every client starts this round from
-        spec = self.method.upload_spec()
+        reference = self.wire.reference(self.method.state)  # what every client starts this round from
+        wire_spec = self.wire.upload_spec(self.method.upload_spec())
+        spec = {k: shape for k, (shape, _) in wire_spec.items()}
+        dtypes = {k: dtype for k, (_, dtype) in wire_spec.items()}
         aggregator = (
             self.aggregator(reference, round) if self.aggregator is not None else self.method.new_aggregator()
         )
@@ -167,7 +214,7 @@ class Server:
                     update,
                     round=round,
                     spec=spec,
-                    wire_dtype=self.wire_dtype,
+                    wire_dtype=dtypes,
                     fingerprint=self.method.basis_fingerprint,
                     sampled=sampled,
                     seen=seen,
@@ -175,6 +222,7 @@ class Server:
                     max_norm=self.max_update_norm,
                     declared_sizes=self.declared_sizes,
                     private=self.release.private,
+                    decode=self.wire.decode_upload if self.wire.delta else None,
                 )
             except UpdateRejected as exc:
                 log.warning("round %d: %s", round, exc)
@@ -183,7 +231,7 @@ class Server:
                     self._record_up(round, update, "rejected")
                 continue
             self._record_up(round, update, "ok")
-            aggregator.add(decode(update.tensors), update.num_examples)
+            aggregator.add(self.wire.decode_upload(update.tensors), update.num_examples)
             seen.add(update.client_id)
             record.accepted.append(update.client_id)
             metrics = self.release.metrics(update.metrics)  # under DP: what the accountant covers
@@ -224,7 +272,7 @@ class Server:
             client=update.client_id,
             direction="up",
             tensors=update.tensors,
-            dtype=self.wire_dtype_name,
+            dtype=self.wire.name,
             status=status,
         )
 

@@ -20,7 +20,7 @@ from fedsb.config import TrainConfig
 from fedsb.fed.base import ClientUpdate, FederatedMethod, Tensors
 from fedsb.fed.checkpoint import flatten_optimizer_state, unflatten_optimizer_state
 from fedsb.fed.rounds import decode, encode
-from fedsb.fed.validate import WIRE_DTYPES
+from fedsb.fed.wire import WIRE_DTYPES, ClientInt8
 from fedsb.privacy.release import ReleaseRules
 from fedsb.seeding import derive_seed
 from fedsb.train.local import LossFn, causal_lm_loss, steps_for, train_local
@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # Opacus loads only when DP-SGD is used
 log = logging.getLogger("fedsb.simulate")
 
 Batch = Mapping[str, torch.Tensor]
+WIRE_KEY = "__wire__"  # the int8 wire's client states in `state_dict`
 
 
 @dataclass
@@ -56,6 +57,8 @@ class InProcessExecutor:
         rounds: int,
         seed: int,
         wire_dtype: str = "float32",
+        wire_scale: str = "tensor",
+        error_feedback: bool = False,
         loss_fn: LossFn = causal_lm_loss,
         progress: bool = False,
         privacy: PrivacyLedger | None = None,
@@ -68,6 +71,10 @@ class InProcessExecutor:
         self.rounds = rounds
         self.seed = seed
         self.wire_dtype = WIRE_DTYPES[wire_dtype]
+        self.wire_scale = wire_scale
+        self.error_feedback = error_feedback
+        #: int8 wire: each client's reconstruction of the global state and its rounding error
+        self.wire_clients: dict[str, ClientInt8] = {}
         self.loss_fn = loss_fn
         self.progress = progress
         self.privacy = privacy  # the run's accounts (DP-SGD: one per client), persisted across rounds
@@ -84,7 +91,7 @@ class InProcessExecutor:
         data = self.clients[cid]
         dp = self.privacy.dpsgd_for(cid) if self.privacy is not None else None
         privacy_metrics: dict[str, float] = {}
-        self.method.client_receive(self.adapted, decode(download), round)
+        self.method.client_receive(self.adapted, self.receive(cid, download), round)
         fingerprint = self.method.client_fingerprint(self.adapted)  # of the basis this model trains on
         steps = steps_for(data.num_examples, self.cfg)
         schedule, offset = round_schedule(
@@ -141,24 +148,55 @@ class InProcessExecutor:
             client_id=cid,
             round=round,
             num_examples=data.num_examples,
-            tensors=encode(self.method.client_upload(self.adapted), self.wire_dtype),
+            tensors=self.upload(cid, self.method.client_upload(self.adapted)),
             basis_fingerprint=fingerprint,
             metrics=metrics,
         )
 
+    # ---- the wire, client side ------------------------------------------------------------------------------
+    def receive(self, cid: str, download: Tensors) -> Tensors:
+        """The global state a client trains from: the download in fp32, or its int8 reconstruction."""
+        if self.wire_dtype != torch.int8:
+            return decode(download)
+        if cid not in self.wire_clients:
+            self.wire_clients[cid] = ClientInt8(self.wire_scale, self.error_feedback)
+        return self.wire_clients[cid].receive(download)
+
+    def upload(self, cid: str, tensors: Tensors) -> Tensors:
+        """What the client sends: its tensors in the wire dtype, or their int8 change (with scales)."""
+        if self.wire_dtype != torch.int8:
+            return encode(tensors, self.wire_dtype)
+        return self.wire_clients[cid].upload(tensors)
+
     # ---- client-side state for checkpoints ------------------------------------------------------------------
     def state_dict(self) -> tuple[Tensors, dict[str, Any]]:
-        """(tensors keyed `<client>/<param>/<key>`, on the CPU; JSON metadata) of the kept optimizer states."""
+        """(tensors keyed `<client>/<param>/<key>` and `__wire__/<client>/...`, on the CPU; JSON metadata)
+        of the kept optimizer states and the int8 wire's client side."""
         tensors: Tensors = {}
         meta: dict[str, Any] = {}
         for cid, state in self.optimizer_states.items():
             t, m = flatten_optimizer_state(cid, state)
             tensors.update(t)
             meta[cid] = m
+        if self.wire_clients:
+            meta[WIRE_KEY] = {}
+            for cid, client in self.wire_clients.items():
+                t, meta[WIRE_KEY][cid] = client.state_dict()
+                tensors.update({f"{WIRE_KEY}/{cid}/{k}": v for k, v in t.items()})
         return tensors, meta
 
     def load_state_dict(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
         """Inverse of `state_dict` (the optimizer moves each state tensor to its parameter's device)."""
         self.optimizer_states = {
-            cid: unflatten_optimizer_state(cid, dict(tensors), m) for cid, m in meta.items()
+            cid: unflatten_optimizer_state(cid, dict(tensors), m)
+            for cid, m in meta.items()
+            if cid != WIRE_KEY
         }
+        self.wire_clients = {}
+        for cid, m in meta.get(WIRE_KEY, {}).items():
+            prefix = f"{WIRE_KEY}/{cid}/"
+            client = ClientInt8(self.wire_scale, self.error_feedback)
+            client.load_state_dict(
+                {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}, m
+            )
+            self.wire_clients[cid] = client

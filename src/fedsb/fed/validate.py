@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import torch
 
 from fedsb.errors import UpdateRejected
-from fedsb.fed.base import ClientUpdate
+from fedsb.fed.base import ClientUpdate, Tensors
+from fedsb.fed.wire import SCALE, WIRE_DTYPES
 
-WIRE_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+__all__ = ["WIRE_DTYPES", "validate_update"]
 
 
 def validate_update(
@@ -22,7 +19,7 @@ def validate_update(
     *,
     round: int,
     spec: Mapping[str, tuple[int, ...]],
-    wire_dtype: torch.dtype,
+    wire_dtype: torch.dtype | Mapping[str, torch.dtype],
     fingerprint: str | None,
     sampled: Collection[str],
     seen: Collection[str],
@@ -30,6 +27,7 @@ def validate_update(
     max_norm: float | None = None,
     declared_sizes: Mapping[str, int] | None = None,
     private: bool = False,
+    decode: Callable[[Tensors], Tensors] | None = None,
 ) -> None:
     """Raise `UpdateRejected` with a reason if the update must not be aggregated.
 
@@ -37,6 +35,8 @@ def validate_update(
     DP: equal to the public size in `declared_sizes`, the privacy plan's), basis fingerprint, key set,
     shapes, dtype, finite values, and the norm bound: the Frobenius norm of the change
     sqrt(sum_k ||T_k - reference_k||^2) over all tensors (the change a client proposes, not its state).
+    `wire_dtype` is one dtype for every tensor or one per name; `decode` turns the wire tensors into the
+    client's state for the norm (int8 changes: reference + dequantized change), and int8 scales must be >= 0.
 
     `private` (any DP mode): the reason is written to logs and results, so it names the failed check and
     public values only, never one computed from the update (its norm, the count it sent).
@@ -80,13 +80,17 @@ def validate_update(
             raise UpdateRejected(cid, f"{name} is a {type(t).__name__}, not a tensor")
         if tuple(t.shape) != tuple(spec[name]):
             raise UpdateRejected(cid, f"{name} has shape {tuple(t.shape)}, expected {tuple(spec[name])}")
-        if t.dtype != wire_dtype:
-            raise UpdateRejected(cid, f"{name} has dtype {t.dtype}, expected the wire dtype {wire_dtype}")
+        expected = wire_dtype[name] if isinstance(wire_dtype, Mapping) else wire_dtype
+        if t.dtype != expected:
+            raise UpdateRejected(cid, f"{name} has dtype {t.dtype}, expected the wire dtype {expected}")
         if not torch.isfinite(t).all():
             raise UpdateRejected(cid, f"{name} contains NaN or Inf")
+        if name.endswith(SCALE) and (t < 0).any():
+            raise UpdateRejected(cid, f"{name} holds a negative int8 scale")
     if max_norm is not None:
         sq = 0.0
-        for name, t in update.tensors.items():
+        state = decode(update.tensors) if decode is not None else update.tensors
+        for name, t in state.items():
             ref = reference[name].float() if reference is not None else 0.0
             sq += float(torch.sum((t.float() - ref) ** 2))
         norm = math.sqrt(sq)

@@ -128,6 +128,19 @@ class ClientRuntime:
             reproducible_noise=p.reproducible_noise,
         )
 
+    def wire_state(self) -> tuple[Tensors, dict[str, int]] | None:
+        """The int8 wire's client side to keep on the node between rounds (None: nothing to keep)."""
+        client = self.executor.wire_clients.get(self.client_id)
+        return client.state_dict() if client is not None else None
+
+    def load_wire_state(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, int]) -> None:
+        """Restore what `wire_state` kept (the node's process may not be the one that trained before)."""
+        from fedsb.fed.wire import ClientInt8
+
+        client = ClientInt8(self.cfg.fed.wire_scale, self.cfg.fed.error_feedback)
+        client.load_state_dict(tensors, meta)
+        self.executor.wire_clients[self.client_id] = client
+
 
 def build_runtime(
     config_yaml: str,

@@ -140,8 +140,17 @@ def train(msg: Message, context: Context) -> Message:
     rt = prepared_client(msg, context)
     rnd = msg.content.config_records[P.ROUND_CONFIG]
     folds_before = rt.fold_round()
+    if P.WIRE_META in context.state.config_records:  # the int8 wire's client side, kept on the node
+        meta = context.state.config_records[P.WIRE_META]
+        rt.load_wire_state(
+            from_record(context.state.array_records[P.WIRE_STATE]), {"index": int(meta["index"])}
+        )
     update = rt.train(int(rnd["round"]), from_record(msg.content.array_records[P.DOWNLOAD]))
     node_state.keep(rt, context, fold_round_before=folds_before)
+    kept = rt.wire_state()
+    if kept is not None:
+        context.state[P.WIRE_STATE] = to_record(kept[0])
+        context.state[P.WIRE_META] = ConfigRecord({"index": int(kept[1]["index"])})
     meta = {
         "round": update.round,
         "client-id": update.client_id,

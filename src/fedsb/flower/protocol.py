@@ -22,6 +22,8 @@ UPDATE_META = "fedsb.meta"  # ConfigRecord: round, client-id, num-examples, fing
 #: what a ClientApp raises on a train message its node holds no setup for (a restarted SuperNode): the
 #: server sends the setup again before the next round (`FlowerExecutor.rejoin`)
 NO_SETUP = "this node holds no setup for the run"
+WIRE_STATE = "fedsb.wire"  # ArrayRecord in a node's context.state: int8 wire held/<name>, residual/<name>
+WIRE_META = "fedsb.wire.meta"  # ConfigRecord in a node's context.state: index (the last entry it holds)
 METRICS = "metrics"  # MetricRecord: loss, first_loss, steps, seconds (under DP: fedsb.privacy.release)
 
 

@@ -22,6 +22,7 @@ _DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
     "int64": torch.int64,
+    "int8": torch.int8,  # fed.wire_dtype=int8 values (their fp32 scales travel beside them)
 }
 
 

@@ -191,7 +191,13 @@ def check_secagg_config(cfg: Any) -> None:
         raise ConfigError(
             field="fed.wire_dtype",
             value=cfg.fed.wire_dtype,
-            what="does not apply with SecAgg+ (its masked vectors are quantized from float32 parameters)",
+            what="does not apply with SecAgg+ (its masked vectors are quantized from float32 parameters"
+            + (
+                "; int8 changes carry a scale per client and tensor, so a masked sum of their integers is "
+                "not the sum of the changes)"
+                if cfg.fed.wire_dtype == "int8"
+                else ")"
+            ),
             fix="set fed.wire_dtype=float32, or run without secagg",
         )
     if cfg.fed.max_update_norm is not None:
