@@ -54,6 +54,8 @@ def main(spec: dict) -> dict:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (spec["batch"], spec["seq"]), generator=g)  # (B, T)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    if quantize != "none":  # imported before the baseline, like torch and transformers: not the run's memory
+        import bitsandbytes  # noqa: F401
     baseline = resident()
     model = LlamaForCausalLM(config).to(dtype)
     if quantize != "none":  # as the job recipe loads a quantized base: bf16, then 4/8-bit layer by layer

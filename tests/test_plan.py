@@ -109,7 +109,8 @@ LLAMA = {
 def test_memory_estimate_is_within_25_percent_of_the_measured_peak() -> None:
     """A random 16M-parameter Llama (weights 61 MiB), batch 4 x 128 tokens: LoRA-SB r=32 under the default
     bf16 autocast (activations and autocast copies dominate) and full fine-tuning in fp32 (AdamW states
-    and gradients dominate), each measured in its own forked process by its resident-memory high-water
+    and gradients dominate); batch 8 x 128 on an nf4 base (weights 19 MiB), with and without gradient
+    checkpointing (bitsandbytes imported before the baseline, like torch), each measured in its own forked process by its resident-memory high-water
     mark above its resident memory before the model existed."""
     specs = [
         {
@@ -125,6 +126,25 @@ def test_memory_estimate_is_within_25_percent_of_the_measured_peak() -> None:
             "batch": 4,
             "seq": 128,
             "steps": 2,
+        },
+        {  # an nf4 base (the rest bf16), with and without gradient checkpointing: activations dominate
+            "model": LLAMA,
+            "overrides": ["fed.method=fedsb", "adapter.rank=32", "model.quantize=nf4"],
+            "batch": 8,
+            "seq": 128,
+            "steps": 1,
+        },
+        {
+            "model": LLAMA,
+            "overrides": [
+                "fed.method=fedsb",
+                "adapter.rank=32",
+                "model.quantize=nf4",
+                "train.gradient_checkpointing=true",
+            ],
+            "batch": 8,
+            "seq": 128,
+            "steps": 1,
         },
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
@@ -142,7 +162,7 @@ def test_memory_estimate_is_within_25_percent_of_the_measured_peak() -> None:
         ratio = row["estimate"] / row["measured"]
         print(f"{spec['overrides']}: measured {row['measured'] / 2**20:.0f} MiB, estimate "
               f"{row['estimate'] / 2**20:.0f} MiB, ratio {ratio:.3f}")  # fmt: skip
-        assert row["measured"] > 150 * 2**20  # the model and its activations dominate any noise
+        assert row["measured"] > 120 * 2**20  # the model and its activations dominate any noise
         assert 0.75 <= ratio <= 1.25, (spec, row)
 
 
