@@ -26,7 +26,8 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 QUICK = ["threads=2", "progress=false", "eval.every=100", "data.test_size=4"]
 #: round 1's first losses of configs/tiny.yaml with model.quantize=nf4 / int8 (model.dtype=auto: the
 #: rest of the base in bfloat16; the default bf16 autocast); the dense fp32 base gives 4.592981, 4.652986
-PINNED = {"nf4": [4.591537, 4.657054], "int8": [4.59324, 4.65288]}
+# pinned on the arithmetic task with the held-out template pools (t14): the data changed, the base did not
+PINNED = {"nf4": [4.657582, 4.628274], "int8": [4.65179, 4.625441]}
 
 
 def quiet(_: str) -> None:
