@@ -71,19 +71,30 @@ def flat_eval(result: Mapping[str, Any] | None) -> dict[str, float]:
 
 
 def round_metrics(
-    record: Any, *, rounds: int, ledger: Any, release: ReleaseRules | None = None
+    record: Any,
+    *,
+    rounds: int,
+    ledger: Any,
+    release: ReleaseRules | None = None,
+    bytes_before: int | None = None,
 ) -> RoundMetrics:
     """The released figures of a finished round (`record`: a `fedsb.fed.rounds.RoundRecord`; `release`: the
-    privacy mechanism's rules, everything without DP)."""
+    privacy mechanism's rules, everything without DP).
+
+    `bytes_before`: the ledger's bytes of the earlier rounds, if the caller keeps that sum (else counted
+    here); this round's are the ledger's last entries (it records rounds in order).
+    """
     release = release or ReleaseRules()
     private = release.private
     loss = None if private or not _finite(record.train_loss) else float(record.train_loss)
-    bytes_round = bytes_total = 0
-    for entry in ledger.entries:
-        if entry["round"] <= record.round:
-            bytes_total += entry["bytes"]
-            if entry["round"] == record.round:
-                bytes_round += entry["bytes"]
+    bytes_round = 0
+    for entry in reversed(ledger.entries):
+        if entry["round"] != record.round:
+            break
+        bytes_round += entry["bytes"]
+    if bytes_before is None:
+        bytes_before = sum(e["bytes"] for e in ledger.entries if e["round"] < record.round)
+    bytes_total = bytes_before + bytes_round
     seconds = record.seconds
     return RoundMetrics(
         round=record.round,

@@ -120,6 +120,7 @@ class Run:
         self.latest: Path | None = None  # where it was read
         self.before: dict[str, Any] | None = None  # the untuned model's evaluation
         self.completed = 0  # the last round whose checkpoint is written
+        self.bytes_done = 0  # the ledger's round bytes through round `completed`
         self.first_round = 1  # the first round this session trains
         self.earlier_sessions: list[dict[str, Any]] = []  # timing of the sessions before a resume
         self.trackers = Trackers([])
@@ -237,17 +238,21 @@ class Run:
         """Continue from the checkpoint (resuming) or evaluate the untuned model; write the manifest; open
         the trackers."""
         self.first_round = 0 if self.saved is None else self.saved.round + 1  # 0: the untuned evaluation
-        self.trackers = Trackers.open(
-            self.cfg.report_to, self.out, first_round=self.first_round, config=self.cfg.to_dict()
-        )
         if self.saved is not None:
             self.restore(self.saved)
+            self._open_trackers()
         else:
             if self.resume:
                 (self.out / CONFIG_FILE).write_text(config_to_yaml(self.cfg))  # e.g. a raised fed.rounds
+            self._open_trackers()
             self.start()
         self.manifest = self._manifest()
         write_json(self.out / "manifest.json", self.manifest)
+
+    def _open_trackers(self) -> None:
+        self.trackers = Trackers.open(
+            self.cfg.report_to, self.out, first_round=self.first_round, config=self.cfg.to_dict()
+        )
 
     def restore(self, state: RunState) -> None:
         """Install a checkpoint: global state, client state, ledgers, history, RNG; next round after it."""
@@ -261,6 +266,7 @@ class Run:
         self.executor.load_state_dict(state.client_tensors, state.client_meta)
         self.server.load_state_dict(state.server_tensors, state.server_meta)
         p.ledger.load_state_dict(state.ledger)
+        self.bytes_done = sum(e["bytes"] for e in p.ledger.entries)
         if p.privacy is not None:
             p.privacy.load_state_dict(state.privacy)
         self.server.history = [RoundRecord(**r) for r in state.history]
@@ -348,8 +354,13 @@ class Run:
         if p.privacy is not None:
             record.privacy = p.privacy.end_round(record.round)
         metrics = round_metrics(
-            record, rounds=self.cfg.fed.rounds, ledger=p.ledger, release=self.cfg.privacy.mechanism.release
+            record,
+            rounds=self.cfg.fed.rounds,
+            ledger=p.ledger,
+            release=self.cfg.privacy.mechanism.release,
+            bytes_before=self.bytes_done,
         )
+        self.bytes_done = metrics.bytes_total
         self.trackers.log(metrics)  # before the checkpoint: a round repeated after a crash replaces its log
         self.state(record.round).save(self.ckpt_root, keep=self.cfg.fed.keep_checkpoints)
         self.completed = record.round
