@@ -11,17 +11,20 @@ training (see ``template_pools``).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import datasets
 import numpy as np
 
 from fedsb.data.arithmetic_templates import TEMPLATES
+from fedsb.data.task import Task, extract_number, register_task
 from fedsb.errors import FedsbError
 
 __all__ = [
     "CATEGORIES",
+    "ArithmeticTask",
     "DEFAULT_MAX_VALUE",
     "SPLITS",
     "TEMPLATE_CHOICES",
@@ -323,3 +326,63 @@ def make_arithmetic_dataset(
     )
     columns = {name: [row[name] for row in rows] for name in features}
     return datasets.Dataset.from_dict(columns, features=features)
+
+
+@register_task
+class ArithmeticTask(Task):
+    """Procedural arithmetic word problems (``fedsb.data.arithmetic``) with integer answers, exact match.
+
+    Prompt "Question: <q>\\nAnswer:", target " <int>"; the first number of the generation must equal the
+    answer (so " 42", "42.0" and " 42 apples" are correct). Options: ``max_value`` (largest number in a
+    question), ``categories`` (a subset of the six operations), ``template_split`` (default true:
+    validation and test use held-out templates never seen by train and init; false: every split draws
+    from every template, sharing phrasings but never a question) and ``template_seed`` (which templates
+    are held out).
+    """
+
+    name = "arithmetic"
+    kind = "generate"
+    max_new_tokens = 8  # " 1234" + eos is 6 SmolLM2 tokens (digits are single tokens)
+    partition_column = "category"
+    default_sizes: ClassVar[dict[str, int]] = {"train": 2000, "validation": 500, "test": 500, "init": 256}
+
+    def __init__(
+        self,
+        *,
+        max_value: int = DEFAULT_MAX_VALUE,
+        categories: Sequence[str] | None = None,
+        template_split: bool = True,
+        template_seed: int = 0,
+    ) -> None:
+        if not isinstance(template_split, bool):
+            raise FedsbError(
+                field="data.options.template_split", value=template_split,
+                fix="use true (held-out templates for validation and test) or false (all templates everywhere)",
+            )  # fmt: skip
+        self.max_value = max_value
+        self.categories = tuple(CATEGORIES if categories is None else categories)
+        self.templates = "split" if template_split else "all"
+        self.template_seed = template_seed
+
+    def load(self, split: str, size: int | None, seed: int) -> datasets.Dataset:
+        """``size`` problems (default ``default_sizes[split]``) of ``split``; splits never share a question."""
+        if split not in SPLITS:
+            raise FedsbError(field="split", value=split, fix=f"use one of {', '.join(SPLITS)}")
+        n = self.default_sizes[split] if size is None else size
+        return make_arithmetic_dataset(
+            split, n, seed=seed, max_value=self.max_value, categories=self.categories,
+            templates=self.templates, template_seed=self.template_seed,
+        )  # fmt: skip
+
+    def prompt(self, example: Mapping[str, Any]) -> str:
+        """``Question: <question>\\nAnswer:``."""
+        return f"Question: {example['question']}\nAnswer:"
+
+    def target(self, example: Mapping[str, Any]) -> str:
+        """A space, then the integer answer."""
+        return f" {int(example['answer'])}"
+
+    def is_correct(self, generated: str, example: Mapping[str, Any]) -> bool:
+        """The first number in ``generated`` equals the integer answer."""
+        value = extract_number(generated)
+        return value is not None and value == int(example["answer"])

@@ -1,7 +1,7 @@
 """Classification tasks (encoder + head): SST-2, SNLI, MNLI and user files, with tokenization and loading.
 
 Importing this module registers the tasks ``sst2``, ``snli``, ``mnli`` and ``classify`` in
-``fedsb.data.tasks.TASKS``.
+``fedsb.data.task.TASKS``.
 
 Rows of every split have the task's text columns (strings) and ``label`` (an int id into
 ``label_names``, stored as a ``datasets.ClassLabel``); other columns of the files are dropped.
@@ -27,8 +27,9 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from fedsb.data.lm import seeded_loader
 from fedsb.data.sources import DATA_DIR_ENV, SPLITS, SourcedTask, default_data_dir
-from fedsb.data.tasks import first_choice, register_task, seeded_loader
+from fedsb.data.task import first_choice, register_task
 from fedsb.errors import FedsbError
 
 __all__ = [

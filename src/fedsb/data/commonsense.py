@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import datasets
 
 from fedsb.data.sources import SPLITS, SourcedTask, default_data_dir
-from fedsb.data.tasks import Task, first_choice, register_task
+from fedsb.data.task import TASKS, Task, first_choice, register_task
 from fedsb.errors import FedsbError
 
 __all__ = [
@@ -378,8 +378,6 @@ class CommonsenseSuite(Task):
         if not isinstance(balanced, bool):
             raise FedsbError(field="balanced", value=balanced, fix="use true or false")
         self.balanced = balanced
-        from fedsb.data.tasks import TASKS
-
         self.tasks: dict[str, CommonsenseTask] = {
             n: TASKS[n](  # type: ignore[call-arg]
                 hub=hub, template=template, data_dir=data_dir, validation_fraction=validation_fraction,

@@ -30,7 +30,7 @@ def loader_factory(
 ) -> Callable[[Any], Callable[[int], Any]]:
     """ds -> loader(seed): seeded epochs of padded batches (answer-masked LM batches or classification)."""
     from fedsb.data.classification import make_classification_loader
-    from fedsb.data.tasks import make_train_loader
+    from fedsb.data.lm import make_train_loader
 
     make = make_classification_loader if task.kind == "classify" else make_train_loader
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -54,7 +54,7 @@ def tokenize_task(task: Any, ds: Any, tokenizer: Any, max_length: int, *, cache:
     """Tokenize ``ds`` for training (answer-masked LM rows, or classification rows); with ``cache``, through
     the on-disk cache keyed by tokenizer, recipe, ``max_length`` and the rows as the task renders them."""
     from fedsb.data.classification import tokenize_for_classification
-    from fedsb.data.tasks import tokenize_for_training
+    from fedsb.data.lm import tokenize_for_training
 
     def build() -> Any:
         if task.kind == "classify":

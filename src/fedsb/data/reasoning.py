@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import datasets
 
 from fedsb.data.sources import SPLITS, SourcedTask
-from fedsb.data.tasks import register_task
+from fedsb.data.task import register_task
 from fedsb.errors import FedsbError
 
 __all__ = [

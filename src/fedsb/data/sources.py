@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 import datasets
 import numpy as np
 
-from fedsb.data.tasks import Task
+from fedsb.data.task import Task
 from fedsb.errors import FedsbError
 
 __all__ = [

@@ -10,7 +10,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedsb.data.cache import cached_prompt_ids
-from fedsb.data.tasks import Task, encode_prompts
+from fedsb.data.lm import encode_prompts
+from fedsb.data.task import Task
 from fedsb.errors import FedsbError
 from fedsb.eval.generate import EvalResult
 

@@ -13,7 +13,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from fedsb.data.tasks import Task, encode_prompts
+from fedsb.data.lm import encode_prompts
+from fedsb.data.task import Task
 from fedsb.errors import FedsbError
 
 __all__ = ["EvalResult", "evaluate_generation"]

@@ -20,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from fedsb.data.tasks import IGNORE_INDEX, Task, collate_for_training, encode_prompts
+from fedsb.data.lm import IGNORE_INDEX, collate_for_training, encode_prompts
+from fedsb.data.task import Task
 from fedsb.errors import FedsbError
 from fedsb.eval.generate import EvalResult, summarize
 

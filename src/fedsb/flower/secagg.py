@@ -36,8 +36,8 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
 from fedsb.flower import node_state
-from fedsb.flower.client_app import restored_client
 from fedsb.flower.executor import FlowerExecutor
+from fedsb.flower.node import restored_client
 
 # ---- client side (reached through `fedsb.flower.client_app.secagg_router`) ---------------------------------
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedsb.config import TrainConfig
-from fedsb.data.tasks import IGNORE_INDEX
+from fedsb.data.lm import IGNORE_INDEX
 from fedsb.device import autocast, module_device, seeded, to_device
 from fedsb.train.batches import Batch, batch_size_of, cycle_epochs
 from fedsb.train.privatizer import Privatizer
