@@ -77,7 +77,7 @@ def plan_run(cfg: RunConfig) -> dict[str, Any]:
             model,
             batch=cfg.train.batch_size,
             seq=cfg.data.max_length,
-            classify=task.kind == "classify",
+            classify=task.format.has_head,
             optimizer=cfg.train.optimizer,
             momentum=cfg.train.momentum,
             bf16_autocast=cfg.train.bf16,

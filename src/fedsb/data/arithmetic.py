@@ -341,7 +341,6 @@ class ArithmeticTask(Task):
     """
 
     name = "arithmetic"
-    kind = "generate"
     max_new_tokens = 8  # " 1234" + eos is 6 SmolLM2 tokens (digits are single tokens)
     partition_column = "category"
     default_sizes: ClassVar[dict[str, int]] = {"train": 2000, "validation": 500, "test": 500, "init": 256}

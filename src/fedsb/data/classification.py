@@ -1,7 +1,8 @@
-"""Classification tasks (encoder + head): SST-2, SNLI, MNLI and user files, with tokenization and loading.
+"""Classification tasks (encoder + head, or label words): SST-2, SNLI, MNLI, RTE and user files.
 
-Importing this module registers the tasks ``sst2``, ``snli``, ``mnli`` and ``classify`` in
-``fedsb.data.task.TASKS``.
+Importing this module registers the tasks ``sst2``, ``snli``, ``mnli``, ``rte`` and ``classify`` in
+``fedsb.data.task.TASKS``; their rows are tokenized by their format (`fedsb.data.formats`: the classifier
+head's ``fedsb.data.head``, or label words as causal-LM rows, ``fedsb.data.lm``).
 
 Rows of every split have the task's text columns (strings) and ``label`` (an int id into
 ``label_names``, stored as a ``datasets.ClassLabel``); other columns of the files are dropped.
@@ -18,16 +19,18 @@ import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from functools import partial
 from typing import Any, ClassVar
 
 import datasets
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
-from transformers import PreTrainedTokenizerBase
 
-from fedsb.data.lm import seeded_loader
+from fedsb.data.formats import CLASSIFIER_HEAD, LABEL_WORDS
+from fedsb.data.head import (
+    CLS_COLUMNS,
+    collate_for_classification,
+    make_classification_loader,
+    tokenize_for_classification,
+)
 from fedsb.data.sources import DATA_DIR_ENV, SPLITS, SourcedTask, default_data_dir
 from fedsb.data.task import first_choice, register_task
 from fedsb.errors import FedsbError
@@ -49,13 +52,6 @@ __all__ = [
 ]
 
 CLASSIFY_SPLITS: tuple[str, ...] = SPLITS
-CLS_COLUMNS: tuple[str, ...] = ("input_ids", "attention_mask", "labels")  # plus token_type_ids if produced
-
-
-def _positive_int(field: str, value: object, fix: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise FedsbError(field=field, value=value, fix=fix)
-    return value
 
 
 class ClassificationTask(SourcedTask):
@@ -64,11 +60,12 @@ class ClassificationTask(SourcedTask):
     Subclasses set ``name``, ``label_names`` (in label-id order), ``text_columns`` (one column, or two for a
     pair), ``data_subdir`` and ``files`` ({split: file name}); ``hub_splits`` ({split: hub split}) is used
     with the ``hub_id`` option. Options (besides those of ``SourcedTask``): ``mode`` "head" (an encoder or
-    any model with a classification head; kind "classify") or "lm" (a causal LM continuing ``template``
-    with one of ``label_words``; kind "generate", scored by label-word likelihood or generation).
+    any model with a classification head; format ``CLASSIFIER_HEAD``) or "lm" (a causal LM continuing
+    ``template`` with one of ``label_words``; format ``LABEL_WORDS``, scored by label-word likelihood or
+    generation).
     """
 
-    kind = "classify"
+    format = CLASSIFIER_HEAD
     max_new_tokens = 0  # nothing is generated (mode "head")
     partition_column = "label"  # Dirichlet non-IID over labels
     default_scorer = "likelihood"  # mode "lm"
@@ -131,7 +128,7 @@ class ClassificationTask(SourcedTask):
                 fix=f"use only the fields {{{'}, {'.join(self.text_columns)}}}",
             ) from None  # fmt: skip
         if mode == "lm":
-            self.kind = "generate"  # type: ignore[misc]
+            self.format = LABEL_WORDS
             self.max_new_tokens = 4  # type: ignore[misc]  # a label word and eos
         self.columns: dict[str, str] = {name: self.column(name) for name in self.column_names()}
 
@@ -422,121 +419,3 @@ class GenericClassificationTask(ClassificationTask):
             label_words=label_words,
             template=template,
         )
-
-
-# --------------------------------------------------------------------------- tokenization and loading
-
-
-def tokenize_for_classification(
-    ds: datasets.Dataset, task: ClassificationTask, tokenizer: PreTrainedTokenizerBase, max_length: int
-) -> datasets.Dataset:
-    """Columns input_ids, attention_mask, labels (int) and token_type_ids if the tokenizer makes them.
-
-    Pairs are encoded as ``tokenizer(text_a, text_b)`` with the tokenizer's special tokens. Inputs longer
-    than ``max_length`` are TRUNCATED (pairs longest-first); a warning gives the count. Other columns are
-    removed: partition first.
-    """
-    if getattr(task, "kind", None) != "classify":
-        raise FedsbError(
-            field="task", value=getattr(task, "name", task), what=f"has kind={getattr(task, 'kind', None)!r}",
-            fix="tokenize_for_classification needs a kind='classify' task; use tokenize_for_training",
-        )  # fmt: skip
-    _positive_int("max_length", max_length, "use a positive number of tokens, e.g. 128")
-    limit = getattr(tokenizer, "model_max_length", None)
-    if isinstance(limit, int) and limit < 10**8 and max_length > limit:
-        raise FedsbError(
-            field="max_length", value=max_length, what=f"exceeds the tokenizer's model_max_length {limit}",
-            fix=f"use max_length <= {limit}",
-        )  # fmt: skip
-    needed = [*task.text_columns, "label"]
-    missing = [c for c in needed if c not in ds.column_names]
-    if missing:
-        raise FedsbError(
-            field="ds", value=ds.column_names, what=f"lacks columns {missing}",
-            fix=f"load the rows with {task.name}.load(...)",
-        )  # fmt: skip
-    if len(ds) == 0:
-        raise FedsbError(field="ds", value="<empty dataset>", fix="pass at least one example")
-    columns = [[str(t) for t in ds[col]] for col in task.text_columns]
-    pair = columns[1] if len(columns) == 2 else None
-    enc = tokenizer(columns[0], pair, add_special_tokens=True, padding=False, truncation=False)
-    too_long = [len(ids) for ids in enc["input_ids"] if len(ids) > max_length]
-    if too_long:
-        warnings.warn(
-            f"max_length={max_length} is shorter than {len(too_long)} of {len(ds)} examples (longest "
-            f"{max(too_long)} tokens): they are truncated",
-            stacklevel=2,
-        )
-        enc = tokenizer(
-            columns[0], pair, add_special_tokens=True, padding=False, truncation=True, max_length=max_length
-        )
-    out: dict[str, list[Any]] = {
-        "input_ids": [list(ids) for ids in enc["input_ids"]],
-        "attention_mask": [list(m) for m in enc["attention_mask"]],
-    }
-    if "token_type_ids" in enc:
-        out["token_type_ids"] = [list(t) for t in enc["token_type_ids"]]
-    out["labels"] = [int(label) for label in ds["label"]]
-    return datasets.Dataset.from_dict(out)
-
-
-def collate_for_classification(
-    features: Sequence[Mapping[str, Any]], pad_token_id: int, pad_to_multiple_of: int = 1
-) -> dict[str, torch.Tensor]:
-    """RIGHT-pad tokenized examples: input_ids, attention_mask (and token_type_ids, padded with 0) as (B, T)
-    LongTensors, T = the longest row rounded up to ``pad_to_multiple_of``; labels (B,) long."""
-    if not features:
-        raise FedsbError(field="features", value=[], fix="pass at least one tokenized example")
-    missing = [c for c in CLS_COLUMNS if c not in features[0]]
-    if missing:
-        raise FedsbError(
-            field="features[0]", value=sorted(features[0]), what=f"lacks {missing}",
-            fix="tokenize with tokenize_for_classification first",
-        )  # fmt: skip
-    _positive_int("pad_to_multiple_of", pad_to_multiple_of, "use a positive integer, e.g. 8")
-    seq_columns = ["input_ids", "attention_mask"] + (
-        ["token_type_ids"] if "token_type_ids" in features[0] else []
-    )
-    longest = max(len(f["input_ids"]) for f in features)
-    longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-    fill = {"input_ids": pad_token_id, "attention_mask": 0, "token_type_ids": 0}
-    batch = {name: torch.full((len(features), longest), fill[name], dtype=torch.long) for name in seq_columns}
-    for row, f in enumerate(features):
-        n = len(f["input_ids"])
-        if any(len(f[c]) != n for c in seq_columns):
-            raise FedsbError(
-                field=f"features[{row}]", value={c: len(f[c]) for c in seq_columns},
-                what="has columns of different lengths", fix="tokenize with tokenize_for_classification",
-            )  # fmt: skip
-        for name in seq_columns:
-            batch[name][row, :n] = torch.as_tensor(f[name], dtype=torch.long)
-    batch["labels"] = torch.as_tensor([int(f["labels"]) for f in features], dtype=torch.long)  # (B,)
-    return batch
-
-
-def make_classification_loader(
-    ds: datasets.Dataset,
-    batch_size: int,
-    *,
-    seed: int,
-    pad_token_id: int = 0,
-    pad_to_multiple_of: int = 1,
-    shuffle: bool = True,
-    drop_last: bool = False,
-) -> DataLoader:
-    """A DataLoader over a ``tokenize_for_classification`` dataset whose order depends only on ``seed``.
-
-    It owns a ``torch.Generator`` (the global RNG is neither read nor advanced); each new iteration
-    (epoch) draws the next permutation from it. Padding is on the right and hidden by the attention mask.
-    """
-    _positive_int("batch_size", batch_size, "use a positive number of examples per batch")
-    missing = [c for c in CLS_COLUMNS if c not in ds.column_names]
-    if missing:
-        raise FedsbError(
-            field="ds", value=ds.column_names, what=f"lacks columns {missing}",
-            fix="tokenize with tokenize_for_classification first",
-        )  # fmt: skip
-    collate = partial(
-        collate_for_classification, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of
-    )
-    return seeded_loader(ds, batch_size, collate, seed=seed, shuffle=shuffle, drop_last=drop_last)

@@ -167,7 +167,6 @@ class CommonsenseTask(SourcedTask):
     Rowan/hellaswag; never the default), ``template`` (a ``str.format`` string over ``{instruction}``).
     """
 
-    kind = "generate"
     max_new_tokens = 16  # "the correct answer is answer1" is 7 SmolLM2 tokens; the paper allows 32
     partition_column = "category"
     default_scorer = "likelihood"
@@ -348,7 +347,6 @@ class CommonsenseSuite(Task):
     """
 
     name = "commonsense"
-    kind = "generate"
     max_new_tokens = CommonsenseTask.max_new_tokens
     partition_column = "category"
     default_scorer = "likelihood"

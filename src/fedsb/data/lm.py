@@ -6,18 +6,19 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import datasets
 import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from fedsb.data.task import Task
 from fedsb.errors import FedsbError
+from fedsb.validators import positive_int
 
 __all__ = [
     "IGNORE_INDEX",
+    "PromptedTask",
     "TRAIN_COLUMNS",
     "collate_for_training",
     "encode_prompts",
@@ -28,6 +29,14 @@ __all__ = [
 
 IGNORE_INDEX = -100  # label value ignored by the causal-LM loss
 TRAIN_COLUMNS: tuple[str, ...] = ("input_ids", "attention_mask", "labels")
+
+
+class PromptedTask(Protocol):
+    """What causal-LM rows need of a task: its one prompt and the target appended after it."""
+
+    def prompt(self, example: Mapping[str, Any]) -> str: ...
+
+    def target(self, example: Mapping[str, Any]) -> str: ...
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
@@ -42,14 +51,8 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -
     return [list(ids) for ids in enc["input_ids"]]
 
 
-def _positive_int(field: str, value: object, fix: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise FedsbError(field=field, value=value, fix=fix)
-    return value
-
-
 def tokenize_for_training(
-    ds: datasets.Dataset, task: Task, tokenizer: PreTrainedTokenizerBase, max_length: int
+    ds: datasets.Dataset, task: PromptedTask, tokenizer: PreTrainedTokenizerBase, max_length: int
 ) -> datasets.Dataset:
     """Columns input_ids, attention_mask, labels: prompt ids + target ids + eos, labels -100 on the prompt.
 
@@ -58,7 +61,7 @@ def tokenize_for_training(
     ``max_length`` are DROPPED, never truncated (a cut answer would teach a wrong one); a warning gives the
     count, and dropping every example raises FedsbError. Other columns are removed: partition first.
     """
-    _positive_int("max_length", max_length, "use a positive number of tokens, e.g. 256")
+    positive_int("max_length", max_length, "use a positive number of tokens, e.g. 256")
     eos = tokenizer.eos_token_id
     if eos is None:
         raise FedsbError(
@@ -147,7 +150,7 @@ def make_train_loader(
     (epoch) draws the next permutation from it. ``pad_token_id`` only fills the (left) padding, which the
     attention mask and the -100 labels hide, so its value does not change the loss.
     """
-    _positive_int("batch_size", batch_size, "use a positive number of examples per batch")
+    positive_int("batch_size", batch_size, "use a positive number of examples per batch")
     missing = [c for c in TRAIN_COLUMNS if c not in ds.column_names]
     if missing:
         raise FedsbError(

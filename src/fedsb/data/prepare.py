@@ -28,16 +28,12 @@ class PreparedData:
 def loader_factory(
     cfg: RunConfig, task: Any, tokenizer: Any, batch_size: int
 ) -> Callable[[Any], Callable[[int], Any]]:
-    """ds -> loader(seed): seeded epochs of padded batches (answer-masked LM batches or classification)."""
-    from fedsb.data.classification import make_classification_loader
-    from fedsb.data.lm import make_train_loader
-
-    make = make_classification_loader if task.kind == "classify" else make_train_loader
+    """ds -> loader(seed): seeded epochs of padded batches, as the task's format makes them."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def for_dataset(ds: Any) -> Callable[[int], Any]:
         def loader(seed: int) -> Any:
-            return make(
+            return task.format.make_loader(
                 ds,
                 batch_size,
                 seed=seed % (2**63),
@@ -51,37 +47,26 @@ def loader_factory(
 
 
 def tokenize_task(task: Any, ds: Any, tokenizer: Any, max_length: int, *, cache: bool = False) -> Any:
-    """Tokenize ``ds`` for training (answer-masked LM rows, or classification rows); with ``cache``, through
-    the on-disk cache keyed by tokenizer, recipe, ``max_length`` and the rows as the task renders them."""
-    from fedsb.data.classification import tokenize_for_classification
-    from fedsb.data.lm import tokenize_for_training
+    """Tokenize ``ds`` for training as the task's format does; with ``cache``, through the on-disk cache keyed
+    by tokenizer, the format's recipe, ``max_length`` and the rows as the task renders them."""
+    fmt = task.format
 
     def build() -> Any:
-        if task.kind == "classify":
-            return tokenize_for_classification(ds, task, tokenizer, max_length)
-        return tokenize_for_training(ds, task, tokenizer, max_length)
+        return fmt.tokenize(task, ds, tokenizer, max_length)
 
     if not cache:
         return build()
     from fedsb.data.cache import cached_tokenized, content_key, tokenizer_fingerprint
 
-    if task.kind == "classify":
-        recipe = "classify"
-        rows = ("\x1d".join([*task.texts(ex), str(int(ex["label"]))]) for ex in ds)
-    else:
-        recipe = "causal-lm-answer-only"
-        rows = (task.prompt(ex) + "\x1d" + task.target(ex) for ex in ds)
-    key = content_key(tokenizer_fingerprint(tokenizer), recipe, str(max_length), rows)
+    rows = fmt.cache_rows(task, ds)
+    key = content_key(tokenizer_fingerprint(tokenizer), fmt.recipe, str(max_length), rows)
     return cached_tokenized(key, build)
 
 
 def model_task(task: Any) -> dict[str, Any]:
-    """`load_model` arguments for a task: a causal LM, or a sequence classifier with the task's labels."""
-    return (
-        {"task": "seq_cls", "num_labels": task.num_labels}
-        if task.kind == "classify"
-        else {"task": "causal_lm"}
-    )
+    """`load_model` arguments for a task, as its format gives them (a causal LM, or a sequence classifier
+    with the task's labels)."""
+    return task.format.model_args(task)
 
 
 _PARTITION_ARGS = {k: f"partition.{k}" for k in ("scheme", "num_clients", "column", "alpha", "min_size")}

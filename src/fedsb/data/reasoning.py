@@ -99,7 +99,6 @@ class MathReasoningTask(SourcedTask):
     is read from the solution) and ``category``.
     """
 
-    kind = "generate"
     max_new_tokens = 256  # the paper's GSM8K setting
     partition_column = "category"
 

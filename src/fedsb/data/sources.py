@@ -33,6 +33,7 @@ import numpy as np
 
 from fedsb.data.task import Task
 from fedsb.errors import FedsbError
+from fedsb.validators import fraction, positive_int
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -174,18 +175,6 @@ def load_hub(hub_id: str, config: str | None, split: str, *, task: str) -> datas
         ) from err  # fmt: skip
 
 
-def _check_fraction(field: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
-        raise FedsbError(field=field, value=value, fix="use a fraction in [0, 1), e.g. 0.05")
-    return float(value)
-
-
-def _positive_int(field: str, value: object, fix: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise FedsbError(field=field, value=value, fix=fix)
-    return value
-
-
 class SourcedTask(Task):
     """A task whose splits come from local files or a hub dataset (module docstring: split rules).
 
@@ -215,8 +204,8 @@ class SourcedTask(Task):
         hub_config: str | None = None,
     ) -> None:
         self.data_dir = None if data_dir is None else Path(data_dir).expanduser()
-        self.validation_fraction = _check_fraction("validation_fraction", validation_fraction)
-        self.init_fraction = _check_fraction("init_fraction", init_fraction)
+        self.validation_fraction = fraction("validation_fraction", validation_fraction)
+        self.init_fraction = fraction("init_fraction", init_fraction)
         if self.validation_fraction + self.init_fraction >= 1:
             raise FedsbError(
                 field="validation_fraction + init_fraction",
@@ -293,7 +282,7 @@ class SourcedTask(Task):
         n = len(ds)
         if size is None or size == n:
             return ds
-        _positive_int("size", size, "use a positive number of rows or None for the whole split")
+        positive_int("size", size, "use a positive number of rows or None for the whole split")
         if size > n:
             raise FedsbError(
                 field="size", value=size, what=f"exceeds the {n} rows of split {split!r} of task {self.name!r}",

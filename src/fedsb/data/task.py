@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import datasets
 
+from fedsb.data.formats import ANSWER_ONLY_LM, TaskFormat
 from fedsb.errors import FedsbError
 
 __all__ = ["TASKS", "Task", "extract_number", "first_choice", "register_task"]
@@ -22,16 +23,22 @@ __all__ = ["TASKS", "Task", "extract_number", "first_choice", "register_task"]
 class Task(ABC):
     """A task: how to load its splits, the ONE prompt used for training and evaluation, and scoring.
 
-    ``kind`` is "generate" (free-form answer scored by ``is_correct``, e.g. exact match) or "classify"
-    (a label id, for encoder + head tasks). ``partition_column`` names a column giving a natural non-IID
-    split (e.g. "category"), or is None.
+    ``format`` (`fedsb.data.formats`) says how its rows meet a model: answer-only causal-LM rows (the
+    default), a classifier head, or label words; it supplies the tokenization, loader, loss, scorer and
+    the model's loading arguments, and ``kind`` is its label ("generate" or "classify").
+    ``partition_column`` names a column giving a natural non-IID split (e.g. "category"), or is None.
     """
 
     name: ClassVar[str]
-    kind: ClassVar[str]
+    format: TaskFormat = ANSWER_ONLY_LM
     max_new_tokens: ClassVar[int]
     partition_column: ClassVar[str | None] = None
     default_scorer: ClassVar[str] = "generate"  # "generate" or "likelihood" (tasks with `choices`)
+
+    @property
+    def kind(self) -> str:
+        """The format's label: "generate" (free-form or option answers) or "classify" (a head's label id)."""
+        return self.format.kind
 
     @abstractmethod
     def load(self, split: str, size: int | None, seed: int) -> datasets.Dataset:

@@ -21,29 +21,12 @@ SCORERS: tuple[str, ...] = ("auto", "generate", "likelihood")
 
 
 def resolve_scorer(task: Task, scorer: str, example: Any | None = None) -> str:
-    """ "classify" for head tasks; else ``scorer``, with "auto" meaning the task's ``default_scorer``.
-
-    "likelihood" needs answer options (``task.choices(example)``, checked when ``example`` is given).
-    """
+    """The scorer the task's format resolves ``scorer`` to (`TaskFormat.scorer`): "classify" for a head; else
+    ``scorer``, "auto" meaning the task's ``default_scorer``; "likelihood" needs answer options
+    (``task.choices(example)``, checked when ``example`` is given)."""
     if scorer not in SCORERS:
         raise FedsbError(field="eval.scorer", value=scorer, fix=f"use one of {', '.join(SCORERS)}")
-    if task.kind == "classify":
-        if scorer != "auto":
-            raise FedsbError(
-                field="eval.scorer", value=scorer,
-                what=f"does not apply to task {task.name!r} (a classification head predicts its labels)",
-                fix="use eval.scorer=auto, or data.options.mode=lm to score label words with a causal LM",
-            )  # fmt: skip
-        return "classify"
-    chosen = task.default_scorer if scorer == "auto" else scorer
-    if chosen == "likelihood" and example is not None and task.choices(example) is None:
-        if scorer == "auto":
-            return "generate"
-        raise FedsbError(
-            field="eval.scorer", value=scorer, what=f"needs answer options, and task {task.name!r} has none",
-            fix="use eval.scorer=generate (free-form answers)",
-        )  # fmt: skip
-    return chosen
+    return task.format.scorer(task, scorer, example)
 
 
 def evaluate_task(

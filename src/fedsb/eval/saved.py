@@ -166,10 +166,10 @@ def evaluate_saved(
     task = get_task(name, **options)
     if run_cfg is not None and not same_task:
         trained = get_task(run_cfg.data.task, **run_cfg.data.options)
-        if "classify" in (task.kind, trained.kind):
+        if task.format.has_head or trained.format.has_head:
             fix = (
                 "score label words with the run's causal LM: --option mode=lm"
-                if trained.kind == "generate"
+                if not trained.format.has_head
                 else "a classification head is tied to its task's labels; evaluate on the run's task"
             )
             raise ConfigError(
