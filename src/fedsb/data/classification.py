@@ -16,7 +16,6 @@ rows give train 62,635 / validation 3,367 / init 1,347, and SNLI's 20,000 give t
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -78,27 +77,13 @@ class ClassificationTask(SourcedTask):
     def __init__(
         self,
         *,
-        data_dir: str | os.PathLike[str] | None = None,
-        data_files: Mapping[str, str | os.PathLike[str]] | None = None,
-        columns: Mapping[str, str] | None = None,
-        validation_fraction: float = 0.05,
-        init_fraction: float = 0.02,
-        holdout_seed: int = 0,
-        hub_id: str | None = None,
-        hub_config: str | None = None,
         mode: str = "head",
         label_words: Sequence[str] | None = None,
         template: str | None = None,
+        **source: Any,
     ) -> None:
         super().__init__(
-            data_dir=data_dir,
-            data_files=data_files,
-            columns={**self.default_columns, **dict(columns or {})},
-            validation_fraction=validation_fraction,
-            init_fraction=init_fraction,
-            holdout_seed=holdout_seed,
-            hub_id=hub_id,
-            hub_config=hub_config,
+            **{**source, "columns": {**self.default_columns, **dict(source.get("columns") or {})}}
         )
         if mode not in ("head", "lm"):
             raise FedsbError(
@@ -368,54 +353,42 @@ class GenericClassificationTask(ClassificationTask):
         self,
         *,
         label_names: Sequence[str],
-        data_files: Mapping[str, str | os.PathLike[str]] | None = None,
-        columns: Mapping[str, str] | None = None,
-        data_dir: str | os.PathLike[str] | None = None,
-        validation_fraction: float = 0.05,
-        init_fraction: float = 0.02,
-        holdout_seed: int = 0,
-        hub_id: str | None = None,
-        hub_config: str | None = None,
         hub_splits: Mapping[str, str] | None = None,
         mode: str = "head",
         label_words: Sequence[str] | None = None,
         template: str | None = None,
+        **source: Any,
     ) -> None:
-        names = tuple(label_names) if isinstance(label_names, list | tuple) else ()
-        if (
-            len(names) < 2
-            or len(set(names)) != len(names)
-            or not all(isinstance(n, str) and n for n in names)
-        ):
-            raise FedsbError(
-                field="label_names", value=label_names,
-                fix="give at least two distinct label names in label-id order, e.g. ['negative', 'positive']",
-            )  # fmt: skip
-        self.label_names = names
+        self.label_names = _label_names(label_names)
+        columns = source.get("columns")
         self.text_columns = ("text", "text_pair") if columns and "text_pair" in columns else ("text",)
-        if hub_id is None:
-            if not isinstance(data_files, Mapping) or not data_files:
-                raise FedsbError(
-                    field="data_files", value=data_files,
-                    fix="map splits to files, e.g. {train: data/train.jsonl, test: data/test.jsonl}",
-                )  # fmt: skip
-            bad = sorted(set(data_files) - set(CLASSIFY_SPLITS))
-            if bad:
-                raise FedsbError(
-                    field="data_files", value=dict(data_files), what=f"has unknown splits {bad}",
-                    fix=f"use keys among {list(CLASSIFY_SPLITS)}",
-                )  # fmt: skip
+        if source.get("hub_id") is None:
+            _check_user_files(source.get("data_files"))
         self.hub_splits = dict(hub_splits or {s: s for s in ("train", "validation", "test")})  # type: ignore[misc]
-        super().__init__(
-            data_dir=data_dir,
-            data_files=data_files,
-            columns=columns,
-            validation_fraction=validation_fraction,
-            init_fraction=init_fraction,
-            holdout_seed=holdout_seed,
-            hub_id=hub_id,
-            hub_config=hub_config,
-            mode=mode,
-            label_words=label_words,
-            template=template,
-        )
+        super().__init__(mode=mode, label_words=label_words, template=template, **source)
+
+
+def _label_names(label_names: object) -> tuple[str, ...]:
+    """At least two distinct non-empty label names, in label-id order."""
+    names = tuple(label_names) if isinstance(label_names, list | tuple) else ()
+    if len(names) < 2 or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+        raise FedsbError(
+            field="label_names", value=label_names,
+            fix="give at least two distinct label names in label-id order, e.g. ['negative', 'positive']",
+        )  # fmt: skip
+    return names
+
+
+def _check_user_files(data_files: object) -> None:
+    """Without a hub id, ``data_files`` must map known splits to files."""
+    if not isinstance(data_files, Mapping) or not data_files:
+        raise FedsbError(
+            field="data_files", value=data_files,
+            fix="map splits to files, e.g. {train: data/train.jsonl, test: data/test.jsonl}",
+        )  # fmt: skip
+    bad = sorted(set(data_files) - set(CLASSIFY_SPLITS))
+    if bad:
+        raise FedsbError(
+            field="data_files", value=dict(data_files), what=f"has unknown splits {bad}",
+            fix=f"use keys among {list(CLASSIFY_SPLITS)}",
+        )  # fmt: skip

@@ -24,13 +24,14 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import datasets
 
 from fedsb.data.sources import SPLITS, SourcedTask, default_data_dir
-from fedsb.data.task import TASKS, Task, first_choice, register_task
+from fedsb.data.task import Task, first_choice, register_named, register_task
 from fedsb.errors import FedsbError
+from fedsb.validators import check_bool
 
 __all__ = [
     "COMMONSENSE_TASKS",
@@ -163,43 +164,31 @@ COMMONSENSE_TASKS: tuple[str, ...] = tuple(_SPECS)
 class CommonsenseTask(SourcedTask):
     """One commonsense dataset in the LLM-Adapters format (module docstring).
 
-    Options (besides those of ``SourcedTask``): ``hub`` (true: load the dataset's known hub id, e.g.
-    Rowan/hellaswag; never the default), ``template`` (a ``str.format`` string over ``{instruction}``).
+    ``dataset`` names its `_Spec` (folder, files, hub id and row converter); each is registered under that
+    name with ``dataset`` fixed (`register_named`). Options (besides those of ``SourceSpec``): ``hub``
+    (true: load the dataset's known hub id, e.g. Rowan/hellaswag; never the default), ``template`` (a
+    ``str.format`` string over ``{instruction}``).
     """
 
     max_new_tokens = 16  # "the correct answer is answer1" is 7 SmolLM2 tokens; the paper allows 32
     partition_column = "category"
     default_scorer = "likelihood"
-    spec: ClassVar[_Spec]
+    spec: _Spec
 
     def __init__(
-        self,
-        *,
-        hub: bool = False,
-        template: str = COMMONSENSE_TEMPLATE,
-        data_dir: str | os.PathLike[str] | None = None,
-        data_files: Mapping[str, str | os.PathLike[str]] | None = None,
-        columns: Mapping[str, str] | None = None,
-        validation_fraction: float = 0.05,
-        init_fraction: float = 0.02,
-        holdout_seed: int = 0,
-        hub_id: str | None = None,
-        hub_config: str | None = None,
+        self, *, dataset: str, hub: bool = False, template: str = COMMONSENSE_TEMPLATE, **source: Any
     ) -> None:
-        if not isinstance(hub, bool):
-            raise FedsbError(field="hub", value=hub, fix="use true (load from the Hugging Face hub) or false")
-        if hub and hub_id is None:
-            hub_id, hub_config = self.spec.hub_id, self.spec.hub_config
-        super().__init__(
-            data_dir=data_dir,
-            data_files=data_files,
-            columns=columns,
-            validation_fraction=validation_fraction,
-            init_fraction=init_fraction,
-            holdout_seed=holdout_seed,
-            hub_id=hub_id,
-            hub_config=hub_config,
-        )
+        self.name = dataset  # type: ignore[misc]
+        self.spec = spec = _SPECS[dataset]
+        self.files, self.hub_splits = dict(spec.files), dict(spec.hub_splits)  # type: ignore[misc]
+        self.unavailable = {  # type: ignore[misc]
+            split: f"no local {dataset} {split} file ships in {_SHARED_SUBDIR}/{spec.folder or dataset}"
+            for split in SPLITS
+        }
+        check_bool("hub", hub, "use true (load from the Hugging Face hub) or false")
+        if hub and source.get("hub_id") is None:
+            source = {**source, "hub_id": spec.hub_id, "hub_config": spec.hub_config}
+        super().__init__(**source)
         if not isinstance(template, str) or "{instruction}" not in template:
             raise FedsbError(
                 field="template", value=template, fix="use a format string containing {instruction}"
@@ -304,22 +293,6 @@ class CommonsenseTask(SourcedTask):
         return datasets.Dataset.from_dict(out, features=_FEATURES)
 
 
-def _make_task(name: str, spec: _Spec, doc: str) -> type[CommonsenseTask]:
-    attrs = {
-        "name": name,
-        "spec": spec,
-        "files": dict(spec.files),
-        "hub_splits": dict(spec.hub_splits),
-        "unavailable": {
-            split: f"no local {name} {split} file ships in {_SHARED_SUBDIR}/{spec.folder or name}"
-            for split in SPLITS
-        },
-        "__doc__": doc,
-        "__module__": __name__,
-    }
-    return register_task(type(f"{name.title().replace('_', '')}Task", (CommonsenseTask,), attrs))  # type: ignore[return-value]
-
-
 _DOCS = {
     "boolq": "BoolQ (closed-book yes/no as true/false): train 9,427 / test 3,270 (official dev); hub google/boolq.",
     "piqa": "PIQA (2 solutions): test 1,838 (official dev) locally; train via hub ybisk/piqa.",
@@ -330,8 +303,8 @@ _DOCS = {
     "arc_challenge": "ARC-Challenge (3-5 answers): train 1,119 / test 1,172; hub allenai/ai2_arc ARC-Challenge.",
     "openbookqa": "OpenBookQA (4 answers): train 4,957 / test 500; hub allenai/openbookqa main.",
 }
-for _name, _spec in _SPECS.items():
-    _make_task(_name, _spec, _DOCS[_name])
+for _name in _SPECS:
+    register_named(_name, CommonsenseTask, _DOCS[_name], dataset=_name)
 
 
 @register_task
@@ -377,7 +350,8 @@ class CommonsenseSuite(Task):
             raise FedsbError(field="balanced", value=balanced, fix="use true or false")
         self.balanced = balanced
         self.tasks: dict[str, CommonsenseTask] = {
-            n: TASKS[n](  # type: ignore[call-arg]
+            n: CommonsenseTask(  # type: ignore[call-arg]
+                dataset=n,
                 hub=hub, template=template, data_dir=data_dir, validation_fraction=validation_fraction,
                 init_fraction=init_fraction, holdout_seed=holdout_seed,
             )

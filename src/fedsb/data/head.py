@@ -17,7 +17,12 @@ from fedsb.data.lm import seeded_loader
 from fedsb.errors import FedsbError
 from fedsb.validators import positive_int
 
-__all__ = ["CLS_COLUMNS", "collate_for_classification", "make_classification_loader", "tokenize_for_classification"]
+__all__ = [
+    "CLS_COLUMNS",
+    "collate_for_classification",
+    "make_classification_loader",
+    "tokenize_for_classification",
+]
 
 CLS_COLUMNS: tuple[str, ...] = ("input_ids", "attention_mask", "labels")  # plus token_type_ids if produced
 

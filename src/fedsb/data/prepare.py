@@ -74,13 +74,20 @@ _PARTITION_ARGS = {k: f"partition.{k}" for k in ("scheme", "num_clients", "colum
 
 def _option_names(task_cls: Any) -> dict[str, str]:
     """A task's constructor arguments -> their settings (data.options.<name>), for its errors."""
-    import inspect
+    from fedsb.data.task import option_names
 
-    names = {p: f"data.options.{p}" for p in inspect.signature(task_cls).parameters}
+    names = {p: f"data.options.{p}" for p in option_names(task_cls)}
     names["validation_fraction + init_fraction"] = (
         "data.options.validation_fraction + data.options.init_fraction"
     )
     return {**names, "task": "data.task"}
+
+
+def _factory(task: Any) -> Any:
+    """What ``task`` was built from: its registered entry (a class or a `NamedTask`), else its class."""
+    from fedsb.data.tasks import TASKS
+
+    return TASKS.get(getattr(task, "name", None), type(task))
 
 
 def task_from_config(cfg: RunConfig) -> Any:
@@ -98,7 +105,7 @@ def partition_rows(cfg: RunConfig, task: Any) -> tuple[list[Any], dict[str, Any]
     the setting behind the argument (`size` -> `data.train_size`, `min_size` -> `partition.min_size`)."""
     from fedsb.data.partition import partition_dataset, partition_stats
 
-    with naming_settings({**_option_names(type(task)), "size": "data.train_size"}):
+    with naming_settings({**_option_names(_factory(task)), "size": "data.train_size"}):
         train = task.load("train", cfg.data.train_size, cfg.seed)
     column = cfg.partition.column or task.partition_column
     with naming_settings(_PARTITION_ARGS):
@@ -120,7 +127,7 @@ def prepare_data(cfg: RunConfig, task: Any, tokenizer: Any) -> PreparedData:
     from fedsb.fed.simulate import ClientData
 
     parts, stats = partition_rows(cfg, task)
-    names = {**_option_names(type(task)), "size": "data.test_size", "split": "data.eval_split"}
+    names = {**_option_names(_factory(task)), "size": "data.test_size", "split": "data.eval_split"}
     with naming_settings(names):
         test = task.load(cfg.data.eval_split, cfg.data.test_size, cfg.seed)
     width = max(2, len(str(len(parts) - 1)))

@@ -13,7 +13,6 @@ evaluation.
 
 from __future__ import annotations
 
-import os
 import re
 import warnings
 from collections.abc import Mapping
@@ -93,7 +92,7 @@ def _clean_solution(text: str, answer: str) -> str:
 class MathReasoningTask(SourcedTask):
     """Free-form math word problems scored by numeric equivalence of the extracted final answer.
 
-    Options (besides those of ``SourcedTask``): ``template`` (a name in ``MATH_TEMPLATES`` or a
+    Options (besides those of ``SourceSpec``): ``template`` (a name in ``MATH_TEMPLATES`` or a
     ``str.format`` string over ``{question}``), ``strict`` (no last-number fallback in extraction).
     ``columns`` may map ``question``, ``solution`` and, optionally, ``answer`` (the final answer; else it
     is read from the solution) and ``category``.
@@ -102,30 +101,8 @@ class MathReasoningTask(SourcedTask):
     max_new_tokens = 256  # the paper's GSM8K setting
     partition_column = "category"
 
-    def __init__(
-        self,
-        *,
-        template: str = "alpaca",
-        strict: bool = False,
-        data_dir: str | os.PathLike[str] | None = None,
-        data_files: Mapping[str, str | os.PathLike[str]] | None = None,
-        columns: Mapping[str, str] | None = None,
-        validation_fraction: float = 0.05,
-        init_fraction: float = 0.02,
-        holdout_seed: int = 0,
-        hub_id: str | None = None,
-        hub_config: str | None = None,
-    ) -> None:
-        super().__init__(
-            data_dir=data_dir,
-            data_files=data_files,
-            columns=columns,
-            validation_fraction=validation_fraction,
-            init_fraction=init_fraction,
-            holdout_seed=holdout_seed,
-            hub_id=hub_id,
-            hub_config=hub_config,
-        )
+    def __init__(self, *, template: str = "alpaca", strict: bool = False, **source: Any) -> None:
+        super().__init__(**source)
         text = MATH_TEMPLATES.get(template, template)
         if not isinstance(text, str) or "{question}" not in text:
             raise FedsbError(

@@ -25,6 +25,7 @@ import csv
 import os
 from abc import abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,12 +34,14 @@ import numpy as np
 
 from fedsb.data.task import Task
 from fedsb.errors import FedsbError
-from fedsb.validators import fraction, positive_int
+from fedsb.validators import fraction, non_negative_int, positive_int
 
 __all__ = [
     "DATA_DIR_ENV",
     "FILE_FORMATS",
+    "SOURCE_OPTIONS",
     "SPLITS",
+    "SourceSpec",
     "SourcedTask",
     "default_data_dir",
     "load_hub",
@@ -175,37 +178,27 @@ def load_hub(hub_id: str, config: str | None, split: str, *, task: str) -> datas
         ) from err  # fmt: skip
 
 
-class SourcedTask(Task):
-    """A task whose splits come from local files or a hub dataset (module docstring: split rules).
-
-    Subclasses set ``data_subdir`` and ``files`` ({split: file name under the task folder}), optionally
-    ``hub_splits`` ({split: hub split}, used with ``hub_id``) and ``unavailable`` ({split: why}), list
-    their canonical columns in ``column_names()`` and implement ``_normalize``. Options: ``data_dir``,
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where a sourced task's rows come from (module docstring: the split rules): ``data_dir``,
     ``data_files`` ({split: path}: relative to ``data_dir`` if given, else to the working directory),
-    ``columns`` ({canonical column: file column}), ``validation_fraction``, ``init_fraction``,
-    ``holdout_seed``, ``hub_id``, ``hub_config``.
-    """
+    ``columns`` ({canonical column: file column}), ``validation_fraction`` and ``init_fraction`` (held out
+    of train where a split has no source of its own), ``holdout_seed``, ``hub_id``, ``hub_config``."""
 
-    data_subdir: ClassVar[str] = ""
-    files: ClassVar[dict[str, str]] = {}
-    hub_splits: ClassVar[dict[str, str]] = {}
-    unavailable: ClassVar[dict[str, str]] = {}  # split -> why it is missing (for the error)
+    data_dir: str | os.PathLike[str] | None = None
+    data_files: Mapping[str, str | os.PathLike[str]] | None = None
+    columns: Mapping[str, str] | None = None
+    validation_fraction: float = 0.05
+    init_fraction: float = 0.02
+    holdout_seed: int = 0
+    hub_id: str | None = None
+    hub_config: str | None = None
 
-    def __init__(
-        self,
-        *,
-        data_dir: str | os.PathLike[str] | None = None,
-        data_files: Mapping[str, str | os.PathLike[str]] | None = None,
-        columns: Mapping[str, str] | None = None,
-        validation_fraction: float = 0.05,
-        init_fraction: float = 0.02,
-        holdout_seed: int = 0,
-        hub_id: str | None = None,
-        hub_config: str | None = None,
-    ) -> None:
-        self.data_dir = None if data_dir is None else Path(data_dir).expanduser()
-        self.validation_fraction = fraction("validation_fraction", validation_fraction)
-        self.init_fraction = fraction("init_fraction", init_fraction)
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "validation_fraction", fraction("validation_fraction", self.validation_fraction)
+        )
+        object.__setattr__(self, "init_fraction", fraction("init_fraction", self.init_fraction))
         if self.validation_fraction + self.init_fraction >= 1:
             raise FedsbError(
                 field="validation_fraction + init_fraction",
@@ -213,15 +206,39 @@ class SourcedTask(Task):
                 what="leaves no training rows",
                 fix="keep their sum below 1, e.g. 0.05 and 0.02",
             )
-        if isinstance(holdout_seed, bool) or not isinstance(holdout_seed, int) or holdout_seed < 0:
-            raise FedsbError(field="holdout_seed", value=holdout_seed, fix="use a non-negative integer")
-        self.holdout_seed = holdout_seed
-        if hub_id is not None and (not isinstance(hub_id, str) or not hub_id):
-            raise FedsbError(field="hub_id", value=hub_id, fix="use a dataset id such as 'glue', or None")
-        self.hub_id, self.hub_config = hub_id, hub_config
-        self.user_files = self._check_data_files(data_files)
+        non_negative_int("holdout_seed", self.holdout_seed)
+        if self.hub_id is not None and (not isinstance(self.hub_id, str) or not self.hub_id):
+            raise FedsbError(
+                field="hub_id", value=self.hub_id, fix="use a dataset id such as 'glue', or None"
+            )
+
+
+SOURCE_OPTIONS: tuple[str, ...] = tuple(f.name for f in fields(SourceSpec))
+
+
+class SourcedTask(Task):
+    """A task whose splits come from local files or a hub dataset (module docstring: split rules).
+
+    Subclasses set ``data_subdir`` and ``files`` ({split: file name under the task folder}), optionally
+    ``hub_splits`` ({split: hub split}, used with ``hub_id``) and ``unavailable`` ({split: why}), list
+    their canonical columns in ``column_names()`` and implement ``_normalize``. Its options are those of
+    `SourceSpec`; a subclass takes its own options by name and passes ``**source`` on.
+    """
+
+    data_subdir: ClassVar[str] = ""
+    files: ClassVar[dict[str, str]] = {}
+    hub_splits: ClassVar[dict[str, str]] = {}
+    unavailable: ClassVar[dict[str, str]] = {}  # split -> why it is missing (for the error)
+    source_options: ClassVar[tuple[str, ...]] = SOURCE_OPTIONS  # what ``**source`` accepts (`option_names`)
+
+    def __init__(self, **source: Any) -> None:
+        self.source = spec = SourceSpec(**source)
+        self.data_dir = None if spec.data_dir is None else Path(spec.data_dir).expanduser()
+        self.validation_fraction, self.init_fraction = spec.validation_fraction, spec.init_fraction
+        self.holdout_seed, self.hub_id, self.hub_config = spec.holdout_seed, spec.hub_id, spec.hub_config
+        self.user_files = self._check_data_files(spec.data_files)
         known = self.column_names()
-        mapping = dict(columns or {})
+        mapping = dict(spec.columns or {})
         bad = sorted(set(mapping) - set(known))
         if bad:
             raise FedsbError(

@@ -6,6 +6,7 @@ and register their tasks; `fedsb.data.tasks` imports every family (the catalogue
 
 from __future__ import annotations
 
+import inspect
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -17,7 +18,16 @@ import datasets
 from fedsb.data.formats import ANSWER_ONLY_LM, TaskFormat
 from fedsb.errors import FedsbError
 
-__all__ = ["TASKS", "Task", "extract_number", "first_choice", "register_task"]
+__all__ = [
+    "TASKS",
+    "NamedTask",
+    "Task",
+    "extract_number",
+    "first_choice",
+    "option_names",
+    "register_named",
+    "register_task",
+]
 
 
 class Task(ABC):
@@ -72,7 +82,7 @@ class Task(ABC):
         )
 
 
-TASKS: dict[str, type[Task]] = {}
+TASKS: dict[str, Any] = {}  # name -> a Task class, or a NamedTask
 
 
 def register_task(cls: type[Task]) -> type[Task]:
@@ -83,6 +93,37 @@ def register_task(cls: type[Task]) -> type[Task]:
         )
     TASKS[cls.name] = cls
     return cls
+
+
+class NamedTask:
+    """A registered name for a task class with some options fixed (``fixed``): calling it with the other
+    options builds ``cls(**fixed, **options)``; its docstring and signature are the named task's."""
+
+    def __init__(self, name: str, cls: type[Task], doc: str, **fixed: Any) -> None:
+        self.name, self.cls, self.fixed, self.__doc__ = name, cls, fixed, doc
+        params = [p for p in inspect.signature(cls).parameters.values() if p.name not in fixed]
+        self.__signature__ = inspect.Signature(params)
+        self.source_options: tuple[str, ...] = getattr(cls, "source_options", ())
+
+    def __call__(self, **options: Any) -> Task:
+        return self.cls(**self.fixed, **options)
+
+
+def register_named(name: str, cls: type[Task], doc: str, **fixed: Any) -> NamedTask:
+    """Add ``NamedTask(name, cls, doc, **fixed)`` to ``TASKS`` (e.g. one commonsense dataset)."""
+    if name in TASKS:
+        raise FedsbError(field="Task.name", value=name, what="is already registered", fix="pick a new name")
+    TASKS[name] = entry = NamedTask(name, cls, doc, **fixed)
+    return entry
+
+
+def option_names(factory: Any) -> list[str]:
+    """The keyword options a registered task accepts: its constructor's named parameters, and for a
+    ``**source`` parameter the names it takes (``source_options``: `fedsb.data.sources.SourceSpec`)."""
+    params = inspect.signature(factory).parameters.values()
+    named = [p.name for p in params if p.kind is not p.VAR_KEYWORD and p.name not in ("self", "args")]
+    extra = getattr(factory, "source_options", ()) if any(p.kind is p.VAR_KEYWORD for p in params) else ()
+    return [*named, *(n for n in extra if n not in named)]
 
 
 _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?")

@@ -22,7 +22,7 @@ from fedsb.data.lm import (
     seeded_loader,
     tokenize_for_training,
 )
-from fedsb.data.task import TASKS, Task, extract_number, first_choice, register_task
+from fedsb.data.task import TASKS, Task, extract_number, first_choice, option_names, register_task
 from fedsb.errors import FedsbError
 
 __all__ = [
@@ -44,26 +44,29 @@ __all__ = [
 ]
 
 
-def register_builtin_tasks() -> dict[str, type[Task]]:
+def register_builtin_tasks() -> dict[str, Any]:
     """``TASKS``, every builtin family registered (importing this module registered them)."""
     return TASKS
 
 
 def get_task(name: str, **options: Any) -> Task:
-    """Instantiate the registered task ``name`` with its keyword ``options``."""
+    """Instantiate the registered task ``name`` with its keyword ``options`` (only those it accepts)."""
     if name not in TASKS:
         raise FedsbError(
             field="task", value=name, what="is not a known task", fix=f"use one of {sorted(TASKS)}"
         )
-    cls = TASKS[name]
+    factory = TASKS[name]
+    accepted = option_names(factory)
     try:
-        inspect.signature(cls).bind(**options)
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise TypeError(f"got unexpected keyword arguments {unknown}")
+        inspect.signature(factory).bind(**options)
     except TypeError as err:
-        accepted = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
         raise FedsbError(
             field=f"task options for {name!r}",
             value=options,
             what=f"are not accepted ({err})",
             fix=f"use only {accepted}",
         ) from err
-    return cls(**options)
+    return factory(**options)
