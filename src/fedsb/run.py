@@ -290,22 +290,12 @@ class Run:
 
     def evaluate(self, _round: int) -> dict[str, Any]:
         """The global model on the evaluation split (the method installed it)."""
-        from fedsb.eval.evaluate import evaluate_task
+        from fedsb.eval.evaluate import Scoring, evaluate_task
 
         cfg, p = self.cfg, self.parts
         assert p.data is not None
         res = evaluate_task(
-            p.adapted.model,
-            p.tokenizer,
-            p.task,
-            p.data.test,
-            scorer=cfg.eval.scorer,
-            batch_size=cfg.eval.batch_size,
-            max_new_tokens=cfg.eval.max_new_tokens,
-            max_length=cfg.data.max_length,
-            normalize=cfg.eval.normalize,
-            bf16=cfg.train.bf16 if cfg.eval.bf16 is None else cfg.eval.bf16,
-            progress=self.bars,
+            p.adapted.model, p.tokenizer, p.task, p.data.test, Scoring.from_config(cfg, progress=self.bars)
         )
         return res.to_dict()
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from fedsb.errors import ConfigError, naming_settings
 
-__all__ = ["EvalTarget", "evaluate_saved", "format_report", "load_target"]
+__all__ = ["EvalTarget", "SavedEval", "evaluate_saved", "format_report", "load_target"]
 
 _PEFT_CONFIG = "adapter_config.json"
 
@@ -116,53 +116,108 @@ def load_target(
     )  # fmt: skip
 
 
-def evaluate_saved(
-    target: str | None,
-    *,
-    task_name: str | None = None,
-    task_options: dict[str, Any] | None = None,
-    model: str | None = None,
-    split: str | None = None,
-    size: int | None | str = "auto",
-    scorer: str | None = None,
-    normalize: str | None = None,
-    batch_size: int | None = None,
-    max_new_tokens: int | None = None,
-    max_length: int | None = None,
-    bf16: bool | None = None,
-    seed: int | None = None,
-    progress: bool = False,
-    device: str | None = None,
-    hub: bool | None = None,
-    dtype: str | None = None,
-    quantize: str | None = None,
-) -> dict[str, Any]:
-    """Evaluate ``target`` (see ``load_target``) and return a JSON-ready report.
+@dataclass(frozen=True)
+class SavedEval:
+    """What `fedsb eval` asks for. Unset (None) fields come from a run directory's config, else the config
+    defaults; ``size`` "auto" is the config's ``data.test_size``. ``task_name`` (and ``task_options``), the
+    split, size and seed pick the rows; ``scorer`` ... ``bf16`` are `Scoring`'s; ``model``, ``device``,
+    ``dtype``, ``quantize`` and ``hub`` how the target is loaded (`load_target`)."""
 
-    For a run directory every unset argument comes from the run's config (task, options, evaluation split
+    task_name: str | None = None
+    task_options: dict[str, Any] | None = None
+    model: str | None = None
+    split: str | None = None
+    size: int | None | str = "auto"
+    scorer: str | None = None
+    normalize: str | None = None
+    batch_size: int | None = None
+    max_new_tokens: int | None = None
+    max_length: int | None = None
+    bf16: bool | None = None
+    seed: int | None = None
+    progress: bool = False
+    device: str | None = None
+    hub: bool | None = None
+    dtype: str | None = None
+    quantize: str | None = None
+
+    def scoring(self, cfg: Any) -> Any:
+        """`Scoring` from the config's evaluation settings, this request's set fields on top."""
+        from fedsb.eval.evaluate import Scoring
+
+        asked = {  # an empty scorer, normalize, batch size or max length means the config's, as before
+            "scorer": self.scorer or None, "normalize": self.normalize or None,
+            "batch_size": self.batch_size or None, "max_length": self.max_length or None,
+            "max_new_tokens": self.max_new_tokens, "bf16": self.bf16,
+        }  # fmt: skip
+        return Scoring.from_config(
+            cfg, progress=self.progress, **{k: v for k, v in asked.items() if v is not None}
+        )
+
+
+def evaluate_saved(target: str | None, request: SavedEval | None = None, **changes: Any) -> dict[str, Any]:
+    """Evaluate ``target`` (see ``load_target``) as ``request`` asks (``changes``: its field names) and
+    return a JSON-ready report.
+
+    For a run directory every unset field comes from the run's config (task, options, evaluation split
     and size, scorer, batch size, bf16 autocast, ...), so the report reproduces the run's final
     evaluation. Otherwise ``task_name`` is required and the defaults are the config defaults. ``dtype`` /
     ``quantize``: the base's precision (a run directory's must be its checkpoint's: anything else is
     refused with a reason).
     """
-    from fedsb.config import RunConfig, config_from_dict, load_yaml
-    from fedsb.data.tasks import get_task
+    from fedsb.config import RunConfig
     from fedsb.eval.evaluate import evaluate_task
+
+    ask = replace(request or SavedEval(), **changes)
+    run_cfg = _run_config(target)
+    cfg = run_cfg or RunConfig()
+    name, options, task = _task_for(ask, run_cfg)
+    loaded = load_target(
+        target, model=ask.model, task=task, dtype=ask.dtype or cfg.model.dtype, seed=cfg.seed,
+        device=ask.device or cfg.device, hub=cfg.model.hub if ask.hub is None else ask.hub,
+        quantize=ask.quantize or cfg.model.quantize, run_precision=(ask.dtype, ask.quantize),
+    )  # fmt: skip
+    split = ask.split or cfg.data.eval_split
+    seed = cfg.seed if ask.seed is None else ask.seed
+    rows = _rows(task, split, cfg.data.test_size if ask.size == "auto" else ask.size, seed)
+    result = evaluate_task(loaded.model, loaded.tokenizer, task, rows, ask.scoring(cfg))
+    return {
+        "target": None if target is None else os.fspath(target),
+        "kind": loaded.kind,
+        "model": loaded.model_name,
+        "task": name,
+        "task_options": options,
+        "split": split,
+        "seed": seed,
+        **result.to_dict(),
+        "examples_per_second": result.examples_per_second,
+    }
+
+
+def _run_config(target: str | None) -> Any | None:
+    """The RunConfig of a run directory ``target``, else None; a missing target is refused."""
+    from fedsb.config import config_from_dict, load_yaml
 
     if target is not None and not Path(target).expanduser().exists():
         raise ConfigError(
             field="target", value=os.fspath(target), what="does not exist",
             fix="give a run directory, an exported PEFT directory, or no target with --model <base model>",
         )  # fmt: skip
-    run_cfg = None
     if target is not None and (Path(target) / "config.yaml").is_file():
-        run_cfg = config_from_dict(load_yaml(Path(target) / "config.yaml"))
-    cfg = run_cfg or RunConfig()
-    name = task_name or (run_cfg.data.task if run_cfg else None)
+        return config_from_dict(load_yaml(Path(target) / "config.yaml"))
+    return None
+
+
+def _task_for(ask: SavedEval, run_cfg: Any | None) -> tuple[str, dict[str, Any], Any]:
+    """(task name, options, task): the asked one, else the run's (its options too when it is the run's);
+    another task than the run's is refused where either has a classification head."""
+    from fedsb.data.tasks import get_task
+
+    name = ask.task_name or (run_cfg.data.task if run_cfg else None)
     if not name:
         raise ConfigError(field="--task", value=None, fix="name the task to evaluate on, e.g. --task gsm8k")
     same_task = run_cfg is not None and name == run_cfg.data.task
-    options = {**(run_cfg.data.options if same_task else {}), **(task_options or {})}
+    options = {**(run_cfg.data.options if same_task else {}), **(ask.task_options or {})}
     task = get_task(name, **options)
     if run_cfg is not None and not same_task:
         trained = get_task(run_cfg.data.task, **run_cfg.data.options)
@@ -173,48 +228,19 @@ def evaluate_saved(
                 else "a classification head is tied to its task's labels; evaluate on the run's task"
             )
             raise ConfigError(
-                field="--task", value=task_name,
+                field="--task", value=ask.task_name,
                 what=f"({task.kind}) does not fit the run's model, trained on {run_cfg.data.task!r} ({trained.kind})",
                 fix=fix,
             )  # fmt: skip
-    hub = cfg.model.hub if hub is None else hub
-    loaded = load_target(
-        target, model=model, task=task, dtype=dtype or cfg.model.dtype, seed=cfg.seed,
-        device=device or cfg.device, hub=hub, quantize=quantize or cfg.model.quantize,
-        run_precision=(dtype, quantize),
-    )  # fmt: skip
-    the_split = split or cfg.data.eval_split
-    n = cfg.data.test_size if size == "auto" else size
-    the_seed = cfg.seed if seed is None else seed
-    rows = task.load(the_split, None, the_seed)
-    if isinstance(n, int) and n < len(
-        rows
-    ):  # the run's own sample (a default size larger than the split: all)
-        rows = task.load(the_split, n, the_seed)
-    result = evaluate_task(
-        loaded.model,
-        loaded.tokenizer,
-        task,
-        rows,
-        scorer=scorer or cfg.eval.scorer,
-        batch_size=batch_size or cfg.eval.batch_size,
-        max_new_tokens=max_new_tokens if max_new_tokens is not None else cfg.eval.max_new_tokens,
-        max_length=max_length or cfg.data.max_length,
-        normalize=normalize or cfg.eval.normalize,
-        bf16=(cfg.train.bf16 if cfg.eval.bf16 is None else cfg.eval.bf16) if bf16 is None else bf16,
-        progress=progress,
-    )
-    return {
-        "target": None if target is None else os.fspath(target),
-        "kind": loaded.kind,
-        "model": loaded.model_name,
-        "task": name,
-        "task_options": options,
-        "split": the_split,
-        "seed": the_seed,
-        **result.to_dict(),
-        "examples_per_second": result.examples_per_second,
-    }
+    return name, options, task
+
+
+def _rows(task: Any, split: str, size: int | None, seed: int) -> Any:
+    """The rows of ``split``: the run's own sample of ``size`` (a size larger than the split: all)."""
+    rows = task.load(split, None, seed)
+    if isinstance(size, int) and size < len(rows):
+        rows = task.load(split, size, seed)
+    return rows
 
 
 def format_report(report: dict[str, Any]) -> str:
