@@ -26,7 +26,7 @@ from fedsb.adapters.inject import (
 )
 from fedsb.fed.base import FederatedMethod, InitReport, SetupContext, Tensors
 from fedsb.init.basis import Basis, verified_basis
-from fedsb.init.initialize import attach_basis, compute_basis
+from fedsb.init.initialize import BasisSpec, GradientSource, attach_basis, compute_basis
 from fedsb.init.integrity import live_fingerprint, verify_live_basis
 from fedsb.init.svd import official_eta
 from fedsb.seeding import derive_seed
@@ -155,20 +155,14 @@ def server_basis(
         t0 = time.perf_counter()
         basis = compute_basis(
             model,
-            rank=rank,
-            targets=cfg.adapter.targets,
-            rank_overflow=cfg.adapter.rank_overflow,
-            init=init,
-            batches=ctx.init_batches() if data_init and ctx.init_batches else None,
-            num_samples=ctx.num_samples if data_init else None,
-            loss_fn=ctx.loss_fn,
-            eta=eta,
-            scaling=scaling,
-            svd=cfg.init.svd,
-            oversample=cfg.init.oversample,
-            power_iters=cfg.init.power_iters,
+            BasisSpec.from_config(cfg, rank=rank, init=init, scaling=scaling, eta=eta),
+            GradientSource(
+                batches=ctx.init_batches() if data_init and ctx.init_batches else None,
+                num_samples=ctx.num_samples if data_init else None,
+                loss_fn=ctx.loss_fn,
+                dropout_seed=derive_seed(cfg.seed, "basis-dropout"),
+            ),
             generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "basis")),
-            dropout_seed=derive_seed(cfg.seed, "basis-dropout"),
         )
         if adjust is not None:
             basis = adjust(basis)
