@@ -24,13 +24,15 @@ OUT = Path(__file__).resolve().parent / "out"
 def measure(model_name: str, rank: int, repeats: int) -> dict[str, Any]:
     import torch
 
-    from fedsb.init.initialize import attach_basis, compute_basis
+    from fedsb.init.initialize import BasisSpec, attach_basis, compute_basis
     from fedsb.init.integrity import live_fingerprint
     from fedsb.models import load_model
 
     task = {"task": "seq_cls", "num_labels": 2} if model_name.startswith("minilm") else {}
     model = load_model(model_name, **task).model
-    basis = compute_basis(model, rank=rank, init="random", generator=torch.Generator().manual_seed(0))
+    basis = compute_basis(
+        model, BasisSpec(rank=rank, init="random"), generator=torch.Generator().manual_seed(0)
+    )
     adapted = attach_basis(model, basis)
     hashed = 4 * basis.num_basis_parameters()
     times = []

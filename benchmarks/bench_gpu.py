@@ -162,13 +162,11 @@ def clients_benchmark(args: argparse.Namespace, device: torch.device) -> dict[st
     from fedsb.fed.rounds import Server
     from fedsb.fed.sampling import ClientSampler
     from fedsb.fed.simulate import ClientData, InProcessExecutor
-    from fedsb.init.initialize import attach_basis, compute_basis
+    from fedsb.init.initialize import BasisSpec, attach_basis, compute_basis
 
     model = build_model(args.shape, device, torch.bfloat16)
-    basis = compute_basis(
-        model, rank=args.sb_rank, targets=list(LLAMA_TARGETS), init="random",
-        generator=torch.Generator().manual_seed(0),
-    )  # fmt: skip
+    spec = BasisSpec(rank=args.sb_rank, targets=list(LLAMA_TARGETS), init="random")
+    basis = compute_basis(model, spec, generator=torch.Generator().manual_seed(0))
     method = FedSB(attach_basis(model, basis), basis)
     batch = random_batch(model.config.vocab_size, args.batch, args.seq)
     ids = [f"client-{i:02d}" for i in range(args.clients)]

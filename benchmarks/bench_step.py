@@ -180,14 +180,12 @@ def _random_batch(torch: Any, vocab: int, batch: int, seq: int, seed: int) -> di
 def _prepare(torch: Any, model: Any, config: str, args: argparse.Namespace) -> tuple[Any, list[Any]]:
     """Wrap `model` for `config` and return (model to call, trainable parameters)."""
     if config == "lora-sb":
-        from fedsb.init.initialize import attach_basis, compute_basis
+        from fedsb.init.initialize import BasisSpec, attach_basis, compute_basis
 
         # a random orthonormal basis costs the same per step as a gradient-SVD one and needs no data
         basis = compute_basis(
             model,
-            rank=args.sb_rank,
-            targets=list(LLAMA_TARGETS),
-            init="random",
+            BasisSpec(rank=args.sb_rank, targets=list(LLAMA_TARGETS), init="random"),
             generator=torch.Generator().manual_seed(args.seed),
         )
         adapted = attach_basis(model, basis)
@@ -329,12 +327,10 @@ def worker_init(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         basis = initialize.compute_basis(
             model,
-            rank=args.sb_rank,
-            targets=list(LLAMA_TARGETS),
-            init="lora-sb",
-            batches=iter(batches),
-            num_samples=n,
-            svd=args.svd,
+            initialize.BasisSpec(
+                rank=args.sb_rank, targets=list(LLAMA_TARGETS), init="lora-sb", svd=args.svd
+            ),
+            initialize.GradientSource(batches=iter(batches), num_samples=n),
             generator=torch.Generator().manual_seed(args.seed),
         )
         total = time.perf_counter() - t0

@@ -22,7 +22,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from fedsb import comm
+from fedsb import cli, comm
 from fedsb.adapters.inject import BERT_TARGETS, DEFAULT_EXCLUDE, DEFAULT_TARGETS, LLAMA_TARGETS
 from fedsb.errors import FedsbError
 
@@ -196,7 +196,7 @@ def test_shipped_files_are_complete_and_match_their_configs():
     assert names == sorted(
         ["bert-base", "gemma-2-9b", "llama-3.2-3b", "minilm-l6", "mistral-7b", "smollm2-135m"]
     )
-    shapes_dir = Path(comm.__file__).parent / "shapes"
+    shapes_dir = Path(comm.__file__).parents[1] / "shapes"  # fedsb/shapes (comm is a package)
     for name in names:
         data = json.loads((shapes_dir / f"{name}.json").read_text())
         for key in (
@@ -372,10 +372,10 @@ def test_errors_name_field_and_value(tmp_path):
 def _cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="fedsb")
     sub = parser.add_subparsers(dest="command")
-    comm.add_comm_parser(sub)
+    cli.add_comm_parser(sub)
     args = parser.parse_args(argv)
-    assert args.command == "comm" and args.handler is comm.cmd_comm
-    return comm.cmd_comm(args)
+    assert args.command == "comm" and args.handler is cli.cmd_comm
+    return cli.cmd_comm(args)
 
 
 def test_cli_prints_the_table(capsys):
@@ -419,7 +419,7 @@ def test_comm_module_does_not_import_torch():
         "comm.comm_table('gemma-2-9b', list(comm.METHODS), [32], 25); "
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(comm.__file__).parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(comm.__file__).parents[2])}  # src/
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
 
 

@@ -12,14 +12,16 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from fedsb.errors import CheckpointError
 from fedsb.export import export_merged, export_peft, load_adapter, min_vllm_lora_rank, save_adapter
 from fedsb.init.basis import Basis
-from fedsb.init.initialize import attach_basis, compute_basis
+from fedsb.init.initialize import BasisSpec, GradientSource, attach_basis, compute_basis
 from tiny import cls_batches, lm_batches, make_tiny_bert_cls, make_tiny_gpt2, make_tiny_llama
 
 
 def _trained(make, batches, rank=4, scaling=1.0, seed=0):
     """A LoRA-SB model whose R (and head) hold random 'trained' values."""
     model = make(seed)
-    basis = compute_basis(model, rank=rank, batches=batches, num_samples=8, eta=1e-2, scaling=scaling)
+    basis = compute_basis(
+        model, BasisSpec(rank=rank, eta=1e-2, scaling=scaling), GradientSource(batches=batches, num_samples=8)
+    )
     adapted = attach_basis(model, basis)
     g = torch.Generator().manual_seed(42)
     adapted.set_state(
@@ -58,7 +60,9 @@ def test_peft_export_logits_match(tmp_path, make, batches, auto_cls, scaling) ->
 def test_peft_export_rank_pattern(tmp_path) -> None:
     model = make_tiny_llama()
     basis = compute_basis(
-        model, rank=20, targets=["q_proj", "k_proj"], batches=lm_batches(), num_samples=8, eta=1e-2
+        model,
+        BasisSpec(rank=20, targets=["q_proj", "k_proj"], eta=1e-2),
+        GradientSource(batches=lm_batches(), num_samples=8),
     )
     adapted = attach_basis(model, basis)
     make_tiny_llama().save_pretrained(tmp_path / "base")
@@ -129,7 +133,7 @@ def test_adapter_save_load_round_trip_and_fingerprint_check(tmp_path) -> None:
         )
     # a different basis must be refused
     wrong = compute_basis(
-        make_tiny_bert_cls(0), rank=4, init="random", generator=torch.Generator().manual_seed(9)
+        make_tiny_bert_cls(0), BasisSpec(rank=4, init="random"), generator=torch.Generator().manual_seed(9)
     )
     with pytest.raises(CheckpointError, match="basis fingerprint mismatch"):
         Basis.load(tmp_path / "basis", expected_fingerprint=wrong.fingerprint)

@@ -16,13 +16,15 @@ from fedsb.fed.ledger import Ledger
 from fedsb.fed.rounds import RoundFailed, Server, decode, encode, run_rounds
 from fedsb.fed.sampling import ClientSampler
 from fedsb.fed.simulate import ClientData, InProcessExecutor
-from fedsb.init.initialize import attach_basis, compute_basis
+from fedsb.init.initialize import BasisSpec, GradientSource, attach_basis, compute_basis
 from tiny import lm_batches, make_tiny_llama
 
 
 def _fedsb(rank: int = 4, weighting: str = "examples") -> FedSB:
     model = make_tiny_llama()
-    basis = compute_basis(model, rank=rank, batches=lm_batches(), num_samples=8, eta=1e-2)
+    basis = compute_basis(
+        model, BasisSpec(rank=rank, eta=1e-2), GradientSource(batches=lm_batches(), num_samples=8)
+    )
     return FedSB(attach_basis(model, basis), basis, weighting=weighting)
 
 

@@ -12,15 +12,16 @@ from fedsb.adapters.layer import weight_in_linear_layout
 from fedsb.errors import FedsbError
 from fedsb.init.basis import Basis
 from fedsb.init.grad_estimate import estimate_gradients
-from fedsb.init.initialize import attach_basis, compute_basis, resolve_targets
+from fedsb.init.initialize import BasisSpec, GradientSource, attach_basis, compute_basis, resolve_targets
 from fedsb.init.svd import official_eta, sign_update, truncated_svd
 from tiny import cls_batches, lm_batches, make_tiny_bert_cls, make_tiny_gpt2, make_tiny_llama
 
 I = torch.eye  # noqa: E741
 
 
-def _lora_sb(model, rank=4, **kw):
-    return compute_basis(model, rank=rank, batches=lm_batches(), num_samples=10, eta=1e-3, **kw)
+def _lora_sb(model, rank=4, generator=None, **spec):
+    data = GradientSource(batches=lm_batches(), num_samples=10)
+    return compute_basis(model, BasisSpec(rank=rank, eta=1e-3, **spec), data, generator=generator)
 
 
 @pytest.mark.parametrize("make", [make_tiny_llama, make_tiny_gpt2])
@@ -108,12 +109,9 @@ def test_same_generator_same_factors_and_global_rng_untouched(init: str) -> None
         state = torch.get_rng_state()
         b = compute_basis(
             model,
-            rank=4,
-            batches=lm_batches(),
-            num_samples=10,
-            eta=1e-3,
+            BasisSpec(rank=4, eta=1e-3, **kw),
+            GradientSource(batches=lm_batches(), num_samples=10),
             generator=torch.Generator().manual_seed(seed),
-            **kw,
         )
         assert torch.equal(torch.get_rng_state(), state), "global RNG state changed"
         return b
@@ -142,11 +140,17 @@ def test_exact_num_samples_and_truncated_last_batch() -> None:
     model = make_tiny_llama()
     seen: list[int] = []
     compute_basis(
-        model, rank=2, batches=lm_batches(n_batches=4, batch=4), num_samples=10, on_batch=seen.append
+        model,
+        BasisSpec(rank=2),
+        GradientSource(batches=lm_batches(n_batches=4, batch=4), num_samples=10, on_batch=seen.append),
     )
     assert seen == [4, 4, 2]
     with pytest.raises(FedsbError, match=r"num_samples=100 is more than the init data holds \(16 examples\)"):
-        compute_basis(model, rank=2, batches=lm_batches(n_batches=4, batch=4), num_samples=100)
+        compute_basis(
+            model,
+            BasisSpec(rank=2),
+            GradientSource(batches=lm_batches(n_batches=4, batch=4), num_samples=100),
+        )
 
 
 def test_gradients_only_for_target_weights_via_train_step() -> None:
@@ -158,7 +162,7 @@ def test_gradients_only_for_target_weights_via_train_step() -> None:
             m(**b).loss.backward()
         seen_grads.update({n: p.grad is not None for n, p in m.named_parameters()})
 
-    basis = compute_basis(model, rank=3, train_step=train_step)
+    basis = compute_basis(model, BasisSpec(rank=3), GradientSource(train_step=train_step))
     targets = {f"{p}.weight" for p in basis.factors}
     assert {n for n, has in seen_grads.items() if has} == targets  # embeddings, head, biases: no gradient
 
@@ -166,7 +170,7 @@ def test_gradients_only_for_target_weights_via_train_step() -> None:
 def test_lora_xs_and_random_inits_are_orthonormal() -> None:
     for init in ("lora-xs", "random"):
         model = make_tiny_llama()
-        basis = compute_basis(model, rank=4, init=init, generator=torch.Generator().manual_seed(0))
+        basis = compute_basis(model, BasisSpec(rank=4, init=init), generator=torch.Generator().manual_seed(0))
         for path, f in basis.factors.items():
             torch.testing.assert_close(f.B.T @ f.B, I(4), atol=1e-5, rtol=0)
             torch.testing.assert_close(f.A @ f.A.T, I(4), atol=1e-5, rtol=0)
@@ -185,9 +189,13 @@ def test_eta_rules_and_errors() -> None:
         sign_update(torch.tensor([[2.0, -3.0, 0.0]]), 0.1), torch.tensor([[-0.1, 0.1, 0.0]])
     )
     with pytest.raises(FedsbError, match="init='svd'"):
-        compute_basis(make_tiny_llama(), rank=2, init="svd")
+        compute_basis(make_tiny_llama(), BasisSpec(rank=2, init="svd"))
     with pytest.raises(FedsbError, match="svd='fast'"):
-        compute_basis(make_tiny_llama(), rank=2, batches=lm_batches(), num_samples=4, svd="fast")
+        compute_basis(
+            make_tiny_llama(),
+            BasisSpec(rank=2, svd="fast"),
+            GradientSource(batches=lm_batches(), num_samples=4),
+        )
 
 
 _FINGERPRINT_SCRIPT = """

@@ -9,13 +9,15 @@ import torch
 
 from fedsb.adapters.inject import check_model_dtype, find_target_modules, resolve_ranks
 from fedsb.errors import FedsbError
-from fedsb.init.initialize import attach_basis, compute_basis, resolve_targets
+from fedsb.init.initialize import BasisSpec, attach_basis, compute_basis, resolve_targets
 from tiny import make_tiny_bert_cls, make_tiny_gpt2, make_tiny_llama
 
 
-def _random_adapted(model, rank=4, targets="auto", **kw):
+def _random_adapted(model, rank=4, targets="auto"):
     basis = compute_basis(
-        model, rank=rank, targets=targets, init="random", generator=torch.Generator().manual_seed(0), **kw
+        model,
+        BasisSpec(rank=rank, targets=targets, init="random"),
+        generator=torch.Generator().manual_seed(0),
     )
     return attach_basis(model, basis), basis
 
@@ -110,7 +112,7 @@ def test_classification_head_is_extra_trainable() -> None:
 
 def test_explicit_extra_trainable_error() -> None:
     model = make_tiny_bert_cls()
-    basis = compute_basis(model, rank=2, init="random", generator=torch.Generator().manual_seed(0))
+    basis = compute_basis(model, BasisSpec(rank=2, init="random"), generator=torch.Generator().manual_seed(0))
     with pytest.raises(FedsbError, match="extra_trainable='headz' matches no module"):
         attach_basis(model, basis, extra_trainable=["headz"])
 
@@ -120,4 +122,4 @@ def test_wrong_dtype_model_rejected() -> None:
     with pytest.raises(FedsbError, match=r"dtype='torch.float64'.*float32, bfloat16 or float16"):
         check_model_dtype(model)
     with pytest.raises(FedsbError, match="dtype"):
-        compute_basis(model, rank=2, init="random", generator=torch.Generator())
+        compute_basis(model, BasisSpec(rank=2, init="random"), generator=torch.Generator())

@@ -395,7 +395,7 @@ def test_noise_free_steps_have_no_finite_epsilon() -> None:
 
 def test_dp_step_on_an_encoder_with_a_head_clips_per_example_like_an_explicit_loop() -> None:
     """BERT-style encoder + classification head (trained and clipped with R), fp32, sigma = 0, SGD lr 1."""
-    from fedsb.init.initialize import attach_basis, compute_basis
+    from fedsb.init.initialize import BasisSpec, attach_basis, compute_basis
     from tiny import make_tiny_bert_cls
 
     model = make_tiny_bert_cls(num_labels=3)
@@ -409,7 +409,7 @@ def test_dp_step_on_an_encoder_with_a_head_clips_per_example_like_an_explicit_lo
         "attention_mask": torch.ones_like(ids),
         "labels": torch.tensor([0, 1, 2, 1, 0]),
     }
-    basis = compute_basis(model, rank=4, init="random", generator=torch.Generator().manual_seed(1))
+    basis = compute_basis(model, BasisSpec(rank=4, init="random"), generator=torch.Generator().manual_seed(1))
     adapted = attach_basis(model, basis)
     params = adapted.trainable_parameters()
     assert any("classifier" in k for k in params) and any("lora_sb_R" in k for k in params)

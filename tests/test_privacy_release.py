@@ -21,7 +21,7 @@ from fedsb.fed.ledger import Ledger
 from fedsb.fed.rounds import Server
 from fedsb.fed.sampling import ClientSampler
 from fedsb.fed.validate import validate_update
-from fedsb.init.initialize import attach_basis, compute_basis
+from fedsb.init.initialize import BasisSpec, GradientSource, attach_basis, compute_basis
 from fedsb.privacy.mechanism import mechanism_named
 from fedsb.privacy.release import SERVER_PHASES, ReleaseRules
 from tiny import lm_batches, make_tiny_llama
@@ -68,7 +68,9 @@ def test_a_client_level_dp_run_logs_no_norm_of_a_rejected_update(tmp_path: Path,
 
 def _fedsb() -> FedSB:
     model = make_tiny_llama()
-    basis = compute_basis(model, rank=2, batches=lm_batches(), num_samples=8, eta=1e-2)
+    basis = compute_basis(
+        model, BasisSpec(rank=2, eta=1e-2), GradientSource(batches=lm_batches(), num_samples=8)
+    )
     return FedSB(attach_basis(model, basis), basis)
 
 

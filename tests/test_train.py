@@ -7,7 +7,7 @@ import torch
 
 from fedsb.config import TrainConfig
 from fedsb.data.tasks import collate_for_training
-from fedsb.init.initialize import attach_basis, compute_basis
+from fedsb.init.initialize import BasisSpec, GradientSource, attach_basis, compute_basis
 from fedsb.train.local import causal_lm_loss, steps_for, train_local
 from fedsb.train.schedule import Schedule, round_schedule
 from tiny import make_tiny_gpt2, make_tiny_llama
@@ -91,11 +91,8 @@ def _adapted():
     feats = _features(8)
     basis = compute_basis(
         model,
-        rank=4,
-        batches=[collate_for_training(feats, 0)],
-        num_samples=8,
-        eta=1e-2,
-        loss_fn=causal_lm_loss,
+        BasisSpec(rank=4, eta=1e-2),
+        GradientSource(batches=[collate_for_training(feats, 0)], num_samples=8, loss_fn=causal_lm_loss),
     )
     return attach_basis(model, basis), feats
 

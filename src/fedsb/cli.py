@@ -120,8 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("overrides", nargs="*", metavar="key=value")
     _add_eval_parser(sub, common)
-    from fedsb.comm import add_comm_parser
-
     add_comm_parser(sub, parents=common)
     sub.add_parser("models", parents=common, help="list the builtin (offline) models")
     sub.add_parser("tasks", parents=common, help="list the tasks")
@@ -180,6 +178,119 @@ def _add_eval_parser(sub: Any, common: list[argparse.ArgumentParser]) -> None:
         help="also write the report as JSON (--out: deprecated alias)",
     )  # fmt: skip
     ev.add_argument("--no-progress", action="store_true")
+
+
+COMM_EPILOG = """\
+examples:
+  fedsb comm --model llama-3.2-3b --methods fedit ffa fedex flora --rank 32 --clients 5
+  fedsb comm --model gemma-2-9b --methods fedit:32 fedex:32 fedsb:120,160,200 --clients 25
+  fedsb comm --model bert-base --methods fedsb --rank 32 48 64 --clients 3 --dtype bfloat16 --json
+  fedsb comm --model ./my-model-dir --methods fedsb --rank 64 --clients 10 --targets q_proj v_proj
+  fedsb comm --model bert-base --methods fedsb:64 ravan:32 fedsvd:8 --heads 4 --clients 5
+
+a METHOD:R1,R2 item gives that method its own ranks; --rank applies to the others.
+"""
+
+
+def add_comm_parser(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
+    """Add the `comm` subcommand to an argparse subparsers object (handler: `cmd_comm`)."""
+    from fedsb.comm import DTYPE_BYTES, METHODS, shipped_models
+
+    p = subparsers.add_parser(
+        "comm",
+        parents=list(parents),
+        help="communication per round for Fed-SB and the baselines (no weights, offline for shipped shapes)",
+        description="Per-client, per-round communication of Fed-SB, FedIT, FFA-LoRA, FedEx-LoRA, FLoRA, RAVAN "
+        "and FedSVD: the paper's '# Comm.' figure, real upload/download parameters and bytes, and the one-time "
+        f"frozen bases (Fed-SB, RAVAN). Shipped shapes: {', '.join(shipped_models())}; or a local model directory / hub id "
+        "(its config.json only).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=COMM_EPILOG,
+    )
+    p.add_argument("--model", required=True, help="shipped shape name, model directory or hub id")
+    p.add_argument(
+        "--methods",
+        "--method",
+        dest="method",
+        action=Renamed,
+        deprecated=["--method"],
+        nargs="+",
+        default=list(METHODS),
+        metavar="METHOD[:R,...]",
+        help=f"methods ({', '.join(METHODS)}; default all), optionally with their own ranks "
+        "(--method: deprecated alias)",
+    )
+    p.add_argument(
+        "--rank", nargs="+", type=int, default=[32], metavar="R", help="ranks for every method [32]"
+    )
+    p.add_argument("--clients", type=int, required=True, metavar="C", help="clients per round")
+    p.add_argument("--targets", nargs="+", metavar="NAME", help="adapted modules (default: the model's)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help=f"wire dtype for bytes: {', '.join(DTYPE_BYTES)} [float32, fed.wire_dtype's default in runs]",
+    )
+    p.add_argument("--head-params", type=int, metavar="N", help="trained head size (default: the model's)")
+    p.add_argument("--heads", type=int, default=4, metavar="H", help="RAVAN's heads (rank = per head) [4]")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(handler=cmd_comm)
+
+
+def _parse_methods(
+    specs: Sequence[str], default_ranks: Sequence[int]
+) -> tuple[list[str], dict[str, list[int]]]:
+    """`fedsb comm --methods` items (METHOD or METHOD:R1,R2) -> (method keys, method -> its ranks)."""
+    from fedsb.comm.table import method_key
+    from fedsb.errors import FedsbError
+
+    methods: list[str] = []
+    ranks: dict[str, list[int]] = {}
+    for spec in specs:
+        name, _, rank_text = spec.partition(":")
+        key = method_key(name)
+        if rank_text:
+            try:
+                given = [int(r) for r in rank_text.split(",") if r.strip()]
+            except ValueError:
+                raise FedsbError(
+                    field="method", value=spec, fix="write METHOD:R1,R2 with integer ranks"
+                ) from None
+        else:
+            given = list(default_ranks)
+        if key not in ranks:
+            methods.append(key)
+            ranks[key] = []
+        ranks[key].extend(r for r in given if r not in ranks[key])
+    return methods, ranks
+
+
+def cmd_comm(args: argparse.Namespace) -> int:
+    """Run `fedsb comm`: print the table (or JSON); a user error prints `fedsb: error: ...` and returns 2."""
+    import json
+
+    from fedsb.comm import comm_table, describe, format_table
+    from fedsb.errors import FedsbError
+
+    try:
+        methods, ranks = _parse_methods(args.method, args.rank)
+        rows = comm_table(
+            args.model,
+            methods,
+            ranks,
+            args.clients,
+            targets=args.targets,
+            dtype=args.dtype,
+            head_params=args.head_params,
+            heads=args.heads,
+        )
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            print(format_table(rows, describe(args.model, args.targets, rows)))
+    except FedsbError as exc:
+        print(f"fedsb: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -359,8 +470,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "eval":
             return _cmd_eval(args)
         if args.command == "comm":
-            from fedsb.comm import cmd_comm
-
             return cmd_comm(args)
         if args.command == "models":
             return _cmd_models()

@@ -15,7 +15,7 @@ from typing import Any
 
 from fedsb.config import config_from_dict, merge_overrides, resolve_config
 from fedsb.errors import ConfigError, FedsbError
-from fedsb.fed.registry import METHOD_NAMES
+from fedsb.fed.registry import method_names
 
 
 @dataclass(frozen=True)
@@ -41,11 +41,11 @@ def parse_variants(specs: Sequence[str]) -> list[Variant]:
     for spec in specs:
         head, *settings = spec.split("/")
         name, _, ranks = head.partition(":")
-        if name not in METHOD_NAMES:
+        if name not in method_names():
             raise ConfigError(
                 field="--methods",
                 value=spec,
-                fix=f"use method[:r1,r2][/key=value] with a method in {', '.join(METHOD_NAMES)}",
+                fix=f"use method[:r1,r2][/key=value] with a method in {', '.join(method_names())}",
             )
         bad = [o for o in settings if "=" not in o or not o.partition("=")[0] or not o.partition("=")[2]]
         if bad:

@@ -359,9 +359,9 @@ class FedConfig:
     keep_checkpoints: int = _f(2, "number of round checkpoints kept on disk")
 
     def __post_init__(self) -> None:
-        from fedsb.fed.registry import METHOD_NAMES
+        from fedsb.fed.registry import method_names
 
-        _choice("fed.method", self.method, METHOD_NAMES)
+        _choice("fed.method", self.method, method_names())
         _positive_int("fed.rounds", self.rounds)
         _positive_float("fed.clients_per_round", self.clients_per_round)
         ok = self.clients_per_round <= 1 or float(self.clients_per_round).is_integer()
@@ -582,16 +582,16 @@ class RunConfig:
     def _check_server_state(self) -> None:
         """Server optimizers and int8 deltas act on a global state that is the weighted mean of the
         uploads and is what a download carries; methods that fold, stack or re-factorize have none."""
-        from fedsb.fed.registry import MEAN_STATE_METHODS
+        from fedsb.fed import registry
 
         method = self.fed.method
-        if method in MEAN_STATE_METHODS:
+        if registry.card(method).mean_state:
             return
         why = (
             f"fed.method={method} has no global state that is the mean of the uploads "
             "(it folds, stacks or re-factorizes the clients' factors)"
         )
-        fix = f"use fed.method {', '.join(MEAN_STATE_METHODS)}"
+        fix = f"use fed.method {', '.join(registry.names_where(lambda c: c.mean_state))}"
         if self.fed.server_optimizer != "avg":
             raise ConfigError(
                 field="fed.server_optimizer",

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedsb.errors import ConfigError
-from fedsb.fed.registry import BASIS_INIT
+from fedsb.fed import registry
 from fedsb.privacy.mechanism import MECHANISMS, own_settings
 
 RunConfig = Any  # a fedsb.config.RunConfig (not imported: fedsb.config imports this module)
@@ -32,8 +32,12 @@ _GRADIENT_ESTIMATE = tuple(
 
 
 def _basis_init_setting(cfg: RunConfig) -> str:
-    """The setting naming the method's basis init (BASIS_INIT; init.method for the others)."""
-    return BASIS_INIT.get(cfg.fed.method, "init.method")
+    """The setting naming the method's basis init (its card's `basis_init`; init.method for the others)."""
+    return registry.card(cfg.fed.method).basis_init or "init.method"
+
+
+def _basis_methods() -> tuple[str, ...]:
+    return registry.names_where(lambda c: c.basis_init is not None)
 
 
 def _basis_init(cfg: RunConfig) -> str:
@@ -113,8 +117,10 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         ("init.*",),
-        lambda c: c.fed.method in BASIS_INIT,
-        lambda c: f"fed.method={c.fed.method} computes no basis (only {', '.join(BASIS_INIT)} read init.*)",
+        lambda c: registry.card(c.fed.method).basis_init is not None,
+        lambda c: (
+            f"fed.method={c.fed.method} computes no basis (only {', '.join(_basis_methods())} read init.*)"
+        ),
         "remove the init settings, or use fed.method=fedsb",
     ),
     Rule(
@@ -125,13 +131,13 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         ("ravan.*",),
-        lambda c: c.fed.method == "ravan",
+        lambda c: registry.card(c.fed.method).section == "ravan",
         lambda c: f"the ravan section configures fed.method=ravan, not {c.fed.method}",
         "remove the ravan settings, or use fed.method=ravan",
     ),
     Rule(
         ("adapter.*",),
-        lambda c: c.fed.method != "full",
+        lambda c: registry.card(c.fed.method).adapters,
         lambda c: "fed.method=full trains every weight, without adapters",
         "remove the adapter settings, or use an adapter method",
     ),

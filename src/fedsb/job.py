@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +48,8 @@ class Components:
     ledger: Any = None  # fedsb.fed.ledger.Ledger (server)
     privacy: Any = None  # fedsb.privacy.ledger.PrivacyLedger (server, private runs)
     sampler: Any = None  # fedsb.fed.sampling.ClientSampler (server)
+    #: the init data as the method's setup used it (server; `InitReport.describe`: results' "init")
+    init_info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tokenizer(self) -> Any:
@@ -101,17 +103,18 @@ def placement_of(cfg: RunConfig) -> Placement:
 
 
 def check_quantized_method(cfg: RunConfig) -> None:
-    """Refuse a method that writes the frozen base (it declares why: `FederatedMethod.quantized_base`)."""
-    from fedsb.fed.base import get_method_class
+    """Refuse a method that writes the frozen base (its card says why: `MethodCard.quantized_base_refusal`)."""
+    from fedsb.fed import registry
 
-    why = get_method_class(cfg.fed.method).quantized_base
+    why = registry.card(cfg.fed.method).quantized_base_refusal
     if why is not None:
+        able = registry.names_where(lambda c: c.adapters and c.quantized_base_refusal is None)
         raise ConfigError(
             field="model.quantize",
             value=cfg.model.quantize,
             what=f"does not work with fed.method={cfg.fed.method}: {why}",
             fix="use model.quantize=none for this method, or an adapter method that leaves W0 frozen "
-            "(fedsb, ravan, fedit, ffa, fedsvd)",
+            f"({', '.join(able)})",
         )
 
 
@@ -196,16 +199,17 @@ def build_components(
     parts = Components(cfg, placement, task, loaded, method, data)
     if role == "server":
         assert data is not None
+        init = parts.init_info = method.init_report.describe(data.init_info)
         if method.basis_fingerprint:
             echo(
-                f"basis: {data.init_info.get('method', cfg.init.method)} from {data.init_info['num_samples']} "
+                f"basis: {init.get('method', cfg.init.method)} from {init['num_samples']} "
                 f"{cfg.init.source} examples, "
-                f"eta={data.init_info.get('eta')}, fingerprint {method.basis_fingerprint[:12]}"
+                f"eta={init.get('eta')}, fingerprint {method.basis_fingerprint[:12]}"
             )
         from fedsb.fed.sampling import ClientSampler
 
-        parts.ledger = plan_ledger(cfg, method, data)
-        parts.privacy = plan_privacy(cfg, data, echo) if cfg.privacy.enabled else None
+        parts.ledger = plan_ledger(cfg, method, data, init)
+        parts.privacy = plan_privacy(cfg, data, echo, init_info=init) if cfg.privacy.enabled else None
         parts.sampler = ClientSampler(
             list(data.clients), cfg.fed.clients_per_round, seed=derive_seed(cfg.seed, "sampling")
         )
@@ -250,14 +254,15 @@ def build_method(
         loss_fn=loss_for(task),
         setup_dir=setup_dir,
         resume=resume,
-        info=data.init_info if data else {},
+        data_info=data.init_info if data else {},
     )
     with naming_settings(METHOD_ARGS):
         return get_method_class(cfg.fed.method).create(model, ctx)
 
 
-def plan_ledger(cfg: RunConfig, method: Any, data: PreparedData) -> Any:
-    """The communication ledger with the run's one-time lines (the basis broadcast, the init data)."""
+def plan_ledger(cfg: RunConfig, method: Any, data: PreparedData, init_info: Mapping[str, Any]) -> Any:
+    """The communication ledger with the run's one-time lines (the basis broadcast, the init data as the
+    method's setup used it: `init_info`)."""
     from fedsb.fed.ledger import Ledger
 
     ledger = Ledger(wire_dtype=cfg.fed.wire_dtype)
@@ -272,20 +277,29 @@ def plan_ledger(cfg: RunConfig, method: Any, data: PreparedData) -> Any:
         )
         ledger.record_one_time(
             item=f"initialization data ({cfg.init.source})",
-            direction="none" if data.init_info["federated"] else "up",
-            clients=0 if data.init_info["federated"] else len(data.clients),
-            note=data.init_info["note"] + f"; {data.init_info['num_samples']} examples",
+            direction="none" if init_info["federated"] else "up",
+            clients=0 if init_info["federated"] else len(data.clients),
+            note=init_info["note"] + f"; {init_info['num_samples']} examples",
         )
     return ledger
 
 
-def plan_privacy(cfg: RunConfig, data: PreparedData, echo: Callable[[str], None]) -> Any:
-    """The run's privacy ledger, with every account's noise multiplier solved for the whole training."""
+def plan_privacy(
+    cfg: RunConfig,
+    data: PreparedData,
+    echo: Callable[[str], None],
+    *,
+    init_info: Mapping[str, Any] | None = None,
+) -> Any:
+    """The run's privacy ledger, with every account's noise multiplier solved for the whole training
+    (`init_info`: the init data as the setup used it, for the note on the initialization; default: the
+    data's own description)."""
+    init_info = data.init_info if init_info is None else init_info
     from fedsb.privacy.ledger import PrivacyLedger
     from fedsb.train.local import steps_for
 
     steps = {cid: steps_for(n, cfg.train) for cid, n in data.client_sizes.items()}
-    ledger = PrivacyLedger.plan(cfg, data.client_sizes, steps, init_info=data.init_info)
+    ledger = PrivacyLedger.plan(cfg, data.client_sizes, steps, init_info=init_info)
     summary = ledger.summary()
     lo, hi = summary["noise_multiplier_range"]
     target = cfg.privacy.target_epsilon
@@ -296,7 +310,7 @@ def plan_privacy(cfg: RunConfig, data: PreparedData, echo: Callable[[str], None]
         + (f"..{hi:.3f}" if hi != lo else "")
         + f", delta <= {summary['delta']:.2e}"
     )
-    if not data.init_info.get("federated", True):
+    if not init_info.get("federated", True):
         log.warning("privacy: %s", ledger.init_note)
     if ledger.reproducible_noise:
         from fedsb.privacy.noise import REPRODUCIBLE_WARNING

@@ -16,28 +16,19 @@ import torch
 from torch import nn
 
 from fedsb.adapters.layer import SUPPORTED_BASE_LAYERS, LoraSBLinear, linear_dims
+from fedsb.adapters.targets import (  # noqa: F401 (re-exported: the defaults live in targets)
+    BERT_TARGETS,
+    DEFAULT_EXCLUDE,
+    DEFAULT_TARGETS,
+    GPT2_TARGETS,
+    HEAD_NAMES,
+    LLAMA_TARGETS,
+    excluded,
+    matches,
+)
 from fedsb.errors import FedsbError
 
 log = logging.getLogger("fedsb.adapters")
-
-LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-BERT_TARGETS = ("query", "key", "value", "dense")
-GPT2_TARGETS = ("c_attn", "c_proj", "c_fc")
-
-#: Default target modules per `config.model_type`.
-DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    **dict.fromkeys(
-        ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"), LLAMA_TARGETS
-    ),
-    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra"), BERT_TARGETS),
-    **dict.fromkeys(("gpt2",), GPT2_TARGETS),
-}
-
-#: Modules never adapted by default: pooler and task heads (a BERT "dense" would otherwise match them).
-DEFAULT_EXCLUDE: tuple[str, ...] = ("pooler", "classifier", "score", "lm_head", "qa_outputs")
-
-#: Task heads trained (and communicated) with the adapters when extra_trainable="auto".
-HEAD_NAMES: tuple[str, ...] = ("classifier", "score")
 
 
 def default_targets(model: nn.Module) -> tuple[str, ...]:
@@ -52,19 +43,6 @@ def default_targets(model: nn.Module) -> tuple[str, ...]:
             f"(defaults exist for: {', '.join(sorted(DEFAULT_TARGETS))})",
         )
     return DEFAULT_TARGETS[model_type]
-
-
-def _matches(path: str, spec: str) -> bool:
-    if spec.startswith("re:"):
-        return re.fullmatch(spec[3:], path) is not None
-    return path == spec or path.endswith("." + spec)
-
-
-def _excluded(path: str, exclude: Iterable[str]) -> bool:
-    parts = path.split(".")
-    return any(
-        (re.fullmatch(e[3:], path) is not None) if e.startswith("re:") else (e in parts) for e in exclude
-    )
 
 
 def find_target_modules(
@@ -91,10 +69,10 @@ def find_target_modules(
     hits: dict[str, int] = dict.fromkeys(targets, 0)
     unsupported: dict[str, str] = {}
     for path, module in model.named_modules():
-        if not path or _excluded(path, exclude):
+        if not path or excluded(path, exclude):
             continue
         for spec in targets:
-            if _matches(path, spec):
+            if matches(path, spec):
                 if isinstance(module, SUPPORTED_BASE_LAYERS):
                     found[path] = module
                     hits[spec] += 1
@@ -179,7 +157,7 @@ def find_extra_modules(model: nn.Module, extra: Sequence[str] | str) -> dict[str
         raise FedsbError(field="extra_trainable", value=extra, fix="use 'auto' or a list of module names")
     out: dict[str, nn.Module] = {}
     for spec in extra:
-        matched = {p: m for p, m in model.named_modules() if p and _matches(p, spec)}
+        matched = {p: m for p, m in model.named_modules() if p and matches(p, spec)}
         if not matched:
             raise FedsbError(
                 field="extra_trainable",

@@ -1,14 +1,17 @@
-"""The one small interface every federated method implements, and the weighted-mean aggregator.
+"""The interface every federated method implements, in two parts, and the weighted-mean aggregator.
 
-A method says what trains (its adapted model), what the server broadcasts each round (`download`), what a
-client sends back (`client_upload`), how the server combines the round's updates (`new_aggregator`) and
-how the result becomes the new global model (`apply`). The round loop, the simulator and the Flower app
-only talk to this interface.
+`ServerRule` (the server's side): what the server broadcasts each round (`download`) and once
+(`setup_payload`), what an update must contain (`upload_spec`), how it combines a round's updates
+(`new_aggregator`) and how the result becomes the new global model (`apply`), and what it checkpoints.
+`ClientContract` (a client's side): install a download (`client_receive`), say what it sends
+(`client_upload`) and which shared basis it holds (`client_fingerprint`). `FederatedMethod` is both, plus
+how the method is built (`create`, `from_setup`, `inject`); every member has a FedAvg default except
+`create`. The round loop, the simulator and the Flower app only talk to these. What a method supports
+(DP, SecAgg+, Flower, int8, its comm formula) is on its card in `fedsb.fed.registry` (`card()`).
 """
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -20,7 +23,7 @@ from torch import nn
 
 from fedsb.adapters.inject import AdaptedModel
 from fedsb.errors import FedsbError
-from fedsb.fed.registry import METHODS
+from fedsb.fed import registry
 
 if TYPE_CHECKING:
     from fedsb.config import RunConfig
@@ -87,6 +90,9 @@ class SetupContext:
     """What a method needs to build its adapted model: the config, seeds, and (for LoRA-SB) init data.
 
     `setup_dir` holds the one-time setup (Fed-SB's basis) so a resumed run loads it instead of recomputing.
+    `data_info` describes the init data (`PreparedData.init_info`: source, federated, pool_size,
+    num_samples, note); it is read, never written: what the setup did comes back as the method's
+    `init_report`.
     """
 
     cfg: RunConfig
@@ -95,67 +101,46 @@ class SetupContext:
     loss_fn: Callable[..., torch.Tensor] | None = None
     setup_dir: Path | None = None
     resume: bool = False
-    info: dict[str, Any] = field(default_factory=dict)
+    data_info: Mapping[str, Any] = field(default_factory=dict)
 
 
-class FederatedMethod(ABC):
-    """Server-side state and rules of one federated method (see the module docstring).
+@dataclass(frozen=True)
+class InitReport:
+    """What a method's one-time setup read and computed (results.json's and the manifest's "init").
 
-    The default implementation is FedAvg of the trainable tensors: download the global trainable state,
-    upload the client's trainable state, aggregate with a weighted mean, install it. Methods whose server
-    rule differs (folding residuals, stacking factors) override `new_aggregator`, `apply`, `download` and
-    `client_receive`.
+    `used_data`: it read the configured init data (whose source, size and note then stand); otherwise it
+    read none and `note` says what it did instead. `basis`: eta, eta_rule, method and seconds of a computed
+    basis (empty: none)."""
+
+    used_data: bool = False
+    note: str = "no initialization data read"
+    basis: Mapping[str, Any] = field(default_factory=dict)
+
+    def describe(self, data_info: Mapping[str, Any]) -> dict[str, Any]:
+        """`data_info` (the init data's description) as this setup used it."""
+        out = dict(data_info)
+        if not self.used_data:
+            out.update(num_samples=0, federated=True, note=self.note)
+        out.update(self.basis)
+        return out
+
+
+class ServerRule:
+    """The server's side of a method: its global state and how a round's updates change it.
+
+    The default is FedAvg of the trainable tensors: download the global trainable state, aggregate the
+    uploads with a weighted mean, install it. Methods whose rule differs (folding residuals, stacking
+    factors, re-factorizing) override `new_aggregator`, `apply` and `download`.
     """
 
-    name: ClassVar[str]
-    exact: ClassVar[bool]
-    default_scaling: ClassVar[float] = 1.0
-    #: why this method cannot train on a 4/8-bit frozen base (`model.quantize`), or None where it can
-    quantized_base: ClassVar[str | None] = None
-
-    def __init__(self, adapted: AdaptedModel, *, weighting: str = "examples") -> None:
-        self.adapted = adapted
-        self.weighting = weighting
-        self.state: Tensors = adapted.get_state()  # the global trainable state (fp32)
-
-    @classmethod
-    @abstractmethod
-    def create(cls, model: nn.Module, ctx: SetupContext) -> FederatedMethod:
-        """Inject this method's adapters into `model` (the server's, or the shared simulator model)."""
-
-    @classmethod
-    def from_setup(
-        cls, model: nn.Module, cfg: RunConfig, setup: Mapping[str, torch.Tensor], fingerprint: str
-    ) -> FederatedMethod:
-        """A client's copy of the method from the server's one-time setup payload (its frozen basis).
-
-        Only methods with a `setup_payload` (and a `basis_fingerprint`) receive one."""
-        raise FedsbError(
-            field="setup payload",
-            value=cls.name,
-            what="was sent a frozen basis, but this method has none",
-            fix="use the same fedsb version on the server and on every client",
-        )
-
-    @classmethod
-    def inject(cls, model: nn.Module, cfg: RunConfig) -> AdaptedModel:
-        """This method's adapter layers on `model` with placeholder values: shapes, dtypes, devices and what
-        trains are exact, nothing is initialized (planning a run on a meta-device model: `fedsb.plan`)."""
-        raise NotImplementedError(f"{cls.__name__} does not describe its adapters for planning")
-
-    @classmethod
-    def scaling_of(cls, cfg: RunConfig) -> float:
-        """s = adapter.scaling, or the method's default when it is null."""
-        return cls.default_scaling if cfg.adapter.scaling is None else float(cfg.adapter.scaling)
+    adapted: AdaptedModel
+    weighting: str
+    state: Tensors  # the global trainable state (fp32)
 
     # ---- one-time setup ----------------------------------------------------------------------------------
     @property
     def basis_fingerprint(self) -> str | None:
         """Fingerprint of the shared frozen basis every update must carry (None: nothing shared)."""
-        return None
-
-    def client_fingerprint(self, adapted: AdaptedModel) -> str | None:
-        """Client side: the fingerprint of the basis `adapted` holds now (None: nothing shared)."""
         return None
 
     def verify_basis(self, before: str) -> None:
@@ -178,14 +163,6 @@ class FederatedMethod(ABC):
     def release_history(self, applied_by_all: int) -> None:
         """Forget per-round history every client has applied through round `applied_by_all` (none here)."""
         return None
-
-    def client_receive(self, adapted: AdaptedModel, payload: Mapping[str, torch.Tensor], round: int) -> None:
-        """Client side: install the downloaded global state before training round `round`."""
-        adapted.set_state({k: v.to(torch.float32) for k, v in payload.items()})
-
-    def client_upload(self, adapted: AdaptedModel) -> Tensors:
-        """Client side: what it sends after local training."""
-        return adapted.get_state(self.upload_spec())
 
     def upload_spec(self) -> dict[str, tuple[int, ...]]:
         """Name -> shape of every tensor an update must contain (nothing more, nothing less)."""
@@ -220,9 +197,82 @@ class FederatedMethod(ABC):
         self.install_global()
 
 
+class ClientContract:
+    """A client's side of a method: install what the server sent, say what goes back. The simulator and the
+    Flower client call these on the client's own adapted model (the server's copy of the method only
+    supplies the rule; `self` holds no client state)."""
+
+    upload_spec: Callable[[], dict[str, tuple[int, ...]]]  # the server rule's: what an update must contain
+
+    def client_fingerprint(self, adapted: AdaptedModel) -> str | None:
+        """Client side: the fingerprint of the basis `adapted` holds now (None: nothing shared)."""
+        return None
+
+    def client_receive(self, adapted: AdaptedModel, payload: Mapping[str, torch.Tensor], round: int) -> None:
+        """Client side: install the downloaded global state before training round `round`."""
+        adapted.set_state({k: v.to(torch.float32) for k, v in payload.items()})
+
+    def client_upload(self, adapted: AdaptedModel) -> Tensors:
+        """Client side: what it sends after local training (the tensors the rule's `upload_spec` names)."""
+        return adapted.get_state(self.upload_spec())
+
+
+class FederatedMethod(ServerRule, ClientContract, ABC):
+    """One federated method: its server rule, its client contract, and how it is built on a model.
+
+    `create` (the server, or the simulator's shared model) injects the adapters and does the one-time setup,
+    recording what it read in `init_report`; a Flower client rebuilds the method with `from_setup` from the
+    server's `setup_payload`; `inject` describes the adapters without initializing them (planning).
+    `name` is the key of its card in `fedsb.fed.registry`; `exact` whether its aggregate equals the mean of
+    the clients' updates (tested for every method).
+    """
+
+    name: ClassVar[str]
+    exact: ClassVar[bool]
+    default_scaling: ClassVar[float] = 1.0
+
+    def __init__(self, adapted: AdaptedModel, *, weighting: str = "examples") -> None:
+        self.adapted = adapted
+        self.weighting = weighting
+        self.state = adapted.get_state()
+        self.init_report = InitReport()  # what the one-time setup read (set by `create`)
+
+    @classmethod
+    def card(cls) -> registry.MethodCard:
+        """What this method supports (torch-free, registered under `name`)."""
+        return registry.card(cls.name)
+
+    @classmethod
+    @abstractmethod
+    def create(cls, model: nn.Module, ctx: SetupContext) -> FederatedMethod:
+        """Inject this method's adapters into `model` (the server's, or the shared simulator model)."""
+
+    @classmethod
+    def from_setup(
+        cls, model: nn.Module, cfg: RunConfig, setup: Mapping[str, torch.Tensor], fingerprint: str
+    ) -> FederatedMethod:
+        """A client's copy of the method from the server's one-time setup payload (its frozen basis).
+
+        Only methods with a `setup_payload` (and a `basis_fingerprint`) receive one."""
+        raise FedsbError(
+            field="setup payload",
+            value=cls.name,
+            what="was sent a frozen basis, but this method has none",
+            fix="use the same fedsb version on the server and on every client",
+        )
+
+    @classmethod
+    def inject(cls, model: nn.Module, cfg: RunConfig) -> AdaptedModel:
+        """This method's adapter layers on `model` with placeholder values: shapes, dtypes, devices and what
+        trains are exact, nothing is initialized (planning a run on a meta-device model: `fedsb.plan`)."""
+        raise NotImplementedError(f"{cls.__name__} does not describe its adapters for planning")
+
+    @classmethod
+    def scaling_of(cls, cfg: RunConfig) -> float:
+        """s = adapter.scaling, or the method's default when it is null."""
+        return cls.default_scaling if cfg.adapter.scaling is None else float(cfg.adapter.scaling)
+
+
 def get_method_class(name: str) -> type[FederatedMethod]:
-    """The method class registered under `name`."""
-    if name not in METHODS:
-        raise FedsbError(field="fed.method", value=name, fix=f"use one of: {', '.join(METHODS)}")
-    module, _, cls = METHODS[name].partition(":")
-    return getattr(importlib.import_module(module), cls)
+    """The method class registered under `name` (its card's `implementation`)."""
+    return registry.resolve(registry.card(name).implementation)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -23,9 +24,9 @@ from fedsb.adapters.inject import (
     resolve_ranks,
     resolve_targets,
 )
-from fedsb.fed.base import FederatedMethod, SetupContext, Tensors
+from fedsb.fed.base import FederatedMethod, InitReport, SetupContext, Tensors
 from fedsb.init.basis import Basis, verified_basis
-from fedsb.init.initialize import attach_basis, compute_basis
+from fedsb.init.initialize import BasisSpec, GradientSource, attach_basis, compute_basis
 from fedsb.init.integrity import live_fingerprint, verify_live_basis
 from fedsb.init.svd import official_eta
 from fedsb.seeding import derive_seed
@@ -99,10 +100,12 @@ class FedSB(BasisMethod):
     def create(cls, model: nn.Module, ctx: SetupContext) -> FedSB:
         """The server computes the basis once from the configured init data (or loads it when resuming)."""
         cfg = ctx.cfg
-        basis = server_basis(
+        basis, report = server_basis(
             model, ctx, rank=cfg.adapter.rank, init=cfg.init.method, scaling=cls.scaling_of(cfg)
         )
-        return cls(cls.attach(model, basis, cfg), basis, weighting=cfg.fed.weighting)
+        method = cls(cls.attach(model, basis, cfg), basis, weighting=cfg.fed.weighting)
+        method.init_report = report
+        return method
 
     @classmethod
     def inject(cls, model: nn.Module, cfg: RunConfig) -> AdaptedModel:
@@ -133,45 +136,45 @@ def server_basis(
     init: str,
     scaling: float,
     adjust: Callable[[Basis], Basis] | None = None,
-) -> Basis:
+) -> tuple[Basis, InitReport]:
     """The server's one-time basis at `rank` by `init` (lora-sb: from the init data; lora-xs, random:
     data-free), loaded from `setup_dir/basis` when resuming, else computed, passed through `adjust` (RAVAN
-    trims it to whole heads) and saved there. Records eta, the init and its time in `ctx.info`."""
+    trims it to whole heads) and saved there with the init's description; and its report (eta, the init
+    and its time)."""
     cfg = ctx.cfg
+    data_init = init == "lora-sb"
+    data_free = InitReport(note=f"data-free {init} init")
     basis_dir = ctx.setup_dir / "basis" if ctx.setup_dir else None
     if ctx.resume and basis_dir is not None and basis_dir.exists():
         basis = Basis.load(basis_dir)
     else:
         eta = cfg.init.eta
         if cfg.init.eta_rule == "official":
-            batches = -(-ctx.info.get("pool_size", ctx.num_samples or 1) // cfg.init.batch_size)
+            batches = -(-ctx.data_info.get("pool_size", ctx.num_samples or 1) // cfg.init.batch_size)
             eta = official_eta(cfg.train.lr, cfg.train.warmup_ratio, batches, cfg.train.local_epochs or 1.0)
-        data_init = init == "lora-sb"
         t0 = time.perf_counter()
         basis = compute_basis(
             model,
-            rank=rank,
-            targets=cfg.adapter.targets,
-            rank_overflow=cfg.adapter.rank_overflow,
-            init=init,
-            batches=ctx.init_batches() if data_init and ctx.init_batches else None,
-            num_samples=ctx.num_samples if data_init else None,
-            loss_fn=ctx.loss_fn,
-            eta=eta,
-            scaling=scaling,
-            svd=cfg.init.svd,
-            oversample=cfg.init.oversample,
-            power_iters=cfg.init.power_iters,
+            BasisSpec.from_config(cfg, rank=rank, init=init, scaling=scaling, eta=eta),
+            GradientSource(
+                batches=ctx.init_batches() if data_init and ctx.init_batches else None,
+                num_samples=ctx.num_samples if data_init else None,
+                loss_fn=ctx.loss_fn,
+                dropout_seed=derive_seed(cfg.seed, "basis-dropout"),
+            ),
             generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "basis")),
-            dropout_seed=derive_seed(cfg.seed, "basis-dropout"),
         )
         if adjust is not None:
             basis = adjust(basis)
-        ctx.info.update(eta=eta, eta_rule=cfg.init.eta_rule, method=init, seconds=time.perf_counter() - t0)
-        if not data_init:
-            ctx.info.update(num_samples=0, federated=True, note=f"data-free {init} init")
-        basis.info.update(ctx.info)
+        done = {
+            "eta": eta,
+            "eta_rule": cfg.init.eta_rule,
+            "method": init,
+            "seconds": time.perf_counter() - t0,
+        }
+        basis.info.update((InitReport(used_data=True) if data_init else data_free).describe(ctx.data_info))
+        basis.info.update(done)
         if basis_dir is not None:
             basis.save(basis_dir)
-    ctx.info.update({k: basis.info[k] for k in ("eta", "eta_rule", "method", "seconds") if k in basis.info})
-    return basis
+    done = {k: basis.info[k] for k in ("eta", "eta_rule", "method", "seconds") if k in basis.info}
+    return basis, (InitReport(used_data=True, basis=done) if data_init else replace(data_free, basis=done))

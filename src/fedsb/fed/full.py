@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, ClassVar
 from torch import nn
 
 from fedsb.adapters.inject import AdaptedModel
-from fedsb.fed.base import FederatedMethod, SetupContext
+from fedsb.fed.base import FederatedMethod, InitReport, SetupContext
 
 if TYPE_CHECKING:
     from fedsb.config import RunConfig
@@ -22,9 +22,6 @@ class FullFineTune(FederatedMethod):
 
     name: ClassVar[str] = "full"
     exact: ClassVar[bool] = True
-    quantized_base: ClassVar[str | None] = (
-        "it trains every weight of the base, and 4/8-bit weights do not train"
-    )
 
     @classmethod
     def inject(cls, model: nn.Module, cfg: RunConfig) -> AdaptedModel:
@@ -35,6 +32,6 @@ class FullFineTune(FederatedMethod):
 
     @classmethod
     def create(cls, model: nn.Module, ctx: SetupContext) -> FullFineTune:
-        adapted = cls.inject(model, ctx.cfg)
-        ctx.info.update(num_samples=0, federated=True, note="full fine-tuning: no adapter, no init data")
-        return cls(adapted, weighting=ctx.cfg.fed.weighting)
+        method = cls(cls.inject(model, ctx.cfg), weighting=ctx.cfg.fed.weighting)
+        method.init_report = InitReport(note="full fine-tuning: no adapter, no init data")
+        return method

@@ -19,7 +19,7 @@ from fedsb.adapters.inject import AdaptedModel, inject_adapters, resolve_ranks, 
 from fedsb.adapters.layer import weight_in_linear_layout
 from fedsb.adapters.lora import LoraLinear
 from fedsb.errors import FedsbError
-from fedsb.fed.base import FederatedMethod, SetupContext, Tensors, WeightedMean
+from fedsb.fed.base import FederatedMethod, InitReport, SetupContext, Tensors, WeightedMean
 from fedsb.seeding import derive_seed
 
 if TYPE_CHECKING:
@@ -74,8 +74,9 @@ class LoraMethod(FederatedMethod):
     @classmethod
     def create(cls, model: nn.Module, ctx: SetupContext) -> LoraMethod:
         adapted = attach_lora(model, ctx, scaling=cls.scaling_of(ctx.cfg), train_A=cls.train_A)
-        ctx.info.update(num_samples=0, federated=True, note="LoRA: A seeded per module, B = 0; no init data")
-        return cls(adapted, weighting=ctx.cfg.fed.weighting, seed=ctx.cfg.seed)
+        method = cls(adapted, weighting=ctx.cfg.fed.weighting, seed=ctx.cfg.seed)
+        method.init_report = InitReport(note="LoRA: A seeded per module, B = 0; no init data")
+        return method
 
     def untuned_state(self) -> Tensors:
         """B = 0 in every layer (the model is W0, plus any folds); heads as they are."""
@@ -188,10 +189,6 @@ class FoldingMethod(LoraMethod):
     with a `FedsbError`, a download that would leave its W0 stale. Checkpoints hold the folded base weights
     themselves and the folds still needed, so a resumed run continues from bit-identical W0.
     """
-
-    quantized_base: ClassVar[str | None] = (
-        "it folds a dense update into W0 every round, which a 4/8-bit W0 cannot hold without requantizing"
-    )
 
     def __init__(self, adapted: AdaptedModel, *, weighting: str = "examples", seed: int = 0) -> None:
         super().__init__(adapted, weighting=weighting, seed=seed)

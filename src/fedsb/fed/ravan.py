@@ -110,7 +110,7 @@ class Ravan(BasisMethod):
         """The server computes one rank-h r basis (ravan.init) and splits it into h heads of rank r."""
         cfg = ctx.cfg
         heads = cfg.ravan.heads
-        basis = server_basis(
+        basis, report = server_basis(
             model,
             ctx,
             rank=cfg.adapter.rank * heads,
@@ -118,7 +118,9 @@ class Ravan(BasisMethod):
             scaling=cls.scaling_of(cfg),
             adjust=lambda b: whole_heads(b, heads),
         )
-        return cls(cls.attach(model, basis, cfg), basis, weighting=cfg.fed.weighting)
+        method = cls(cls.attach(model, basis, cfg), basis, weighting=cfg.fed.weighting)
+        method.init_report = report
+        return method
 
     @classmethod
     def inject(cls, model: nn.Module, cfg: RunConfig) -> AdaptedModel:

@@ -17,6 +17,7 @@ import yaml
 
 from fedsb.config import RunConfig, config_from_dict
 from fedsb.errors import ConfigError
+from fedsb.fed import registry
 from fedsb.fed.base import ClientUpdate, FederatedMethod, Tensors
 from fedsb.fed.simulate import InProcessExecutor
 from fedsb.job import build_components
@@ -26,11 +27,8 @@ if TYPE_CHECKING:
 
 
 def folds_into_w0(method: str) -> bool:
-    """Whether `method` folds every round's update into each party's W0 (FedEx-LoRA, FLoRA)."""
-    from fedsb.fed.base import get_method_class
-    from fedsb.fed.lora_base import FoldingMethod
-
-    return issubclass(get_method_class(method), FoldingMethod)
+    """Whether `method` folds every round's update into each party's W0 (its card's `folds`)."""
+    return registry.card(method).folds
 
 
 def check_flower_config(cfg: RunConfig, *, resuming: bool = False) -> None:
@@ -39,8 +37,17 @@ def check_flower_config(cfg: RunConfig, *, resuming: bool = False) -> None:
     Everything the simulator runs also runs over Flower: what a client keeps between rounds (its optimizer
     state, its folded W0 under FedEx-LoRA and FLoRA, its DP-SGD step count) lives in its node's per-run
     state (`fedsb.flower.node_state`). A resumed run is a new Flower run whose nodes start without it, so
-    resuming is refused where that state cannot be rebuilt.
+    resuming is refused where that state cannot be rebuilt. A method whose card gives a
+    `flower_refusal` is refused here with it.
     """
+    refusal = registry.card(cfg.fed.method).flower_refusal
+    if refusal is not None:
+        raise ConfigError(
+            field="fed.method",
+            value=cfg.fed.method,
+            what=f"cannot run over Flower: {refusal}",
+            fix="run it with the in-process simulator (fedsb run)",
+        )
     if not resuming:
         return
     fix = "resume with the in-process simulator (fedsb run --resume), or start a new Flower run"

@@ -179,7 +179,16 @@ def check_secagg_config(cfg: Any) -> None:
     """Refuse what SecAgg+ cannot honour: the server never sees a single update, and the masked vectors
     are float32 legacy parameters."""
     from fedsb.errors import ConfigError
+    from fedsb.fed import registry
 
+    if not registry.card(cfg.fed.method).mean_aggregate:
+        raise ConfigError(
+            field="fed.method",
+            value=cfg.fed.method,
+            what="does not apply with SecAgg+: its aggregate is not a weighted mean of the sent tensors, and "
+            "SecAgg+ computes only that mean",
+            fix=f"use fed.method {', '.join(registry.names_where(lambda c: c.mean_aggregate))}, or run without secagg",
+        )
     if cfg.privacy.enabled:
         raise ConfigError(
             field="privacy.mode",

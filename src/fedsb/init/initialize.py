@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,78 +26,117 @@ from fedsb.init.basis import INIT_KINDS, Basis, lora_sb_basis, lora_xs_basis, ra
 from fedsb.init.grad_estimate import Batch, LossFn, default_loss, estimate_gradients
 from fedsb.models.quantize import is_quantized
 
+if TYPE_CHECKING:
+    from fedsb.config import RunConfig
+
 log = logging.getLogger("fedsb.init")
+
+
+@dataclass(frozen=True)
+class BasisSpec:
+    """Which basis `compute_basis` computes: at which modules (`targets` minus `exclude`, PEFT's matching)
+    and rank (capped at min(m, n) per module, or an error with rank_overflow='error'), by which `init`.
+
+    init='lora-sb': dW = -eta * sign(G_W) and its truncated SVD (`svd` 'exact', or 'randomized' with
+    `oversample` extra columns and `power_iters` power iterations); 'lora-xs': the SVD of W0; 'random':
+    random orthonormal bases. Every basis carries the scale s = `scaling`."""
+
+    rank: int
+    targets: Sequence[str] | str = "auto"
+    exclude: Sequence[str] = DEFAULT_EXCLUDE
+    rank_overflow: str = "cap"
+    init: str = "lora-sb"
+    eta: float = 1e-4
+    scaling: float = 1.0
+    svd: str = "exact"
+    oversample: int = 10
+    power_iters: int = 4
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, *, rank: int, init: str, scaling: float, eta: float) -> BasisSpec:
+        """adapter.targets, adapter.rank_overflow, init.svd, init.oversample and init.power_iters of `cfg`;
+        the rank, init, scale and eta as the method resolved them (RAVAN: h heads x adapter.rank, ravan.init)."""
+        return cls(
+            rank=rank,
+            targets=cfg.adapter.targets,
+            rank_overflow=cfg.adapter.rank_overflow,
+            init=init,
+            eta=eta,
+            scaling=scaling,
+            svd=cfg.init.svd,
+            oversample=cfg.init.oversample,
+            power_iters=cfg.init.power_iters,
+        )
+
+
+@dataclass(frozen=True)
+class GradientSource:
+    """What init='lora-sb' estimates G_W from: exactly `num_samples` examples of `batches` through
+    `loss_fn`, or whatever `train_step(model)` runs; dropout masks seeded by `dropout_seed`; `on_batch(n)`
+    is told the size of every batch used (`fedsb.init.grad_estimate.estimate_gradients`)."""
+
+    batches: Iterable[Batch] | None = None
+    num_samples: int | None = None
+    loss_fn: LossFn = default_loss
+    train_step: Callable[[nn.Module], None] | None = None
+    dropout_seed: int = 0
+    on_batch: Callable[[int], None] | None = None
 
 
 def compute_basis(
     model: nn.Module,
+    spec: BasisSpec,
+    data: GradientSource | None = None,
     *,
-    rank: int,
-    targets: Sequence[str] | str = "auto",
-    exclude: Sequence[str] = DEFAULT_EXCLUDE,
-    rank_overflow: str = "cap",
-    init: str = "lora-sb",
-    batches: Iterable[Batch] | None = None,
-    num_samples: int | None = None,
-    loss_fn: LossFn = default_loss,
-    train_step: Callable[[nn.Module], None] | None = None,
-    eta: float = 1e-4,
-    scaling: float = 1.0,
-    svd: str = "exact",
-    oversample: int = 10,
-    power_iters: int = 4,
     generator: torch.Generator | None = None,
-    on_batch: Callable[[int], None] | None = None,
-    dropout_seed: int = 0,
 ) -> Basis:
-    """The frozen basis and R0 for `model`; the model itself is left exactly as it was.
+    """The frozen basis and R0 for `model` as `spec` says; the model itself is left exactly as it was.
 
-    init='lora-sb' estimates G_W over `num_samples` examples of `batches` (or via `train_step`), then takes
-    dW = -eta * sign(G_W) and its truncated SVD. 'lora-xs' uses the SVD of W0; 'random' random orthonormal
-    bases (both data-free). `generator` drives every random draw (randomized SVD, random bases);
-    `dropout_seed` seeds the dropout masks of the gradient estimate, so the basis is reproducible. The
-    gradient estimate and the SVD run on the model's device; the returned basis is on the CPU.
+    `data` feeds the gradient estimate of init='lora-sb' (the data-free inits ignore it). `generator`
+    drives every random draw (randomized SVD, random bases), so with `data.dropout_seed` the basis is
+    reproducible. The gradient estimate and the SVD run on the model's device; the basis is on the CPU.
     """
+    init, data = spec.init, data or GradientSource()
     if init not in INIT_KINDS:
         raise FedsbError(field="init", value=init, fix=f"use one of {', '.join(INIT_KINDS)}")
     check_model_dtype(model)
-    modules = resolve_targets(model, targets, exclude)
-    ranks = resolve_ranks(modules, rank, rank_overflow=rank_overflow)
+    modules = resolve_targets(model, spec.targets, spec.exclude)
+    ranks = resolve_ranks(modules, spec.rank, rank_overflow=spec.rank_overflow)
     if init == "lora-sb":
         weights = {path: m.weight for path, m in modules.items() if not is_quantized(m)}
         quantized = {path: m for path, m in modules.items() if is_quantized(m)}  # tapped: dL/d deq(W0)
         grads = estimate_gradients(
             model,
             weights,
-            batches,
+            data.batches,
             quantized=quantized,
-            num_samples=num_samples,
-            loss_fn=loss_fn,
-            train_step=train_step,
-            on_batch=on_batch,
-            seed=dropout_seed,
+            num_samples=data.num_samples,
+            loss_fn=data.loss_fn,
+            train_step=data.train_step,
+            on_batch=data.on_batch,
+            seed=data.dropout_seed,
         )
         # Conv1D stores its weight (n, m): turn gradients into weight orientation (m, n)
         grads = {p: (g.T if isinstance(modules[p], Conv1D) else g) for p, g in grads.items()}
         basis = lora_sb_basis(
             grads,
             ranks,
-            eta=eta,
-            scaling=scaling,
-            svd=svd,
-            oversample=oversample,
-            power_iters=power_iters,
+            eta=spec.eta,
+            scaling=spec.scaling,
+            svd=spec.svd,
+            oversample=spec.oversample,
+            power_iters=spec.power_iters,
             generator=generator,
         )
-        basis.info["num_samples"] = num_samples
+        basis.info["num_samples"] = data.num_samples
     elif init == "lora-xs":
         w = {p: dense_weight(m) for p, m in modules.items()}  # (m, n) fp32, dequantized for a 4/8-bit base
-        basis = lora_xs_basis(w, ranks, scaling=scaling, generator=generator)
+        basis = lora_xs_basis(w, ranks, scaling=spec.scaling, generator=generator)
     else:
         if generator is None:
             raise FedsbError(field="generator", value=None, fix="pass a torch.Generator for init='random'")
         basis = random_basis(
-            {p: linear_dims(m) for p, m in modules.items()}, ranks, generator=generator, scaling=scaling
+            {p: linear_dims(m) for p, m in modules.items()}, ranks, generator=generator, scaling=spec.scaling
         )
     basis = basis.cpu()  # computed on the model's device; kept, saved and sent from the CPU
     log.info(

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from fedsb.errors import ConfigError
+from fedsb.fed import registry
 from fedsb.privacy.release import KEPT_ON_CLIENTS, NOT_WRITTEN, ReleaseRules, holds_against
 
 if TYPE_CHECKING:
@@ -229,12 +230,14 @@ class RecordLevel(DifferentialPrivacy):
                 "per-example gradient hooks (its optimizer then finds no per-sample gradients)",
                 fix="set train.gradient_checkpointing=false (or lower train.batch_size) for DP-SGD",
             )
-        if cfg.fed.method == "full":
+        why = registry.card(cfg.fed.method).sample_dp_refusal
+        if why is not None:
+            able = registry.names_where(lambda c: c.sample_dp_refusal is None)
             raise ConfigError(
                 field="fed.method",
                 value=cfg.fed.method,
-                what="is not supported with privacy.mode=sample (Opacus rejects trainable modules with buffers)",
-                fix="use an adapter method (fedsb, ravan, fedit, ffa, fedsvd, fedex, flora)",
+                what=f"is not supported with privacy.mode=sample ({why})",
+                fix=f"use an adapter method ({', '.join(able)})",
             )
 
     def plan_accounts(
@@ -275,10 +278,6 @@ class RecordLevel(DifferentialPrivacy):
         }
 
 
-#: methods whose aggregate is not a mean of the tensors clients send (client-level DP cannot clip it)
-NOT_A_MEAN = ("fedex", "flora")
-
-
 class ClientLevel(DifferentialPrivacy):
     """Client-level DP-FedAvg at a trusted server: each client's whole update clipped to
     privacy.clip_update, Gaussian noise on their sum, uniform weights, a fixed denominator; one account,
@@ -316,12 +315,13 @@ class ClientLevel(DifferentialPrivacy):
     SERVER_UNIT: ClassVar[str] = "server"
 
     def check(self, cfg: RunConfig) -> None:
-        if cfg.fed.method in NOT_A_MEAN:
+        if not registry.card(cfg.fed.method).mean_aggregate:
+            means = registry.names_where(lambda c: c.mean_aggregate)
             raise ConfigError(
                 field="privacy.mode",
                 value=self.name,
                 what=f"does not apply to fed.method={cfg.fed.method}: its aggregate is not a mean of the sent tensors",
-                fix="use privacy.mode=sample, or fed.method fedsb, ravan, fedit, ffa, fedsvd or full",
+                fix=f"use privacy.mode=sample, or fed.method {', '.join(means[:-1])} or {means[-1]}",
             )
         if cfg.train.keep_optimizer_state:
             raise ConfigError(
