@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedsb.flower import protocol as P
+from fedsb.flower.faults import fault_mod
 from fedsb.flower.timing import timed
 
 log = logging.getLogger("fedsb.flower.client")
@@ -36,7 +37,7 @@ def secagg_router(msg: Message, context: Context, call_next: Any) -> Message:
     return call_next(msg, context)
 
 
-app = ClientApp(mods=[secagg_router])
+app = ClientApp(mods=[secagg_router, fault_mod])  # fault_mod: a no-op unless a test sets FEDSB_TEST_FAULTS
 
 #: (config, partition, fingerprint, device, run id) -> ClientRuntime, most recent last; a simulation process may host
 #: several nodes, a deployment ClientApp process lives for one message
