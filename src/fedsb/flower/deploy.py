@@ -30,6 +30,7 @@ from fedsb.flower.certs import make_node_keys, make_tls
 
 APP_DIR = Path(__file__).resolve().parent / "app"
 CONNECTION = "fedsb-local"
+ACTIVATED = "SuperNode ID: "  # what a SuperNode logs once the SuperLink let it in
 
 
 def free_port() -> int:
@@ -316,21 +317,22 @@ class LocalDeployment:
         proc.wait(timeout=10)
         wait_gone(pids)
 
-    def restart_node(self, i: int, timeout: float = 150.0) -> subprocess.Popen[bytes]:
+    def restart_node(self, i: int, timeout: float = 180.0) -> subprocess.Popen[bytes]:
         """SIGKILL SuperNode i, then start it again with its own key and partition (a machine that died and
         came back). The SuperLink lets its key in again only once it has marked the dead node offline (no
-        heartbeat for 2 x 30 s in Flower 1.42): until then each start is refused and retried here."""
+        heartbeat for 2 x 30 s in Flower 1.42): until then each start is refused, and retried here; it
+        returns once the SuperNode logged its node id (activated)."""
         self.kill_node(i)
         name, deadline = f"supernode{i}", time.monotonic() + timeout
-        while True:
+        activated = self.log(name).count(ACTIVATED)
+        while time.monotonic() < deadline:
             proc = self.add_supernode(name, self.node_keys[i], partition_id=i)
-            try:
-                proc.wait(timeout=15)  # refused: it exits within seconds ("Failed to activate SuperNode")
-            except subprocess.TimeoutExpired:
-                return proc  # activated: a SuperNode runs until stopped
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} could not rejoin within {timeout:g} s: {self.log(name)[-2000:]}")
-            time.sleep(2)
+            while proc.poll() is None and time.monotonic() < deadline:
+                if self.log(name).count(ACTIVATED) > activated:
+                    return proc
+                time.sleep(0.5)
+            time.sleep(2)  # refused ("Failed to activate SuperNode"): the old node is still online
+        raise RuntimeError(f"{name} could not rejoin within {timeout:g} s: {self.log(name)[-2000:]}")
 
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")
