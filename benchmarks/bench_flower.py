@@ -1,19 +1,26 @@
-"""The same small job three ways: in-process simulator, Flower simulation (`flwr run`), loopback deployment.
+"""The same job three ways: in-process simulator, Flower simulation (`flwr run`), loopback deployment.
 
-    python benchmarks/bench_flower.py                      # tiny Llama, 2 clients x 3 rounds (about 3 min)
-    python benchmarks/bench_flower.py --rounds 2 --clients 2 --out benchmarks/out/flower.json
+    python benchmarks/bench_flower.py                      # the default job (SmolLM2-135M), 2 clients x 2 rounds
+    python benchmarks/bench_flower.py --config configs/tiny.yaml --rounds 3 --out benchmarks/out/flower.json
 
 Each mode runs the identical config (same seeds); the table gives end-to-end wall time (what a user
 waits, start-up included), the job's own time inside the ServerApp (`run_job`'s total), the rounds' time,
 the ledger's bytes, Flower's own count of the ArrayRecord payloads, and the final R's largest difference
 from the in-process run. Deployment = SuperLink + one SuperNode per client as processes on 127.0.0.1, TLS
 and SuperNode authentication on. Every Flower process is stopped by PID.
+
+Per message, the ClientApp writes where its seconds went (`fedsb.flower.timing`): process start (Python,
+Flower, the message fetch), our imports, model build, data preparation, basis verification, local
+training, serialization, node state; and per round the overhead ratio (round wall - the round's local
+training) / the round's local training, where a round's local training is the longest client's in the
+Flower modes (clients train in parallel) and the sum of the clients' in-process (one after another).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -28,19 +35,36 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from fedsb.fed.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
 from fedsb.flower.deploy import APP_DIR, LocalDeployment, flower_env, stop_local_superlink  # noqa: E402
+from fedsb.flower.timing import ENV  # noqa: E402
+
+PHASES = [
+    "process start",
+    "imports",
+    "model build",
+    "data preparation",
+    "basis verification",
+    "local training",
+    "serialization",
+    "node state",
+    "other",
+]
 
 
-def overrides(clients: int, rounds: int) -> list[str]:
-    return [
+def overrides(clients: int, rounds: int, steps: int | None, train_size: int | None) -> list[str]:
+    ov = [
         "threads=1",
         "progress=false",
         "export=false",
         "eval.every=100",
         "data.test_size=16",
         f"partition.num_clients={clients}",
-        f"data.train_size={32 * clients}",
         f"fed.rounds={rounds}",
     ]
+    if steps is not None:
+        ov.append(f"train.local_steps={steps}")
+    if train_size is not None:
+        ov.append(f"data.train_size={train_size}")
+    return ov
 
 
 def final_state(out: Path) -> dict[str, torch.Tensor]:
@@ -63,6 +87,7 @@ def summarize(mode: str, wall: float, out: Path) -> dict[str, Any]:
         "flower_bytes_setup": None,
         "accuracy": (res.get("final") or {}).get("accuracy"),
     }
+    row.update(round_overhead(res, parallel=mode != "in-process simulator"))
     wire_file = out / "flower_wire.json"
     if wire_file.exists():
         wire = json.loads(wire_file.read_text())
@@ -71,10 +96,51 @@ def summarize(mode: str, wall: float, out: Path) -> dict[str, Any]:
     return row
 
 
+def round_overhead(res: dict[str, Any], *, parallel: bool) -> dict[str, Any]:
+    """Per round: wall seconds, local training on its critical path (the longest client's when clients
+    train in parallel, else their sum) and the ratio (wall - training) / training; the mean ratio."""
+    rounds = []
+    for r in res["rounds"]:
+        train = [m.get("seconds", 0.0) for m in r["client_metrics"].values()]
+        critical = max(train, default=0.0) if parallel else sum(train)
+        wall = r["seconds"]["total"]
+        rounds.append(
+            {"round": r["round"], "wall_s": wall, "train_s": critical, "ratio": (wall - critical) / critical}
+        )
+    return {"per_round": rounds, "overhead_ratio": sum(x["ratio"] for x in rounds) / len(rounds)}
+
+
+def message_breakdown(timing: Path) -> dict[str, Any]:
+    """Mean seconds per train message of each phase (`fedsb.flower.timing` lines), over all train messages
+    and over the first one of each process (cold: fresh process, nothing cached)."""
+    if not timing.exists():
+        return {}
+    lines = [json.loads(x) for x in timing.read_text().splitlines() if x.strip()]
+    train = [x for x in lines if x["type"] == "train"]
+
+    def split(x: dict[str, Any]) -> dict[str, float]:
+        ph = dict(x["phases"])
+        ph["process start"] = x["process_start_s"]
+        ph["other"] = x["handler_s"] - sum(x["phases"].values())
+        return {k: ph.get(k, 0.0) for k in PHASES}
+
+    def mean(xs: list[dict[str, Any]]) -> dict[str, float]:
+        return {k: sum(split(x)[k] for x in xs) / len(xs) for k in PHASES} if xs else {}
+
+    return {
+        "messages": len(train),
+        "setup_messages": len(lines) - len(train),
+        "fresh_processes": sum(x["fresh_process"] for x in train),
+        "mean": mean(train),
+        "later_rounds_mean": mean([x for x in train if x["round"] > 1]),
+        "lines": lines,
+    }
+
+
 def run_inprocess(cfg_file: str, ov: list[str], out: Path) -> float:
     code = (
         "import sys; from fedsb.config import resolve_config; from fedsb.run import run_job; "
-        f"run_job(resolve_config({cfg_file!r}, {[*ov, f'output_dir={out}']!r}), echo=lambda s: None)"
+        f"run_job(resolve_config({cfg_file or None!r}, {[*ov, f'output_dir={out}']!r}), echo=lambda s: None)"
     )
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True, env=flower_env(out.parent / "unused-home"))
@@ -86,11 +152,10 @@ def run_simulation(cfg_file: str, ov: list[str], out: Path, clients: int) -> flo
     run_config = f'config="{cfg_file}" overrides="{" ".join(ov)}" output-dir="{out}"'
     cmd = ["flwr", "run", str(APP_DIR), "local", "--stream", "--run-config", run_config]
     cmd += ["--federation-config", f"num-supernodes={clients} client-resources-num-cpus=1"]
+    env = {**flower_env(home, own_local_superlink=True), ENV: str(out.parent / "timing-simulation.jsonl")}
     t0 = time.perf_counter()
     try:
-        res = subprocess.run(
-            cmd, env=flower_env(home, own_local_superlink=True), capture_output=True, text=True, timeout=900
-        )
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
         wall = time.perf_counter() - t0
         if res.returncode != 0 or not (out / "results.json").exists():
             raise RuntimeError(f"flwr run failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
@@ -101,9 +166,11 @@ def run_simulation(cfg_file: str, ov: list[str], out: Path, clients: int) -> flo
 
 def run_deployment(cfg_file: str, ov: list[str], out: Path, clients: int) -> float:
     t0 = time.perf_counter()
-    with LocalDeployment(clients, out.parent / "deployment") as dep:
+    dep = LocalDeployment(clients, out.parent / "deployment")
+    dep.env[ENV] = str(out.parent / "timing-deployment.jsonl")  # inherited by SuperNodes and their ClientApps
+    with dep:
         code, log = dep.run_app(
-            {"config": cfg_file, "overrides": " ".join(ov), "output-dir": str(out)}, timeout=900
+            {"config": cfg_file, "overrides": " ".join(ov), "output-dir": str(out)}, timeout=1800
         )
         if code != 0 or not (out / "results.json").exists():
             raise RuntimeError(f"deployment run failed:\n{log[-3000:]}")
@@ -112,7 +179,7 @@ def run_deployment(cfg_file: str, ov: list[str], out: Path, clients: int) -> flo
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
-        f"{'mode':<22}{'wall s':>8}{'job s':>8}{'rounds s':>10}{'train s':>9}"
+        f"{'mode':<22}{'wall s':>8}{'job s':>8}{'rounds s':>10}{'train s':>9}{'overhead':>10}"
         f"{'ledger B/rounds':>17}{'Flower B/rounds':>17}{'ledger B/once':>15}{'Flower B/once':>15}{'max|dR|':>10}"
     )
     lines = [head, "-" * len(head)]
@@ -121,41 +188,69 @@ def table(rows: list[dict[str, Any]]) -> str:
         fs = "-" if r["flower_bytes_setup"] is None else f"{r['flower_bytes_setup']:,}"
         lines.append(
             f"{r['mode']:<22}{r['wall_s']:>8.1f}{r['job_s']:>8.1f}{r['rounds_s']:>10.1f}{r['local_training_s']:>9.2f}"
-            f"{r['ledger_bytes_rounds']:>17,}{fb:>17}{r['ledger_bytes_one_time']:>15,}{fs:>15}{r['max_dR']:>10.2g}"
+            f"{r['overhead_ratio']:>9.0%} {r['ledger_bytes_rounds']:>16,}{fb:>17}{r['ledger_bytes_one_time']:>15,}"
+            f"{fs:>15}{r['max_dR']:>10.2g}"
         )
+    return "\n".join(lines)
+
+
+def breakdown_table(rows: list[dict[str, Any]]) -> str:
+    """Mean seconds per train message, by phase: every message, and rounds after the first."""
+    head = f"{'mode':<34}" + "".join(f"{k[:12]:>13}" for k in PHASES)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        b = r.get("messages") or {}
+        for label, key in (("all", "mean"), ("rounds > 1", "later_rounds_mean")):
+            if b.get(key):
+                name = (
+                    f"{r['mode']} ({label}, n={b['messages']})" if key == "mean" else f"{r['mode']} ({label})"
+                )
+                lines.append(f"{name:<34}" + "".join(f"{b[key][k]:>13.2f}" for k in PHASES))
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
+    p.add_argument("--config", default="", help="YAML preset ('' = the default job: SmolLM2-135M)")
     p.add_argument("--clients", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--local-steps", type=int, default=None, help="train.local_steps (default: the config's)")
+    p.add_argument("--train-size", type=int, default=None, help="data.train_size (default: the config's)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args()
-    ov = overrides(args.clients, args.rounds)
+    ov = overrides(args.clients, args.rounds, args.local_steps, args.train_size)
+    cfg_file = str(Path(args.config).resolve()) if args.config else ""
     rows = []
+    load = [os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="bench-flower-") as tmp:
         t = Path(tmp)
-        walls = {
-            "in-process simulator": run_inprocess(args.config, ov, t / "inprocess"),
-            "Flower simulation": run_simulation(args.config, ov, t / "simulation", args.clients),
-            "deployment (TLS+auth)": run_deployment(args.config, ov, t / "deployment-out", args.clients),
-        }
+        walls = {"in-process simulator": run_inprocess(cfg_file, ov, t / "inprocess")}
+        walls["Flower simulation"] = run_simulation(cfg_file, ov, t / "simulation", args.clients)
+        load.append(os.getloadavg())
+        walls["deployment (TLS+auth)"] = run_deployment(cfg_file, ov, t / "deployment-out", args.clients)
+        load.append(os.getloadavg())
         ref = final_state(t / "inprocess")
+        timing = {
+            "Flower simulation": "timing-simulation.jsonl",
+            "deployment (TLS+auth)": "timing-deployment.jsonl",
+        }
         for mode, d in zip(walls, ("inprocess", "simulation", "deployment-out"), strict=True):
             row = summarize(mode, walls[mode], t / d)
             got = final_state(t / d)
             row["max_dR"] = max(float((got[k] - ref[k]).abs().max()) for k in ref)
+            row["messages"] = message_breakdown(t / timing[mode]) if mode in timing else {}
             rows.append(row)
     print(
-        f"job: {Path(args.config).name}, {args.clients} clients x {args.rounds} rounds, overrides {' '.join(ov)}"
+        f"job: {Path(args.config).name or 'default'}, {args.clients} clients x {args.rounds} rounds, "
+        f"overrides {' '.join(ov)}; load average (1 min) {', '.join(f'{x[0]:.1f}' for x in load)}"
     )
     print(table(rows))
+    print("\nseconds per train message (mean):")
+    print(breakdown_table(rows))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(
-            json.dumps({"config": args.config, "overrides": ov, "rows": rows}, indent=1)
+            json.dumps({"config": args.config, "overrides": ov, "load": load, "rows": rows}, indent=1)
         )
 
 

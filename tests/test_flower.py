@@ -120,38 +120,14 @@ def test_a_silent_node_below_min_clients_fails_the_round(tmp_path: Path) -> None
         run_flower_job(grid, settings)
 
 
-def _tamper(round_to_change: dict[int, object]):  # noqa: ANN202 - returns a reply rewriter
+def _tamper(round_to_change: dict[int, str]):  # noqa: ANN202 - returns a reply rewriter
     """A reply rewriter that breaks the update differently in each round (see the test)."""
-    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
-
     from fedsb.flower import protocol as P
-    from fedsb.flower.records import from_record, to_record
+    from fedsb.flower.faults import corrupt
 
-    def rewrite(reply: Message) -> Message:
-        meta = dict(reply.content.config_records[P.UPDATE_META])
-        tensors = from_record(reply.content.array_records[P.UPDATE])
-        kind = round_to_change[int(meta["round"])]
-        name = next(iter(tensors))
-        if kind == "nan":
-            tensors[name] = tensors[name].clone()
-            tensors[name].view(-1)[0] = float("nan")
-        elif kind == "dtype":
-            tensors[name] = tensors[name].double()
-        elif kind == "stale":
-            meta["round"] = int(meta["round"]) - 1
-        elif kind == "no-count":
-            del meta["num-examples"]
-        elif kind == "fingerprint":
-            meta["fingerprint"] = "0" * 64
-        elif kind == "extra":
-            tensors["smuggled"] = torch.zeros(2)
-        content = RecordDict({P.UPDATE: to_record(tensors), P.UPDATE_META: ConfigRecord(meta)})
-        if kind == "no-arrays":
-            content = RecordDict({P.UPDATE_META: ConfigRecord(meta), "x": ArrayRecord()})
-        reply.content = content
-        return reply
-
-    return rewrite
+    return lambda reply: corrupt(
+        reply, round_to_change[int(reply.content.config_records[P.UPDATE_META]["round"])]
+    )
 
 
 def test_malformed_replies_are_rejected_by_the_simulators_validator(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from fedsb.config import RunConfig
 from fedsb.data.prepare import PreparedData, loader_factory, model_task, prepare_data, task_from_config
 from fedsb.device import Placement, resolve_placement
 from fedsb.errors import ConfigError, naming_settings
+from fedsb.phases import phase
 from fedsb.seeding import derive_seed
 from fedsb.train.local import loss_for
 
@@ -181,10 +182,12 @@ def build_components(
     """
     placement = placement or placement_of(cfg)
     task = task_from_config(cfg)
-    loaded = load_base(cfg, task, placement)
+    with phase("model build"):
+        loaded = load_base(cfg, task, placement)
     data = None
     if role != "trained":
-        data = prepare_data(cfg, task, loaded.tokenizer)
+        with phase("data preparation"):
+            data = prepare_data(cfg, task, loaded.tokenizer)
         echo(
             f"clients: {len(data.clients)} with sizes {list(data.client_sizes.values())}; "
             f"evaluation examples: {len(data.test)}"
@@ -192,7 +195,8 @@ def build_components(
     if setup is not None:
         from fedsb.fed.base import get_method_class
 
-        method = get_method_class(cfg.fed.method).from_setup(loaded.model, cfg, *setup)
+        with phase("basis verification"):
+            method = get_method_class(cfg.fed.method).from_setup(loaded.model, cfg, *setup)
     else:
         init_data = data if role == "server" else None
         method = build_method(cfg, loaded.model, task, loaded.tokenizer, init_data, setup_dir, resume=resume)

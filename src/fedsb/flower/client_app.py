@@ -17,7 +17,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedsb.flower import protocol as P
+from fedsb.flower.faults import fault_mod
 from fedsb.flower.node import RUNTIMES, partition_id, prepared_client
+from fedsb.flower.timing import timed
 
 log = logging.getLogger("fedsb.flower.client")
 
@@ -36,12 +38,13 @@ def secagg_router(msg: Message, context: Context, call_next: Any) -> Message:
     return call_next(msg, context)
 
 
-app = ClientApp(mods=[secagg_router])
+app = ClientApp(mods=[secagg_router, fault_mod])  # fault_mod: a no-op unless a test sets FEDSB_TEST_FAULTS
 
 _CACHE = RUNTIMES  # the node's built clients (tests clear it to act as a fresh process)
 
 
 @app.query("setup")
+@timed
 def setup(msg: Message, context: Context) -> Message:
     """Keep the config and the basis for later rounds; reply with this node's partition id.
 
@@ -55,11 +58,13 @@ def setup(msg: Message, context: Context) -> Message:
 
 
 @app.train()
+@timed
 def train(msg: Message, context: Context) -> Message:
     """One round of local training from the downloaded global state, with the client's state between
     rounds kept in the node's `context.state` (`fedsb.flower.node_state`)."""
     from fedsb.flower import node_state
     from fedsb.flower.records import from_record, to_record
+    from fedsb.phases import phase
 
     rt = prepared_client(msg, context)
     rnd = msg.content.config_records[P.ROUND_CONFIG]
@@ -69,8 +74,12 @@ def train(msg: Message, context: Context) -> Message:
         rt.load_wire_state(
             from_record(context.state.array_records[P.WIRE_STATE]), {"index": int(meta["index"])}
         )
-    update = rt.train(int(rnd["round"]), from_record(msg.content.array_records[P.DOWNLOAD]))
-    node_state.keep(rt, context, fold_round_before=folds_before)
+    with phase("serialization"):
+        download = from_record(msg.content.array_records[P.DOWNLOAD])
+    with phase("local training"):
+        update = rt.train(int(rnd["round"]), download)
+    with phase("node state"):
+        node_state.keep(rt, context, fold_round_before=folds_before)
     kept = rt.wire_state()
     if kept is not None:
         context.state[P.WIRE_STATE] = to_record(kept[0])
@@ -81,9 +90,11 @@ def train(msg: Message, context: Context) -> Message:
         "num-examples": update.num_examples,
         "fingerprint": update.basis_fingerprint or "",
     }
+    with phase("serialization"):
+        upload = to_record(update.tensors)
     content = RecordDict(
         {
-            P.UPDATE: to_record(update.tensors),
+            P.UPDATE: upload,
             P.UPDATE_META: ConfigRecord(meta),
             P.METRICS: MetricRecord({k: float(v) for k, v in update.metrics.items()}),
         }

@@ -30,6 +30,7 @@ from fedsb.flower.certs import make_node_keys, make_tls
 
 APP_DIR = Path(__file__).resolve().parent / "app"
 CONNECTION = "fedsb-local"
+ACTIVATED = "SuperNode ID: "  # what a SuperNode logs once the SuperLink let it in
 
 
 def free_port() -> int:
@@ -160,9 +161,16 @@ class LocalDeployment:
     """SuperLink (TLS, SuperNode auth) + `num_nodes` SuperNodes on 127.0.0.1; a context manager."""
 
     def __init__(
-        self, num_nodes: int, workdir: Path | None = None, *, node_ready_timeout: float = 60.0
+        self,
+        num_nodes: int,
+        workdir: Path | None = None,
+        *,
+        node_ready_timeout: float = 60.0,
+        node_env: Mapping[int, Mapping[str, str]] | None = None,
     ) -> None:
         self.num_nodes = num_nodes
+        self.node_env = {i: dict(env) for i, env in (node_env or {}).items()}  # extra env of SuperNode i
+        self.node_keys: dict[int, Path] = {}  # SuperNode i -> its registered private key
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="fedsb-flower-")
         self.root = Path(workdir or self._tmp.name)  # type: ignore[union-attr]
         self.home = self.root / "flwr-home"
@@ -174,9 +182,12 @@ class LocalDeployment:
         self.last_status: dict[str, Any] = {}  # Flower's record of the last run_app's run (run_status)
 
     # ---- start ----------------------------------------------------------------------------------------------
-    def _spawn(self, name: str, cmd: Sequence[str]) -> subprocess.Popen[bytes]:
-        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - kept open for the process's life
-        proc = subprocess.Popen(list(cmd), env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
+    def _spawn(
+        self, name: str, cmd: Sequence[str], env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - kept open for the process's life
+        env = {**self.env, **(env or {})}
+        proc = subprocess.Popen(list(cmd), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
         self.procs[name] = proc
         return proc
 
@@ -210,11 +221,13 @@ class LocalDeployment:
         for i in range(self.num_nodes):
             private, public = make_node_keys(self.root / "keys", f"node{i}")
             self._register(public)
+            self.node_keys[i] = private
             self.add_supernode(f"supernode{i}", private, partition_id=i)
         return self
 
     def add_supernode(self, name: str, private_key: Path, *, partition_id: int) -> subprocess.Popen[bytes]:
-        """Start a SuperNode that authenticates with `private_key` (registered beforehand, or refused)."""
+        """Start a SuperNode that authenticates with `private_key` (registered beforehand, or refused);
+        SuperNode i gets `node_env[i]` on top of the deployment's environment."""
         return self._spawn(
             name,
             [
@@ -225,6 +238,7 @@ class LocalDeployment:
                 "--node-config", f"partition-id={partition_id} num-partitions={self.num_nodes}",
                 "--port", str(free_port()),
             ],
+            env=self.node_env.get(partition_id) if name.startswith("supernode") else None,
         )  # fmt: skip
 
     def _wait_port(self, port: int, name: str, timeout: float = 60.0) -> None:
@@ -302,6 +316,23 @@ class LocalDeployment:
             stop_pid(pid, signal.SIGKILL)
         proc.wait(timeout=10)
         wait_gone(pids)
+
+    def restart_node(self, i: int, timeout: float = 180.0) -> subprocess.Popen[bytes]:
+        """SIGKILL SuperNode i, then start it again with its own key and partition (a machine that died and
+        came back). The SuperLink lets its key in again only once it has marked the dead node offline (no
+        heartbeat for 2 x 30 s in Flower 1.42): until then each start is refused, and retried here; it
+        returns once the SuperNode logged its node id (activated)."""
+        self.kill_node(i)
+        name, deadline = f"supernode{i}", time.monotonic() + timeout
+        activated = self.log(name).count(ACTIVATED)
+        while time.monotonic() < deadline:
+            proc = self.add_supernode(name, self.node_keys[i], partition_id=i)
+            while proc.poll() is None and time.monotonic() < deadline:
+                if self.log(name).count(ACTIVATED) > activated:
+                    return proc
+                time.sleep(0.5)
+            time.sleep(2)  # refused ("Failed to activate SuperNode"): the old node is still online
+        raise RuntimeError(f"{name} could not rejoin within {timeout:g} s: {self.log(name)[-2000:]}")
 
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")

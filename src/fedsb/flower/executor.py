@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from fedsb.fed.base import ClientUpdate, Tensors
@@ -129,16 +130,18 @@ class FlowerExecutor:
 
     def rejoin(self, round: int) -> None:
         """Send the setup again to the nodes that lost it (a SuperNode that restarted answers a train
-        message with `protocol.NO_SETUP`) and to nodes that connected since: each takes over the client of
-        its partition id from the next message on. What the client kept on its old node is gone: its DP
-        account is the server's anyway, a FedEx-LoRA/FLoRA client refuses its stale W0, an optimizer state
-        starts afresh (the ClientApp warns)."""
+        message with `protocol.NO_SETUP`), to nodes the SuperLink reported unavailable (a dead SuperNode may
+        come back with its key: tried every round until one answers) and to nodes that connected since:
+        each takes over the client of its partition id from the next message on. What the client kept on
+        its old node is gone: its DP account is the server's anyway, a FedEx-LoRA/FLoRA client refuses its
+        stale W0, an optimizer state starts afresh (the ClientApp warns)."""
         known = set(self.nodes.values())
         todo = sorted(self.lost_setup | {n for n in self.grid.get_node_ids() if n not in known})
-        self.lost_setup.clear()
         if not todo:
             return
-        for node, pid in self._send_setup(todo, strict=False, round=round):
+        answered = self._send_setup(todo, strict=False, round=round)
+        self.lost_setup -= {node for node, _ in answered}  # the others are still down: tried next round
+        for node, pid in answered:
             if not 0 <= pid < len(self.client_ids):
                 log.warning(
                     "round %d: SuperNode %s holds partition-id=%d, outside 0..%d: ignored",
@@ -175,9 +178,8 @@ class FlowerExecutor:
         self.rejoin(round)
         record = to_record(download)
         sent = {self.nodes[cid]: cid for cid in client_ids}  # node id -> client id
-        pending = set(
-            self.grid.push_messages([self._train_message(round, cid, record) for cid in client_ids])
-        )
+        ids = list(self.grid.push_messages([self._train_message(round, cid, record) for cid in client_ids]))
+        pending, asked = set(ids), dict(zip(ids, client_ids, strict=True))  # message id -> client id
         if self.privacy is not None:  # sent: a client that trains spends them, whether or not its reply comes
             for cid in client_ids:
                 self.privacy.accounts[cid].step(self.dp_steps[cid])
@@ -187,6 +189,9 @@ class FlowerExecutor:
             for reply in replies:
                 pending.discard(reply.metadata.reply_to_message_id)
                 cid = sent.get(reply.metadata.src_node_id)
+                if cid is None and reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+                    # the SuperLink answers for a node it holds offline
+                    cid = asked.get(reply.metadata.reply_to_message_id)
                 if cid is None:
                     log.warning(
                         "round %d: reply from unknown node %s ignored", round, reply.metadata.src_node_id
@@ -194,8 +199,8 @@ class FlowerExecutor:
                     continue
                 if reply.has_error():
                     log.warning("round %d: %s failed: %s", round, cid, reply.error.reason)
-                    if P.NO_SETUP in reply.error.reason:
-                        self.lost_setup.add(reply.metadata.src_node_id)
+                    if P.NO_SETUP in reply.error.reason or reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+                        self.lost_setup.add(self.nodes[cid])  # restarted, or may restart: setup sent again
                     continue
                 update = decode_reply(reply.content, cid, round)
                 if P.UPDATE in reply.content.array_records:
