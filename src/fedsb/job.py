@@ -60,6 +60,7 @@ class Components:
     def simulator(self, only: list[str] | None = None) -> Any:
         """The in-process executor: the clients (all, or `only` these) train on this process's one model."""
         from fedsb.console import bars_enabled
+        from fedsb.fed.mixed_rank import client_ranks_of
         from fedsb.fed.simulate import InProcessExecutor
 
         cfg = self.cfg
@@ -79,6 +80,7 @@ class Components:
             progress=bars_enabled(cfg.progress),
             privacy=self.privacy,
             mechanism=cfg.privacy.mechanism,
+            client_ranks=client_ranks_of(cfg.partition.client_ranks, list(clients)),
         )
 
 
