@@ -145,8 +145,10 @@ class InitConfig:
     method: str = _f("lora-sb", "basis: lora-sb (gradient SVD), lora-xs (SVD of W0) or random (orthonormal)")
     source: str = _f(
         "server",
-        "data for the gradient estimate: 'server' (a proxy sample the server holds; federated) or "
-        "'pooled' (the clients' pooled training data, as in the paper; not federated)",
+        "data for the gradient estimate: 'server' (a proxy sample the server holds; federated), "
+        "'pooled' (the clients' pooled training data, as in the paper; not federated) or 'federated' (each "
+        "sampled client's gradient over its own n_i examples, sent as a sketch or a sum, noised under DP; "
+        "init.exchange; simulator only)",
     )
     server_size: int = _f(256, "examples in the server's proxy sample (source=server)")
     num_samples: int | None = _f(
@@ -162,10 +164,28 @@ class InitConfig:
     svd: str = _f("exact", "truncated SVD: exact or randomized")
     oversample: int = _f(10, "randomized SVD oversampling (q = r + oversample)")
     power_iters: int = _f(4, "randomized SVD power iterations")
+    exchange: str = _f(
+        "sketch",
+        "init.source=federated: 'sketch' (randomized SVD of the sum in two exchanges of k(m+n) per layer, "
+        "k = rank + oversample; SVD of the UN-SIGNED sum, sign is not linear) or 'dense' (each client's "
+        "m x n gradient sum once; the server takes -eta sign(sum) as LoRA-SB)",
+    )
+    clip_norm: float = _f(
+        1.0,
+        "init.source=federated under DP: per-example L2 clip C of the init gradients (all layers together)",
+    )
+    noise_multiplier: float = _f(
+        1.0,
+        "init.source=federated under DP: sigma of the init's releases (N(0, (sigma C)^2) per entry); composed "
+        "into each participating client's account",
+    )
 
     def __post_init__(self) -> None:
         _choice("init.method", self.method, ("lora-sb", "lora-xs", "random"))
-        _choice("init.source", self.source, ("server", "pooled"))
+        _choice("init.source", self.source, ("server", "pooled", "federated"))
+        _choice("init.exchange", self.exchange, ("sketch", "dense"))
+        _positive_float("init.clip_norm", self.clip_norm)
+        _positive_float("init.noise_multiplier", self.noise_multiplier)
         _positive_int("init.server_size", self.server_size)
         _positive_int("init.num_samples", self.num_samples, allow_none=True)
         _check(
@@ -591,6 +611,13 @@ class RunConfig:
         self._check_privacy()
         self._check_server_state()
         self._check_client_ranks()
+        if self.init.source == "federated" and self.privacy.mode == "client":
+            raise ConfigError(
+                field="init.source",
+                value="federated",
+                what="is privatized per example (record level), but privacy.mode=client protects whole clients",
+                fix="use privacy.mode=sample (or none), or init.source server",
+            )
         from fedsb.config_audit import check_unused
 
         check_unused(self, warn=False)  # a privacy setting that does nothing is an error in any config

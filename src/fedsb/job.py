@@ -239,7 +239,7 @@ def build_method(
     from fedsb.fed.base import SetupContext, get_method_class
 
     init_batches = None
-    if data is not None:
+    if data is not None and data.init_data is not None:  # init.source=federated has none
         make_loader = loader_factory(cfg, task, tokenizer, cfg.init.batch_size)(data.init_data)
 
         def init_batches() -> Any:
@@ -253,6 +253,7 @@ def build_method(
         setup_dir=setup_dir,
         resume=resume,
         info=data.init_info if data else {},
+        clients=data.clients if data else None,
     )
     with naming_settings(METHOD_ARGS):
         return get_method_class(cfg.fed.method).create(model, ctx)
@@ -278,6 +279,10 @@ def plan_ledger(cfg: RunConfig, method: Any, data: PreparedData) -> Any:
             clients=0 if data.init_info["federated"] else len(data.clients),
             note=data.init_info["note"] + f"; {data.init_info['num_samples']} examples",
         )
+        if "federated_init" in data.init_info:
+            from fedsb.fed.federated_init import init_ledger_lines
+
+            init_ledger_lines(ledger, data.init_info["federated_init"])
     return ledger
 
 
@@ -288,6 +293,10 @@ def plan_privacy(cfg: RunConfig, data: PreparedData, echo: Callable[[str], None]
 
     steps = {cid: steps_for(n, cfg.train) for cid, n in data.client_sizes.items()}
     ledger = PrivacyLedger.plan(cfg, data.client_sizes, steps, init_info=data.init_info)
+    if "federated_init" in data.init_info:
+        from fedsb.privacy.init_charge import charge_federated_init
+
+        charge_federated_init(ledger, data.init_info["federated_init"])
     summary = ledger.summary()
     lo, hi = summary["noise_multiplier_range"]
     target = cfg.privacy.target_epsilon

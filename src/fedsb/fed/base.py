@@ -96,6 +96,8 @@ class SetupContext:
     setup_dir: Path | None = None
     resume: bool = False
     info: dict[str, Any] = field(default_factory=dict)
+    #: client id -> its data (`ClientData`): the parties of init.source=federated
+    clients: Mapping[str, Any] | None = None
 
 
 class FederatedMethod(ABC):

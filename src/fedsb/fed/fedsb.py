@@ -148,23 +148,28 @@ def server_basis(
             eta = official_eta(cfg.train.lr, cfg.train.warmup_ratio, batches, cfg.train.local_epochs or 1.0)
         data_init = init == "lora-sb"
         t0 = time.perf_counter()
-        basis = compute_basis(
-            model,
-            rank=rank,
-            targets=cfg.adapter.targets,
-            rank_overflow=cfg.adapter.rank_overflow,
-            init=init,
-            batches=ctx.init_batches() if data_init and ctx.init_batches else None,
-            num_samples=ctx.num_samples if data_init else None,
-            loss_fn=ctx.loss_fn,
-            eta=eta,
-            scaling=scaling,
-            svd=cfg.init.svd,
-            oversample=cfg.init.oversample,
-            power_iters=cfg.init.power_iters,
-            generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "basis")),
-            dropout_seed=derive_seed(cfg.seed, "basis-dropout"),
-        )
+        if data_init and cfg.init.source == "federated":
+            from fedsb.fed.federated_init import server_federated_basis
+
+            basis = server_federated_basis(model, ctx, rank=rank, eta=eta, scaling=scaling)
+        else:
+            basis = compute_basis(
+                model,
+                rank=rank,
+                targets=cfg.adapter.targets,
+                rank_overflow=cfg.adapter.rank_overflow,
+                init=init,
+                batches=ctx.init_batches() if data_init and ctx.init_batches else None,
+                num_samples=ctx.num_samples if data_init else None,
+                loss_fn=ctx.loss_fn,
+                eta=eta,
+                scaling=scaling,
+                svd=cfg.init.svd,
+                oversample=cfg.init.oversample,
+                power_iters=cfg.init.power_iters,
+                generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "basis")),
+                dropout_seed=derive_seed(cfg.seed, "basis-dropout"),
+            )
         if adjust is not None:
             basis = adjust(basis)
         ctx.info.update(eta=eta, eta_rule=cfg.init.eta_rule, method=init, seconds=time.perf_counter() - t0)
@@ -173,5 +178,6 @@ def server_basis(
         basis.info.update(ctx.info)
         if basis_dir is not None:
             basis.save(basis_dir)
-    ctx.info.update({k: basis.info[k] for k in ("eta", "eta_rule", "method", "seconds") if k in basis.info})
+    keep = ("eta", "eta_rule", "method", "seconds", "federated_init")
+    ctx.info.update({k: basis.info[k] for k in keep if k in basis.info})
     return basis
