@@ -203,3 +203,21 @@ def test_federated_init_settings_are_validated() -> None:
 
     with pytest.raises(ConfigError, match="init.source='federated'.*simulator only"):
         check_flower_config(RunConfig(init=InitConfig(source="federated")))
+
+
+def test_a_resumed_federated_init_run_reuses_its_basis_ledger_lines_and_privacy_charge(tmp_path: Path) -> None:
+    dp = ["privacy.mode=sample", "privacy.accountant=rdp", "privacy.target_epsilon=8", "export=true"]
+    full = _run(tmp_path / "full", *dp, "privacy.reproducible_noise=true")
+    argv = ["run", "--config", TINY, "--output", str(tmp_path / "cut"), *QUIET, "init.source=federated", *dp]
+    assert main([*argv, "privacy.reproducible_noise=true", "--stop-after-round", "1"]) == 0
+    assert main(["run", "--resume", str(tmp_path / "cut"), "--no-progress"]) == 0
+    cut = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert cut["basis_fingerprint"] == full["basis_fingerprint"]
+    assert cut["ledger"]["one_time"] == full["ledger"]["one_time"]
+    for cid, acc in full["privacy"]["accounts"].items():
+        assert cut["privacy"]["accounts"][cid]["history"] == acc["history"]
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "full" / "adapter" / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "adapter" / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
