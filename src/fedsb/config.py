@@ -145,8 +145,10 @@ class InitConfig:
     method: str = _f("lora-sb", "basis: lora-sb (gradient SVD), lora-xs (SVD of W0) or random (orthonormal)")
     source: str = _f(
         "server",
-        "data for the gradient estimate: 'server' (a proxy sample the server holds; federated) or "
-        "'pooled' (the clients' pooled training data, as in the paper; not federated)",
+        "data for the gradient estimate: 'server' (a proxy sample the server holds; federated), "
+        "'pooled' (the clients' pooled training data, as in the paper; not federated) or 'federated' (each "
+        "sampled client's gradient over its own n_i examples, sent as a sketch or a sum, noised under DP; "
+        "init.exchange; simulator only)",
     )
     server_size: int = _f(256, "examples in the server's proxy sample (source=server)")
     num_samples: int | None = _f(
@@ -162,10 +164,28 @@ class InitConfig:
     svd: str = _f("exact", "truncated SVD: exact or randomized")
     oversample: int = _f(10, "randomized SVD oversampling (q = r + oversample)")
     power_iters: int = _f(4, "randomized SVD power iterations")
+    exchange: str = _f(
+        "sketch",
+        "init.source=federated: 'sketch' (randomized SVD of the sum in two exchanges of k(m+n) per layer, "
+        "k = rank + oversample; SVD of the UN-SIGNED sum, sign is not linear) or 'dense' (each client's "
+        "m x n gradient sum once; the server takes -eta sign(sum) as LoRA-SB)",
+    )
+    clip_norm: float = _f(
+        1.0,
+        "init.source=federated under DP: per-example L2 clip C of the init gradients (all layers together)",
+    )
+    noise_multiplier: float = _f(
+        1.0,
+        "init.source=federated under DP: sigma of the init's releases (N(0, (sigma C)^2) per entry); composed "
+        "into each participating client's account",
+    )
 
     def __post_init__(self) -> None:
         _choice("init.method", self.method, ("lora-sb", "lora-xs", "random"))
-        _choice("init.source", self.source, ("server", "pooled"))
+        _choice("init.source", self.source, ("server", "pooled", "federated"))
+        _choice("init.exchange", self.exchange, ("sketch", "dense"))
+        _positive_float("init.clip_norm", self.clip_norm)
+        _positive_float("init.noise_multiplier", self.noise_multiplier)
         _positive_int("init.server_size", self.server_size)
         _positive_int("init.num_samples", self.num_samples, allow_none=True)
         _check(
@@ -237,12 +257,30 @@ class PartitionConfig:
     alpha: float = _f(0.5, "Dirichlet concentration (dirichlet, quantity)")
     column: str | None = _f(None, "column for dirichlet/natural (null = the task's own category column)")
     min_size: int = _f(1, "smallest allowed client dataset")
+    client_ranks: list | None = _f(
+        None,
+        "fed.method=fedsb: rank r_i <= adapter.rank of each client, in client order (e.g. [8, 16, 32]); "
+        "client i trains and uploads only R[:r_i, :r_i] and the global R stays the exact weighted mean of "
+        "the client models (null: every client at adapter.rank)",
+    )
 
     def __post_init__(self) -> None:
         _choice("partition.scheme", self.scheme, ("iid", "dirichlet", "natural", "quantity"))
         _positive_int("partition.num_clients", self.num_clients, allow_none=self.scheme == "natural")
         _positive_float("partition.alpha", self.alpha)
         _positive_int("partition.min_size", self.min_size)
+        if self.client_ranks is not None:
+            ranks = self.client_ranks
+            ok = isinstance(ranks, list | tuple) and all(
+                isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ranks
+            )
+            _check(
+                ok and len(ranks) > 0,
+                "partition.client_ranks",
+                ranks,
+                "use a list of positive integers, one per client, e.g. [2, 4, 4]",
+            )
+            self.client_ranks = list(ranks)
 
 
 @dataclass
@@ -572,6 +610,14 @@ class RunConfig:
             )
         self._check_privacy()
         self._check_server_state()
+        self._check_client_ranks()
+        if self.init.source == "federated" and self.privacy.mode == "client":
+            raise ConfigError(
+                field="init.source",
+                value="federated",
+                what="is privatized per example (record level), but privacy.mode=client protects whole clients",
+                fix="use privacy.mode=sample (or none), or init.source server",
+            )
         from fedsb.config_audit import check_unused
 
         check_unused(self, warn=False)  # a privacy setting that does nothing is an error in any config
@@ -605,6 +651,52 @@ class RunConfig:
                 value="int8",
                 what=f"sends changes of the global state, but {why}",
                 fix=f"{fix}, or fed.wire_dtype float32, bfloat16 or float16",
+            )
+
+    def _check_client_ranks(self) -> None:
+        """partition.client_ranks: one rank <= adapter.rank per client, for a method whose R is ordered by
+        the basis' singular directions, on a wire that sends tensors (int8 sends changes of the full R)."""
+        from fedsb.fed.mixed_rank import MIXED_RANK_METHODS
+
+        ranks, name = self.partition.client_ranks, "partition.client_ranks"
+        if ranks is None:
+            return
+        if self.fed.method not in MIXED_RANK_METHODS:
+            raise ConfigError(
+                field=name,
+                value=ranks,
+                what=f"needs an R ordered by singular directions, but fed.method={self.fed.method} has none",
+                fix="use fed.method=fedsb, or partition.client_ranks=null",
+            )
+        n = self.partition.num_clients
+        if n is None:
+            raise ConfigError(
+                field=name,
+                value=ranks,
+                what="needs a known number of clients",
+                fix="set partition.num_clients (the natural partition's count)",
+            )
+        if len(ranks) != n:
+            raise ConfigError(
+                field=name,
+                value=ranks,
+                what=f"has {len(ranks)} entries for partition.num_clients={n}",
+                fix=f"give one rank per client ({n} entries)",
+            )
+        big = [r for r in ranks if r > self.adapter.rank]
+        if big:
+            raise ConfigError(
+                field=name,
+                value=ranks,
+                what=f"holds {big[0]} > adapter.rank={self.adapter.rank}",
+                fix=f"use ranks <= {self.adapter.rank}, or raise adapter.rank",
+            )
+        if self.fed.wire_dtype == "int8":
+            raise ConfigError(
+                field=name,
+                value=ranks,
+                what="does not work with fed.wire_dtype=int8 (its changes and scales are of the full R)",
+                fix="use fed.wire_dtype float32, bfloat16 or float16, or partition.client_ranks=null",
             )
 
     def expected_clients_per_round(self) -> int:

@@ -154,15 +154,44 @@ RULES: tuple[Rule, ...] = (
         "remove them, or use lora-sb or lora-xs as the basis init",
     ),
     Rule(
-        ("init.oversample", "init.power_iters"),
-        lambda c: c.init.svd == "randomized",
-        lambda c: "init.svd=exact computes the SVD without oversampling or power iterations",
-        "remove them, or use init.svd=randomized",
+        ("init.oversample",),
+        lambda c: (
+            c.init.svd == "randomized" or (c.init.source == "federated" and c.init.exchange == "sketch")
+        ),
+        lambda c: "init.svd=exact computes the SVD without oversampling (and no federated sketch is taken)",
+        "remove it, or use init.svd=randomized or init.source=federated with init.exchange=sketch",
+    ),
+    Rule(
+        ("init.power_iters",),
+        lambda c: (
+            c.init.svd == "randomized" and not (c.init.source == "federated" and c.init.exchange == "sketch")
+        ),
+        lambda c: (
+            "init.svd=exact computes the SVD without power iterations"
+            if c.init.svd == "exact"
+            else "the federated sketch takes none (each would cost two more exchanges)"
+        ),
+        "remove it, or use init.svd=randomized",
+    ),
+    Rule(
+        ("init.exchange",),
+        lambda c: c.init.source == "federated",
+        lambda c: f"init.source={c.init.source} exchanges nothing with the clients for the init",
+        "remove it, or use init.source=federated",
+    ),
+    Rule(
+        ("init.clip_norm", "init.noise_multiplier"),
+        lambda c: c.init.source == "federated" and c.privacy.enabled,
+        lambda c: "they privatize the federated init's releases (init.source=federated under DP)",
+        "remove them, or use init.source=federated with privacy.mode=sample",
     ),
     Rule(
         ("init.server_size",),
         lambda c: c.init.source == "server",
-        lambda c: "init.source=pooled estimates the gradient on the clients' pooled data",
+        lambda c: (
+            f"init.source={c.init.source} estimates the gradient on the clients' "
+            + ("pooled data" if c.init.source == "pooled" else "own data, on each client")
+        ),
         "remove init.server_size, or use init.source=server",
     ),
     Rule(

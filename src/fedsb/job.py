@@ -63,6 +63,7 @@ class Components:
     def simulator(self, only: list[str] | None = None) -> Any:
         """The in-process executor: the clients (all, or `only` these) train on this process's one model."""
         from fedsb.console import bars_enabled
+        from fedsb.fed.mixed_rank import client_ranks_of
         from fedsb.fed.simulate import InProcessExecutor
 
         cfg = self.cfg
@@ -82,6 +83,7 @@ class Components:
             progress=bars_enabled(cfg.progress),
             privacy=self.privacy,
             mechanism=cfg.privacy.mechanism,
+            client_ranks=client_ranks_of(cfg.partition.client_ranks, list(clients)),
         )
 
 
@@ -245,7 +247,7 @@ def build_method(
     from fedsb.fed.base import SetupContext, get_method_class
 
     init_batches = None
-    if data is not None:
+    if data is not None and data.init_data is not None:  # init.source=federated has none
         make_loader = loader_factory(cfg, task, tokenizer, cfg.init.batch_size)(data.init_data)
 
         def init_batches() -> Any:
@@ -259,6 +261,7 @@ def build_method(
         setup_dir=setup_dir,
         resume=resume,
         data_info=data.init_info if data else {},
+        clients=data.clients if data else None,
     )
     with naming_settings(METHOD_ARGS):
         return get_method_class(cfg.fed.method).create(model, ctx)
@@ -285,6 +288,10 @@ def plan_ledger(cfg: RunConfig, method: Any, data: PreparedData, init_info: Mapp
             clients=0 if init_info["federated"] else len(data.clients),
             note=init_info["note"] + f"; {init_info['num_samples']} examples",
         )
+        if "federated_init" in init_info:
+            from fedsb.fed.federated_init import init_ledger_lines
+
+            init_ledger_lines(ledger, init_info["federated_init"])
     return ledger
 
 
@@ -304,6 +311,10 @@ def plan_privacy(
 
     steps = {cid: steps_for(n, cfg.train) for cid, n in data.client_sizes.items()}
     ledger = PrivacyLedger.plan(cfg, data.client_sizes, steps, init_info=init_info)
+    if "federated_init" in init_info:
+        from fedsb.privacy.init_charge import charge_federated_init
+
+        charge_federated_init(ledger, init_info["federated_init"])
     summary = ledger.summary()
     lo, hi = summary["noise_multiplier_range"]
     target = cfg.privacy.target_epsilon

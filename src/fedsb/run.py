@@ -31,6 +31,7 @@ from fedsb.console import RoundClock, bars_enabled, round_line
 from fedsb.device import Placement
 from fedsb.errors import CheckpointError, ConfigError, FedsbError
 from fedsb.fed.checkpoint import RunState, check_placement, latest_checkpoint, placement_record
+from fedsb.fed.mixed_rank import client_ranks_of
 from fedsb.fed.rounds import RoundRecord, Server, run_rounds
 from fedsb.fed.server_opt import build_server_optimizer
 from fedsb.interrupt import RunStopped, StopSignals, signal_name
@@ -213,6 +214,7 @@ class Run:
             declared_sizes=privacy.client_sizes if privacy else None,
             release=cfg.privacy.mechanism.release,
             server_optimizer=build_server_optimizer(cfg.fed, parts.method.state),
+            client_ranks=client_ranks_of(cfg.partition.client_ranks, list(parts.data.clients)),
         )
 
     def _read_checkpoint(self, precision: dict[str, Any]) -> RunState | None:

@@ -142,6 +142,8 @@ def prepare_data(cfg: RunConfig, task: Any, tokenizer: Any) -> PreparedData:
     sizes = {cid: c.num_examples for cid, c in clients.items()}
     stats["client_ids"] = list(clients)
     # init data: the server's own proxy sample (federated) or the clients' pooled data (paper; not federated)
+    if cfg.init.source == "federated":  # no init data leaves a client (fedsb.init.federated)
+        return PreparedData(task, clients, sizes, stats, test, None, federated_init_info(cfg, sizes))
     if cfg.init.source == "server":
         try:
             init_rows = task.load("init", cfg.init.server_size, cfg.seed)
@@ -172,3 +174,18 @@ def prepare_data(cfg: RunConfig, task: Any, tokenizer: Any) -> PreparedData:
         else "NOT FEDERATED: the basis is computed from raw examples of the clients' pooled training data",
     }
     return PreparedData(task, clients, sizes, stats, test, init_data, info)
+
+
+def federated_init_info(cfg: RunConfig, sizes: dict[str, int]) -> dict[str, Any]:
+    """init_info of init.source=federated: each client's gradient stays on it, noised under DP."""
+    from fedsb.fed.federated_init import init_samples
+
+    private = " with per-example clipping and Gaussian noise" if cfg.privacy.enabled else ""
+    return {
+        "source": "federated",
+        "federated": True,
+        "pool_size": sum(sizes.values()),
+        "num_samples": sum(init_samples(cfg, n) for n in sizes.values()),
+        "note": f"federated gradient {cfg.init.exchange} from the clients' own examples{private}; "
+        "no example leaves a client",
+    }

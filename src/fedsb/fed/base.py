@@ -102,6 +102,8 @@ class SetupContext:
     setup_dir: Path | None = None
     resume: bool = False
     data_info: Mapping[str, Any] = field(default_factory=dict)
+    #: client id -> its data (`ClientData`): the parties of init.source=federated
+    clients: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)

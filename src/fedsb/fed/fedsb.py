@@ -153,17 +153,22 @@ def server_basis(
             batches = -(-ctx.data_info.get("pool_size", ctx.num_samples or 1) // cfg.init.batch_size)
             eta = official_eta(cfg.train.lr, cfg.train.warmup_ratio, batches, cfg.train.local_epochs or 1.0)
         t0 = time.perf_counter()
-        basis = compute_basis(
-            model,
-            BasisSpec.from_config(cfg, rank=rank, init=init, scaling=scaling, eta=eta),
-            GradientSource(
-                batches=ctx.init_batches() if data_init and ctx.init_batches else None,
-                num_samples=ctx.num_samples if data_init else None,
-                loss_fn=ctx.loss_fn,
-                dropout_seed=derive_seed(cfg.seed, "basis-dropout"),
-            ),
-            generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "basis")),
-        )
+        if data_init and cfg.init.source == "federated":
+            from fedsb.fed.federated_init import server_federated_basis
+
+            basis = server_federated_basis(model, ctx, rank=rank, eta=eta, scaling=scaling)
+        else:
+            basis = compute_basis(
+                model,
+                BasisSpec.from_config(cfg, rank=rank, init=init, scaling=scaling, eta=eta),
+                GradientSource(
+                    batches=ctx.init_batches() if data_init and ctx.init_batches else None,
+                    num_samples=ctx.num_samples if data_init else None,
+                    loss_fn=ctx.loss_fn,
+                    dropout_seed=derive_seed(cfg.seed, "basis-dropout"),
+                ),
+                generator=torch.Generator().manual_seed(derive_seed(cfg.seed, "basis")),
+            )
         if adjust is not None:
             basis = adjust(basis)
         done = {
@@ -176,5 +181,6 @@ def server_basis(
         basis.info.update(done)
         if basis_dir is not None:
             basis.save(basis_dir)
-    done = {k: basis.info[k] for k in ("eta", "eta_rule", "method", "seconds") if k in basis.info}
+    keep = ("eta", "eta_rule", "method", "seconds", "federated_init")
+    done = {k: basis.info[k] for k in keep if k in basis.info}
     return basis, (InitReport(used_data=True, basis=done) if data_init else replace(data_free, basis=done))

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from fedsb.errors import CheckpointError, UpdateRejected
 from fedsb.fed.base import ClientUpdate, FederatedMethod, Tensors
 from fedsb.fed.ledger import Ledger
+from fedsb.fed.mixed_rank import ClientRanks
 from fedsb.fed.sampling import ClientSampler
 from fedsb.fed.server_opt import ServerOptimizer
 from fedsb.fed.validate import validate_update
@@ -88,6 +89,7 @@ class Server:
         declared_sizes: Mapping[str, int] | None = None,
         release: ReleaseRules | None = None,
         server_optimizer: ServerOptimizer | None = None,
+        client_ranks: ClientRanks | None = None,
     ) -> None:
         self.method = method
         self.sampler = sampler
@@ -99,6 +101,7 @@ class Server:
         self.declared_sizes = declared_sizes  # under DP: the public sizes of the privacy plan, checked
         self.release = release or ReleaseRules()  # what the records may hold about each client
         self.server_optimizer = server_optimizer  # None: the new global state is the aggregate itself
+        self.client_ranks = client_ranks  # partition.client_ranks: uploads of R[:r_i, :r_i] (fed.mixed_rank)
         self.history: list[RoundRecord] = []
 
     def applied_through(self, client_ids: Sequence[str]) -> int:
@@ -209,16 +212,17 @@ class Server:
             # a private client keeps its timings: count the time the server waited for the update instead
             # (not recorded under DP: `ReleaseRules.round_seconds`)
             client_seconds += float(self.release.metrics(update.metrics).get("seconds", waited))
+            ranks, cid = self.client_ranks, update.client_id
             try:
                 validate_update(
                     update,
                     round=round,
-                    spec=spec,
+                    spec=ranks.upload_spec(cid, spec) if ranks is not None else spec,
                     wire_dtype=dtypes,
                     fingerprint=self.method.basis_fingerprint,
                     sampled=sampled,
                     seen=seen,
-                    reference=reference,
+                    reference=ranks.crop(cid, reference) if ranks is not None else reference,
                     max_norm=self.max_update_norm,
                     declared_sizes=self.declared_sizes,
                     private=self.release.private,
@@ -231,7 +235,10 @@ class Server:
                     self._record_up(round, update, "rejected")
                 continue
             self._record_up(round, update, "ok")
-            aggregator.add(self.wire.decode_upload(update.tensors), update.num_examples)
+            tensors = self.wire.decode_upload(update.tensors)
+            if ranks is not None:  # the client's model: R^t outside the block it sent
+                tensors = ranks.fill(cid, tensors, reference)
+            aggregator.add(tensors, update.num_examples)
             seen.add(update.client_id)
             record.accepted.append(update.client_id)
             metrics = self.release.metrics(update.metrics)  # under DP: what the accountant covers

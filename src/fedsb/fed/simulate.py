@@ -19,6 +19,7 @@ from fedsb.adapters.inject import AdaptedModel
 from fedsb.config import TrainConfig
 from fedsb.fed.base import ClientUpdate, FederatedMethod, Tensors
 from fedsb.fed.checkpoint import flatten_optimizer_state, unflatten_optimizer_state
+from fedsb.fed.mixed_rank import BlockTraining, ClientRanks
 from fedsb.fed.rounds import decode, encode
 from fedsb.fed.wire import WIRE_DTYPES, ClientInt8
 from fedsb.privacy.release import ReleaseRules
@@ -63,6 +64,7 @@ class InProcessExecutor:
         progress: bool = False,
         privacy: PrivacyLedger | None = None,
         mechanism: PrivacyMechanism | None = None,
+        client_ranks: ClientRanks | None = None,
     ) -> None:
         self.method = method
         self.adapted = adapted
@@ -81,6 +83,7 @@ class InProcessExecutor:
         # what a client may send (fedsb.privacy.release); under DP its losses and timings stay here
         self.release = mechanism.release if mechanism is not None else ReleaseRules()
         self.optimizer_states: dict[str, dict[str, Any]] = {}
+        self.client_ranks = client_ranks  # partition.client_ranks: who trains and sends only R[:r_i, :r_i]
 
     def train_round(self, round: int, client_ids: Sequence[str], download: Tensors) -> Iterator[ClientUpdate]:
         for cid in client_ids:
@@ -112,20 +115,26 @@ class InProcessExecutor:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=steps, desc=f"  {cid} steps", leave=False)
-        result, opt_state = train_local(
-            self.adapted.model,
-            self.adapted.trainable_parameters(),
-            make_epoch,
-            self.cfg,
-            steps=steps,
-            schedule=schedule,
-            step_offset=offset,
-            optimizer_state=self.optimizer_states.get(cid) if self.cfg.keep_optimizer_state else None,
-            seed=derive_seed(self.seed, "dropout", cid, round),
-            loss_fn=self.loss_fn,
-            on_step=(lambda k, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}"))) if bar else None,
-            privacy=dp,
-        )
+        params = self.adapted.trainable_parameters()
+        block = self.client_ranks.train_block(cid, params) if self.client_ranks is not None else None
+        try:
+            result, opt_state = train_local(
+                self.adapted.model,
+                params,
+                make_epoch,
+                self.cfg,
+                steps=steps,
+                schedule=schedule,
+                step_offset=offset,
+                optimizer_state=self.optimizer_states.get(cid) if self.cfg.keep_optimizer_state else None,
+                seed=derive_seed(self.seed, "dropout", cid, round),
+                loss_fn=self.loss_fn,
+                on_step=_step_callback(bar, block),
+                privacy=dp,
+            )
+        finally:
+            if block is not None:
+                block.close()
         if bar is not None:
             bar.close()
         if dp is not None:
@@ -148,10 +157,15 @@ class InProcessExecutor:
             client_id=cid,
             round=round,
             num_examples=data.num_examples,
-            tensors=self.upload(cid, self.method.client_upload(self.adapted)),
+            tensors=self.upload(cid, self.client_tensors(cid)),
             basis_fingerprint=fingerprint,
             metrics=metrics,
         )
+
+    def client_tensors(self, cid: str) -> Tensors:
+        """What the method uploads, each R cut to the client's block under partition.client_ranks."""
+        tensors = self.method.client_upload(self.adapted)
+        return self.client_ranks.crop(cid, tensors) if self.client_ranks is not None else tensors
 
     # ---- the wire, client side ------------------------------------------------------------------------------
     def receive(self, cid: str, download: Tensors) -> Tensors:
@@ -200,3 +214,18 @@ class InProcessExecutor:
                 {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}, m
             )
             self.wire_clients[cid] = client
+
+
+def _step_callback(bar: Any, block: BlockTraining | None) -> Callable[[int, float], None] | None:
+    """After each optimizer step: hold R outside the client's block (mixed ranks), advance the bar."""
+    if bar is None and block is None:
+        return None
+
+    def on_step(k: int, loss: float) -> None:
+        if block is not None:
+            block.project()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+
+    return on_step

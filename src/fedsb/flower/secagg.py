@@ -209,6 +209,14 @@ def check_secagg_config(cfg: Any) -> None:
             ),
             fix="set fed.wire_dtype=float32, or run without secagg",
         )
+    if cfg.partition.client_ranks is not None:
+        raise ConfigError(
+            field="partition.client_ranks",
+            value=cfg.partition.client_ranks,
+            what="does not work with SecAgg+ (the masked vectors of clients at different ranks have different "
+            "sizes, and the server must fill each client's entries outside its block before the sum)",
+            fix="set partition.client_ranks=null, or run without secagg",
+        )
     if cfg.fed.max_update_norm is not None:
         raise ConfigError(
             field="fed.max_update_norm",
