@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from fedsb.errors import FedsbError
+from fedsb.train.batches import IGNORE_INDEX
 from fedsb.validators import positive_int
 
 __all__ = [
@@ -27,7 +28,6 @@ __all__ = [
     "tokenize_for_training",
 ]
 
-IGNORE_INDEX = -100  # label value ignored by the causal-LM loss
 TRAIN_COLUMNS: tuple[str, ...] = ("input_ids", "attention_mask", "labels")
 
 

@@ -6,6 +6,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 
+IGNORE_INDEX = -100  # label value ignored by the causal-LM loss (no prediction is scored there)
+
 Batch = Mapping[str, torch.Tensor]
 
 

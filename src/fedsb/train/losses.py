@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedsb.data.lm import IGNORE_INDEX
-from fedsb.train.batches import Batch
+from fedsb.train.batches import IGNORE_INDEX, Batch
 
 __all__ = ["LossFn", "causal_lm_loss", "default_loss", "per_example_causal_lm_loss"]
 
