@@ -14,7 +14,7 @@ module asks which kind of task it holds.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import datasets
@@ -47,20 +47,26 @@ class TaskFormat(ABC):
     kind: ClassVar[str]
     recipe: ClassVar[str]
     has_head: ClassVar[bool] = False
+    tokenize_rows: ClassVar[Callable[..., datasets.Dataset]]  # (ds, task, tokenizer, max_length) -> rows
+    loader: ClassVar[
+        Callable[..., DataLoader]
+    ]  # (rows, batch_size, *, seed, pad_token_id, pad_to_multiple_of)
 
-    @abstractmethod
     def tokenize(self, task: Any, ds: datasets.Dataset, tokenizer: Any, max_length: int) -> datasets.Dataset:
-        """The training rows of ``ds`` (other columns removed: partition first)."""
+        """The training rows of ``ds`` (other columns removed: partition first): ``tokenize_rows``."""
+        return self.tokenize_rows(ds, task, tokenizer, max_length)
 
     @abstractmethod
     def cache_rows(self, task: Any, ds: datasets.Dataset) -> Iterable[str]:
         """Each row of ``ds`` as the task renders it for ``tokenize`` (the tokenization cache's key)."""
 
-    @abstractmethod
     def make_loader(
         self, ds: datasets.Dataset, batch_size: int, *, seed: int, pad_token_id: int, pad_to_multiple_of: int
     ) -> DataLoader:
         """Seeded epochs of padded batches over ``tokenize``'s rows (the order depends only on ``seed``)."""
+        return self.loader(
+            ds, batch_size, seed=seed, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of
+        )
 
     @abstractmethod
     def loss(self, *, per_example: bool = False) -> LossFn:
@@ -81,22 +87,12 @@ class AnswerOnlyLM(TaskFormat):
     name = "answer-only-lm"
     kind = "generate"
     recipe = "causal-lm-answer-only"
-
-    def tokenize(self, task: Any, ds: datasets.Dataset, tokenizer: Any, max_length: int) -> datasets.Dataset:
-        """``tokenize_for_training`` (examples longer than ``max_length`` are dropped)."""
-        return tokenize_for_training(ds, task, tokenizer, max_length)
+    tokenize_rows = staticmethod(tokenize_for_training)  # examples longer than max_length are dropped
+    loader = staticmethod(make_train_loader)  # left-padded, answer-masked batches
 
     def cache_rows(self, task: Any, ds: datasets.Dataset) -> Iterable[str]:
         """Prompt and target of each row."""
         return (task.prompt(ex) + "\x1d" + task.target(ex) for ex in ds)
-
-    def make_loader(
-        self, ds: datasets.Dataset, batch_size: int, *, seed: int, pad_token_id: int, pad_to_multiple_of: int
-    ) -> DataLoader:
-        """Left-padded answer-masked batches (``make_train_loader``)."""
-        return make_train_loader(
-            ds, batch_size, seed=seed, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of
-        )
 
     def loss(self, *, per_example: bool = False) -> LossFn:
         """Answer-only next-token cross-entropy, token-pooled or a mean of per-example means."""
@@ -134,22 +130,12 @@ class ClassifierHead(TaskFormat):
     kind = "classify"
     recipe = "classify"
     has_head = True
-
-    def tokenize(self, task: Any, ds: datasets.Dataset, tokenizer: Any, max_length: int) -> datasets.Dataset:
-        """``tokenize_for_classification`` (inputs longer than ``max_length`` are truncated)."""
-        return tokenize_for_classification(ds, task, tokenizer, max_length)
+    tokenize_rows = staticmethod(tokenize_for_classification)  # inputs longer than max_length are truncated
+    loader = staticmethod(make_classification_loader)  # right-padded batches, (B,) labels
 
     def cache_rows(self, task: Any, ds: datasets.Dataset) -> Iterable[str]:
         """The texts and the label id of each row."""
         return ("\x1d".join([*task.texts(ex), str(int(ex["label"]))]) for ex in ds)
-
-    def make_loader(
-        self, ds: datasets.Dataset, batch_size: int, *, seed: int, pad_token_id: int, pad_to_multiple_of: int
-    ) -> DataLoader:
-        """Right-padded batches with (B,) labels (``make_classification_loader``)."""
-        return make_classification_loader(
-            ds, batch_size, seed=seed, pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of
-        )
 
     def loss(self, *, per_example: bool = False) -> LossFn:
         """The model's own cross-entropy (already a mean of per-example losses)."""

@@ -103,7 +103,7 @@ def collate_for_training(
     matmuls) cache per-shape primitives, about 1 MB each, so unbounded shape variety grows memory.
 
     Left padding puts every answer at the end of its row, so the loss needs logits for the last few
-    positions only (`fedsb.train.local.causal_lm_loss`). `position_ids` count real tokens from 0, as
+    positions only (`fedsb.train.losses.causal_lm_loss`). `position_ids` count real tokens from 0, as
     `generate` does for left-padded prompts, so positions match between training and evaluation.
     """
     if not features:

@@ -1,7 +1,7 @@
 """The Flower ClientApp: translate Messages to `fedsb.flower.client` calls and back; nothing else.
 
 `query.setup` stores the server's config and one-time payload in the node's `context.state`; `train`
-rebuilds the client (cached per process; the basis fingerprint is checked there), installs what it kept
+rebuilds the client (cached per process in `fedsb.flower.node`; the basis fingerprint is checked there), installs what it kept
 from earlier rounds (`fedsb.flower.node_state`: folded W0, optimizer state, DP step count), checks the DP
 account the server sent (`fedsb.flower.dp`) and runs one round of the simulator's local trainer; SecAgg+ train messages go through `secaggplus_mod` (`secagg_router`). Start
 SuperNodes with `--node-config 'partition-id=<i>'` (and optionally `device="cuda:1"`); in simulation

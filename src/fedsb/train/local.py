@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,11 +85,7 @@ def train_local(
     if privacy is not None and cfg.grad_accum != 1:
         raise ValueError("DP-SGD takes one Poisson batch per step: use grad_accum=1")
     plist = list(params.values())
-    flags = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in plist:
-        p.requires_grad_(True)
+    flags = _train_only(model, plist)
     opt = make_optimizer(plist, cfg)
     if optimizer_state:
         opt.load_state_dict(optimizer_state)
@@ -104,40 +100,19 @@ def train_local(
         with seeded(device, seed):
             batches = privacy.batches(make_epoch, steps, seed) if privacy else cycle_epochs(make_epoch)
             for k in range(steps):
-                lr = schedule.lr(step_offset + k)
                 for group in opt.param_groups:
-                    group["lr"] = lr
-                if private is not None:
-                    private.zero_grad()
-                else:
-                    opt.zero_grad(set_to_none=True)
-                step_loss, empty = 0.0, False
-                for _ in range(cfg.grad_accum):
-                    batch = next(batches)
-                    if not batch:  # only a Poisson draw can be empty (DP-SGD, grad_accum = 1)
-                        empty = True
-                        break
-                    with autocast(device, cfg.bf16):
-                        loss = loss_fn(model, to_device(batch, device))
-                    (loss / cfg.grad_accum).backward()
-                    step_loss += float(loss.detach()) / cfg.grad_accum
-                    result.num_examples += batch_size_of(batch)
-                if empty and private is not None:  # the noise is released all the same; no loss to report
+                    group["lr"] = schedule.lr(step_offset + k)
+                private.zero_grad() if private is not None else opt.zero_grad(set_to_none=True)
+                step_loss = _accumulate(model, batches, loss_fn, cfg, result)
+                if step_loss is None and private is not None:  # noise released all the same; no loss
                     private.noise_only_step()
                     result.steps += 1
                     continue
-                if not math.isfinite(step_loss):
-                    raise FloatingPointError(f"local loss became {step_loss} at step {k}; lower train.lr")
-                if private is not None:
-                    private.step()  # per-example clipping and noise replace the global clip
-                else:
-                    if cfg.max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(plist, cfg.max_grad_norm)
-                    opt.step()
-                result.losses.append(step_loss)
+                _step(k, step_loss, opt, private, plist, cfg.max_grad_norm)
+                result.losses.append(step_loss)  # type: ignore[arg-type]
                 result.steps += 1
                 if on_step is not None:
-                    on_step(k, step_loss)
+                    on_step(k, step_loss)  # type: ignore[arg-type]
     finally:
         if private is not None:
             private.detach()
@@ -147,6 +122,55 @@ def train_local(
             p.grad = None
     result.seconds = time.perf_counter() - start
     return result, opt.state_dict()
+
+
+def _train_only(model: nn.Module, trained: list[nn.Parameter]) -> dict[nn.Parameter, bool]:
+    """Freeze every parameter of ``model`` but ``trained``; returns the flags to restore."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trained:
+        p.requires_grad_(True)
+    return flags
+
+
+def _accumulate(
+    model: nn.Module, batches: Iterator[Batch], loss_fn: LossFn, cfg: TrainConfig, result: LocalResult
+) -> float | None:
+    """Backward over ``cfg.grad_accum`` micro-batches (each loss / grad_accum); their mean loss, or None for
+    an empty (Poisson) draw. Counts the examples into ``result``."""
+    device = module_device(model)
+    step_loss = 0.0
+    for _ in range(cfg.grad_accum):
+        batch = next(batches)
+        if not batch:  # only a Poisson draw can be empty (DP-SGD, grad_accum = 1)
+            return None
+        with autocast(device, cfg.bf16):
+            loss = loss_fn(model, to_device(batch, device))
+        (loss / cfg.grad_accum).backward()
+        step_loss += float(loss.detach()) / cfg.grad_accum
+        result.num_examples += batch_size_of(batch)
+    return step_loss
+
+
+def _step(
+    k: int,
+    step_loss: float | None,
+    opt: torch.optim.Optimizer,
+    private: Any,
+    plist: list[nn.Parameter],
+    max_grad_norm: float | None,
+) -> None:
+    """One optimizer step after a finite loss: the private step (per-example clipping and noise replace the
+    global clip), else clipping to ``max_grad_norm`` and ``opt.step()``."""
+    if step_loss is None or not math.isfinite(step_loss):
+        raise FloatingPointError(f"local loss became {step_loss} at step {k}; lower train.lr")
+    if private is not None:
+        private.step()
+        return
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(plist, max_grad_norm)
+    opt.step()
 
 
 def loss_for(task: Any, *, per_example: bool = False) -> LossFn:
