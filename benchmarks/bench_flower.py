@@ -137,6 +137,42 @@ def message_breakdown(timing: Path) -> dict[str, Any]:
     }
 
 
+FLOOR = """
+import json, time
+t0 = time.perf_counter()
+import torch, transformers
+t1 = time.perf_counter()
+out = {"import torch+transformers": t1 - t0}
+if {smollm2}:
+    from fedsb.models.load import prepare_smollm2
+    path = prepare_smollm2()
+    t2 = time.perf_counter()
+    transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    out["load the converted checkpoint"] = time.perf_counter() - t2
+print(json.dumps(out))
+"""
+
+
+def bare_floor(cfg_file: str, ov: list[str]) -> dict[str, float]:
+    """What any ClientApp that trains this model pays in a fresh process, fedsb aside: Python start-up,
+    `import torch, transformers`, and (SmolLM2) loading the converted checkpoint; seconds."""
+    from fedsb.config import resolve_config
+
+    smollm2 = resolve_config(cfg_file or None, ov).model.name == "smollm2-135m"
+    res = subprocess.run(
+        [sys.executable, "-c", FLOOR.replace("{smollm2}", str(smollm2))],
+        env=flower_env(Path(tempfile.gettempdir()) / "unused-home"),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    out["python start-up"] = time.perf_counter() - t0
+    return out
+
+
 def run_inprocess(cfg_file: str, ov: list[str], out: Path) -> float:
     code = (
         "import sys; from fedsb.config import resolve_config; from fedsb.run import run_job; "
@@ -187,7 +223,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         fb = "-" if r["flower_bytes_rounds"] is None else f"{r['flower_bytes_rounds']:,}"
         fs = "-" if r["flower_bytes_setup"] is None else f"{r['flower_bytes_setup']:,}"
         lines.append(
-            f"{r['mode']:<22}{r['wall_s']:>8.1f}{r['job_s']:>8.1f}{r['rounds_s']:>10.1f}{r['local_training_s']:>9.2f}"
+            f"{r['mode']:<22}{r['wall_s']:>8.1f}{r['job_s']:>8.1f}{r['rounds_s']:>10.1f}"
+            f"{sum(x['train_s'] for x in r['per_round']):>9.2f}"
             f"{r['overhead_ratio']:>9.0%} {r['ledger_bytes_rounds']:>16,}{fb:>17}{r['ledger_bytes_one_time']:>15,}"
             f"{fs:>15}{r['max_dR']:>10.2g}"
         )
@@ -229,6 +266,7 @@ def main() -> None:
         load.append(os.getloadavg())
         walls["deployment (TLS+auth)"] = run_deployment(cfg_file, ov, t / "deployment-out", args.clients)
         load.append(os.getloadavg())
+        floor = bare_floor(cfg_file, ov)
         ref = final_state(t / "inprocess")
         timing = {
             "Flower simulation": "timing-simulation.jsonl",
@@ -247,10 +285,16 @@ def main() -> None:
     print(table(rows))
     print("\nseconds per train message (mean):")
     print(breakdown_table(rows))
+    print(
+        "\nfloor of a fresh process (no fedsb, no Flower): "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in floor.items())
+    )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(
-            json.dumps({"config": args.config, "overrides": ov, "load": load, "rows": rows}, indent=1)
+            json.dumps(
+                {"config": args.config, "overrides": ov, "load": load, "floor": floor, "rows": rows}, indent=1
+            )
         )
 
 

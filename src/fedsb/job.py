@@ -20,7 +20,14 @@ from typing import Any, Literal
 import torch
 
 from fedsb.config import RunConfig
-from fedsb.data.prepare import PreparedData, loader_factory, model_task, prepare_data, task_from_config
+from fedsb.data.prepare import (
+    PreparedData,
+    loader_factory,
+    model_task,
+    prepare_client,
+    prepare_data,
+    task_from_config,
+)
 from fedsb.device import Placement, resolve_placement
 from fedsb.errors import ConfigError, naming_settings
 from fedsb.phases import phase
@@ -173,6 +180,7 @@ def build_components(
     resume: bool = False,
     setup: tuple[Mapping[str, torch.Tensor], str] | None = None,
     placement: Placement | None = None,
+    partition_id: int | None = None,
     echo: Callable[[str], None] = lambda _: None,
 ) -> Components:
     """Task, model and tokenizer, data, method and (server) ledger, privacy plan and sampler of `cfg`.
@@ -181,6 +189,7 @@ def build_components(
     loaded from there instead of recomputed. `setup`: a client's (payload, fingerprint) received from the
     server, from which the method rebuilds its frozen basis (`FederatedMethod.from_setup`).
     `placement`: the device and dtype if already resolved (default: resolved from `cfg` here).
+    `partition_id` (role client): prepare only that client's shard (`fedsb.data.prepare.prepare_client`).
     """
     placement = placement or placement_of(cfg)
     task = task_from_config(cfg)
@@ -189,7 +198,10 @@ def build_components(
     data = None
     if role != "trained":
         with phase("data preparation"):
-            data = prepare_data(cfg, task, loaded.tokenizer)
+            if role == "client" and partition_id is not None:
+                data = prepare_client(cfg, task, loaded.tokenizer, partition_id)
+            else:
+                data = prepare_data(cfg, task, loaded.tokenizer)
         echo(
             f"clients: {len(data.clients)} with sizes {list(data.client_sizes.values())}; "
             f"evaluation examples: {len(data.test)}"

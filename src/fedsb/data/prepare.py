@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,24 +121,53 @@ def partition_rows(cfg: RunConfig, task: Any) -> tuple[list[Any], dict[str, Any]
     return parts, partition_stats(parts, column if column in train.column_names else None)
 
 
+def client_shards(
+    cfg: RunConfig, task: Any, tokenizer: Any, parts: list[Any], indices: Iterable[int]
+) -> dict[str, Any]:
+    """client id -> `ClientData` (example count, loader) of the shards `parts[i]`, i in `indices`."""
+    from fedsb.fed.simulate import ClientData
+
+    ids = client_ids(len(parts))
+    make_loader = loader_factory(cfg, task, tokenizer, cfg.train.batch_size)
+    clients: dict[str, ClientData] = {}
+    for i in indices:
+        with naming_settings({"max_length": "data.max_length"}):
+            tokenized = tokenize_task(task, parts[i], tokenizer, cfg.data.max_length, cache=cfg.data.cache)
+        clients[ids[i]] = ClientData(num_examples=len(tokenized), loader=make_loader(tokenized))
+    return clients
+
+
+def client_ids(n: int) -> list[str]:
+    """The ids of `n` clients: client-00, client-01, ... (zero-padded to the widest index)."""
+    width = max(2, len(str(n - 1)))
+    return [f"client-{i:0{width}d}" for i in range(n)]
+
+
+def prepare_client(cfg: RunConfig, task: Any, tokenizer: Any, partition_id: int) -> PreparedData:
+    """One client's data only (a Flower node's): the run's partition, but only shard `partition_id`
+    tokenized; no evaluation set, no init data (the server's). `partition_stats["client_ids"]` lists all."""
+    parts, stats = partition_rows(cfg, task)
+    if not 0 <= partition_id < len(parts):
+        raise ConfigError(
+            field="partition-id",
+            value=partition_id,
+            what=f"is outside the run's {len(parts)} partitions",
+            fix=f"start SuperNodes with --node-config 'partition-id=<0..{len(parts) - 1}>'",
+        )
+    clients = client_shards(cfg, task, tokenizer, parts, [partition_id])
+    stats["client_ids"] = client_ids(len(parts))
+    sizes = {cid: c.num_examples for cid, c in clients.items()}
+    return PreparedData(task, clients, sizes, stats, test=[], init_data=[])
+
+
 def prepare_data(cfg: RunConfig, task: Any, tokenizer: Any) -> PreparedData:
     """Load and partition the task's data, tokenize each client's shard, and pick the init data (errors
     name the settings: data.test_size, data.eval_split, data.max_length, ...)."""
-    from fedsb.fed.simulate import ClientData
-
     parts, stats = partition_rows(cfg, task)
     names = {**_option_names(_factory(task)), "size": "data.test_size", "split": "data.eval_split"}
     with naming_settings(names):
         test = task.load(cfg.data.eval_split, cfg.data.test_size, cfg.seed)
-    width = max(2, len(str(len(parts) - 1)))
-    make_loader = loader_factory(cfg, task, tokenizer, cfg.train.batch_size)
-    clients: dict[str, ClientData] = {}
-    for i, part in enumerate(parts):
-        with naming_settings({"max_length": "data.max_length"}):
-            tokenized = tokenize_task(task, part, tokenizer, cfg.data.max_length, cache=cfg.data.cache)
-        clients[f"client-{i:0{width}d}"] = ClientData(
-            num_examples=len(tokenized), loader=make_loader(tokenized)
-        )
+    clients = client_shards(cfg, task, tokenizer, parts, range(len(parts)))
     sizes = {cid: c.num_examples for cid, c in clients.items()}
     stats["client_ids"] = list(clients)
     # init data: the server's own proxy sample (federated) or the clients' pooled data (paper; not federated)

@@ -174,15 +174,10 @@ def build_runtime(
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     # the method's frozen basis, when it has one, came with the setup message (checked by fingerprint)
-    parts = build_components(cfg, role="client", setup=(setup, fingerprint) if fingerprint else None)
+    # only this node's shard is tokenized (ConfigError for a partition id outside the run's)
+    parts = build_components(
+        cfg, role="client", setup=(setup, fingerprint) if fingerprint else None, partition_id=partition_id
+    )
     assert parts.data is not None
-    ids = list(parts.data.clients)
-    if not 0 <= partition_id < len(ids):
-        raise ConfigError(
-            field="partition-id",
-            value=partition_id,
-            what=f"is outside the run's {len(ids)} partitions",
-            fix=f"start SuperNodes with --node-config 'partition-id=<0..{len(ids) - 1}>'",
-        )
-    cid = ids[partition_id]
+    cid = parts.data.partition_stats["client_ids"][partition_id]
     return ClientRuntime(cfg=cfg, client_id=cid, method=parts.method, executor=parts.simulator(only=[cid]))
