@@ -205,7 +205,9 @@ def test_federated_init_settings_are_validated() -> None:
         check_flower_config(RunConfig(init=InitConfig(source="federated")))
 
 
-def test_a_resumed_federated_init_run_reuses_its_basis_ledger_lines_and_privacy_charge(tmp_path: Path) -> None:
+def test_a_resumed_federated_init_run_reuses_its_basis_ledger_lines_and_privacy_charge(
+    tmp_path: Path,
+) -> None:
     dp = ["privacy.mode=sample", "privacy.accountant=rdp", "privacy.target_epsilon=8", "export=true"]
     full = _run(tmp_path / "full", *dp, "privacy.reproducible_noise=true")
     argv = ["run", "--config", TINY, "--output", str(tmp_path / "cut"), *QUIET, "init.source=federated", *dp]
