@@ -25,7 +25,7 @@ from fedsb.init.federated import (
     sum_releases,
 )
 from fedsb.init.grad_estimate import estimate_gradients
-from fedsb.init.initialize import compute_basis
+from fedsb.init.initialize import BasisSpec, GradientSource, compute_basis
 from fedsb.init.svd import truncated_svd
 from fedsb.privacy.accounting import epsilon_of
 from tiny import lm_batches, make_tiny_llama
@@ -96,7 +96,9 @@ def test_federated_dense_basis_without_noise_equals_the_pooled_basis() -> None:
         loss_fn=lambda m, b: m(**b).loss, generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
     union = _pooled_examples(clients)
-    pooled = compute_basis(model, rank=2, batches=union, num_samples=len(union), eta=1e-3)
+    pooled = compute_basis(
+        model, BasisSpec(rank=2, eta=1e-3), GradientSource(batches=union, num_samples=len(union))
+    )
     assert set(fed.factors) == set(pooled.factors)
     for p, f in fed.factors.items():
         g = pooled.factors[p]
