@@ -90,7 +90,10 @@ class Components:
             progress=bars_enabled(cfg.progress),
             privacy=self.privacy,
             mechanism=cfg.privacy.mechanism,
-            client_ranks=client_ranks_of(cfg.partition.client_ranks, list(clients)),
+            # every client of the partition, also on a Flower node that holds only its own shard
+            client_ranks=client_ranks_of(
+                cfg.partition.client_ranks, self.data.partition_stats.get("client_ids", list(clients))
+            ),
         )
 
 
