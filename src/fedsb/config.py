@@ -611,11 +611,14 @@ class RunConfig:
         self._check_privacy()
         self._check_server_state()
         self._check_client_ranks()
-        if self.init.source == "federated" and self.privacy.mode == "client":
+        mech = (
+            self.privacy.mechanism
+        )  # a private mechanism without per-client accounts protects whole clients
+        if self.init.source == "federated" and mech.private and not mech.accounts_per_client:
             raise ConfigError(
                 field="init.source",
                 value="federated",
-                what="is privatized per example (record level), but privacy.mode=client protects whole clients",
+                what=f"is privatized per example (record level), but privacy.mode={self.privacy.mode} protects whole clients",
                 fix="use privacy.mode=sample (or none), or init.source server",
             )
         from fedsb.config_audit import check_unused
