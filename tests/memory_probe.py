@@ -22,6 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fedsb.config import resolve_config
 from fedsb.fed.base import get_method_class
+from fedsb.job import enable_gradient_checkpointing  # imported before the baseline: not the run's memory
 from fedsb.memory import estimate_memory
 from fedsb.train.local import causal_lm_loss, train_local
 from fedsb.train.schedule import Schedule
@@ -63,8 +64,6 @@ def main(spec: dict) -> dict:
 
         quantize_model(model, quantize, compute_dtype=dtype)
     if cfg.train.gradient_checkpointing:
-        from fedsb.job import enable_gradient_checkpointing
-
         enable_gradient_checkpointing(model)
     adapted = get_method_class(cfg.fed.method).inject(model, cfg)
     train_local(
