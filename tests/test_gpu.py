@@ -122,7 +122,7 @@ def test_nf4_base_on_cuda(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("quantize", ["nf4", "int8"])
 def test_a_quantized_base_on_cuda_trains_only_r_close_to_the_cpu(tmp_path: Path, quantize: str) -> None:
-    """The CPU pins of tests/test_quantize.py within 2e-2 relative: bitsandbytes' CUDA kernels dequantize
+    """The CPU pins of tests/models/test_quantize.py within 2e-2 relative: bitsandbytes' CUDA kernels dequantize
     the same bytes but sum in another order, in bf16 (the quantized base's auto dtype on both)."""
     bnb = pytest.importorskip("bitsandbytes")
     from test_quantize import PINNED

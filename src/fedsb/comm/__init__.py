@@ -51,7 +51,7 @@ BERT Fed-SB r=48        57,603           57.60K              57.59K          +0.
 ======================  ===============  ==================  ==============  ================
 
 The other 15 cells match to the printed digit. Largest deviation of the exact count: 0.27 % (Llama Fed-SB
-r = 120); of the displayed figure: 0.35 % (2.82 vs 2.83). ``tests/test_comm.py`` checks every cell at 0.5 %.
+r = 120); of the displayed figure: 0.35 % (2.82 vs 2.83). ``tests/comm/test_comm.py`` checks every cell at 0.5 %.
 
 Layout: `shapes` (shape facts of a model), `formulas` (the counts above, one function per method),
 `table` (rows, rounding, the printed table); the command line is `fedsb.cli`'s. The methods, their display

@@ -223,7 +223,7 @@ def test_the_basis_of_a_dropout_model_is_the_same_in_every_process() -> None:
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     script = _FINGERPRINT_SCRIPT.format(tests=str(root / "tests"), tiny=str(root / "configs" / "tiny.yaml"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")])}
     procs = [

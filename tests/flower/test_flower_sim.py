@@ -19,7 +19,7 @@ from fedsb.fed.checkpoint import latest_checkpoint, load_checkpoint
 from fedsb.flower.deploy import APP_DIR, flower_env, is_zombie, pids_mentioning, stop_local_superlink
 from fedsb.run import run_job
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 OVERRIDES = ["threads=1", "progress=false", "export=false", "data.test_size=4", "fed.rounds=1"]
 

@@ -28,7 +28,7 @@ from fedsb.fed.wire import (
 )
 from test_fed import _clients, _fedsb
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 QUIET = ["--no-progress", "threads=1", "data.test_size=4", "eval.every=100"]
 

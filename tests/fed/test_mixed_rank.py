@@ -18,7 +18,7 @@ from fedsb.fed.sampling import ClientSampler
 from fedsb.fed.simulate import InProcessExecutor
 from test_fed import Recorder, _clients, _fedsb
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 QUIET = ["--no-progress", "threads=1", "export=false", "data.test_size=4", "eval.every=100"]
 R_KEY = ".lora_sb_R.weight"

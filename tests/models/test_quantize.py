@@ -21,7 +21,7 @@ from fedsb.run import Run, resolve_resume_config, run_job
 
 bnb = pytest.importorskip("bitsandbytes")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 QUICK = ["threads=2", "progress=false", "eval.every=100", "data.test_size=4"]
 #: round 1's first losses of configs/tiny.yaml with model.quantize=nf4 / int8 (model.dtype=auto: the

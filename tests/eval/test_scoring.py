@@ -22,7 +22,7 @@ from fedsb.eval.evaluate import evaluate_task, resolve_scorer
 from fedsb.eval.likelihood import evaluate_likelihood, option_scores
 from fedsb.models import LoadedModel, load_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = "{instruction}\n"  # short prompts: the tiny model has 256 positions
 
 

@@ -26,7 +26,7 @@ from fedsb.privacy.mechanism import mechanism_named
 from fedsb.privacy.release import SERVER_PHASES, ReleaseRules
 from tiny import lm_batches, make_tiny_llama
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 CLIENT_DP = ["privacy.mode=client", "privacy.noise_multiplier=0.5", "privacy.clip_update=0.05"]
 

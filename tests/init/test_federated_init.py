@@ -30,7 +30,7 @@ from fedsb.init.svd import truncated_svd
 from fedsb.privacy.accounting import epsilon_of
 from tiny import lm_batches, make_tiny_llama
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 QUIET = ["--no-progress", "threads=1", "export=false", "data.test_size=4", "eval.every=100"]
 

@@ -20,7 +20,7 @@ from fedsb.flower.server_app import run_flower_job
 from fedsb.init.basis import Basis
 from flower_grid import LocalGrid
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 OVERRIDES = [
     "threads=1",

@@ -22,7 +22,7 @@ import pytest
 from fedsb.flower import deploy
 from fedsb.flower.deploy import is_zombie, pids_mentioning, process_tree, stop_pid
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
 

@@ -23,7 +23,7 @@ from fedsb.flower.server_app import run_flower_job
 from fedsb.run import run_job
 from flower_grid import LocalGrid
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 BASE = ["threads=1", "progress=false", "export=false", "eval.every=100", "data.test_size=4"]
 #: seed 6 samples [00, 01], [01, 02], [01, 02], [00, 02]: client-00 misses rounds 2 and 3, returns in round 4

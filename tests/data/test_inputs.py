@@ -19,7 +19,7 @@ from fedsb.data.prepare import prepare_data, task_from_config
 from fedsb.data.tasks import get_task
 from fedsb.errors import ConfigError, FedsbError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 SRC = str(ROOT / "src")
 KEY = "ab" + "c" * 62

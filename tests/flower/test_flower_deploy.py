@@ -31,7 +31,7 @@ from fedsb.flower.certs import make_node_keys
 from fedsb.flower.deploy import LocalDeployment
 from fedsb.run import run_job
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 OVERRIDES = [
     "threads=1",

@@ -25,7 +25,7 @@ from fedsb.fed.simulate import ClientData, InProcessExecutor
 from fedsb.train.local import causal_lm_loss
 from tiny import lm_batches, make_tiny_llama
 
-TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
 ADAPTER_METHODS = ["fedsb", "ravan", "fedit", "ffa", "fedsvd", "fedex", "flora"]
 METHODS = [*ADAPTER_METHODS, "full"]
 SIZES = {"c0": 10, "c1": 30, "c2": 25, "c3": 5}

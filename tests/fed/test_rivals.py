@@ -1,5 +1,5 @@
 """The 2025 rivals, RAVAN and FedSVD: their layers and server rules beyond the shared exactness table
-(tests/test_methods.py), their bytes against `fedsb comm`, PEFT export, DP, and Flower."""
+(tests/fed/test_methods.py), their bytes against `fedsb comm`, PEFT export, DP, and Flower."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from fedsb.fed.sampling import ClientSampler
 from fedsb.train.local import causal_lm_loss
 from tiny import lm_batches, make_tiny_llama
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
 
@@ -336,7 +336,7 @@ def test_flower_matches_the_simulator_and_its_bytes_equal_the_ledger(name: str, 
 
 @pytest.mark.parametrize("name", ["ravan", "fedsvd"])
 def test_secagg_plus_matches_plain_averaging_within_quantization(name: str, tmp_path: Path) -> None:
-    """Both aggregates are a weighted mean of what clients send, so SecAgg+ applies (tests/test_flower_secagg)."""
+    """Both aggregates are a weighted mean of what clients send, so SecAgg+ applies (tests/flower/test_flower_secagg)."""
     from flwr.app import Context, RecordDict
 
     from fedsb.fed.checkpoint import latest_checkpoint, load_checkpoint

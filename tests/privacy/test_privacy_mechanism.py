@@ -18,7 +18,7 @@ from fedsb.privacy.dpsgd import DPSGD
 from fedsb.privacy.ledger import PrivacyLedger
 from fedsb.privacy.mechanism import MECHANISMS, ClientLevel, mechanism_named
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src"
 TINY = str(ROOT / "configs" / "tiny.yaml")
 SETTINGS = {

@@ -21,7 +21,7 @@ from fedsb.fed.base import get_method_class
 from fedsb.fed.checkpoint import latest_checkpoint, load_checkpoint
 from fedsb.fed.lora_base import FoldingMethod, LoraMethod
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 BASE = ["threads=1", "progress=false", "export=false", "eval.every=100", "data.test_size=4"]
 

@@ -32,7 +32,7 @@ from fedsb.flower.protocol import AppSettings
 from fedsb.flower.server_app import run_flower_job
 from flower_grid import LocalGrid
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 BASE = ["threads=1", "progress=false", "export=false", "eval.every=100", "data.test_size=4"]
 FAULTS = "1:nan 2:shape 3:fingerprint 4:stale"

@@ -27,7 +27,7 @@ from fedsb.train.local import causal_lm_loss, per_example_causal_lm_loss, train_
 from fedsb.train.schedule import Schedule
 from tiny import VOCAB, lm_batches, make_tiny_llama
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
 
