@@ -116,7 +116,7 @@ def step_times(config: str, rank: int, steps: int, repeats: int, threads: int) -
     import torch
 
     from fedsb.privacy.ledger import PrivacyLedger
-    from fedsb.train.local import loss_for, train_local
+    from fedsb.train.local import StepPlan, loss_for, train_local
     from fedsb.train.schedule import Schedule
 
     torch.set_num_threads(threads)
@@ -138,9 +138,7 @@ def step_times(config: str, rank: int, steps: int, repeats: int, threads: int) -
                 params,
                 client.loader,
                 cfg.train,
-                steps=steps,
-                schedule=sched,
-                seed=rep,
+                StepPlan(steps=steps, schedule=sched, seed=rep),
                 loss_fn=loss_for(task, per_example=kind == "dp"),
                 privacy=dp,
             )
@@ -207,7 +205,7 @@ def _relative_noise(
     from fedsb.adapters.layer import AdapterLayer
     from fedsb.config import resolve_config
     from fedsb.privacy.ledger import PrivacyLedger
-    from fedsb.train.local import loss_for, train_local
+    from fedsb.train.local import StepPlan, loss_for, train_local
     from fedsb.train.schedule import Schedule
 
     # the same Poisson batches for dW(sigma) and dW(0) need the seeded (research) noise source
@@ -230,9 +228,7 @@ def _relative_noise(
             params,
             client.loader,
             cfg.train,
-            steps=steps,
-            schedule=sched,
-            seed=0,
+            StepPlan(steps=steps, schedule=sched, seed=0),
             loss_fn=loss_for(task, per_example=True),
             privacy=ledger.dpsgd_for(cid),
         )

@@ -42,7 +42,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks")]
 
 from fedsb.adapters.inject import LLAMA_TARGETS  # noqa: E402
 from fedsb.config import TrainConfig  # noqa: E402
-from fedsb.train.local import causal_lm_loss, train_local  # noqa: E402
+from fedsb.train.local import StepPlan, causal_lm_loss, train_local  # noqa: E402
 from fedsb.train.schedule import Schedule  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
@@ -136,8 +136,14 @@ def step_benchmark(config: str, args: argparse.Namespace, device: torch.device) 
         reset_peak(device)
         times.clear()
         start = time.perf_counter()
-        train_local(model, params, lambda e: [batch], cfg, steps=steps, schedule=schedule, loss_fn=causal_lm_loss,
-                    on_step=on_step)  # fmt: skip
+        train_local(
+            model,
+            params,
+            lambda e: [batch],
+            cfg,
+            StepPlan(steps, schedule, on_step=on_step),
+            loss_fn=causal_lm_loss,
+        )
         sync(device)
     per_step = [b - a for a, b in zip([start, *times[:-1]], times, strict=True)]
     median = statistics.median(per_step)

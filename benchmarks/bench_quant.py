@@ -69,7 +69,7 @@ def worker(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     from fedsb.job import configure_torch, load_base, placement_of
     from fedsb.models.quantize import quantized_bytes
     from fedsb.plan import plan_run
-    from fedsb.train.local import causal_lm_loss, train_local
+    from fedsb.train.local import StepPlan, causal_lm_loss, train_local
     from fedsb.train.schedule import Schedule
 
     overrides = [
@@ -108,10 +108,12 @@ def worker(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         adapted.trainable_parameters(),
         lambda epoch: [batch],
         cfg.train,
-        steps=steps,
-        schedule=Schedule(base_lr=1e-3, total=steps, warmup=0, kind="constant"),
+        StepPlan(
+            steps=steps,
+            schedule=Schedule(base_lr=1e-3, total=steps, warmup=0, kind="constant"),
+            on_step=lambda k, loss: stamps.append(time.perf_counter()),
+        ),
         loss_fn=causal_lm_loss,
-        on_step=lambda k, loss: stamps.append(time.perf_counter()),
     )
     times = [b - a for a, b in zip([start, *stamps[:-1]], stamps, strict=True)][1:]  # drop the warm-up step
     return {

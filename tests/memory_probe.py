@@ -24,7 +24,7 @@ from fedsb.config import resolve_config
 from fedsb.fed.base import get_method_class
 from fedsb.job import enable_gradient_checkpointing  # imported before the baseline: not the run's memory
 from fedsb.memory import estimate_memory
-from fedsb.train.local import causal_lm_loss, train_local
+from fedsb.train.local import StepPlan, causal_lm_loss, train_local
 from fedsb.train.schedule import Schedule
 
 
@@ -71,8 +71,10 @@ def main(spec: dict) -> dict:
         adapted.trainable_parameters(),
         lambda epoch: [batch],
         cfg.train,
-        steps=spec["steps"],
-        schedule=Schedule(base_lr=1e-4, total=spec["steps"], warmup=0, kind="constant"),
+        StepPlan(
+            steps=spec["steps"],
+            schedule=Schedule(base_lr=1e-4, total=spec["steps"], warmup=0, kind="constant"),
+        ),
         loss_fn=causal_lm_loss,
     )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux

@@ -23,7 +23,7 @@ from fedsb.privacy.accounting import PrivacyAccount, plan_account, solve_noise_m
 from fedsb.privacy.client_level import ClippedNoisyMean
 from fedsb.privacy.dpsgd import DPSGD, poisson_batches
 from fedsb.privacy.noise import SecureNoise, SeededNoise
-from fedsb.train.local import causal_lm_loss, per_example_causal_lm_loss, train_local
+from fedsb.train.local import StepPlan, causal_lm_loss, per_example_causal_lm_loss, train_local
 from fedsb.train.schedule import Schedule
 from tiny import VOCAB, lm_batches, make_tiny_llama
 
@@ -104,8 +104,7 @@ def check_dp_step_against_explicit_loop(method, must_move: tuple[str, ...] = ())
         params,
         lambda e: [batch],
         _sgd(),
-        steps=1,
-        schedule=Schedule(base_lr=1.0, total=1, warmup=0, kind="constant"),
+        StepPlan(steps=1, schedule=Schedule(base_lr=1.0, total=1, warmup=0, kind="constant")),
         loss_fn=per_example_causal_lm_loss,
         privacy=dp,
     )
@@ -130,8 +129,7 @@ def test_noisy_dp_step_moves_only_the_trained_tensors_by_a_sensible_amount() -> 
         params,
         lambda e: [_labelled_batch()],
         _sgd(lr=1.0),
-        steps=1,
-        schedule=Schedule(base_lr=1.0, total=1, warmup=0, kind="constant"),
+        StepPlan(steps=1, schedule=Schedule(base_lr=1.0, total=1, warmup=0, kind="constant")),
         loss_fn=per_example_causal_lm_loss,
         privacy=dp,
     )
@@ -194,11 +192,9 @@ def test_empty_poisson_batches_release_noise_and_are_accounted() -> None:
         params,
         lambda e: loader,
         _sgd(lr=0.1),
-        steps=6,
-        schedule=Schedule(base_lr=0.1, total=6, warmup=0, kind="constant"),
+        StepPlan(steps=6, schedule=Schedule(base_lr=0.1, total=6, warmup=0, kind="constant"), seed=5),
         loss_fn=per_example_causal_lm_loss,
         privacy=dp,
-        seed=5,
     )
     assert result.steps == 6 and dp.account.steps == 6 and len(result.losses) < 6  # some draws were empty
     assert any(not torch.equal(p.detach(), before[k]) for k, p in params.items())
@@ -432,8 +428,7 @@ def test_dp_step_on_an_encoder_with_a_head_clips_per_example_like_an_explicit_lo
         params,
         lambda e: [batch],
         cfg,
-        steps=1,
-        schedule=Schedule(base_lr=1.0, total=1, warmup=0, kind="constant"),
+        StepPlan(steps=1, schedule=Schedule(base_lr=1.0, total=1, warmup=0, kind="constant")),
         loss_fn=lambda m, b: m(**b).loss,
         privacy=dp,
     )
@@ -476,11 +471,9 @@ def _one_dp_step(method, dp, seed: int, lr: float = 1.0) -> dict[str, torch.Tens
         params,
         lambda e: [_labelled_batch()],
         _sgd(lr=lr),
-        steps=1,
-        schedule=Schedule(base_lr=lr, total=1, warmup=0, kind="constant"),
+        StepPlan(steps=1, schedule=Schedule(base_lr=lr, total=1, warmup=0, kind="constant"), seed=seed),
         loss_fn=per_example_causal_lm_loss,
         privacy=dp,
-        seed=seed,
     )
     change = {k: p.detach() - start[k] for k, p in params.items()}
     method.adapted.set_state(start)
@@ -543,8 +536,7 @@ def test_per_example_clipping_is_fp32_under_bf16_autocast() -> None:
             params,
             lambda e, one=one: [one],
             cfg,
-            steps=1,
-            schedule=Schedule(base_lr=1.0, total=1, warmup=0, kind="constant"),
+            StepPlan(steps=1, schedule=Schedule(base_lr=1.0, total=1, warmup=0, kind="constant")),
             loss_fn=per_example_causal_lm_loss,
             privacy=dp,
         )

@@ -8,7 +8,7 @@ import torch
 from fedsb.config import TrainConfig
 from fedsb.data.tasks import collate_for_training
 from fedsb.init.initialize import BasisSpec, GradientSource, attach_basis, compute_basis
-from fedsb.train.local import causal_lm_loss, steps_for, train_local
+from fedsb.train.local import StepPlan, causal_lm_loss, steps_for, train_local
 from fedsb.train.schedule import Schedule, round_schedule
 from tiny import make_tiny_gpt2, make_tiny_llama
 
@@ -119,9 +119,7 @@ def test_train_local_moves_only_r_and_is_deterministic() -> None:
         adapted.trainable_parameters(),
         _epoch_maker(feats),
         cfg,
-        steps=3,
-        schedule=sched,
-        seed=1,
+        StepPlan(steps=3, schedule=sched, seed=1),
     )
     assert torch.equal(torch.get_rng_state(), rng)
     assert res.steps == 3 and res.num_examples == 3 * 2 * 2 and len(res.losses) == 3
@@ -138,9 +136,7 @@ def test_train_local_moves_only_r_and_is_deterministic() -> None:
         adapted2.trainable_parameters(),
         _epoch_maker(feats),
         cfg,
-        steps=3,
-        schedule=sched,
-        seed=1,
+        StepPlan(steps=3, schedule=sched, seed=1),
     )
     assert res2.losses == res.losses
     a, b = adapted.get_state(), adapted2.get_state()
@@ -153,7 +149,11 @@ def test_optimizer_state_carries_over() -> None:
     sched = Schedule(base_lr=cfg.lr, total=4, warmup=0)
     adapted, feats = _adapted()
     _, state = train_local(
-        adapted.model, adapted.trainable_parameters(), _epoch_maker(feats), cfg, steps=2, schedule=sched
+        adapted.model,
+        adapted.trainable_parameters(),
+        _epoch_maker(feats),
+        cfg,
+        StepPlan(steps=2, schedule=sched),
     )
     assert all(int(s["step"]) == 2 for s in state["state"].values())
     _, state2 = train_local(
@@ -161,10 +161,7 @@ def test_optimizer_state_carries_over() -> None:
         adapted.trainable_parameters(),
         _epoch_maker(feats),
         cfg,
-        steps=2,
-        schedule=sched,
-        step_offset=2,
-        optimizer_state=state,
+        StepPlan(steps=2, schedule=sched, step_offset=2, optimizer_state=state),
     )
     assert all(int(s["step"]) == 4 for s in state2["state"].values())
 
@@ -177,8 +174,7 @@ def test_bf16_autocast_keeps_r_fp32() -> None:
         adapted.trainable_parameters(),
         _epoch_maker(feats),
         cfg,
-        steps=2,
-        schedule=Schedule(base_lr=1e-2, total=2, warmup=0),
+        StepPlan(steps=2, schedule=Schedule(base_lr=1e-2, total=2, warmup=0)),
     )
     assert all(p.dtype == torch.float32 for p in adapted.trainable_parameters().values())
     assert all(torch.isfinite(torch.tensor(res.losses)))
@@ -197,7 +193,6 @@ def test_diverging_loss_raises() -> None:
             adapted.trainable_parameters(),
             _epoch_maker(feats),
             cfg,
-            steps=1,
-            schedule=Schedule(base_lr=1e-2, total=1, warmup=0),
+            StepPlan(steps=1, schedule=Schedule(base_lr=1e-2, total=1, warmup=0)),
             loss_fn=nan_loss,
         )

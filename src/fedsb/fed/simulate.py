@@ -24,7 +24,7 @@ from fedsb.fed.rounds import decode, encode
 from fedsb.fed.wire import WIRE_DTYPES, ClientInt8
 from fedsb.privacy.release import ReleaseRules
 from fedsb.seeding import derive_seed
-from fedsb.train.local import LossFn, causal_lm_loss, steps_for, train_local
+from fedsb.train.local import LossFn, StepPlan, causal_lm_loss, steps_for, train_local
 from fedsb.train.schedule import round_schedule
 
 if TYPE_CHECKING:  # Opacus loads only when DP-SGD is used
@@ -123,13 +123,15 @@ class InProcessExecutor:
                 params,
                 make_epoch,
                 self.cfg,
-                steps=steps,
-                schedule=schedule,
-                step_offset=offset,
-                optimizer_state=self.optimizer_states.get(cid) if self.cfg.keep_optimizer_state else None,
-                seed=derive_seed(self.seed, "dropout", cid, round),
+                StepPlan(
+                    steps=steps,
+                    schedule=schedule,
+                    step_offset=offset,
+                    optimizer_state=self.optimizer_states.get(cid) if self.cfg.keep_optimizer_state else None,
+                    seed=derive_seed(self.seed, "dropout", cid, round),
+                    on_step=_step_callback(bar, block),
+                ),
                 loss_fn=self.loss_fn,
-                on_step=_step_callback(bar, block),
                 privacy=dp,
             )
         finally:

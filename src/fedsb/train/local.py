@@ -54,29 +54,41 @@ def steps_for(num_examples: int, cfg: TrainConfig) -> int:
     return max(1, math.ceil(cfg.local_epochs * num_examples / (cfg.batch_size * cfg.grad_accum)))
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """What one `train_local` call runs: `steps` optimizer steps, step k at `schedule.lr(step_offset + k)`.
+
+    `optimizer_state` (a previous call's, `train.keep_optimizer_state`) is loaded before the first step;
+    `seed` seeds the dropout draws; `on_step(k, loss)` is called after each step that had a loss.
+    """
+
+    steps: int
+    schedule: Schedule
+    step_offset: int = 0
+    optimizer_state: dict[str, Any] | None = None
+    seed: int = 0
+    on_step: Callable[[int, float], None] | None = None
+
+
 def train_local(
     model: nn.Module,
     params: Mapping[str, nn.Parameter],
     make_epoch: Callable[[int], Iterable[Batch]],
     cfg: TrainConfig,
+    plan: StepPlan,
     *,
-    steps: int,
-    schedule: Schedule,
-    step_offset: int = 0,
-    optimizer_state: dict[str, Any] | None = None,
-    seed: int = 0,
     loss_fn: LossFn = causal_lm_loss,
-    on_step: Callable[[int, float], None] | None = None,
     privacy: Privatizer | None = None,
 ) -> tuple[LocalResult, dict[str, Any]]:
-    """Run `steps` optimizer steps on `params` (everything else frozen) and return (result, optimizer state).
+    """Run `plan.steps` optimizer steps on `params` (everything else frozen); return (result, optimizer state).
 
     `make_epoch(e)` yields the batches of epoch e (its order must depend only on its own seed); batches are
     cycled until `steps * grad_accum` micro-batches were used. Loss per optimizer step is the mean of its
     micro-batch losses; gradients are clipped to `max_grad_norm` over the trained tensors; the learning
-    rate of step k is `schedule.lr(step_offset + k)`. Batches move to the model's device and the forward
-    runs under that device type's bf16 autocast (`train.bf16`). Dropout draws come from the CPU and device
-    generators forked and seeded with `seed`, so the caller's RNG states are untouched and runs repeatable.
+    rate of step k is `plan.schedule.lr(plan.step_offset + k)`. Batches move to the model's device and the
+    forward runs under that device type's bf16 autocast (`train.bf16`). Dropout draws come from the CPU and
+    device generators forked and seeded with `plan.seed`, so the caller's RNG states are untouched and runs
+    repeatable.
 
     With `privacy` (a record-level mechanism's client step, `PrivacyMechanism.client_step`; DP-SGD: every
     step is one Poisson batch with per-example clipping and noise, Opacus), `loss_fn` must be a mean of
@@ -87,8 +99,8 @@ def train_local(
     plist = list(params.values())
     flags = _train_only(model, plist)
     opt = make_optimizer(plist, cfg)
-    if optimizer_state:
-        opt.load_state_dict(optimizer_state)
+    if plan.optimizer_state:
+        opt.load_state_dict(plan.optimizer_state)
     was_training = model.training
     model.train()
     device = module_device(model)
@@ -96,12 +108,14 @@ def train_local(
     start = time.perf_counter()
     private = None
     try:
-        private = privacy.attach(model, opt, seed) if privacy is not None else None
-        with seeded(device, seed):
-            batches = privacy.batches(make_epoch, steps, seed) if privacy else cycle_epochs(make_epoch)
-            for k in range(steps):
+        private = privacy.attach(model, opt, plan.seed) if privacy is not None else None
+        with seeded(device, plan.seed):
+            batches = (
+                privacy.batches(make_epoch, plan.steps, plan.seed) if privacy else cycle_epochs(make_epoch)
+            )
+            for k in range(plan.steps):
                 for group in opt.param_groups:
-                    group["lr"] = schedule.lr(step_offset + k)
+                    group["lr"] = plan.schedule.lr(plan.step_offset + k)
                 private.zero_grad() if private is not None else opt.zero_grad(set_to_none=True)
                 step_loss = _accumulate(model, batches, loss_fn, cfg, result)
                 if step_loss is None and private is not None:  # noise released all the same; no loss
@@ -111,8 +125,8 @@ def train_local(
                 _step(k, step_loss, opt, private, plist, cfg.max_grad_norm)
                 result.losses.append(step_loss)  # type: ignore[arg-type]
                 result.steps += 1
-                if on_step is not None:
-                    on_step(k, step_loss)  # type: ignore[arg-type]
+                if plan.on_step is not None:
+                    plan.on_step(k, step_loss)  # type: ignore[arg-type]
     finally:
         if private is not None:
             private.detach()
