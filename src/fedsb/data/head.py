@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from fedsb.data.lm import seeded_loader
+from fedsb.data.lm import check_tokenized, seeded_loader
 from fedsb.errors import FedsbError
 from fedsb.validators import positive_int
 
@@ -85,14 +85,7 @@ def collate_for_classification(
 ) -> dict[str, torch.Tensor]:
     """RIGHT-pad tokenized examples: input_ids, attention_mask (and token_type_ids, padded with 0) as (B, T)
     LongTensors, T = the longest row rounded up to ``pad_to_multiple_of``; labels (B,) long."""
-    if not features:
-        raise FedsbError(field="features", value=[], fix="pass at least one tokenized example")
-    missing = [c for c in CLS_COLUMNS if c not in features[0]]
-    if missing:
-        raise FedsbError(
-            field="features[0]", value=sorted(features[0]), what=f"lacks {missing}",
-            fix="tokenize with tokenize_for_classification first",
-        )  # fmt: skip
+    check_tokenized(features, CLS_COLUMNS, "tokenize_for_classification")
     positive_int("pad_to_multiple_of", pad_to_multiple_of, "use a positive integer, e.g. 8")
     seq_columns = ["input_ids", "attention_mask"] + (
         ["token_type_ids"] if "token_type_ids" in features[0] else []

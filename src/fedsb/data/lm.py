@@ -94,6 +94,18 @@ def tokenize_for_training(
     return datasets.Dataset.from_dict(out)
 
 
+def check_tokenized(features: Sequence[Mapping[str, Any]], columns: Sequence[str], tokenizer: str) -> None:
+    """Refuse an empty batch, or one whose first row lacks one of `columns` (not made by `tokenizer`)."""
+    if not features:
+        raise FedsbError(field="features", value=[], fix="pass at least one tokenized example")
+    missing = [c for c in columns if c not in features[0]]
+    if missing:
+        raise FedsbError(
+            field="features[0]", value=sorted(features[0]), what=f"lacks {missing}",
+            fix=f"tokenize with {tokenizer} first",
+        )  # fmt: skip
+
+
 def collate_for_training(
     features: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int, pad_to_multiple_of: int = 1
 ) -> dict[str, torch.Tensor]:
@@ -106,14 +118,7 @@ def collate_for_training(
     positions only (`fedsb.train.losses.causal_lm_loss`). `position_ids` count real tokens from 0, as
     `generate` does for left-padded prompts, so positions match between training and evaluation.
     """
-    if not features:
-        raise FedsbError(field="features", value=[], fix="pass at least one tokenized example")
-    missing = [c for c in TRAIN_COLUMNS if c not in features[0]]
-    if missing:
-        raise FedsbError(
-            field="features[0]", value=sorted(features[0]), what=f"lacks {missing}",
-            fix="tokenize with tokenize_for_training first",
-        )  # fmt: skip
+    check_tokenized(features, TRAIN_COLUMNS, "tokenize_for_training")
     longest = max(len(f["input_ids"]) for f in features)
     longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
     batch = {
