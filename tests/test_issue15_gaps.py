@@ -101,6 +101,30 @@ def test_total_time_includes_what_a_session_spent_after_its_last_checkpoint(
     assert json.loads((out / "sessions.json").read_text())[:1] == [first]
 
 
+def test_a_full_disk_is_still_one_error_when_sessions_json_cannot_be_written(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import errno
+
+    import fedsb.run
+
+    real = fedsb.run.write_json
+
+    def full_disk(path: Path, data) -> None:
+        if Path(path).name == "sessions.json" or (
+            Path(path).name == "results.json" and data["rounds_completed"] == 2
+        ):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(fedsb.run, "write_json", full_disk)
+    out = tmp_path / "run"
+    assert main(["run", "--config", TINY, *FAST, "--output", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "sessions.json" in err and "No space left on device" in err  # the first refused write
+
+
 def test_reading_a_user_file_draws_no_bar_and_logs_no_datasets_error(tmp_path: Path, capfd) -> None:
     good, broken = tmp_path / "good.jsonl", tmp_path / "broken.jsonl"
     good.write_text('{"text": "a fine film", "label": "pos"}\n')

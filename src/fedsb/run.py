@@ -152,7 +152,10 @@ class Run:
         finally:
             if not finished:
                 self.trackers.close({}, finished=False)
-            self._write_sessions()  # also the time after the last checkpoint (a stop, an error)
+            try:
+                self._write_sessions()  # also the time after the last checkpoint (a stop, an error)
+            except OSError:  # e.g. the full disk the error being raised names; the checkpoint keeps its own
+                pass
 
     # ---- setup -------------------------------------------------------------------------------------------
     def setup(self) -> Run:
