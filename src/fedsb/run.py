@@ -4,9 +4,10 @@ checkpoint after each -> finish (export, results, manifest, plot, table).
 `run_job` is what `fedsb run` calls. Every stage writes into one results directory: config.yaml,
 manifest.json, results.json, metrics.csv (and the other `report_to` trackers), learning_curve.png,
 basis/ (Fed-SB), checkpoints/, sessions.json (wall time per session), adapter/, and the final export
-(peft/ where lossless, merged/ for methods that fold updates into W0). The parts of the job come from the recipe (`fedsb.job.build_components`); the
-rounds from the one round loop (`fedsb.fed.rounds`). The directory is created only once the checkpoint
-(when resuming) and the output location are checked, and a setup that fails removes what it created.
+(peft/ where lossless, merged/ for methods that fold updates into W0). The parts of the job come from
+the recipe (`fedsb.job.build_components`); the rounds from the one round loop (`fedsb.fed.rounds`). The
+directory is created only once the checkpoint (when resuming) and the output location are checked, and a
+setup that fails removes what it created.
 After each round the run logs one line (`fedsb.console.round_line`) and feeds the trackers
 (`fedsb.tracking`); SIGINT/SIGTERM stop it after the next checkpoint (`fedsb.interrupt`).
 """
