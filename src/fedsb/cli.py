@@ -489,4 +489,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def console_main() -> None:
-    sys.exit(main())
+    from fedsb.interrupt import exit_at_once_on_signals
+
+    code = main()
+    exit_at_once_on_signals(code)  # a signal during the exit (a second Ctrl-C) keeps this status
+    sys.exit(code)

@@ -7,10 +7,15 @@ untuned evaluation and after each round's checkpoint, and stops there with the r
 signal raises `KeyboardInterrupt` wherever the run is: the last checkpoint is still whole (checkpoints
 are written to a temporary directory and renamed), so the run continues from it. `RunStopped` carries
 the signal and the message; the CLI exits with 128 + the signal number (130 for SIGINT, 143 for SIGTERM).
+A run a signal stopped leaves SIGINT/SIGTERM ignored (the process is stopping: the message is printed
+and the exit status kept), and once the command is done, `exit_at_once_on_signals(code)` makes a signal
+during the process's exit (the interpreter's teardown) end it at once with that code, instead of a
+KeyboardInterrupt traceback or a death by SIGTERM (exit -15): everything is written by then.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -39,7 +44,8 @@ def signal_name(signum: int) -> str:
 
 
 class StopSignals:
-    """Context manager: SIGINT/SIGTERM set `requested` (the signal number); a second one interrupts."""
+    """Context manager: SIGINT/SIGTERM set `requested` (the signal number); a second one interrupts. On
+    exit the previous handlers come back, or, after a stop was requested, both signals stay ignored."""
 
     def __init__(self, *, enabled: bool = True, notify: Callable[[str], None] | None = None) -> None:
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
@@ -65,6 +71,23 @@ class StopSignals:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
+        for sig, previous in self._previous.items():  # after a stop: ignored while the process exits
+            signal.signal(sig, previous if self.requested is None else signal.SIG_IGN)
         self._previous = {}
+
+
+def exit_at_once_on_signals(code: int) -> None:
+    """From now on SIGINT/SIGTERM end the process at once with exit status `code` (the process is exiting
+    with it: a second Ctrl-C while a stopped run shuts down changes nothing). Main thread only."""
+
+    def _exit(_signum: int, _frame: FrameType | None) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, RuntimeError, ValueError):  # closed, or a write the signal interrupted
+                pass
+        os._exit(code)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in SIGNALS:
+            signal.signal(sig, _exit)

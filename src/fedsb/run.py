@@ -3,10 +3,11 @@ checkpoint after each -> finish (export, results, manifest, plot, table).
 
 `run_job` is what `fedsb run` calls. Every stage writes into one results directory: config.yaml,
 manifest.json, results.json, metrics.csv (and the other `report_to` trackers), learning_curve.png,
-basis/ (Fed-SB), checkpoints/, adapter/, and the final export (peft/ where lossless, merged/ for methods
-that fold updates into W0). The parts of the job come from the recipe (`fedsb.job.build_components`); the
-rounds from the one round loop (`fedsb.fed.rounds`). The directory is created only once the checkpoint
-(when resuming) and the output location are checked, and a setup that fails removes what it created.
+basis/ (Fed-SB), checkpoints/, sessions.json (wall time per session), adapter/, and the final export
+(peft/ where lossless, merged/ for methods that fold updates into W0). The parts of the job come from
+the recipe (`fedsb.job.build_components`); the rounds from the one round loop (`fedsb.fed.rounds`). The
+directory is created only once the checkpoint (when resuming) and the output location are checked, and a
+setup that fails removes what it created.
 After each round the run logs one line (`fedsb.console.round_line`) and feeds the trackers
 (`fedsb.tracking`); SIGINT/SIGTERM stop it after the next checkpoint (`fedsb.interrupt`).
 """
@@ -48,6 +49,7 @@ log = logging.getLogger("fedsb.run")
 MakeExecutor = Callable[[Components], Any]
 RUNS_ROOT = "runs"  # where runs without an output_dir go: runs/<timestamp>-<random>
 RESUME_COMMAND = "fedsb run --resume {dir}"
+SESSIONS_FILE = "sessions.json"  # the wall time of every session, rewritten at each checkpoint and exit
 #: OS refusals of a write that the user can fix (space, permissions, a read-only mount)
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
@@ -125,6 +127,7 @@ class Run:
         self.first_round = 1  # the first round this session trains
         self.earlier_sessions: list[dict[str, Any]] = []  # timing of the sessions before a resume
         self.trackers = Trackers([])
+        self.timed = False  # past the refusals: this session's time goes into sessions.json
         self.training = False  # in the round loop (for what a stop says)
         self.export: dict[str, Any] | None = None
         self.manifest: dict[str, Any] = {}
@@ -150,6 +153,10 @@ class Run:
         finally:
             if not finished:
                 self.trackers.close({}, finished=False)
+            try:
+                self._write_sessions()  # also the time after the last checkpoint (a stop, an error)
+            except OSError:  # e.g. the full disk the error being raised names; the checkpoint keeps its own
+                pass
 
     # ---- setup -------------------------------------------------------------------------------------------
     def setup(self) -> Run:
@@ -242,14 +249,18 @@ class Run:
         self.first_round = 0 if self.saved is None else self.saved.round + 1  # 0: the untuned evaluation
         if self.saved is not None:
             self.restore(self.saved)
+            self.timed = True
             self._open_trackers()
         else:
+            self.earlier_sessions = _read_sessions(self.out) if self.resume else []
+            self.timed = True
             if self.resume:
                 (self.out / CONFIG_FILE).write_text(config_to_yaml(self.cfg))  # e.g. a raised fed.rounds
             self._open_trackers()
             self.start()
         self.manifest = self._manifest()
         write_json(self.out / "manifest.json", self.manifest)
+        self._write_sessions()
 
     def _open_trackers(self) -> None:
         self.trackers = Trackers.open(
@@ -273,7 +284,7 @@ class Run:
             p.privacy.load_state_dict(state.privacy)
         self.server.history = [RoundRecord(**r) for r in state.history]
         self.before = state.before
-        self.earlier_sessions = list(state.sessions)
+        self.earlier_sessions = _read_sessions(self.out) or list(state.sessions)
         torch.set_rng_state(torch.tensor(state.torch_rng, dtype=torch.uint8))
         (self.out / CONFIG_FILE).write_text(config_to_yaml(self.cfg))  # e.g. a raised fed.rounds
         self.completed = state.round
@@ -357,6 +368,7 @@ class Run:
         self.state(record.round).save(self.ckpt_root, keep=self.cfg.fed.keep_checkpoints)
         self.completed = record.round
         write_json(self.out / "results.json", self.results())
+        self._write_sessions()
         return metrics
 
     def state(self, round: int) -> RunState:
@@ -383,8 +395,9 @@ class Run:
         )
 
     def sessions(self, through: int | None = None) -> list[dict[str, Any]]:
-        """Wall time of every session of this run (the earlier ones up to their last checkpoint); this one
-        has trained rounds `first..through` (default: through the last checkpoint)."""
+        """Wall time of every session of this run (the earlier ones up to their exit, as sessions.json
+        recorded them; up to their last checkpoint for a run without that file); this one has trained
+        rounds `first..through` (default: through the last checkpoint)."""
         last, first = self.completed if through is None else through, max(self.first_round, 1)
         now = {
             "started": self.started,
@@ -392,6 +405,12 @@ class Run:
             "rounds": [first, last] if last >= first else [],
         }
         return [*self.earlier_sessions, now]
+
+    def _write_sessions(self) -> None:
+        """sessions.json: every session's time so far, this one's up to now (kept past the last checkpoint,
+        which holds the sessions only up to itself; a resume reads this file first)."""
+        if self.timed and self.out.is_dir():
+            write_json(self.out / SESSIONS_FILE, self.sessions())
 
     # ---- stops ------------------------------------------------------------------------------------------
     def _resume_hint(self) -> str:
@@ -529,7 +548,7 @@ def _timing(
 ) -> dict[str, Any]:
     """Wall-time split: local training (forward/backward/step), evaluation, and round-loop overhead;
     `total_seconds` over every session of the run (a resumed run adds its earlier sessions, each counted
-    up to its last checkpoint), `session_seconds` this one's.
+    up to its exit: sessions.json), `session_seconds` this one's.
 
     Under DP the rounds hold no client or total times (`ReleaseRules.round_seconds`): the split is withheld.
     """
@@ -575,6 +594,17 @@ def final_scalars(results: dict[str, Any]) -> dict[str, float]:
     if "privacy" in results:
         out["final/max_epsilon"] = results["privacy"]["max_epsilon"]
     return out
+
+
+def _read_sessions(run_dir: Path) -> list[dict[str, Any]]:
+    """The sessions a run's sessions.json lists ([] if absent or unreadable: the checkpoint's are used)."""
+    import json
+
+    try:
+        sessions = json.loads((run_dir / SESSIONS_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    return sessions if isinstance(sessions, list) else []
 
 
 def _basis_saved(run_dir: Path) -> bool:

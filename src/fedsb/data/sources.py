@@ -22,9 +22,11 @@ options name one: no default ever touches the network.
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from abc import abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -115,7 +117,26 @@ def _load_file(path: Path, builder: str) -> datasets.Dataset:
         features = datasets.Features({name: datasets.Value("string") for name in header})
         kwargs = {"sep": sep, "quoting": quoting, "keep_default_na": False, "na_filter": False}
         kwargs["features"] = features
-    return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    with _quiet_read():
+        return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+
+
+@contextmanager
+def _quiet_read() -> Iterator[None]:
+    """Reading a user file: no `datasets` progress bar (a redirected log gets no carriage returns) and no
+    `datasets` error log (a failure becomes one `FedsbError` naming the file); both restored afterwards."""
+    from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    logger = logging.getLogger("datasets")
+    level, was_disabled = logger.level, are_progress_bars_disabled()
+    logger.setLevel(logging.CRITICAL)
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if not was_disabled:
+            enable_progress_bars()
 
 
 def _unreadable(path: Path, builder: str, err: Exception) -> FedsbError:
