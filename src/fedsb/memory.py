@@ -11,7 +11,9 @@
   tokens (all of them labelled: the worst case), traced with `saved_tensors_hooks` on the meta device (no
   memory, no compute; SDPA traced as the fused kernels CPU and CUDA run, which keep q, k, v, the output and
   the log-sum-exp), plus the backward's first gradients of the fp32 logits (`LOGIT_COPIES` of them); with
-  gradient checkpointing every block's input and one block's saved tensors; an int8 base's layers also
+  gradient checkpointing every block's input, plus the larger of the logits' copies and one block's saved
+  tensors (a block is recomputed only after the backward has passed the head and freed the logits'
+  gradients: activations = saved + max(copies x logits, one block)); an int8 base's layers also
   keep their inputs (bitsandbytes' CPU training matmul).
 
 Allocator slack, the CUDA context (~0.5 GiB) and the interpreter's own memory are not included.
@@ -53,9 +55,11 @@ class MemoryEstimate:
     def weights(self) -> int:
         return self.frozen_weights + self.adapter_weights + self.trained_weights + self.autocast_copies
 
+    recomputed_block: int = 0  # gradient checkpointing: one block's saved tensors (see the module docstring)
+
     @property
     def activations(self) -> int:
-        return self.saved_activations + LOGIT_COPIES * self.logits
+        return self.saved_activations + max(LOGIT_COPIES * self.logits, self.recomputed_block)
 
     @property
     def total(self) -> int:
@@ -114,7 +118,7 @@ def estimate_memory(
             m.weight.numel() * 2 for m in _linears(model) if id(m.weight) not in adapter_ids
         )
     trace_dtype = torch.bfloat16 if bf16_autocast else None
-    saved, logits = traced_activations(
+    saved, block, logits = traced_activations(
         model,
         batch=batch,
         seq=seq,
@@ -134,6 +138,7 @@ def estimate_memory(
         saved_activations=saved,
         logits=logits,
         grads_held=grad_accum > 1,
+        recomputed_block=block,
     )
 
 
@@ -146,13 +151,15 @@ def traced_activations(
     dtype: torch.dtype | None = None,
     checkpointed: bool = False,
     keeps_inputs: set[int] = frozenset(),  # type: ignore[assignment]
-) -> tuple[int, int]:
-    """(bytes autograd saves for backward, bytes of the fp32 logits) in one training forward of a meta
-    model on `batch` x `seq` tokens; `dtype` casts the floating activations (bf16 autocast's compute dtype).
+) -> tuple[int, int, int]:
+    """(bytes autograd saves for backward through the whole forward, bytes one recomputed block saves,
+    bytes of the fp32 logits) in one training forward of a meta model on `batch` x `seq` tokens; `dtype`
+    casts the floating activations (bf16 autocast's compute dtype).
 
-    `checkpointed` (gradient checkpointing of the decoder blocks): what a block saves is counted once, for
-    the largest block (recomputed one at a time in backward), plus every block's input (what the
-    checkpoint keeps). `keeps_inputs`: ids of linear weights whose layers also keep their input."""
+    `checkpointed` (gradient checkpointing of the decoder blocks): the first count holds every block's
+    input (what the checkpoint keeps) and what is saved outside the blocks; the second the largest block's
+    own saved tensors (recomputed one at a time in backward; 0 without checkpointing).
+    `keeps_inputs`: ids of linear weights whose layers also keep their input."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     params = {id(p) for p in model.parameters()}
@@ -210,7 +217,7 @@ def traced_activations(
         for h in handles:
             h.remove()
     blocks = max((sum(b.values()) for b in block_saved.values()), default=0)
-    return sum(saved.values()) + blocks, logits.numel() * 4
+    return sum(saved.values()), blocks, logits.numel() * 4
 
 
 class _FusedAttention(torch.autograd.Function):
