@@ -142,7 +142,8 @@ import json, time
 t0 = time.perf_counter()
 import torch, transformers
 t1 = time.perf_counter()
-out = {"import torch+transformers": t1 - t0}
+import flwr.clientapp
+out = {"import torch+transformers": t1 - t0, "import flwr": time.perf_counter() - t1}
 if {smollm2}:
     from fedsb.models.load import prepare_smollm2
     path = prepare_smollm2()

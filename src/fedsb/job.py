@@ -131,10 +131,11 @@ def check_quantized_method(cfg: RunConfig) -> None:
         )
 
 
-def load_base(cfg: RunConfig, task: Any, placement: Placement) -> Any:
+def load_base(cfg: RunConfig, task: Any, placement: Placement, *, cache_dir: Path | None = None) -> Any:
     """The base model and tokenizer, on the placement's device in its dtype (the recipe's one load); a
     quantized base is loaded on the CPU (or spread by device_map) and quantized layer by layer onto the
-    device (`fedsb.models.quantize`); `train.gradient_checkpointing` is switched on here."""
+    device (`fedsb.models.quantize`); `train.gradient_checkpointing` is switched on here. `cache_dir`: where
+    converted builtin checkpoints live (default the fedsb cache)."""
     from fedsb.models import load_model
 
     quantized = placement.quantize != "none"
@@ -145,6 +146,7 @@ def load_base(cfg: RunConfig, task: Any, placement: Placement) -> Any:
         device=None if quantized else placement.device,
         device_map=cfg.model.device_map,
         hub=cfg.model.hub,
+        cache_dir=cache_dir,
         **model_task(task),
     )
     if quantized:
@@ -184,6 +186,7 @@ def build_components(
     setup: tuple[Mapping[str, torch.Tensor], str] | None = None,
     placement: Placement | None = None,
     partition_id: int | None = None,
+    cache_dir: Path | None = None,
     echo: Callable[[str], None] = lambda _: None,
 ) -> Components:
     """Task, model and tokenizer, data, method and (server) ledger, privacy plan and sampler of `cfg`.
@@ -193,16 +196,17 @@ def build_components(
     server, from which the method rebuilds its frozen basis (`FederatedMethod.from_setup`).
     `placement`: the device and dtype if already resolved (default: resolved from `cfg` here).
     `partition_id` (role client): prepare only that client's shard (`fedsb.data.prepare.prepare_client`).
+    `cache_dir`: the converted checkpoints and the client's tokenized shard (default the fedsb cache).
     """
     placement = placement or placement_of(cfg)
     task = task_from_config(cfg)
     with phase("model build"):
-        loaded = load_base(cfg, task, placement)
+        loaded = load_base(cfg, task, placement, cache_dir=cache_dir)
     data = None
     if role != "trained":
         with phase("data preparation"):
             if role == "client" and partition_id is not None:
-                data = prepare_client(cfg, task, loaded.tokenizer, partition_id)
+                data = prepare_client(cfg, task, loaded.tokenizer, partition_id, cache_dir=cache_dir)
             else:
                 data = prepare_data(cfg, task, loaded.tokenizer)
         echo(

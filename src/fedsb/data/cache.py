@@ -7,10 +7,15 @@ records the sha256 of its files; a hit is verified against them before the (memo
 opened, and a damaged or unreadable entry is rebuilt, never trusted and never fatal. Entries live
 under ``<fedsb cache>/tokenized/`` (``$FEDSB_CACHE``, else ``~/.cache/fedsb``); delete the folder to clear
 it. Warnings raised while tokenizing (e.g. examples dropped for length) are stored and replayed on a hit.
+
+Small JSON records (`read_record`, `write_record`; e.g. a Flower node's shard index,
+`fedsb.data.shard_cache`) live beside them under ``<fedsb cache>/<kind>/``, each with the sha256 of its
+text, written atomically, dropped when damaged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,7 +31,16 @@ from pathlib import Path
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-__all__ = ["CacheStats", "cached_prompt_ids", "cached_tokenized", "content_key", "tokenizer_fingerprint"]
+__all__ = [
+    "CacheStats",
+    "cached_prompt_ids",
+    "cached_tokenized",
+    "content_key",
+    "lookup_tokenized",
+    "read_record",
+    "tokenizer_fingerprint",
+    "write_record",
+]
 
 _FORMAT_VERSION = "1"  # bump when the tokenization functions change what they produce
 _MEMORY_ENTRIES = 16
@@ -39,6 +53,9 @@ class CacheStats:
     hits = 0
     misses = 0
     rebuilt = 0  # entries found damaged (checksum or read error) and built again
+    record_hits = 0  # small JSON records (`read_record`): verified reads
+    record_misses = 0  # no record under the key
+    record_rebuilt = 0  # records found damaged and dropped (their caller builds and writes them again)
 
 
 _FINGERPRINTS: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, str] = weakref.WeakKeyDictionary()
@@ -113,17 +130,9 @@ def cached_tokenized(
 ) -> datasets.Dataset:
     """The dataset stored under ``key``, else ``build()`` stored there first (written atomically)."""
     entry = _cache_root(cache_dir) / key[:2] / key
-    meta = entry / _META
-    if meta.is_file():
-        hit = _read_entry(entry)
-        if hit is not None:
-            ds, messages = hit
-            CacheStats.hits += 1
-            for message in messages:
-                warnings.warn(message, stacklevel=3)
-            return ds
-        CacheStats.rebuilt += 1
-        shutil.rmtree(entry, ignore_errors=True)  # damaged or unreadable: rebuilt below
+    hit = lookup_tokenized(key, cache_dir=cache_dir, stacklevel=4)
+    if hit is not None:
+        return hit
     CacheStats.misses += 1
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -144,6 +153,79 @@ def cached_tokenized(
         return ds
     hit = _read_entry(entry)
     return hit[0] if hit is not None else ds  # memory-mapped, like a hit
+
+
+def lookup_tokenized(
+    key: str, *, cache_dir: str | os.PathLike[str] | None = None, stacklevel: int = 3
+) -> datasets.Dataset | None:
+    """The verified dataset stored under ``key`` (its stored warnings replayed), else None; a damaged entry
+    is removed (counted in `CacheStats.rebuilt`) so that the next `cached_tokenized` builds it again."""
+    entry = _cache_root(cache_dir) / key[:2] / key
+    if not (entry / _META).is_file():
+        return None
+    hit = _read_entry(entry)
+    if hit is None:
+        CacheStats.rebuilt += 1
+        shutil.rmtree(entry, ignore_errors=True)  # damaged or unreadable: built again by the caller
+        return None
+    ds, messages = hit
+    CacheStats.hits += 1
+    for message in messages:
+        warnings.warn(message, stacklevel=stacklevel)
+    return ds
+
+
+def _record_path(kind: str, key: str, cache_dir: str | os.PathLike[str] | None) -> Path:
+    from fedsb.models.load import default_cache_dir
+
+    return default_cache_dir(cache_dir) / kind / key[:2] / f"{key}.json"
+
+
+def read_record(
+    kind: str, key: str, *, cache_dir: str | os.PathLike[str] | None = None
+) -> dict[str, object] | None:
+    """The JSON object stored by `write_record` under ``<cache>/<kind>/``, if its sha256 still matches;
+    None when there is none, and None (the file removed) for a damaged or unreadable one."""
+    path = _record_path(kind, key, cache_dir)
+    if not path.is_file():
+        CacheStats.record_misses += 1
+        return None
+    try:
+        stored = json.loads(path.read_text())
+        body = stored["body"]
+        if hashlib.sha256(body.encode()).hexdigest() != stored["sha256"]:
+            raise ValueError("checksum mismatch")
+        value = json.loads(body)
+        if not isinstance(value, dict):
+            raise ValueError("not an object")
+    except Exception:  # noqa: BLE001 - any damage means: rebuild, never fail the run
+        CacheStats.record_rebuilt += 1
+        path.unlink(missing_ok=True)
+        return None
+    CacheStats.record_hits += 1
+    return value
+
+
+def write_record(
+    kind: str, key: str, value: dict[str, object], *, cache_dir: str | os.PathLike[str] | None = None
+) -> None:
+    """Store ``value`` (a JSON object) under ``key`` with the sha256 of its text, atomically (a temporary
+    file renamed into place); a read-only or full cache is skipped, never fatal."""
+    path = _record_path(kind, key, cache_dir)
+    body = json.dumps(value, sort_keys=True)
+    text = json.dumps({"body": body, "sha256": hashlib.sha256(body.encode()).hexdigest()})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{key[:8]}-", dir=path.parent)
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def _sha256(path: Path) -> str:

@@ -46,21 +46,29 @@ def loader_factory(
     return for_dataset
 
 
-def tokenize_task(task: Any, ds: Any, tokenizer: Any, max_length: int, *, cache: bool = False) -> Any:
+def tokenize_task(
+    task: Any, ds: Any, tokenizer: Any, max_length: int, *, cache: bool = False, cache_dir: Any = None
+) -> Any:
     """Tokenize ``ds`` for training as the task's format does; with ``cache``, through the on-disk cache keyed
     by tokenizer, the format's recipe, ``max_length`` and the rows as the task renders them."""
-    fmt = task.format
 
     def build() -> Any:
-        return fmt.tokenize(task, ds, tokenizer, max_length)
+        return task.format.tokenize(task, ds, tokenizer, max_length)
 
     if not cache:
         return build()
-    from fedsb.data.cache import cached_tokenized, content_key, tokenizer_fingerprint
+    from fedsb.data.cache import cached_tokenized
 
+    return cached_tokenized(tokenized_key(task, ds, tokenizer, max_length), build, cache_dir=cache_dir)
+
+
+def tokenized_key(task: Any, ds: Any, tokenizer: Any, max_length: int) -> str:
+    """The tokenization cache's key of ``ds``: tokenizer, the format's recipe, ``max_length`` and the rows."""
+    from fedsb.data.cache import content_key, tokenizer_fingerprint
+
+    fmt = task.format
     rows = fmt.cache_rows(task, ds)
-    key = content_key(tokenizer_fingerprint(tokenizer), fmt.recipe, str(max_length), rows)
-    return cached_tokenized(key, build)
+    return content_key(tokenizer_fingerprint(tokenizer), fmt.recipe, str(max_length), rows)
 
 
 def model_task(task: Any) -> dict[str, Any]:
@@ -143,9 +151,34 @@ def client_ids(n: int) -> list[str]:
     return [f"client-{i:0{width}d}" for i in range(n)]
 
 
-def prepare_client(cfg: RunConfig, task: Any, tokenizer: Any, partition_id: int) -> PreparedData:
+def prepare_client(
+    cfg: RunConfig, task: Any, tokenizer: Any, partition_id: int, *, cache_dir: Any = None
+) -> PreparedData:
     """One client's data only (a Flower node's): the run's partition, but only shard `partition_id`
-    tokenized; no evaluation set, no init data (the server's). `partition_stats["client_ids"]` lists all."""
+    tokenized; no evaluation set, no init data (the server's). `partition_stats["client_ids"]` lists all.
+    With `data.cache` the node's shard index (`fedsb.data.shard_cache`, under `cache_dir`, default the
+    fedsb cache) finds a shard prepared before without loading or partitioning the rows."""
+    from fedsb.data.shard_cache import load_shard, shard_key
+    from fedsb.fed.simulate import ClientData
+
+    key = shard_key(cfg, task, tokenizer, partition_id) if cfg.data.cache else None
+    hit = load_shard(key, cache_dir) if key is not None else None
+    tokenized, stats = (
+        hit if hit is not None else _tokenize_shard(cfg, task, tokenizer, partition_id, key, cache_dir)
+    )
+    ids = client_ids(int(stats["num_clients"]))
+    loader = loader_factory(cfg, task, tokenizer, cfg.train.batch_size)(tokenized)
+    clients = {ids[partition_id]: ClientData(num_examples=len(tokenized), loader=loader)}
+    stats = {**stats, "client_ids": ids}
+    sizes = {cid: c.num_examples for cid, c in clients.items()}
+    return PreparedData(task, clients, sizes, stats, test=[], init_data=[])
+
+
+def _tokenize_shard(
+    cfg: RunConfig, task: Any, tokenizer: Any, partition_id: int, index_key: str | None, cache_dir: Any
+) -> tuple[Any, dict[str, Any]]:
+    """(tokenized shard `partition_id`, partition statistics) from the task's rows; indexed under
+    `index_key` in the node's shard index unless it is None."""
     parts, stats = partition_rows(cfg, task)
     if not 0 <= partition_id < len(parts):
         raise ConfigError(
@@ -154,10 +187,21 @@ def prepare_client(cfg: RunConfig, task: Any, tokenizer: Any, partition_id: int)
             what=f"is outside the run's {len(parts)} partitions",
             fix=f"start SuperNodes with --node-config 'partition-id=<0..{len(parts) - 1}>'",
         )
-    clients = client_shards(cfg, task, tokenizer, parts, [partition_id])
-    stats["client_ids"] = client_ids(len(parts))
-    sizes = {cid: c.num_examples for cid, c in clients.items()}
-    return PreparedData(task, clients, sizes, stats, test=[], init_data=[])
+    rows, max_length = parts[partition_id], cfg.data.max_length
+    with naming_settings({"max_length": "data.max_length"}):
+        if index_key is None:
+            return tokenize_task(
+                task, rows, tokenizer, max_length, cache=cfg.data.cache, cache_dir=cache_dir
+            ), stats
+        from fedsb.data.cache import cached_tokenized
+        from fedsb.data.shard_cache import store_shard
+
+        tkey = tokenized_key(task, rows, tokenizer, max_length)
+        tokenized = cached_tokenized(
+            tkey, lambda: task.format.tokenize(task, rows, tokenizer, max_length), cache_dir=cache_dir
+        )
+    store_shard(index_key, tkey, len(tokenized), stats, cache_dir)
+    return tokenized, stats
 
 
 def prepare_data(cfg: RunConfig, task: Any, tokenizer: Any) -> PreparedData:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -164,9 +165,12 @@ def build_runtime(
     fingerprint: str | None,
     *,
     device: str | None = None,
+    cache_dir: str | None = None,
 ) -> ClientRuntime:
     """Rebuild everything client-side through the job recipe: the same model seed, data partition and
-    method as the server's run, on this node's `device` (its node config's, else the run's `device`)."""
+    method as the server's run, on this node's `device` (its node config's, else the run's `device`), with
+    the converted checkpoint and the tokenized shard from the node's `cache_dir` (default the fedsb cache:
+    `$FEDSB_CACHE`, else ~/.cache/fedsb), built there once and reused by every later message's process."""
     cfg = config_from_dict(yaml.safe_load(config_yaml))
     if device is not None:
         cfg.device = device
@@ -176,7 +180,11 @@ def build_runtime(
     # the method's frozen basis, when it has one, came with the setup message (checked by fingerprint)
     # only this node's shard is tokenized (ConfigError for a partition id outside the run's)
     parts = build_components(
-        cfg, role="client", setup=(setup, fingerprint) if fingerprint else None, partition_id=partition_id
+        cfg,
+        role="client",
+        setup=(setup, fingerprint) if fingerprint else None,
+        partition_id=partition_id,
+        cache_dir=Path(cache_dir).expanduser() if cache_dir else None,
     )
     assert parts.data is not None
     cid = parts.data.partition_stats["client_ids"][partition_id]

@@ -16,6 +16,7 @@ from fedsb.flower import protocol as P
 __all__ = [
     "CACHE_SIZE",
     "RUNTIMES",
+    "node_cache_dir",
     "node_device",
     "partition_id",
     "prepared_client",
@@ -49,6 +50,13 @@ def node_device(context: Context) -> str | None:
     return str(value) if value else None
 
 
+def node_cache_dir(context: Context) -> str | None:
+    """This node's cache folder (`--node-config 'cache-dir="/path"'`) for the converted checkpoint and its
+    tokenized shard, else None: the fedsb cache (`$FEDSB_CACHE`, else ~/.cache/fedsb) of the node's user."""
+    value = context.node_config.get("cache-dir")
+    return str(value) if value else None
+
+
 def runtime(context: Context, *, rebuild: bool = False) -> Any:
     """This node's client, built from the stored setup (once per process and run, or again if `rebuild`)."""
     from fedsb.flower.client import build_runtime
@@ -67,7 +75,9 @@ def runtime(context: Context, *, rebuild: bool = False) -> Any:
     )
     if rebuild or key not in RUNTIMES:
         setup_tensors = from_record(context.state.array_records.get(P.SETUP_ARRAYS, ArrayRecord()))
-        RUNTIMES[key] = build_runtime(key[0], key[1], setup_tensors, key[2] or None, device=device)
+        RUNTIMES[key] = build_runtime(
+            key[0], key[1], setup_tensors, key[2] or None, device=device, cache_dir=node_cache_dir(context)
+        )
     RUNTIMES[key] = RUNTIMES.pop(key)
     while len(RUNTIMES) > CACHE_SIZE:
         RUNTIMES.pop(next(iter(RUNTIMES)))
