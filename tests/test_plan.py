@@ -174,3 +174,14 @@ def test_int8_plan_counts_the_scales_the_run_sends(tmp_path: Path, method: str, 
     ledger = run_job(cfg, echo=lambda s: None)["ledger"]
     assert plan["communication"]["bytes_per_round"] == ledger["rounds"][0]["bytes_total"] > 0
     assert plan["communication"]["params_up_per_client"] == ledger["params_per_client_per_round_one_way"]
+
+
+@pytest.mark.parametrize("exchange", ["sketch", "dense"])
+def test_plan_counts_the_federated_inits_one_time_bytes(tmp_path: Path, exchange: str) -> None:
+    extra = ["init.source=federated", f"init.exchange={exchange}", "fed.rounds=1", f"output_dir={tmp_path}"]
+    cfg = resolve_config(TINY, [*QUICK, *extra])
+    comm = plan_run(cfg)["communication"]
+    ledger = run_job(cfg, echo=lambda s: None)["ledger"]
+    init = sum(e["bytes"] for e in ledger["one_time"] if e["item"].startswith("federated init"))
+    assert comm["federated_init_bytes"] == init > 0
+    assert comm["bytes_one_time"] == ledger["totals"]["bytes_one_time"]

@@ -188,6 +188,7 @@ def build_components(
     partition_id: int | None = None,
     cache_dir: Path | None = None,
     echo: Callable[[str], None] = lambda _: None,
+    init_parties: Callable[[list[str], list[Any]], Any] | None = None,
 ) -> Components:
     """Task, model and tokenizer, data, method and (server) ledger, privacy plan and sampler of `cfg`.
 
@@ -197,6 +198,7 @@ def build_components(
     `placement`: the device and dtype if already resolved (default: resolved from `cfg` here).
     `partition_id` (role client): prepare only that client's shard (`fedsb.data.prepare.prepare_client`).
     `cache_dir`: the converted checkpoints and the client's tokenized shard (default the fedsb cache).
+    `init_parties` (init.source=federated): how the server reaches the init's clients (default: in process).
     """
     placement = placement or placement_of(cfg)
     task = task_from_config(cfg)
@@ -220,7 +222,10 @@ def build_components(
             method = get_method_class(cfg.fed.method).from_setup(loaded.model, cfg, *setup)
     else:
         init_data = data if role == "server" else None
-        method = build_method(cfg, loaded.model, task, loaded.tokenizer, init_data, setup_dir, resume=resume)
+        method = build_method(
+            cfg, loaded.model, task, loaded.tokenizer, init_data, setup_dir, resume=resume,
+            init_parties=init_parties,
+        )  # fmt: skip
     parts = Components(cfg, placement, task, loaded, method, data)
     if role == "server":
         assert data is not None
@@ -261,6 +266,7 @@ def build_method(
     setup_dir: Path | None,
     *,
     resume: bool,
+    init_parties: Callable[[list[str], list[Any]], Any] | None = None,
 ) -> Any:
     """Create the configured method on `model` (Fed-SB computes or loads its basis here)."""
     from fedsb.fed.base import SetupContext, get_method_class
@@ -281,6 +287,7 @@ def build_method(
         resume=resume,
         data_info=data.init_info if data else {},
         clients=data.clients if data else None,
+        init_parties=init_parties,
     )
     with naming_settings(METHOD_ARGS):
         return get_method_class(cfg.fed.method).create(model, ctx)

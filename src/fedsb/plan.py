@@ -143,9 +143,27 @@ def communication(cfg: RunConfig, adapted: Any) -> dict[str, Any]:
         "basis_params_per_client": basis,
         "bytes_one_time": None if clients is None else clients * basis * 4,  # the basis travels in fp32
     }
+    if cfg.init.source == "federated" and cfg.init.method == "lora-sb" and basis and per_round is not None:
+        init = federated_init_bytes(cfg, adapted, per_round)
+        out["federated_init_bytes"] = init
+        out["bytes_one_time"] += init
     if formula is None:
         out["note"] = f"{cfg.fed.method}: the trained tensors both ways (no comm formula for this method)"
     return out
+
+
+def federated_init_bytes(cfg: RunConfig, adapted: Any, clients: int) -> int:
+    """The federated init's one-time fp32 bytes, as its ledger lines count them (`exchange_lines`): dense
+    m n per module per client up; sketch m k up, m k down (Q), k n up, k = rank + init.oversample."""
+    from fedsb.adapters.layer import linear_dims
+    from fedsb.init.federated import exchange_lines, sketch_width
+
+    shapes = {p: linear_dims(layer.base_layer) for p, layer in adapted.layers.items()}
+    widths = {
+        p: sketch_width(adapted.layers[p].rank, cfg.init.oversample, shape) for p, shape in shapes.items()
+    }
+    lines = exchange_lines(cfg.init.exchange, clients, shapes, widths)
+    return sum(4 * line["clients"] * sum(line["sizes"].values()) for line in lines)
 
 
 def int8_scale_bytes(cfg: RunConfig, adapted: Any) -> int:

@@ -74,18 +74,21 @@ def run_job(
     make_executor: MakeExecutor | None = None,
     handle_signals: bool = False,
     resume_command: str = RESUME_COMMAND,
+    init_parties: Callable[[list[str], list[Any]], Any] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a federated fine-tuning job and return the results dict (also in results.json).
 
     `make_executor(parts)` replaces the in-process simulator with another `ClientExecutor` (the Flower
     app's) built from the job's server components (method, data, privacy ledger); it must also offer
     `state_dict()` / `load_state_dict()` for checkpoints.
+    `init_parties` (init.source=federated): how the server reaches the init's clients (the Flower app's
+    goes over its Grid; default: in process).
     `handle_signals`: SIGINT/SIGTERM stop the run after the next checkpoint (`fedsb.interrupt`; the CLI's
     choice, main thread only); an interrupt raises `RunStopped` naming `resume_command` (with `{dir}`).
     """
     run = Run(
         cfg, resume=resume, echo=echo, command=command, make_executor=make_executor,
-        resume_command=resume_command,
+        resume_command=resume_command, init_parties=init_parties,
     )  # fmt: skip
     with StopSignals(enabled=handle_signals) as stop:
         run.stop = stop
@@ -104,8 +107,10 @@ class Run:
         command: list[str] | None = None,
         make_executor: MakeExecutor | None = None,
         resume_command: str = RESUME_COMMAND,
+        init_parties: Callable[[list[str], list[Any]], Any] | None = None,
     ) -> None:
         self.cfg = cfg
+        self.init_parties = init_parties
         self.resume = Path(resume) if resume else None
         self.echo = echo
         self.command = command or sys.argv
@@ -201,6 +206,7 @@ class Run:
             resume=reuse,
             placement=placement,
             echo=self.echo,
+            init_parties=self.init_parties,
         )
         self.server = self._server(self.parts)
         self.executor = (

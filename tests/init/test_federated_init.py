@@ -201,10 +201,10 @@ def test_federated_init_settings_are_validated() -> None:
         InitConfig(source="federated", noise_multiplier=0)
     with pytest.raises(ConfigError, match="init.source='local'"):
         InitConfig(source="local")
-    from fedsb.flower.client import check_flower_config
+    from fedsb.flower.secagg import check_secagg_config
 
-    with pytest.raises(ConfigError, match="init.source='federated'.*simulator only"):
-        check_flower_config(RunConfig(init=InitConfig(source="federated")))
+    with pytest.raises(ConfigError, match="init.source='federated'.*outside SecAgg"):
+        check_secagg_config(RunConfig(init=InitConfig(source="federated")))
 
 
 def test_a_resumed_federated_init_run_reuses_its_basis_ledger_lines_and_privacy_charge(

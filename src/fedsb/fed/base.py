@@ -104,6 +104,9 @@ class SetupContext:
     data_info: Mapping[str, Any] = field(default_factory=dict)
     #: client id -> its data (`ClientData`): the parties of init.source=federated
     clients: Mapping[str, Any] | None = None
+    #: init.source=federated: (every client id in partition order, the init's `InitClient`s) -> how to reach
+    #: them (`fedsb.init.federated.InitParties`; None: in process); the Flower ServerApp's goes over the Grid
+    init_parties: Callable[[list[str], list[Any]], Any] | None = None
 
 
 @dataclass(frozen=True)

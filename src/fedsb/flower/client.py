@@ -49,14 +49,6 @@ def check_flower_config(cfg: RunConfig, *, resuming: bool = False) -> None:
             what=f"cannot run over Flower: {refusal}",
             fix="run it with the in-process simulator (fedsb run)",
         )
-    if cfg.init.source == "federated":
-        raise ConfigError(
-            field="init.source",
-            value="federated",
-            what="runs in the in-process simulator only: over Flower the ServerApp computes the basis before "
-            "it has reached any SuperNode, and the init's exchanges would need setup messages before the basis",
-            fix="use init.source=server (or pooled) over Flower, or run the federated init with fedsb run",
-        )
     if not resuming:
         return
     fix = "resume with the in-process simulator (fedsb run --resume), or start a new Flower run"

@@ -1,6 +1,7 @@
 """The Flower ClientApp: translate Messages to `fedsb.flower.client` calls and back; nothing else.
 
-`query.setup` stores the server's config and one-time payload in the node's `context.state`; `train`
+`query.setup` stores the server's config and one-time payload in the node's `context.state`;
+`query.init` (init.source=federated) answers one exchange of the federated init; `train`
 rebuilds the client (cached per process in `fedsb.flower.node`; the basis fingerprint is checked there), installs what it kept
 from earlier rounds (`fedsb.flower.node_state`: folded W0, optimizer state, DP step count), checks the DP
 account the server sent (`fedsb.flower.dp`) and runs one round of the simulator's local trainer; SecAgg+ train messages go through `secaggplus_mod` (`secagg_router`). Start
@@ -55,6 +56,29 @@ def setup(msg: Message, context: Context) -> Message:
     context.state[P.SETUP_ARRAYS] = msg.content.array_records.get(P.SETUP_ARRAYS, ArrayRecord())
     pid = partition_id(context)
     return Message(RecordDict({P.NODE_INFO: ConfigRecord({"partition-id": pid})}), reply_to=msg)
+
+
+@app.query("init")
+@timed
+def init(msg: Message, context: Context) -> Message:
+    """init.source=federated: this node's release of one init exchange (`fedsb.flower.init_client`), built
+    from the config its setup stored; nothing is kept on the node."""
+    from fedsb.flower.init_client import init_release
+    from fedsb.flower.node import node_device
+    from fedsb.flower.records import from_record, to_record
+
+    if P.SETUP_CONFIG not in context.state:
+        raise RuntimeError(f"{P.NO_SETUP} (init message before setup: a restarted SuperNode?)")
+    rec = msg.content.config_records[P.INIT_CONFIG]
+    release = init_release(
+        str(context.state[P.SETUP_CONFIG]["config"]),
+        partition_id(context),
+        str(rec["client-id"]),
+        int(rec["exchange"]),
+        from_record(msg.content.array_records[P.INIT_SHARED]),
+        device=node_device(context),
+    )
+    return Message(RecordDict({P.INIT_RELEASE: to_record(release)}), reply_to=msg)
 
 
 @app.train()

@@ -65,7 +65,8 @@ def client_account(
     account = PrivacyAccount.from_dict(json.loads(str(sent[ACCOUNT_KEY])))
     _check_plan(cfg, client_id, num_examples, account)
     this_round = round_steps(cfg, num_examples)
-    if node_steps > account.steps:
+    trained = account.steps - init_releases(cfg, client_id, account)
+    if node_steps > account.steps:  # the node counts the account's steps after training (init included)
         raise _refuse(
             client_id,
             f"holds {account.steps} DP-SGD steps on the server, but this node took {node_steps}: the server's "
@@ -73,15 +74,33 @@ def client_account(
             "continue the run from the server state that counted every step, or start a new run",
             value=account.steps,
         )
-    if account.steps + this_round > account.planned_steps:
+    if trained + this_round > account.planned_steps:
         raise _refuse(
             client_id,
-            f"has {account.planned_steps - account.steps} of its {account.planned_steps} planned steps left, "
+            f"has {account.planned_steps - trained} of its {account.planned_steps} planned steps left, "
             f"this round takes {this_round}: training would spend more than the planned epsilon",
             "plan more rounds (fed.rounds) before the run starts, or stop here",
             value=account.steps,
         )
     return account
+
+
+def init_releases(cfg: RunConfig, client_id: str, account: PrivacyAccount) -> int:
+    """The federated init's releases at the head of the account's history (init.source=federated: 1 dense,
+    2 sketch, at sigma init.noise_multiplier and rate 1; `fedsb.privacy.init_charge`), else 0. An account
+    of a federated-init run that does not start with them is refused: it would understate epsilon."""
+    if cfg.init.source != "federated":
+        return 0
+    want = (float(cfg.init.noise_multiplier), 1.0, 1 if cfg.init.exchange == "dense" else 2)
+    head = tuple(account.history[0]) if account.history else None
+    if head != want:
+        raise _refuse(
+            client_id,
+            f"starts with {head}, not the federated init's releases {want} (init.source=federated)",
+            "run the server and every client with the same config",
+            value=head,
+        )
+    return want[2]
 
 
 def _check_plan(cfg: RunConfig, client_id: str, num_examples: int, account: PrivacyAccount) -> None:

@@ -8,12 +8,18 @@ from typing import Any
 
 #: server -> every node once: the resolved config and the one-time setup (Fed-SB's B and A)
 SETUP_MESSAGE = "query.setup"
+#: server -> each init client (init.source=federated), once per exchange before the basis exists: the
+#: exchange and, for exchange 2, Q; the reply carries the client's (noised, under DP) release
+INIT_MESSAGE = "query.init"
 #: server -> a sampled node each round: the download; the reply carries the update
 TRAIN_MESSAGE = "train"
 
 SETUP_CONFIG = "fedsb.setup"  # ConfigRecord: config (YAML), fingerprint ("" if none)
 SETUP_ARRAYS = "fedsb.basis"  # ArrayRecord: the setup payload (fp32)
 NODE_INFO = "fedsb.node"  # ConfigRecord in the setup reply: partition-id
+INIT_CONFIG = "fedsb.init"  # ConfigRecord: client-id, exchange (0 dense, 1 sketch, 2 project)
+INIT_SHARED = "fedsb.init.shared"  # ArrayRecord: Q (m, k) per layer for exchange 2, else empty
+INIT_RELEASE = "fedsb.init.release"  # ArrayRecord in the reply: the client's release (fp32)
 ROUND_CONFIG = "fedsb.round"  # ConfigRecord: round, client-id, sent-before (earlier train messages to it)
 PRIVACY = "fedsb.privacy"  # ConfigRecord (privacy.mode=sample): the client's account on the server's ledger
 DOWNLOAD = "fedsb.download"  # ArrayRecord: the round's download in the wire dtype

@@ -189,6 +189,14 @@ def check_secagg_config(cfg: Any) -> None:
             "SecAgg+ computes only that mean",
             fix=f"use fed.method {', '.join(registry.names_where(lambda c: c.mean_aggregate))}, or run without secagg",
         )
+    if cfg.init.source == "federated":
+        raise ConfigError(
+            field="init.source",
+            value="federated",
+            what="is not securely aggregated here: the init's releases would reach the server one by one, "
+            "outside SecAgg+",
+            fix="use init.source=server (or pooled) with secagg, or run the federated init without secagg",
+        )
     if cfg.privacy.enabled:
         raise ConfigError(
             field="privacy.mode",

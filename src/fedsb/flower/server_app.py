@@ -58,9 +58,22 @@ def run_flower_job(
 
         check_secagg_config(cfg)
     executors: list[Any] = []
+    made_parties: list[Any] = []  # the federated init's transport, if the job's setup used one
+
+    def init_parties(client_ids: list[str], clients: list[Any]) -> Any:
+        """init.source=federated: the init's clients over the Grid (`fedsb.flower.init_parties`)."""
+        from fedsb.config import config_to_yaml
+        from fedsb.flower.init_parties import FlowerInitParties, connect_for_init
+
+        ex = connect_for_init(grid, client_ids, config_to_yaml(cfg), settings)
+        parties = FlowerInitParties(ex, clients, timeout=settings.round_timeout)
+        made_parties.append(parties)
+        return parties
 
     def make_executor(parts: Any) -> Any:
         ex = connected_executor(grid, cfg, parts, settings, context, secagg)
+        for parties in made_parties:  # the init's messages come first on Flower's own byte count
+            ex.wire[:0] = parties.wire
         executors.append(ex)
         return ex
 
@@ -70,6 +83,7 @@ def run_flower_job(
         make_executor=make_executor,
         command=["flower-serverapp"],
         stop_after_round=stop_after_round,
+        init_parties=init_parties,
         resume_command="flwr run ... --run-config 'resume=\"{dir}\"'",  # the app's `resume` key
     )
     if executors:

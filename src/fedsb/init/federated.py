@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -150,6 +150,36 @@ class GradientClient:
         """Exchange 2: Z_i = Q^T G_i, (k, m) @ (m, n) -> (k, n) per module."""
         return self.release({p: q[p].T @ g for p, g in self.gradient_sum().items()}, 2)
 
+    def answer(self, exchange: int, shared: Mapping[str, torch.Tensor]) -> Tensors:
+        """The release of `exchange` (0: dense G_i; 1: G_i Omega with `shared` = Omega; 2: Q^T G_i with
+        `shared` = Q): what an `InitParties` transport asks of each client."""
+        if exchange == DENSE:
+            return self.dense()
+        return self.sketch(shared) if exchange == SKETCH else self.project(shared)
+
+
+#: the exchanges a client answers (`GradientClient.answer`)
+DENSE, SKETCH, PROJECT = 0, 1, 2
+
+
+class InitParties(Protocol):
+    """How the server reaches the init's clients: in process (`LocalParties`) or over Flower
+    (`fedsb.flower.init_parties`). `releases(exchange, shared)` returns every client's release, in the
+    order of the protocol's clients; `shared` is Omega (exchange 1: a party that draws it from the shared
+    seed itself need not send it), Q (exchange 2) or empty (dense)."""
+
+    def releases(self, exchange: int, shared: Mapping[str, torch.Tensor]) -> list[Tensors]: ...
+
+
+class LocalParties:
+    """The clients as `GradientClient`s on this process's model, one after another (the simulator)."""
+
+    def __init__(self, parties: list[GradientClient]) -> None:
+        self.parties = parties
+
+    def releases(self, exchange: int, shared: Mapping[str, torch.Tensor]) -> list[Tensors]:
+        return [party.answer(exchange, shared) for party in self.parties]
+
 
 # ---- the server's side ------------------------------------------------------------------------------------
 def sum_releases(releases: Iterable[Mapping[str, torch.Tensor]]) -> Tensors:
@@ -231,24 +261,30 @@ def federated_basis(
     loss_fn: LossFn,
     generator: torch.Generator,
     dropout_seed: int = 0,
+    parties: InitParties | None = None,
 ) -> Basis:
-    """Run the exchanges with `clients` (in process, one after another) and return the basis; its info
-    holds what each exchange moved (`exchange_lines`) and who took part."""
-    parties = [
-        GradientClient(model, modules, c, loss_fn=loss_fn, privacy=spec.privacy, dropout_seed=dropout_seed)
-        for c in clients
-    ]
+    """Run the exchanges with `clients` through `parties` (default: in process, one after another) and
+    return the basis; its info holds what each exchange moved (`exchange_lines`) and who took part."""
+    if parties is None:
+        parties = LocalParties(
+            [
+                GradientClient(
+                    model, modules, c, loss_fn=loss_fn, privacy=spec.privacy, dropout_seed=dropout_seed
+                )
+                for c in clients
+            ]
+        )
     shapes = {p: linear_dims(m) for p, m in modules.items()}  # (m, n)
     if spec.exchange == "dense":
-        total = sum_releases(party.dense() for party in parties)
+        total = sum_releases(parties.releases(DENSE, {}))
         basis = lora_sb_basis(
             total, ranks, eta=spec.eta, scaling=spec.scaling, svd=spec.svd, oversample=spec.oversample,
             power_iters=spec.power_iters, generator=generator,
         )  # fmt: skip
     else:
         omega = sketch_matrices(shapes, ranks, spec.oversample, generator)
-        q = range_bases(sum_releases(party.sketch(omega) for party in parties))
-        z = sum_releases(party.project(q) for party in parties)
+        q = range_bases(sum_releases(parties.releases(SKETCH, omega)))
+        z = sum_releases(parties.releases(PROJECT, q))
         basis = sketch_basis(q, z, ranks, eta=spec.eta, scaling=spec.scaling)
     widths = {p: sketch_width(ranks[p], spec.oversample, s) for p, s in shapes.items()}
     basis.info["federated_init"] = federated_info(clients, spec, shapes, widths)
