@@ -185,3 +185,16 @@ def test_plan_counts_the_federated_inits_one_time_bytes(tmp_path: Path, exchange
     init = sum(e["bytes"] for e in ledger["one_time"] if e["item"].startswith("federated init"))
     assert comm["federated_init_bytes"] == init > 0
     assert comm["bytes_one_time"] == ledger["totals"]["bytes_one_time"]
+
+
+def test_plan_counts_mixed_ranks_as_the_ledger_does(tmp_path: Path) -> None:
+    """partition.client_ranks: a client of rank r_i uploads min(r_i, r_m)^2 per module, downloads r_m^2."""
+    extra = ["partition.client_ranks=[2,4]", "fed.rounds=1", f"output_dir={tmp_path}"]
+    cfg = resolve_config(TINY, [*QUICK, *extra])
+    comm = plan_run(cfg)["communication"]
+    ledger = run_job(cfg, echo=lambda s: None)["ledger"]
+    modules = 14
+    assert comm["params_up_by_client_rank"] == {2: modules * 4, 4: modules * 16}
+    assert comm["bytes_per_round"] == ledger["rounds"][0]["bytes_total"] > 0
+    full = resolve_config(TINY, [*QUICK, "fed.rounds=1"])
+    assert comm["bytes_per_round"] < plan_run(full)["communication"]["bytes_per_round"]

@@ -130,19 +130,25 @@ def communication(cfg: RunConfig, adapted: Any) -> dict[str, Any]:
     else:
         up = down = adapted.num_trainable()
     scales = int8_scale_bytes(cfg, adapted) if cfg.fed.wire_dtype == "int8" else 0
+    by_rank = mixed_rank_uploads(cfg, adapted)
+    if by_rank:  # the expected upload of a sampled client (every client equally likely)
+        ranks = cfg.partition.client_ranks
+        up = sum(by_rank[r] for r in ranks) / len(ranks)
     out: dict[str, Any] = {
         "wire_dtype": cfg.fed.wire_dtype,
         "clients": clients,
         "clients_per_round": per_round,
         "params_up_per_client": up,
         "params_down_per_client": down,
-        "bytes_per_round": None if per_round is None else per_round * ((up + down) * width + 2 * scales),
+        "bytes_per_round": None if per_round is None else round(per_round * ((up + down) * width + 2 * scales)),
         "bytes_rounds": None
         if per_round is None
-        else cfg.fed.rounds * per_round * ((up + down) * width + 2 * scales),
+        else round(cfg.fed.rounds * per_round * ((up + down) * width + 2 * scales)),
         "basis_params_per_client": basis,
         "bytes_one_time": None if clients is None else clients * basis * 4,  # the basis travels in fp32
     }
+    if by_rank:
+        out["params_up_by_client_rank"] = by_rank
     if cfg.init.source == "federated" and cfg.init.method == "lora-sb" and basis and per_round is not None:
         init = federated_init_bytes(cfg, adapted, per_round)
         out["federated_init_bytes"] = init
@@ -150,6 +156,17 @@ def communication(cfg: RunConfig, adapted: Any) -> dict[str, Any]:
     if formula is None:
         out["note"] = f"{cfg.fed.method}: the trained tensors both ways (no comm formula for this method)"
     return out
+
+
+def mixed_rank_uploads(cfg: RunConfig, adapted: Any) -> dict[int, int]:
+    """partition.client_ranks: r_i -> numbers a client of rank r_i uploads per round, sum over modules of
+    min(r_i, r_m)^2 (the leading block of each module's r_m x r_m R; a module capped below r_i is sent
+    whole); {} without mixed ranks. Downloads stay the full R."""
+    ranks = cfg.partition.client_ranks
+    if not ranks or not adapted.layers:
+        return {}
+    module_ranks = [layer.rank for layer in adapted.layers.values()]
+    return {r: sum(min(r, rm) ** 2 for rm in module_ranks) for r in sorted(set(ranks))}
 
 
 def federated_init_bytes(cfg: RunConfig, adapted: Any, clients: int) -> int:
