@@ -140,7 +140,9 @@ def communication(cfg: RunConfig, adapted: Any) -> dict[str, Any]:
         "clients_per_round": per_round,
         "params_up_per_client": up,
         "params_down_per_client": down,
-        "bytes_per_round": None if per_round is None else round(per_round * ((up + down) * width + 2 * scales)),
+        "bytes_per_round": None
+        if per_round is None
+        else round(per_round * ((up + down) * width + 2 * scales)),
         "bytes_rounds": None
         if per_round is None
         else round(cfg.fed.rounds * per_round * ((up + down) * width + 2 * scales)),
