@@ -100,15 +100,23 @@ STAND_INS = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "error"])  # SIGHUP shares SIGTERM's handler
+def _ignore_sigint() -> None:  # what a shell does to a background job: SIGINT ignored from the start
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# SIGHUP shares SIGTERM's handler; "SIGINT-background": started with SIGINT ignored, as `cmd &` is
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "SIGINT-background", "error"])
 def test_every_started_process_is_stopped_on_a_signal_or_an_error(how: str) -> None:
     env = {**_env(), "MODE": "error" if how == "error" else "wait"}
+    background = how.endswith("-background")
+    how = how.removesuffix("-background")
     proc = subprocess.Popen(
         [sys.executable, "-c", STAND_INS, TINY],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_ignore_sigint if background else None,
     )
     started: list[int] = []
     try:

@@ -412,9 +412,11 @@ def _raise_stopped(signum: int, _frame: Any) -> None:
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise `Stopped` inside the block (default handlers would end the process at once,
-    leaving every child running); the previous handlers are restored afterwards."""
-    sigs = (signal.SIGTERM, signal.SIGHUP)
+    """SIGINT, SIGTERM and SIGHUP raise `Stopped` inside the block (default handlers would end the process
+    at once, leaving every child running; SIGINT is handled here too because a process started in the
+    background by a shell inherits SIGINT ignored, and Python then raises no KeyboardInterrupt); the
+    previous handlers are restored afterwards."""
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {s: signal.signal(s, _raise_stopped) for s in sigs}
     try:
         yield
