@@ -150,6 +150,18 @@ class ClientRuntime:
         self.executor.wire_clients[self.client_id] = client
 
 
+def node_config(config_yaml: str, device: str | None = None) -> RunConfig:
+    """The run's config on this node (its node config's `device`, else the run's), with torch set up as the
+    run sets it: `threads` (default 1 on a node), deterministic algorithms when `deterministic`."""
+    cfg = config_from_dict(yaml.safe_load(config_yaml))
+    if device is not None:
+        cfg.device = device
+    torch.set_num_threads(cfg.threads or 1)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return cfg
+
+
 def build_runtime(
     config_yaml: str,
     partition_id: int,
@@ -163,12 +175,7 @@ def build_runtime(
     method as the server's run, on this node's `device` (its node config's, else the run's `device`), with
     the converted checkpoint and the tokenized shard from the node's `cache_dir` (default the fedsb cache:
     `$FEDSB_CACHE`, else ~/.cache/fedsb), built there once and reused by every later message's process."""
-    cfg = config_from_dict(yaml.safe_load(config_yaml))
-    if device is not None:
-        cfg.device = device
-    torch.set_num_threads(cfg.threads or 1)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    cfg = node_config(config_yaml, device)
     # the method's frozen basis, when it has one, came with the setup message (checked by fingerprint)
     # only this node's shard is tokenized (ConfigError for a partition id outside the run's)
     parts = build_components(

@@ -11,9 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import yaml
 
-from fedsb.config import config_from_dict
 from fedsb.fed.base import Tensors
 from fedsb.init.federated import SKETCH
 
@@ -31,15 +29,11 @@ def init_release(
     for exchange 2), on the CPU in fp32."""
     from fedsb.data.prepare import prepare_client, task_from_config
     from fedsb.fed.federated_init import client_party, init_client, shared_omega
+    from fedsb.flower.client import node_config
     from fedsb.job import load_base, placement_of
     from fedsb.train.local import loss_for
 
-    cfg = config_from_dict(yaml.safe_load(config_yaml))
-    if device is not None:
-        cfg.device = device
-    torch.set_num_threads(cfg.threads or 1)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    cfg = node_config(config_yaml, device)
     task = task_from_config(cfg)
     loaded = load_base(cfg, task, placement_of(cfg))
     data = prepare_client(cfg, task, loaded.tokenizer, partition_id)
