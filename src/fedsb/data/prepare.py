@@ -47,10 +47,18 @@ def loader_factory(
 
 
 def tokenize_task(
-    task: Any, ds: Any, tokenizer: Any, max_length: int, *, cache: bool = False, cache_dir: Any = None
+    task: Any,
+    ds: Any,
+    tokenizer: Any,
+    max_length: int,
+    *,
+    cache: bool = False,
+    cache_dir: Any = None,
+    key: str | None = None,
 ) -> Any:
     """Tokenize ``ds`` for training as the task's format does; with ``cache``, through the on-disk cache keyed
-    by tokenizer, the format's recipe, ``max_length`` and the rows as the task renders them."""
+    by tokenizer, the format's recipe, ``max_length`` and the rows as the task renders them (``key``: that
+    key if the caller already computed it, `tokenized_key`)."""
 
     def build() -> Any:
         return task.format.tokenize(task, ds, tokenizer, max_length)
@@ -59,7 +67,8 @@ def tokenize_task(
         return build()
     from fedsb.data.cache import cached_tokenized
 
-    return cached_tokenized(tokenized_key(task, ds, tokenizer, max_length), build, cache_dir=cache_dir)
+    key = key or tokenized_key(task, ds, tokenizer, max_length)
+    return cached_tokenized(key, build, cache_dir=cache_dir)
 
 
 def tokenized_key(task: Any, ds: Any, tokenizer: Any, max_length: int) -> str:
@@ -193,12 +202,11 @@ def _tokenize_shard(
             return tokenize_task(
                 task, rows, tokenizer, max_length, cache=cfg.data.cache, cache_dir=cache_dir
             ), stats
-        from fedsb.data.cache import cached_tokenized
         from fedsb.data.shard_cache import store_shard
 
-        tkey = tokenized_key(task, rows, tokenizer, max_length)
-        tokenized = cached_tokenized(
-            tkey, lambda: task.format.tokenize(task, rows, tokenizer, max_length), cache_dir=cache_dir
+        tkey = tokenized_key(task, rows, tokenizer, max_length)  # what the shard index points to
+        tokenized = tokenize_task(
+            task, rows, tokenizer, max_length, cache=True, cache_dir=cache_dir, key=tkey
         )
     store_shard(index_key, tkey, len(tokenized), stats, cache_dir)
     return tokenized, stats

@@ -91,7 +91,9 @@ def init_releases(cfg: RunConfig, client_id: str, account: PrivacyAccount) -> in
     of a federated-init run that does not start with them is refused: it would understate epsilon."""
     if cfg.init.source != "federated":
         return 0
-    want = (float(cfg.init.noise_multiplier), 1.0, 1 if cfg.init.exchange == "dense" else 2)
+    from fedsb.init.federated import releases_per_client
+
+    want = (float(cfg.init.noise_multiplier), 1.0, releases_per_client(cfg.init.exchange))
     head = tuple(account.history[0]) if account.history else None
     if head != want:
         raise _refuse(

@@ -162,6 +162,11 @@ class GradientClient:
 DENSE, SKETCH, PROJECT = 0, 1, 2
 
 
+def releases_per_client(exchange: str) -> int:
+    """Releases of each init client's data: 1 for init.exchange=dense (G_i), 2 for sketch (G_i Omega, Q^T G_i)."""
+    return 1 if exchange == "dense" else 2
+
+
 class InitParties(Protocol):
     """How the server reaches the init's clients: in process (`LocalParties`) or over Flower
     (`fedsb.flower.init_parties`). `releases(exchange, shared)` returns every client's release, in the
@@ -303,7 +308,7 @@ def federated_info(
         "step": "-eta sign(sum_i G_i)" if spec.exchange == "dense" else "-c sum_i G_i (un-signed: sign is not linear)",
         "clients": [c.client_id for c in clients],
         "client_samples": {c.client_id: c.num_samples for c in clients},
-        "releases": 1 if spec.exchange == "dense" else 2,
+        "releases": releases_per_client(spec.exchange),
         "privacy": None if spec.privacy is None else {
             "clip_norm": spec.privacy.clip_norm, "noise_multiplier": spec.privacy.noise_multiplier,
             "sample_rate": 1.0,
