@@ -187,6 +187,9 @@ examples:
   fedsb comm --model bert-base --methods fedsb --rank 32 48 64 --clients 3 --dtype bfloat16 --json
   fedsb comm --model ./my-model-dir --methods fedsb --rank 64 --clients 10 --targets q_proj v_proj
   fedsb comm --model bert-base --methods fedsb:64 ravan:32 fedsvd:8 --heads 4 --clients 5
+  fedsb comm --model minilm-l6 --methods fedsb --rank 32 --clients 3 --client-ranks 8 16 32
+  fedsb comm --model minilm-l6 --methods fedsb fedit --rank 32 --clients 5 --dtype int8 --wire-scale row
+  fedsb comm --model minilm-l6 --methods fedsb --rank 32 --clients 5 --federated-init sketch
 
 a METHOD:R1,R2 item gives that method its own ranks; --rank applies to the others.
 """
@@ -232,6 +235,28 @@ def add_comm_parser(subparsers: Any, parents: Sequence[argparse.ArgumentParser] 
     )
     p.add_argument("--head-params", type=int, metavar="N", help="trained head size (default: the model's)")
     p.add_argument("--heads", type=int, default=4, metavar="H", help="RAVAN's heads (rank = per head) [4]")
+    p.add_argument(
+        "--client-ranks",
+        nargs="+",
+        type=int,
+        metavar="R_I",
+        help="partition.client_ranks: one rank per client of the federation (fedsb; mixed ranks)",
+    )
+    p.add_argument(
+        "--wire-scale",
+        choices=("tensor", "row"),
+        default="tensor",
+        help="fed.wire_scale with --dtype int8: a fp32 scale per tensor or per row [tensor]",
+    )
+    p.add_argument(
+        "--federated-init",
+        choices=("sketch", "dense"),
+        metavar="EXCHANGE",
+        help="init.source=federated with this init.exchange (sketch or dense): its one-time bytes",
+    )
+    p.add_argument(
+        "--oversample", type=int, default=10, metavar="K", help="init.oversample of a sketch init [10]"
+    )
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(handler=cmd_comm)
 
@@ -282,6 +307,10 @@ def cmd_comm(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             head_params=args.head_params,
             heads=args.heads,
+            client_ranks=args.client_ranks,
+            wire_scale=args.wire_scale,
+            federated_init=args.federated_init,
+            oversample=args.oversample,
         )
         if args.json:
             print(json.dumps(rows, indent=2))

@@ -659,12 +659,12 @@ class RunConfig:
     def _check_client_ranks(self) -> None:
         """partition.client_ranks: one rank <= adapter.rank per client, for a method whose R is ordered by
         the basis' singular directions, on a wire that sends tensors (int8 sends changes of the full R)."""
-        from fedsb.fed.mixed_rank import MIXED_RANK_METHODS
+        from fedsb.fed import registry
 
         ranks, name = self.partition.client_ranks, "partition.client_ranks"
         if ranks is None:
             return
-        if self.fed.method not in MIXED_RANK_METHODS:
+        if not registry.card(self.fed.method).mixed_ranks:
             raise ConfigError(
                 field=name,
                 value=ranks,

@@ -113,18 +113,20 @@ def plan_run(cfg: RunConfig) -> dict[str, Any]:
 
 def communication(cfg: RunConfig, adapted: Any) -> dict[str, Any]:
     """Per client per round (up, down), per round (all sampled clients) and one-time bytes, by the
-    `fedsb.comm` formulas where the method has one, else the trained tensors both ways (FedAvg)."""
+    `fedsb.comm` formulas where the method has one, else the trained tensors both ways (FedAvg); mixed
+    ranks, int8 scales and the federated init by `fedsb.comm.extras` (as `fedsb comm` counts them)."""
     from fedsb import comm
     from fedsb.adapters.layer import linear_dims
+    from fedsb.comm import extras
 
     clients = cfg.partition.num_clients
     per_round = cfg.expected_clients_per_round() if clients is not None else None
     width = WIRE_BYTES[cfg.fed.wire_dtype]
     formula = comm.METHODS.get(cfg.fed.method)
     basis = 0
+    head = sum(p.numel() for m in adapted.extra_modules.values() for p in m.parameters())
     if formula is not None and adapted.layers:
         shapes = [(path, *linear_dims(layer.base_layer)) for path, layer in adapted.layers.items()]
-        head = sum(p.numel() for m in adapted.extra_modules.values() for p in m.parameters())
         res = formula(shapes, cfg.adapter.rank, per_round or 1, head)
         up, down, basis = res.upload, res.download, res.basis
     else:
@@ -132,8 +134,8 @@ def communication(cfg: RunConfig, adapted: Any) -> dict[str, Any]:
     scales = int8_scale_bytes(cfg, adapted) if cfg.fed.wire_dtype == "int8" else 0
     by_rank = mixed_rank_uploads(cfg, adapted)
     if by_rank:  # the expected upload of a sampled client (every client equally likely)
-        ranks = cfg.partition.client_ranks
-        up = sum(by_rank[r] for r in ranks) / len(ranks)
+        up = extras.mean_upload(by_rank, cfg.partition.client_ranks)
+        up = int(up) if up.denominator == 1 else float(up)
     out: dict[str, Any] = {
         "wire_dtype": cfg.fed.wire_dtype,
         "clients": clients,
@@ -142,10 +144,10 @@ def communication(cfg: RunConfig, adapted: Any) -> dict[str, Any]:
         "params_down_per_client": down,
         "bytes_per_round": None
         if per_round is None
-        else round(per_round * ((up + down) * width + 2 * scales)),
+        else extras.round_bytes(per_round, up, down, width, scales),
         "bytes_rounds": None
         if per_round is None
-        else round(cfg.fed.rounds * per_round * ((up + down) * width + 2 * scales)),
+        else cfg.fed.rounds * extras.round_bytes(per_round, up, down, width, scales),
         "basis_params_per_client": basis,
         "bytes_one_time": None if clients is None else clients * basis * 4,  # the basis travels in fp32
     }
@@ -155,45 +157,53 @@ def communication(cfg: RunConfig, adapted: Any) -> dict[str, Any]:
         init = federated_init_bytes(cfg, adapted, per_round)
         out["federated_init_bytes"] = init
         out["bytes_one_time"] += init
+    notes = []
     if formula is None:
-        out["note"] = f"{cfg.fed.method}: the trained tensors both ways (no comm formula for this method)"
+        notes.append(f"{cfg.fed.method}: the trained tensors both ways (no comm formula for this method)")
+    if cfg.fed.wire_dtype == "int8" and per_round is not None and clients is not None and per_round < clients:
+        notes.append(
+            "int8 under partial participation: a download carries one entry per round since its least "
+            "recent sampled client last took part, so the bytes per round are a lower bound"
+        )
+    if notes:
+        out["note"] = "; ".join(notes)
     return out
 
 
 def mixed_rank_uploads(cfg: RunConfig, adapted: Any) -> dict[int, int]:
     """partition.client_ranks: r_i -> numbers a client of rank r_i uploads per round, sum over modules of
-    min(r_i, r_m)^2 (the leading block of each module's r_m x r_m R; a module capped below r_i is sent
-    whole); {} without mixed ranks. Downloads stay the full R."""
+    min(r_i, r_m)^2 plus the head (`fedsb.comm.extras.mixed_rank_uploads`); {} without mixed ranks.
+    Downloads stay the full R."""
+    from fedsb.comm.extras import mixed_rank_uploads as uploads
+
     ranks = cfg.partition.client_ranks
     if not ranks or not adapted.layers:
         return {}
-    module_ranks = [layer.rank for layer in adapted.layers.values()]
-    return {r: sum(min(r, rm) ** 2 for rm in module_ranks) for r in sorted(set(ranks))}
+    head = sum(p.numel() for m in adapted.extra_modules.values() for p in m.parameters())
+    return uploads([layer.rank for layer in adapted.layers.values()], ranks, head)
 
 
 def federated_init_bytes(cfg: RunConfig, adapted: Any, clients: int) -> int:
-    """The federated init's one-time fp32 bytes, as its ledger lines count them (`exchange_lines`): dense
-    m n per module per client up; sketch m k up, m k down (Q), k n up, k = rank + init.oversample."""
+    """The federated init's one-time fp32 bytes, as its ledger lines count them (`fedsb.init.exchange`):
+    dense m n per module per client up; sketch m k up, m k down (Q), k n up, k = rank + init.oversample."""
     from fedsb.adapters.layer import linear_dims
-    from fedsb.init.federated import exchange_lines, sketch_width
+    from fedsb.comm.extras import INIT_BYTES, federated_init_params
 
     shapes = {p: linear_dims(layer.base_layer) for p, layer in adapted.layers.items()}
-    widths = {
-        p: sketch_width(adapted.layers[p].rank, cfg.init.oversample, shape) for p, shape in shapes.items()
-    }
-    lines = exchange_lines(cfg.init.exchange, clients, shapes, widths)
-    return sum(4 * line["clients"] * sum(line["sizes"].values()) for line in lines)
+    ranks = {p: layer.rank for p, layer in adapted.layers.items()}
+    per_client = federated_init_params(cfg.init.exchange, shapes, ranks, cfg.init.oversample)
+    return INIT_BYTES * clients * per_client
 
 
 def int8_scale_bytes(cfg: RunConfig, adapted: Any) -> int:
     """fp32 scale bytes in one int8 message: one per sent tensor (fed.wire_scale=tensor) or per row of a
     2-D one (row); the sent tensors are the trained ones (RAVAN: its products s_k H_k, not the scales s_k)."""
-    from fedsb.fed.wire import scale_shape
+    from fedsb.comm.extras import int8_scale_bytes as scale_bytes
 
     shapes = [
         tuple(p.shape) for k, p in adapted.trainable_parameters().items() if not k.endswith("ravan_s.weight")
     ]
-    return 4 * sum(scale_shape(shape, cfg.fed.wire_scale)[0] for shape in shapes)
+    return scale_bytes(shapes, cfg.fed.wire_scale)
 
 
 def privacy_plan(cfg: RunConfig, task: Any) -> dict[str, Any]:

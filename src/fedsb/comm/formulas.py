@@ -30,6 +30,9 @@ class MethodComm:
     head: int  # head parameters included once in each of upload, download and paper
     download_encoding: str | None  # FedEx only: "factors", "dense" or "mixed (k of N modules dense)"
     capped: tuple[tuple[str, int], ...]  # modules whose rank was capped at min(m, n): (name, rank used)
+    #: shapes of the adapter tensors one upload carries (the head apart), as the run sends them: what an
+    #: int8 message has scales for (`fedsb.comm.extras`); () for methods int8 cannot carry
+    sent: tuple[tuple[int, int], ...] = ()
 
 
 def _positive_int(field: str, value: object, fix: str) -> int:
@@ -69,7 +72,8 @@ def fedit(shapes: Sequence[Shape], rank: int, clients: int, head_params: int = 0
     """FedIT: A and B both ways, r(m+n) per module; the paper's figure is the same."""
     rows = _check(shapes, rank, clients, head_params)
     one = _lora(rows) + head_params
-    return MethodComm("fedit", rank, clients, one, one, one, 0, head_params, None, _capped(rows, rank))
+    sent = tuple(shape for _, m, n, r in rows for shape in ((r, n), (m, r)))  # A (r, n), B (m, r)
+    return MethodComm("fedit", rank, clients, one, one, one, 0, head_params, None, _capped(rows, rank), sent)
 
 
 def ffa(shapes: Sequence[Shape], rank: int, clients: int, head_params: int = 0) -> MethodComm:
@@ -78,7 +82,10 @@ def ffa(shapes: Sequence[Shape], rank: int, clients: int, head_params: int = 0) 
     real = sum(r * m for _, m, _, r in rows) + head_params
     full = _lora(rows)
     paper = (full // 2 if full % 2 == 0 else full / 2) + head_params
-    return MethodComm("ffa", rank, clients, real, real, paper, 0, head_params, None, _capped(rows, rank))
+    sent = tuple((m, r) for _, m, _, r in rows)  # B (m, r)
+    return MethodComm(
+        "ffa", rank, clients, real, real, paper, 0, head_params, None, _capped(rows, rank), sent
+    )
 
 
 def fedex(shapes: Sequence[Shape], rank: int, clients: int, head_params: int = 0) -> MethodComm:
@@ -128,8 +135,9 @@ def fedsb(shapes: Sequence[Shape], rank: int, clients: int, head_params: int = 0
     """Fed-SB: R (r x r) both ways, independent of c, m and n; the basis B, A (r(m+n)) once, separately."""
     rows = _check(shapes, rank, clients, head_params)
     one = sum(r * r for _, _, _, r in rows) + head_params
+    sent = tuple((r, r) for _, _, _, r in rows)  # R (r, r)
     return MethodComm(
-        "fedsb", rank, clients, one, one, one, _lora(rows), head_params, None, _capped(rows, rank)
+        "fedsb", rank, clients, one, one, one, _lora(rows), head_params, None, _capped(rows, rank), sent
     )
 
 
@@ -152,8 +160,9 @@ def ravan(
             )
     one = sum(heads * r * r for _, _, _, r in per_head) + head_params
     basis = sum(heads * r * (m + n) for _, m, n, r in per_head)
+    sent = tuple((r, r) for _, _, _, r in per_head for _ in range(heads))  # s_k H_k (r, r) per head
     return MethodComm(
-        "ravan", rank, clients, one, one, one, basis, head_params, None, _capped(per_head, rank)
+        "ravan", rank, clients, one, one, one, basis, head_params, None, _capped(per_head, rank), sent
     )
 
 

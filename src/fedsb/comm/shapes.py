@@ -9,6 +9,7 @@ id listed as ``hf_id`` in a shipped file uses that file). Targets are matched as
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -43,6 +44,7 @@ class ShapeFacts:
     head_params: int
     unit: str  # "M" or "K": the paper's display unit for this kind of model
     source: str
+    head_shapes: tuple[tuple[int, ...], ...] = ()  # the head's tensors (weights (out, in), biases (out,))
 
     @property
     def num_layers(self) -> int:
@@ -77,6 +79,7 @@ def _load_shipped(name: str) -> ShapeFacts:
         head_params=int(data["head_params"]),
         unit=data["unit"],
         source=data["source"],
+        head_shapes=tuple(tuple(int(d) for d in shape) for shape in data.get("head_shapes", [])),
     )
 
 
@@ -162,14 +165,17 @@ def facts_from_config(config: Any, name: str = "config") -> ShapeFacts:
             what=f"has a {model_type} config comm cannot read ({exc})",
             fix="check its config.json (hidden_size, intermediate_size, num_hidden_layers, heads)",
         ) from None
-    head = 0
+    head_shapes: tuple[tuple[int, ...], ...] = ()
     architectures = getattr(config, "architectures", None) or []
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         labels = int(getattr(config, "num_labels", 2) or 2)
         if model_type in LLAMA_FAMILY:
-            head = h * labels  # `score`, no bias
-        else:
-            head = h * labels + labels + (h * h + h if model_type != "bert" else 0)
+            head_shapes = ((labels, h),)  # `score`, no bias
+        elif model_type == "bert":
+            head_shapes = ((labels, h), (labels,))  # classifier
+        else:  # classifier.dense, then classifier.out_proj
+            head_shapes = ((h, h), (h,), (labels, h), (labels,))
+    head = sum(math.prod(shape) for shape in head_shapes)
     return ShapeFacts(
         name=name,
         layer_prefix=prefix,
@@ -178,6 +184,7 @@ def facts_from_config(config: Any, name: str = "config") -> ShapeFacts:
         head_params=head,
         unit=unit,
         source=f"config.json ({model_type})",
+        head_shapes=head_shapes,
     )
 
 

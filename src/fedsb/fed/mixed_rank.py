@@ -27,8 +27,6 @@ import torch
 Tensors = dict[str, torch.Tensor]
 
 R_SUFFIX = ".lora_sb_R.weight"  # the trained r x r core of a LoRA-SB layer (`fedsb.fed.fedsb.FedSB`)
-#: methods whose R is ordered by the shared basis' singular directions (fed.method values)
-MIXED_RANK_METHODS: tuple[str, ...] = ("fedsb",)
 
 
 def client_id_ranks(client_ranks: Sequence[int], client_ids: Sequence[str]) -> dict[str, int]:

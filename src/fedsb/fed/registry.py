@@ -63,6 +63,9 @@ class MethodCard:
     #: tensors per adapted module (per head, with a `heads` option) in an int8 message, each with one fp32
     #: scale; 0: int8 does not apply (its global state is not the mean of the uploads)
     int8_tensors: int = 0
+    #: its R is ordered by the shared basis' singular directions, so a client of rank r_i can train and send
+    #: only the leading r_i x r_i block (partition.client_ranks: config, `fedsb.fed.mixed_rank`, `fedsb comm`)
+    mixed_ranks: bool = False
 
 
 _CARDS: dict[str, MethodCard] = {}
@@ -121,7 +124,7 @@ for _card in (
     MethodCard("flora", "FLoRA", "fedsb.fed.flora:FLoRA", mean_aggregate=False, mean_state=False,
                folds=True, quantized_base_refusal=_FOLDS_W0, comm=f"{_FORMULAS}:flora"),
     MethodCard("fedsb", "Fed-SB", "fedsb.fed.fedsb:FedSB", mean_aggregate=True, mean_state=True,
-               basis_init="init.method", comm=f"{_FORMULAS}:fedsb", int8_tensors=1),
+               basis_init="init.method", comm=f"{_FORMULAS}:fedsb", int8_tensors=1, mixed_ranks=True),
     MethodCard("ravan", "RAVAN", "fedsb.fed.ravan:Ravan", mean_aggregate=True, mean_state=True,
                basis_init="ravan.init", section="ravan", comm=f"{_FORMULAS}:ravan", comm_options=("heads",),
                int8_tensors=1),

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from fedsb.comm.extras import scale_count
+
 Tensors = dict[str, torch.Tensor]
 
 #: wire dtype name -> torch dtype of the tensors on the wire
@@ -78,7 +80,8 @@ def decode_int8(payload: Mapping[str, torch.Tensor]) -> Tensors:
 
 
 def scale_shape(shape: Sequence[int], per: str) -> tuple[int, ...]:
-    return (int(shape[0]),) if per == "row" and len(shape) >= 2 else (1,)
+    """The scales' shape of a tensor of `shape`: (rows,) per row of a 2-D tensor, else (1,) (`scale_count`)."""
+    return (scale_count(shape, per),)
 
 
 def aggregate_error_bound(scales: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> Tensors:

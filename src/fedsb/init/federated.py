@@ -41,6 +41,7 @@ from transformers.pytorch_utils import Conv1D
 
 from fedsb.adapters.layer import linear_dims
 from fedsb.init.basis import Basis, ModuleFactors, lora_sb_basis
+from fedsb.init.exchange import exchange_lines, releases_per_client, sketch_width
 from fedsb.init.grad_estimate import Batch, LossFn, batch_size, estimate_gradients
 from fedsb.init.svd import random_orthonormal
 from fedsb.models.quantize import is_quantized
@@ -162,11 +163,6 @@ class GradientClient:
 DENSE, SKETCH, PROJECT = 0, 1, 2
 
 
-def releases_per_client(exchange: str) -> int:
-    """Releases of each init client's data: 1 for init.exchange=dense (G_i), 2 for sketch (G_i Omega, Q^T G_i)."""
-    return 1 if exchange == "dense" else 2
-
-
 class InitParties(Protocol):
     """How the server reaches the init's clients: in process (`LocalParties`) or over Flower
     (`fedsb.flower.init_parties`). `releases(exchange, shared)` returns every client's release, in the
@@ -194,11 +190,6 @@ def sum_releases(releases: Iterable[Mapping[str, torch.Tensor]]) -> Tensors:
         for k, t in r.items():
             total[k] = total[k] + t.double() if k in total else t.double().clone()
     return {k: v.float() for k, v in total.items()}
-
-
-def sketch_width(rank: int, oversample: int, shape: tuple[int, int]) -> int:
-    """k = rank + oversample, at most min(m, n)."""
-    return min(rank + max(oversample, 0), min(shape))
 
 
 def sketch_matrices(
@@ -315,38 +306,3 @@ def federated_info(
         },
         "lines": exchange_lines(spec.exchange, len(clients), shapes, widths),
     }  # fmt: skip
-
-
-def exchange_lines(
-    exchange: str, clients: int, shapes: Mapping[str, tuple[int, int]], widths: Mapping[str, int]
-) -> list[dict[str, Any]]:
-    """The init's one-time ledger lines: item, direction, clients and numbers per module per client."""
-    if exchange == "dense":
-        return [
-            {
-                "item": "federated init: gradient sum G_i (m x n per layer, fp32)",
-                "direction": "up",
-                "clients": clients,
-                "sizes": {p: m * n for p, (m, n) in shapes.items()},
-            }
-        ]
-    return [
-        {
-            "item": "federated init exchange 1: sketch Y_i = G_i Omega (m x k per layer, fp32)",
-            "direction": "up",
-            "clients": clients,
-            "sizes": {p: m * widths[p] for p, (m, _) in shapes.items()},
-        },
-        {
-            "item": "federated init: range basis Q (m x k per layer, fp32; Omega comes from the shared seed)",
-            "direction": "down",
-            "clients": clients,
-            "sizes": {p: m * widths[p] for p, (m, _) in shapes.items()},
-        },
-        {
-            "item": "federated init exchange 2: Z_i = Q^T G_i (k x n per layer, fp32)",
-            "direction": "up",
-            "clients": clients,
-            "sizes": {p: widths[p] * n for p, (_, n) in shapes.items()},
-        },
-    ]
