@@ -148,7 +148,7 @@ class InitConfig:
         "data for the gradient estimate: 'server' (a proxy sample the server holds; federated), "
         "'pooled' (the clients' pooled training data, as in the paper; not federated) or 'federated' (each "
         "sampled client's gradient over its own n_i examples, sent as a sketch or a sum, noised under DP; "
-        "init.exchange; simulator only)",
+        "init.exchange; in the simulator and over Flower, refused with SecAgg+)",
     )
     server_size: int = _f(256, "examples in the server's proxy sample (source=server)")
     num_samples: int | None = _f(

@@ -27,7 +27,14 @@ fedsvd        r·m          r(m+n)                                       r(m+n) 
   seed and costs nothing; FedEx's download picks the cheaper encoding per module and reports which one
   (``factors``, ``dense`` or ``mixed``).
 - Bytes = parameters × bytes per element of the wire dtype (float32 4, bfloat16/float16 2; int8 1 plus a
-  4-byte scale per tensor, for fedsb, ravan, fedit and ffa only, the basis still float32); 1 MB = 10⁶ B.
+  4-byte scale per tensor, or per row with wire_scale=row, for fedsb, ravan, fedit and ffa only, the basis
+  still float32); 1 MB = 10⁶ B. "per round" = c × (upload + download).
+- A run's settings (`fedsb.comm.extras`, shared with `fedsb run --dry-run`; each tested equal to a real
+  run's ledger): mixed ranks (client_ranks = partition.client_ranks: a client of rank r_i uploads
+  sum min(r_i, r_m)² + the head, downloads the full R; the upload shown is the mean over the clients), int8
+  scales of the tensors each formula sends (`MethodComm.sent`) and of the head, and the federated init's
+  one-time fp32 exchanges (federated_init = init.exchange: dense m·n, sketch 2·m·k + k·n per module per init
+  client, k = min(r + oversample, m, n)).
 
 Rounding convention (the tables' last digits are inconsistent, method.md 6.3): we keep **exact integer
 counts** and display them in the table's unit (M = 10⁶ for decoders, K = 10³ for encoders) **rounded half-up
@@ -54,9 +61,10 @@ The other 15 cells match to the printed digit. Largest deviation of the exact co
 r = 120); of the displayed figure: 0.35 % (2.82 vs 2.83). ``tests/comm/test_comm.py`` checks every cell at 0.5 %.
 
 Layout: `shapes` (shape facts of a model), `formulas` (the counts above, one function per method),
-`table` (rows, rounding, the printed table); the command line is `fedsb.cli`'s. The methods, their display
-names and formulas come from the method registry (`fedsb.fed.registry`). This package does not import
-torch (``fedsb comm`` stays fast); transformers is imported only to read a config that is not shipped.
+`extras` (what a run's settings add), `table` (rows, rounding, the printed table); the command line is
+`fedsb.cli`'s. The methods, their display names and formulas come from the method registry
+(`fedsb.fed.registry`). This package does not import torch (``fedsb comm`` stays fast); transformers is
+imported only to read a config that is not shipped.
 """
 
 from fedsb.comm.formulas import MethodComm, Shape, fedex, fedit, fedsb, fedsvd, ffa, flora, ravan
