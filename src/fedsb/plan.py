@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fedsb.config import RunConfig
+from fedsb.config_audit import _basis_init
 from fedsb.device import DTYPES, Placement
 from fedsb.errors import ConfigError
 from fedsb.job import placement_of
@@ -153,7 +154,7 @@ def communication(cfg: RunConfig, adapted: Any) -> dict[str, Any]:
     }
     if by_rank:
         out["params_up_by_client_rank"] = by_rank
-    if cfg.init.source == "federated" and cfg.init.method == "lora-sb" and basis and per_round is not None:
+    if cfg.init.source == "federated" and _basis_init(cfg) == "lora-sb" and basis and per_round is not None:
         init = federated_init_bytes(cfg, adapted, per_round)
         out["federated_init_bytes"] = init
         out["bytes_one_time"] += init

@@ -56,6 +56,11 @@ SETTINGS = {
         {"federated_init": "dense"},
         "fedsb",
     ),
+    "federated-sketch-ravan": (  # RAVAN's LoRA-SB heads: k = min(h r + oversample, m, n)
+        ["fed.method=ravan", "ravan.init=lora-sb", "init.source=federated"],
+        {"federated_init": "sketch"},
+        "ravan",
+    ),
     "federated-sketch-k": (
         ["init.source=federated", "init.oversample=3"],
         {"federated_init": "sketch", "oversample": 3},
@@ -200,3 +205,14 @@ def test_cli_prints_the_settings(capsys: pytest.CaptureFixture[str]) -> None:
     assert row["wire_scale"] == "row" and row["scale_bytes"] == 4 * 36 * 32
     assert cli.main([*argv, "--client-ranks", "8", "64", "16"]) == 2
     assert "client_ranks=[8, 64, 16]" in capsys.readouterr().err
+
+
+def test_the_plan_counts_no_federated_init_for_a_basis_without_one(tmp_path: Path) -> None:
+    """RAVAN with ravan.init=random computes no gradient basis, so init.source=federated exchanges nothing
+    (the plan once asked init.method, which RAVAN ignores, and counted the init's bytes)."""
+    extra = ["fed.method=ravan", "ravan.init=random", "init.source=federated", f"output_dir={tmp_path}"]
+    cfg = resolve_config(TINY, [*QUICK, *extra])
+    plan = plan_run(cfg)["communication"]
+    ledger = run_job(cfg, echo=lambda s: None)["ledger"]
+    assert "federated_init_bytes" not in plan
+    assert plan["bytes_one_time"] == ledger["totals"]["bytes_one_time"] > 0

@@ -33,6 +33,9 @@ class MethodComm:
     #: shapes of the adapter tensors one upload carries (the head apart), as the run sends them: what an
     #: int8 message has scales for (`fedsb.comm.extras`); () for methods int8 cannot carry
     sent: tuple[tuple[int, int], ...] = ()
+    #: per module, the rank of the frozen basis a LoRA-SB init computes (Fed-SB r, RAVAN h x r): the
+    #: federated init's sketch width k = min(rank + oversample, m, n) (`fedsb.comm.extras`); () without one
+    basis_ranks: tuple[int, ...] = ()
 
 
 def _positive_int(field: str, value: object, fix: str) -> int:
@@ -137,7 +140,18 @@ def fedsb(shapes: Sequence[Shape], rank: int, clients: int, head_params: int = 0
     one = sum(r * r for _, _, _, r in rows) + head_params
     sent = tuple((r, r) for _, _, _, r in rows)  # R (r, r)
     return MethodComm(
-        "fedsb", rank, clients, one, one, one, _lora(rows), head_params, None, _capped(rows, rank), sent
+        "fedsb",
+        rank,
+        clients,
+        one,
+        one,
+        one,
+        _lora(rows),
+        head_params,
+        None,
+        _capped(rows, rank),
+        sent,
+        tuple(r for _, _, _, r in rows),
     )
 
 
@@ -162,7 +176,18 @@ def ravan(
     basis = sum(heads * r * (m + n) for _, m, n, r in per_head)
     sent = tuple((r, r) for _, _, _, r in per_head for _ in range(heads))  # s_k H_k (r, r) per head
     return MethodComm(
-        "ravan", rank, clients, one, one, one, basis, head_params, None, _capped(per_head, rank), sent
+        "ravan",
+        rank,
+        clients,
+        one,
+        one,
+        one,
+        basis,
+        head_params,
+        None,
+        _capped(per_head, rank),
+        sent,
+        tuple(heads * r for _, _, _, r in per_head),
     )
 
 

@@ -187,8 +187,8 @@ def comm_table(
             init = 0
             if federated_init is not None:
                 dims = {name: (m, n) for name, m, n in shapes}
-                module_ranks = {name: min(rank, m, n) for name, m, n in shapes}
-                init = extras.federated_init_params(federated_init, dims, module_ranks, oversample)
+                basis_ranks = dict(zip(dims, res.basis_ranks, strict=True))
+                init = extras.federated_init_params(federated_init, dims, basis_ranks, oversample)
             rows.append(
                 {
                     "model": facts.name,
@@ -275,12 +275,12 @@ def _check_settings(
             field="oversample", value=oversample, fix="use an integer >= 0 (init.oversample), e.g. 10"
         )
     for key in keys:
-        if federated_init is not None and registry.card(key).basis_init != "init.method":
+        if federated_init is not None and registry.card(key).basis_init is None:
             raise FedsbError(
                 field="federated_init",
                 value=federated_init,
                 what=f"initializes a LoRA-SB basis, which {key} does not compute",
-                fix=f"use it with {', '.join(registry.names_where(lambda c: c.basis_init == 'init.method'))}",
+                fix=f"use it with {', '.join(registry.names_where(lambda c: c.basis_init is not None))}",
             )
     if client_ranks is None:
         return
