@@ -417,6 +417,8 @@ def test_comm_module_does_not_import_torch():
     code = (
         "import sys; from fedsb import comm; "
         "comm.comm_table('gemma-2-9b', list(comm.METHODS), [32], 25); "
+        "comm.comm_table('bert-base', ['fedsb'], [32], 3, client_ranks=[8, 16, 32], federated_init='sketch'); "
+        "comm.comm_table('bert-base', ['fedsb', 'ravan'], [8], 3, dtype='int8', wire_scale='row'); "
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(comm.__file__).parents[2])}  # src/
