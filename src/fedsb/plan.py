@@ -14,6 +14,7 @@ tokenization cache; a hub or file dataset may fill the `datasets` cache), and th
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -134,21 +135,19 @@ def communication(cfg: RunConfig, adapted: Any) -> dict[str, Any]:
         up = down = adapted.num_trainable()
     scales = int8_scale_bytes(cfg, adapted) if cfg.fed.wire_dtype == "int8" else 0
     by_rank = mixed_rank_uploads(cfg, adapted)
+    exact_up = Fraction(up)
     if by_rank:  # the expected upload of a sampled client (every client equally likely)
-        up = extras.mean_upload(by_rank, cfg.partition.client_ranks)
-        up = int(up) if up.denominator == 1 else float(up)
+        exact_up = extras.mean_upload(by_rank, cfg.partition.client_ranks)
+        up = int(exact_up) if exact_up.denominator == 1 else float(exact_up)
+    round_bytes = None if per_round is None else extras.round_bytes(per_round, exact_up, down, width, scales)
     out: dict[str, Any] = {
         "wire_dtype": cfg.fed.wire_dtype,
         "clients": clients,
         "clients_per_round": per_round,
         "params_up_per_client": up,
         "params_down_per_client": down,
-        "bytes_per_round": None
-        if per_round is None
-        else extras.round_bytes(per_round, up, down, width, scales),
-        "bytes_rounds": None
-        if per_round is None
-        else cfg.fed.rounds * extras.round_bytes(per_round, up, down, width, scales),
+        "bytes_per_round": round_bytes,
+        "bytes_rounds": None if round_bytes is None else cfg.fed.rounds * round_bytes,
         "basis_params_per_client": basis,
         "bytes_one_time": None if clients is None else clients * basis * 4,  # the basis travels in fp32
     }

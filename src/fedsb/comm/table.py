@@ -178,17 +178,9 @@ def comm_table(
                 if dtype == "int8"
                 else 0
             )
-            up: int | float = res.upload
-            by_rank: dict[int, int] = {}
-            if client_ranks is not None:
-                by_rank = extras.mixed_rank_uploads([r for r, _ in res.sent], client_ranks, res.head)
-                mean = extras.mean_upload(by_rank, client_ranks)
-                up = int(mean) if mean.denominator == 1 else float(mean)
-            init = 0
-            if federated_init is not None:
-                dims = {name: (m, n) for name, m, n in shapes}
-                basis_ranks = dict(zip(dims, res.basis_ranks, strict=True))
-                init = extras.federated_init_params(federated_init, dims, basis_ranks, oversample)
+            exact_up, by_rank = _upload(res, client_ranks)
+            up = int(exact_up) if exact_up.denominator == 1 else float(exact_up)
+            init = _init_params(res, shapes, federated_init, oversample)
             rows.append(
                 {
                     "model": facts.name,
@@ -212,7 +204,7 @@ def comm_table(
                     "download_params": res.download,
                     "download_bytes": res.download * width + scales,
                     "download_encoding": res.download_encoding,
-                    "round_bytes": extras.round_bytes(clients, Fraction(up), res.download, width, scales),
+                    "round_bytes": extras.round_bytes(clients, exact_up, res.download, width, scales),
                     "basis_params": res.basis,
                     "basis_bytes": res.basis * (4 if dtype == "int8" else width),
                     "federated_init": federated_init,
@@ -225,6 +217,25 @@ def comm_table(
                 }
             )
     return rows
+
+
+def _upload(res: MethodComm, client_ranks: Sequence[int] | None) -> tuple[Fraction, dict[int, int]]:
+    """A client's upload (with mixed ranks: the mean over the clients) and r_i -> its upload ({} without)."""
+    if client_ranks is None:
+        return Fraction(res.upload), {}
+    by_rank = extras.mixed_rank_uploads([r for r, _ in res.sent], client_ranks, res.head)
+    return extras.mean_upload(by_rank, client_ranks), by_rank
+
+
+def _init_params(
+    res: MethodComm, shapes: Sequence[tuple[str, int, int]], federated_init: str | None, oversample: int
+) -> int:
+    """Numbers one init client exchanges in a federated init (0 without one)."""
+    if federated_init is None:
+        return 0
+    dims = {name: (m, n) for name, m, n in shapes}
+    basis_ranks = dict(zip(dims, res.basis_ranks, strict=True))
+    return extras.federated_init_params(federated_init, dims, basis_ranks, oversample)
 
 
 def _ranks_per_method(
@@ -257,6 +268,13 @@ def _check_settings(
     oversample: int,
 ) -> None:
     """The run settings `comm_table` counts, checked as `fedsb run` checks them (config.py)."""
+    _check_wire(dtype, wire_scale)
+    _check_init(keys, federated_init, oversample)
+    if client_ranks is not None:
+        _check_client_ranks(keys, per_method, clients, dtype, client_ranks)
+
+
+def _check_wire(dtype: str, wire_scale: str) -> None:
     if wire_scale not in ("tensor", "row"):
         raise FedsbError(field="wire_scale", value=wire_scale, fix="use tensor or row")
     if wire_scale != "tensor" and dtype != "int8":
@@ -266,6 +284,9 @@ def _check_settings(
             what=f"has no effect with dtype {dtype}",
             fix="use dtype int8",
         )
+
+
+def _check_init(keys: Sequence[str], federated_init: str | None, oversample: int) -> None:
     if federated_init not in (None, "sketch", "dense"):
         raise FedsbError(
             field="federated_init", value=federated_init, fix="use sketch or dense (init.exchange)"
@@ -282,8 +303,15 @@ def _check_settings(
                 what=f"initializes a LoRA-SB basis, which {key} does not compute",
                 fix=f"use it with {', '.join(registry.names_where(lambda c: c.basis_init is not None))}",
             )
-    if client_ranks is None:
-        return
+
+
+def _check_client_ranks(
+    keys: Sequence[str],
+    per_method: Mapping[str, Sequence[int]],
+    clients: int,
+    dtype: str,
+    client_ranks: Sequence[int],
+) -> None:
     ok = (
         not isinstance(client_ranks, str | Mapping)
         and len(client_ranks) > 0
