@@ -410,3 +410,31 @@ def test_a_tiny_sweep_runs_end_to_end_with_versions_git_plots_and_a_report(runne
         assert f"| {n} |" in text and f"**{n}**" in text
     assert "fedsb-r2-weight_decay0.01" in text and "2 seeds (0, 1)" in text
     assert "| clients/partition.num_clients=2 |" in runner.README.read_text()
+
+
+def test_the_total_bytes_pareto_plot_counts_the_one_time_basis(tmp_path: Path, monkeypatch) -> None:
+    """x="total": every round plus the one-time bytes, so a basis can move a variant off the front."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fedsb.compare import pareto_plot
+
+    kept: list = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: kept.append(fig))
+    rows = [
+        {"variant": "fedsb-r32", "method": "fedsb", "bytes_per_round": 10.0, "bytes_total": 30.0,
+         "bytes_one_time": 1000.0, "accuracy": 0.8},
+        {"variant": "fedit-r8", "method": "fedit", "bytes_per_round": 100.0, "bytes_total": 300.0,
+         "bytes_one_time": 0, "accuracy": 0.7},
+    ]  # fmt: skip
+    pareto_plot(rows, tmp_path / "round.png")
+    pareto_plot(rows, tmp_path / "total.png", x="total")
+    xs = [sorted(float(c.get_offsets()[0][0]) for c in fig.axes[0].collections) for fig in kept]
+    assert xs == [[10.0, 100.0], [300.0, 1030.0]]
+    fronts = [list(fig.axes[0].lines[0].get_xdata()) for fig in kept]
+    assert fronts == [[10.0], [300.0, 1030.0]]  # per round Fed-SB dominates; in total bytes both are on it
+    assert "one-time" in kept[1].axes[0].get_xlabel() and "per round" in kept[0].axes[0].get_xlabel()
+    with pytest.raises(ValueError, match="x='bogus'"):
+        pareto_plot(rows, tmp_path / "x.png", x="bogus")
