@@ -135,7 +135,7 @@ class GroupClippedDPOptimizer(NoisedDPOptimizer):
 CLIP_GROUPS = ("head", "adapter")
 
 
-def clip_groups(model: nn.Module, params: list[torch.Tensor]) -> list[int]:
+def clip_groups(model: nn.Module, params: list[torch.Tensor], share: float) -> list[int]:
     """Per trained tensor: 1 (adapter) if it lies in an adapter layer, else 0 (head: the extra modules)."""
     from fedsb.adapters.layer import AdapterLayer
 
@@ -145,7 +145,7 @@ def clip_groups(model: nn.Module, params: list[torch.Tensor]) -> list[int]:
     if missing:
         raise FedsbError(
             field="privacy.head_clip_share",
-            value="set",
+            value=share,
             what=f"splits the clipping budget between a head and an adapter, but this run trains no "
             f"{' and no '.join(missing)} tensor",
             fix="use it only for a classification task with a trained head (adapter.extra_trainable auto or "
@@ -225,7 +225,8 @@ class PrivateStep:
         self.model = model
         self.params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         norms = dp.group_norms()
-        groups = clip_groups(model, self.params) if norms is not None else None  # refused before any hook
+        # the head / adapter split, refused (no head, no adapter) before any hook is attached
+        groups = None if dp.head_clip_share is None else clip_groups(model, self.params, dp.head_clip_share)
         try:
             self.hooks = GradSampleHooks(model, batch_first=True, loss_reduction="mean", strict=True)
         except NotImplementedError as exc:
