@@ -13,6 +13,13 @@ variant label, e.g. {fedsb-r32: 2e-3}: NOT tuned, and reported so; for experimen
 Every run is an ordinary `fedsb run` in its own process (so each run's time and peak memory are its own),
 and finished runs are reused, so the command is idempotent and can be interrupted.
 
+Sweeps: `sweep: {<dotted setting>: [values], ...}` expands one file into one experiment per grid point
+(the product of the lists), named <file>/<key>=<value>[,<key>=<value>] with the point's settings after
+`overrides`; `--list` shows the points, a file's name runs all of them, a point's name one. Rates are tuned
+at every point (`tune.lr`), or only at one (`tune.at: {<key>: <value>}`, reused by the other points), or
+come from another file (`tune.from`). After its points, a one-key sweep draws sweep.png in
+benchmarks/out/experiments/<file>/ (accuracy, mean ± std over seeds, and bytes per round against the value).
+
 Seeds: every experiment runs at each of its `seeds` (default [0, 1, 2]; a seed changes the partitions, the
 init data, the data order and the seeded draws), in benchmarks/out/experiments/<name>/seed<s>/<variant>/;
 learning rates are tuned (or reused) at the first seed. A variant may carry settings of its own
@@ -21,7 +28,8 @@ benchmarks/out/experiments/<name>/experiment.json (settings, learning rates and 
 variant: the per-seed test accuracies, their mean and std, the paired difference to the best variant and
 its std over seeds, bytes, wall time, peak RSS, and every seed's full row (per-category accuracy, run
 directory); package versions and git commits of the runs), compare.md per seed and pareto.png of the
-means; --report (and every run) rewrites results.md there and the block between the experiments markers
+means (pareto.png: accuracy vs bytes per round; pareto-total.png: vs the run's total bytes including the
+one-time basis); --report (and every run) rewrites results.md there and the block between the experiments markers
 in benchmarks/README.md, marking the variants within one paired std of each experiment's best.
 """
 
@@ -31,7 +39,7 @@ import argparse
 import json
 import statistics
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +66,12 @@ class Experiment:
     tune_from: str | None = None
     tune_fixed: dict[str, str] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS))
+    #: a sweep's grid point: the file it comes from and its settings ({} for an experiment without sweep)
+    group: str | None = None
+    point: dict[str, str] = field(default_factory=dict)
+    #: the sweep of the file, {dotted key: [values as text]} (only on the file's unexpanded experiment)
+    sweep: dict[str, list[str]] = field(default_factory=dict)
+    tune_at: dict[str, str] = field(default_factory=dict)
 
     @property
     def out(self) -> Path:
@@ -71,7 +85,7 @@ def load_experiment(path: Path) -> Experiment:
     def fail(key: str, value: object, fix: str) -> SystemExit:
         return SystemExit(f"{path}: {key}={value!r} is invalid; fix: {fix}")
 
-    allowed = {"description", "config", "methods", "overrides", "tune", "seeds"}
+    allowed = {"description", "config", "methods", "overrides", "tune", "seeds", "sweep"}
     for key in raw:
         if key not in allowed:
             raise fail(key, raw[key], f"use only {sorted(allowed)}")
@@ -89,15 +103,16 @@ def load_experiment(path: Path) -> Experiment:
     tune = raw.get("tune") or {}
     if (
         not isinstance(tune, dict)
-        or set(tune) - {"lr", "validation", "from", "fixed"}
+        or set(tune) - {"lr", "validation", "from", "fixed", "at"}
         or sum(key in tune for key in ("lr", "from", "fixed")) != 1
         or ("validation" in tune and "lr" not in tune)
+        or ("at" in tune and "lr" not in tune)
     ):
         raise fail(
             "tune",
             tune,
-            "one of {lr: [rates], validation: [key=value]}, {from: <experiment name>} or "
-            "{fixed: {<variant label>: <rate>}}",
+            "one of {lr: [rates], validation: [key=value], at: {<swept key>: <value>}}, "
+            "{from: <experiment name>} or {fixed: {<variant label>: <rate>}}",
         )
     if "from" in tune and not (EXPERIMENTS / f"{tune['from']}.yaml").is_file():
         raise fail("tune.from", tune["from"], f"name another experiment in {EXPERIMENTS}")
@@ -116,6 +131,8 @@ def load_experiment(path: Path) -> Experiment:
             if not ok:
                 raise fail(f"tune.fixed.{label}", rate, "use a positive learning rate, e.g. 2e-3")
     seeds = _seeds(raw, overrides, fail)
+    sweep = _sweep(raw, overrides, fail)
+    tune_at = _tune_at(tune, sweep, fail)
     return Experiment(
         name=path.stem,
         description=str(raw.get("description", path.stem)),
@@ -127,7 +144,97 @@ def load_experiment(path: Path) -> Experiment:
         tune_from=tune.get("from"),
         tune_fixed={str(k): str(v) for k, v in fixed.items()},
         seeds=seeds,
+        sweep=sweep,
+        tune_at=tune_at,
     )
+
+
+def _text(value: object) -> str:
+    """A YAML scalar as an override's value: None -> 'null', True -> 'true', 7.5 -> '7.5'."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _sweep(raw: dict[str, Any], overrides: list[str], fail: Any) -> dict[str, list[str]]:
+    """`sweep: {dotted key: [values]}`: every key a dotted setting set nowhere else, every list of distinct
+    scalars."""
+    sweep = raw.get("sweep")
+    if sweep is None:
+        return {}
+    if not isinstance(sweep, dict) or not sweep:
+        raise fail(
+            "sweep", sweep, "a mapping {<dotted setting>: [values]}, e.g. {partition.num_clients: [3, 10]}"
+        )
+    fixed = {o.partition("=")[0].strip() for o in overrides}
+    out: dict[str, list[str]] = {}
+    for key, values in sweep.items():
+        if not isinstance(key, str) or "." not in key:
+            raise fail(
+                "sweep", key, "name a dotted setting such as partition.num_clients (seeds go in seeds:)"
+            )
+        if key in fixed:
+            raise fail(f"sweep.{key}", values, f"remove {key}= from overrides: the sweep sets it")
+        scalar = (str, int, float, bool, type(None))
+        ok = isinstance(values, list) and values and all(isinstance(v, scalar) for v in values)
+        texts = [_text(v) for v in values] if ok else []
+        if not ok or len(set(texts)) != len(texts):
+            raise fail(f"sweep.{key}", values, "a list of distinct values, e.g. [3, 10, 25, 50]")
+        out[key] = texts
+    return out
+
+
+def _tune_at(tune: dict[str, Any], sweep: dict[str, list[str]], fail: Any) -> dict[str, str]:
+    """`tune.at`: the one grid point whose tuned rates every other point reuses ({}: tune at every point)."""
+    if "at" not in tune:
+        return {}
+    at = tune["at"]
+    ok = isinstance(at, dict) and sweep and set(at) == set(sweep)
+    if ok:
+        at = {k: _text(v) for k, v in at.items()}
+        ok = all(at[k] in sweep[k] for k in at)
+    if not ok:
+        raise fail(
+            "tune.at", tune["at"], f"name one value of every swept key, one of {sweep or 'none (no sweep)'}"
+        )
+    return at
+
+
+def point_name(point: dict[str, str]) -> str:
+    """{partition.num_clients: '10'} -> 'partition.num_clients=10' (keys in the file's order)."""
+    return ",".join(f"{k}={v}" for k, v in point.items())
+
+
+def expand(exp: Experiment) -> list[Experiment]:
+    """A file's experiment, or one per grid point of its sweep (the product of its lists, in file order)."""
+    if not exp.sweep:
+        return [exp]
+    import itertools
+
+    keys = list(exp.sweep)
+    points = [dict(zip(keys, values, strict=True)) for values in itertools.product(*exp.sweep.values())]
+    source = f"{exp.name}/{point_name(exp.tune_at)}" if exp.tune_at else None
+    out = []
+    for point in points:
+        name = f"{exp.name}/{point_name(point)}"
+        reuse = source is not None and name != source
+        out.append(
+            replace(
+                exp,
+                name=name,
+                description=f"{exp.description}; {point_name(point)}",
+                overrides=[*exp.overrides, *(f"{k}={v}" for k, v in point.items())],
+                tune_lr=[] if reuse else exp.tune_lr,
+                tune_from=source if reuse else exp.tune_from,
+                group=exp.name,
+                point=point,
+                sweep={},
+                tune_at={},
+            )
+        )
+    return out
 
 
 def _seeds(raw: dict[str, Any], overrides: list[str], fail: Any) -> list[int]:
@@ -155,7 +262,21 @@ def _seeds(raw: dict[str, Any], overrides: list[str], fail: Any) -> list[int]:
 
 
 def all_experiments() -> list[Experiment]:
-    return [load_experiment(p) for p in sorted(EXPERIMENTS.glob("*.yaml"))]
+    """Every experiment file, a sweep expanded into its grid points."""
+    return [point for p in sorted(EXPERIMENTS.glob("*.yaml")) for point in expand(load_experiment(p))]
+
+
+def select(names: list[str], experiments: list[Experiment]) -> list[str]:
+    """The experiments to run: each name an experiment (a grid point) or a sweep's file (all its points)."""
+    by_name = {e.name: e for e in experiments}
+    groups: dict[str, list[str]] = {}
+    for e in experiments:
+        if e.group is not None:
+            groups.setdefault(e.group, []).append(e.name)
+    unknown = [n for n in names if n not in by_name and n not in groups]
+    if unknown:
+        raise SystemExit(f"unknown experiment(s) {unknown}; fix: choose from {sorted([*by_name, *groups])}")
+    return [m for n in names for m in groups.get(n, [n])]
 
 
 def learning_rates(exp: Experiment, shared: list[str], isolate: bool) -> dict[str, dict[str, float | None]]:
@@ -216,6 +337,7 @@ def run_experiment(exp: Experiment, shared: list[str], isolate: bool = True) -> 
         per_seed[seed] = [{**_with_run_details(r), "seed": seed} for r in rows]
     variants = combine_seeds(per_seed)
     pareto_plot(variants, exp.out / "pareto.png")  # the means over the seeds
+    pareto_plot(variants, exp.out / "pareto-total.png", x="total")  # with the one-time bytes (the basis)
     report = {
         "name": exp.name,
         "description": exp.description,
@@ -223,6 +345,7 @@ def run_experiment(exp: Experiment, shared: list[str], isolate: bool = True) -> 
         "overrides": exp.overrides,
         "methods": exp.methods,
         "seeds": exp.seeds,
+        "sweep": {"of": exp.group, "point": exp.point} if exp.group else None,
         "tuning": {"from": exp.tune_from}
         if exp.tune_from
         else {"fixed": exp.tune_fixed}
@@ -301,6 +424,11 @@ def with_sources(names: list[str], by_name: dict[str, Experiment]) -> list[str]:
         if name in chain:
             raise SystemExit(f"tune.from forms a cycle: {' -> '.join([*chain, name])}; fix: tune one of them")
         source = by_name[name].tune_from
+        if source is not None and source not in by_name:
+            raise SystemExit(
+                f"{name}: tune.from={source!r} is a sweep, not one experiment; fix: name one of its points "
+                f"({', '.join(n for n in by_name if n.startswith(source + '/'))})"
+            )
         if source is not None and source not in ordered:
             add(source, (*chain, name))
         if name not in ordered:
@@ -309,6 +437,61 @@ def with_sources(names: list[str], by_name: dict[str, Experiment]) -> list[str]:
     for name in names:
         add(name)
     return ordered
+
+
+def sweep_plots(experiments: list[Experiment]) -> list[Path]:
+    """For every one-key sweep with finished points: <file>/sweep.png, accuracy (mean ± std over seeds)
+    and bytes per round of each variant against the swept value."""
+    groups: dict[str, list[Experiment]] = {}
+    for e in experiments:
+        if e.group is not None and len(e.point) == 1 and (e.out / "experiment.json").is_file():
+            groups.setdefault(e.group, []).append(e)
+    return [sweep_plot(points, OUT / group / "sweep.png") for group, points in groups.items()]
+
+
+def sweep_plot(points: list[Experiment], path: Path) -> Path:
+    """Two panels over the swept value (numeric values on a log axis, others evenly spaced)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ((key, _),) = points[0].point.items()
+    values = [e.point[key] for e in points]
+    try:
+        xs = [float(v) for v in values]
+        numeric = all(x > 0 for x in xs)
+    except ValueError:
+        numeric = False
+    if not numeric:
+        xs = [float(i) for i in range(len(values))]
+    series: dict[str, list[tuple[float, dict[str, Any]]]] = {}
+    for x, e in zip(xs, points, strict=True):
+        for v in json.loads((e.out / "experiment.json").read_text())["variants"]:
+            series.setdefault(v["variant"], []).append((x, v))
+    fig, (acc_ax, bytes_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for label, rows in series.items():
+        x = [p for p, _ in rows]
+        acc = [100 * v["accuracy"] for _, v in rows]
+        err = [100 * (v.get("accuracy_std") or 0.0) for _, v in rows]
+        acc_ax.errorbar(x, acc, yerr=err, marker="o", capsize=3, label=label)
+        bytes_ax.plot(x, [v["bytes_per_round"] for _, v in rows], marker="o", label=label)
+    for ax in (acc_ax, bytes_ax):
+        ax.set_xlabel(key)
+        if numeric:
+            ax.set_xscale("log")
+        ax.set_xticks(xs, values)
+        ax.grid(alpha=0.3, which="both")
+    acc_ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+    bytes_ax.set_ylabel("bytes per round (all clients, up + down)")
+    bytes_ax.set_yscale("log")
+    acc_ax.legend(fontsize=7, loc="best")
+    fig.suptitle(points[0].group or "")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _with_run_details(row: dict[str, Any]) -> dict[str, Any]:
@@ -432,9 +615,7 @@ def main() -> int:
     sys.path.insert(0, str(ROOT / "src"))
     experiments = all_experiments()
     by_name = {e.name: e for e in experiments}
-    unknown = [n for n in args.names if n not in by_name]
-    if unknown:
-        raise SystemExit(f"unknown experiment(s) {unknown}; fix: choose from {sorted(by_name)}")
+    chosen = select(args.names, experiments) if args.names else list(by_name)
     if args.list:
         for e in experiments:
             state = "finished" if (e.out / "experiment.json").is_file() else "not run"
@@ -442,9 +623,11 @@ def main() -> int:
         return 0
     if not args.report:
         shared = [f"threads={args.threads}", "progress=false"]
-        for name in with_sources(args.names or list(by_name), by_name):
+        for name in with_sources(chosen, by_name):
             run_experiment(by_name[name], shared, isolate=not args.in_process)
     print(write_report(experiments))
+    for path in sweep_plots(experiments):
+        print(f"sweep plot: {path}")
     print(f"tables: {OUT / 'results.md'} and {README} (between the experiments markers)")
     return 0
 

@@ -299,3 +299,142 @@ def test_shipped_variant_settings_are_valid_and_the_new_rivals_are_in_the_minilm
         assert experiments[name].seeds == [0, 1, 2]
     init = {v.label for v in parse_variants(experiments["sst2-minilm-init"].methods)}
     assert init == {f"fedsb-r{r}{s}" for r in (32, 64) for s in ("", "-lora-xs", "-random")}
+
+
+# ---- sweeps (issue 14): one file, one experiment per grid point ------------------------------------------
+
+
+SWEEP = (
+    "config: configs/tiny.yaml\nmethods: ['fedsb:2', 'fedsb:2/train.weight_decay=0.01', ffa]\n"
+    "overrides: [fed.rounds=1, export=false]\nseeds: [0, 1]\n"
+)
+
+
+def test_a_sweep_expands_to_one_experiment_per_grid_point_and_tune_at_tunes_one(runner) -> None:
+    _write(
+        runner,
+        "grid",
+        SWEEP.replace("ffa]", "ffa]\nsweep: {partition.num_clients: [2, 3], train.local_steps: [1, 2]}")
+        + "tune: {lr: ['1e-3'], at: {partition.num_clients: 3, train.local_steps: 1}}\n",
+    )
+    points = runner.all_experiments()
+    names = [e.name for e in points]
+    assert names == [
+        "grid/partition.num_clients=2,train.local_steps=1",
+        "grid/partition.num_clients=2,train.local_steps=2",
+        "grid/partition.num_clients=3,train.local_steps=1",
+        "grid/partition.num_clients=3,train.local_steps=2",
+    ]
+    source = "grid/partition.num_clients=3,train.local_steps=1"
+    for e in points:
+        assert e.group == "grid" and e.seeds == [0, 1] and e.out == runner.OUT / e.name
+        assert e.overrides[:2] == ["fed.rounds=1", "export=false"]
+        assert e.overrides[2:] == [f"{k}={v}" for k, v in e.point.items()]
+        assert (e.tune_lr, e.tune_from) == ((["1e-3"], None) if e.name == source else ([], source))
+    by_name = {e.name: e for e in points}
+    assert runner.with_sources(runner.select(["grid"], points), by_name)[0] == source  # tuned first
+    assert runner.select([names[1]], points) == [names[1]]
+    with pytest.raises(SystemExit, match="unknown experiment"):
+        runner.select(["grid/partition.num_clients=7"], points)
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ("sweep: []\ntune: {lr: ['1e-3']}\n", "sweep="),
+        ("sweep: {rounds: [1, 2]}\ntune: {lr: ['1e-3']}\n", "sweep="),
+        ("sweep: {fed.rounds: [1, 2]}\ntune: {lr: ['1e-3']}\n", "sweep.fed.rounds="),  # also in overrides
+        ("sweep: {train.lr: [1, 1]}\ntune: {lr: ['1e-3']}\n", "sweep.train.lr="),
+        ("sweep: {train.lr: []}\ntune: {lr: ['1e-3']}\n", "sweep.train.lr="),
+        ("sweep: {train.lr: [[1]]}\ntune: {lr: ['1e-3']}\n", "sweep.train.lr="),
+        ("tune: {lr: ['1e-3'], at: {train.local_steps: 1}}\n", "tune.at="),  # no sweep
+        (
+            "sweep: {train.local_steps: [1, 2]}\ntune: {lr: ['1e-3'], at: {train.local_steps: 3}}\n",
+            "tune.at=",
+        ),
+        ("sweep: {train.local_steps: [1, 2]}\ntune: {from: x, at: {train.local_steps: 1}}\n", "tune="),
+    ],
+)
+def test_a_bad_sweep_names_the_field_and_the_fix(runner, extra: str, field: str) -> None:
+    _write(runner, "x", "config: configs/tiny.yaml\nmethods: [fedsb]\ntune: {lr: ['1e-3']}\n")
+    path = _write(runner, "bad", SWEEP + extra)
+    with pytest.raises(SystemExit) as err:
+        runner.load_experiment(path)
+    assert field in str(err.value) and "fix:" in str(err.value) and str(path) in str(err.value)
+
+
+def test_reusing_the_rates_of_a_whole_sweep_is_refused_naming_its_points(runner) -> None:
+    _write(runner, "grid", SWEEP + "sweep: {train.local_steps: [1, 2]}\ntune: {lr: ['1e-3']}\n")
+    _write(runner, "user", "config: configs/tiny.yaml\nmethods: [fedsb]\ntune: {from: grid}\n")
+    with pytest.raises(
+        SystemExit, match=r"is a sweep.*fix: name one of its points \(grid/train.local_steps=1"
+    ):
+        runner.with_sources(["user"], {e.name: e for e in runner.all_experiments()})
+
+
+def test_a_tiny_sweep_runs_end_to_end_with_versions_git_plots_and_a_report(runner) -> None:
+    """Two grid points x 2 seeds x 3 variants, tuned at one point and reused at the other."""
+    _write(
+        runner,
+        "clients",
+        SWEEP + "sweep: {partition.num_clients: [2, 3]}\n"
+        "tune: {lr: ['1e-3', '2e-2'], at: {partition.num_clients: 2}}\n",
+    )
+    points = runner.all_experiments()
+    by_name = {e.name: e for e in points}
+    order = runner.with_sources(runner.select(["clients"], points), by_name)
+    assert order == ["clients/partition.num_clients=2", "clients/partition.num_clients=3"]
+    reports = [
+        runner.run_experiment(by_name[n], ["threads=1", "progress=false"], isolate=False) for n in order
+    ]
+    two, three = (runner.OUT / n for n in order)
+    assert (two / "tune").is_dir() and not (three / "tune").exists()  # tuned at the tune.at point only
+    assert reports[1]["validation_accuracy_by_lr"] == json.loads((two / "tuned_lr.json").read_text())
+    labels = ["fedsb-r2", "fedsb-r2-weight_decay0.01", "ffa"]
+    for n, report in zip((2, 3), reports, strict=True):
+        assert report["sweep"] == {"of": "clients", "point": {"partition.num_clients": str(n)}}
+        assert [v["variant"] for v in report["variants"]] == labels
+        assert report["versions"][0]["torch"].startswith("2.") and "commit" in report["git"][0]
+        for v in report["variants"]:
+            assert v["num_clients"] == n and len(v["accuracy_by_seed"]) == 2 and v["bytes_one_time"] >= 0
+        on_disk = json.loads((runner.OUT / report["name"] / "experiment.json").read_text())
+        assert on_disk["git"] == report["git"] and on_disk["versions"] == report["versions"]
+        for png in ("pareto.png", "pareto-total.png"):
+            assert (runner.OUT / report["name"] / png).stat().st_size > 0
+    ffa = {r["name"]: next(v for v in r["variants"] if v["variant"] == "ffa") for r in reports}
+    assert ffa[order[1]]["bytes_per_round"] > ffa[order[0]]["bytes_per_round"]  # 3 clients upload more
+    (plot,) = runner.sweep_plots(points)
+    assert plot == runner.OUT / "clients" / "sweep.png" and plot.stat().st_size > 0
+    text = runner.write_report(points)
+    for n in order:
+        assert f"| {n} |" in text and f"**{n}**" in text
+    assert "fedsb-r2-weight_decay0.01" in text and "2 seeds (0, 1)" in text
+    assert "| clients/partition.num_clients=2 |" in runner.README.read_text()
+
+
+def test_the_total_bytes_pareto_plot_counts_the_one_time_basis(tmp_path: Path, monkeypatch) -> None:
+    """x="total": every round plus the one-time bytes, so a basis can move a variant off the front."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fedsb.compare import pareto_plot
+
+    kept: list = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: kept.append(fig))
+    rows = [
+        {"variant": "fedsb-r32", "method": "fedsb", "bytes_per_round": 10.0, "bytes_total": 30.0,
+         "bytes_one_time": 1000.0, "accuracy": 0.8},
+        {"variant": "fedit-r8", "method": "fedit", "bytes_per_round": 100.0, "bytes_total": 300.0,
+         "bytes_one_time": 0, "accuracy": 0.7},
+    ]  # fmt: skip
+    pareto_plot(rows, tmp_path / "round.png")
+    pareto_plot(rows, tmp_path / "total.png", x="total")
+    xs = [sorted(float(c.get_offsets()[0][0]) for c in fig.axes[0].collections) for fig in kept]
+    assert xs == [[10.0, 100.0], [300.0, 1030.0]]
+    fronts = [list(fig.axes[0].lines[0].get_xdata()) for fig in kept]
+    assert fronts == [[10.0], [300.0, 1030.0]]  # per round Fed-SB dominates; in total bytes both are on it
+    assert "one-time" in kept[1].axes[0].get_xlabel() and "per round" in kept[0].axes[0].get_xlabel()
+    with pytest.raises(ValueError, match="x='bogus'"):
+        pareto_plot(rows, tmp_path / "x.png", x="bogus")

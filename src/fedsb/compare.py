@@ -28,9 +28,14 @@ class Variant:
 
     @property
     def label(self) -> str:
-        """'fedsb-r32'; with overrides their values are appended: 'fedsb-r32-lora-xs'."""
+        """'fedsb-r32'; with overrides their values are appended: 'fedsb-r32-lora-xs'; a value that does not
+        start with a letter (a number) follows its key's last part: 'fedsb-r32-head_clip_share0.5'."""
         base = self.method if self.rank is None else f"{self.method}-r{self.rank}"
-        return "-".join([base, *(o.partition("=")[2] for o in self.overrides)])
+        parts = []
+        for o in self.overrides:
+            key, _, value = o.partition("=")
+            parts.append(value if value[:1].isalpha() else key.rsplit(".", 1)[-1] + value)
+        return "-".join([base, *parts])
 
 
 def parse_variants(specs: Sequence[str]) -> list[Variant]:
@@ -285,8 +290,19 @@ def _as_gib(mib: float | None) -> str:
     return "-" if mib is None else f"{mib / 1024:.2f} GiB"
 
 
-def pareto_plot(rows: Sequence[dict[str, Any]], path: Path, *, title: str = "") -> Path:
-    """Accuracy against bytes per round (log x); the Pareto front (more accurate for fewer bytes) joined.
+#: pareto_plot's x axes: row -> bytes, and the axis label
+PARETO_AXES: dict[str, tuple[Callable[[dict[str, Any]], float], str]] = {
+    "per_round": (lambda r: r["bytes_per_round"], "bytes per round (all clients, up + down, log scale)"),
+    "total": (
+        lambda r: r["bytes_total"] + r.get("bytes_one_time", 0),
+        "total bytes of the run: every round plus the one-time basis (log scale)",
+    ),
+}
+
+
+def pareto_plot(rows: Sequence[dict[str, Any]], path: Path, *, title: str = "", x: str = "per_round") -> Path:
+    """Accuracy against bytes (log x): per round (`x="per_round"`) or the run's total including the one-time
+    bytes such as Fed-SB's basis (`x="total"`); the Pareto front (more accurate for fewer bytes) joined.
 
     Every point is labelled with its variant, each label at the first of a few offsets around its point
     where it overlaps no other label, point or the axes' edge (drawn, measured, moved)."""
@@ -295,34 +311,35 @@ def pareto_plot(rows: Sequence[dict[str, Any]], path: Path, *, title: str = "") 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if x not in PARETO_AXES:
+        raise ValueError(f"x={x!r}: use one of {sorted(PARETO_AXES)}")
+    nbytes, xlabel = PARETO_AXES[x]
     fig, ax = plt.subplots(figsize=(7.5, 5.0))
     colors: dict[str, str] = {}
     for r in rows:
         first = r["method"] not in colors
         c = colors.setdefault(r["method"], f"C{len(colors)}")
         label = r["method"] if first else None
-        ax.scatter(r["bytes_per_round"], 100 * r["accuracy"], color=c, s=40, zorder=3, label=label)
+        ax.scatter(nbytes(r), 100 * r["accuracy"], color=c, s=40, zorder=3, label=label)
     front, best = [], -math.inf
-    for r in sorted(rows, key=lambda r: r["bytes_per_round"]):
+    for r in sorted(rows, key=nbytes):
         if r["accuracy"] > best:
             front.append(r)
             best = r["accuracy"]
     ax.plot(
-        [r["bytes_per_round"] for r in front],
-        [100 * r["accuracy"] for r in front],
-        "k--",
-        lw=1,
-        label="Pareto front",
+        [nbytes(r) for r in front], [100 * r["accuracy"] for r in front], "k--", lw=1, label="Pareto front"
     )
     ax.set_xscale("log")
     ax.margins(x=0.15, y=0.15)
-    ax.set_xlabel("bytes per round (all clients, up + down, log scale)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("held-out accuracy (%)")
-    ax.set_title(title or "accuracy vs communication per round")
+    ax.set_title(
+        title or ("accuracy vs communication per round" if x == "per_round" else "accuracy vs total bytes")
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    _place_labels(fig, ax, [(r["variant"], r["bytes_per_round"], 100 * r["accuracy"]) for r in rows])
+    _place_labels(fig, ax, [(r["variant"], nbytes(r), 100 * r["accuracy"]) for r in rows])
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -460,6 +460,13 @@ class PrivacyConfig:
         "resume) instead of the OS CSPRNG; the guarantee then does NOT hold against a reader of the config",
     )
     max_grad_norm: float = _f(0.1, "mode=sample: per-example clipping norm C of the trained tensors")
+    head_clip_share: float | None = _f(
+        None,
+        "mode=sample: the classification head's share f of the squared clipping budget: each example's head "
+        "gradient is clipped to C sqrt(f), its adapter gradient to C sqrt(1 - f), so the total stays <= C and "
+        "the noise and epsilon are unchanged (null: one flat clip at C over all trained tensors, where a "
+        "fresh head takes ~99.8 % of it)",
+    )
     accountant: str = _f("prv", "privacy accountant: prv (Opacus default) or rdp")
     poisson: bool = _f(
         True,
@@ -492,6 +499,14 @@ class PrivacyConfig:
             "use true or false",
         )
         _positive_float("privacy.max_grad_norm", self.max_grad_norm)
+        f = self.head_clip_share
+        _check(
+            f is None or (isinstance(f, int | float) and not isinstance(f, bool) and 0 < f < 1),
+            "privacy.head_clip_share",
+            f,
+            "use a fraction strictly between 0 and 1, e.g. 0.5 (the head's share of C^2), or null for one "
+            "flat clip",
+        )
         _choice("privacy.accountant", self.accountant, ("prv", "rdp"))
         _positive_float("privacy.clip_update", self.clip_update)
         self.mechanism.check_settings(self)

@@ -134,6 +134,7 @@ class ClientRuntime:
             seed=self.cfg.seed,
             client_sizes={self.client_id: self.num_examples},
             reproducible_noise=p.reproducible_noise,
+            head_clip_share=p.head_clip_share,
         )
 
     def wire_state(self) -> tuple[Tensors, dict[str, int]] | None:

@@ -67,6 +67,7 @@ class PrivacyLedger:
         init_note: str = "",
         reproducible_noise: bool = False,
         delta_rule: str = "",
+        head_clip_share: float | None = None,
     ) -> None:
         self.mechanism = mechanism_named(mechanism) if isinstance(mechanism, str) else mechanism
         self.accounts = accounts
@@ -79,6 +80,7 @@ class PrivacyLedger:
         self.init_note = init_note
         self.reproducible_noise = reproducible_noise
         self.delta_rule = delta_rule
+        self.head_clip_share = head_clip_share
         self.rounds: list[dict[str, Any]] = []
 
     @property
@@ -110,6 +112,7 @@ class PrivacyLedger:
             init_note=init_coverage(init_info),
             reproducible_noise=p.reproducible_noise,
             delta_rule=delta_rule(p, mechanism.delta_population),
+            head_clip_share=p.head_clip_share,
         )
 
     # ---- what the mechanism changes: the client's step, the server's aggregator ---------------------------

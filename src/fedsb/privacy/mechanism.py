@@ -121,7 +121,13 @@ class PrivacyMechanism:
 
     def summary_fields(self, ledger: PrivacyLedger) -> dict[str, Any]:
         """The mechanism's own fields of the privacy summary (manifest, results)."""
-        return {"max_grad_norm": None, "clip_update": None, "poisson_sampling": None, "caveat": None}
+        return {
+            "max_grad_norm": None,
+            "head_clip_share": None,
+            "clip_update": None,
+            "poisson_sampling": None,
+            "caveat": None,
+        }
 
 
 class DifferentialPrivacy(PrivacyMechanism):
@@ -178,7 +184,12 @@ class DifferentialPrivacy(PrivacyMechanism):
 class RecordLevel(DifferentialPrivacy):
     """Record-level DP-SGD inside each client (Opacus): Poisson batches, per-example clipping at
     privacy.max_grad_norm in fp32, Gaussian noise; one account per client, q_i = b / N_i, sigma_i solved so
-    that all planned steps (rounds x local steps) spend at most the target epsilon."""
+    that all planned steps (rounds x local steps) spend at most the target epsilon.
+
+    privacy.head_clip_share = f splits the clipping budget C between the head and the adapter (C sqrt(f)
+    and C sqrt(1 - f) per example, `fedsb.privacy.dpsgd.GroupClippedDPOptimizer`): the sensitivity stays
+    C, so the noise and the accounts are the flat clip's. It has no state (a setting of the saved config),
+    and the Flower node reads it from the run's config as the simulator does."""
 
     name = "sample"
     summary = "record-level DP-SGD inside each client, Opacus"
@@ -188,7 +199,7 @@ class RecordLevel(DifferentialPrivacy):
     epsilon_scope = "max over clients"
     per_example_loss = True
     accounts_per_client = True
-    reads = (*DP_SETTINGS, "privacy.max_grad_norm", "privacy.poisson")
+    reads = (*DP_SETTINGS, "privacy.max_grad_norm", "privacy.poisson", "privacy.head_clip_share")
     overrides = (
         Override(
             ("train.max_grad_norm",),
@@ -215,6 +226,14 @@ class RecordLevel(DifferentialPrivacy):
     )
 
     def check(self, cfg: RunConfig) -> None:
+        if cfg.privacy.head_clip_share is not None and cfg.adapter.extra_trainable == []:
+            raise ConfigError(
+                field="privacy.head_clip_share",
+                value=cfg.privacy.head_clip_share,
+                what="splits the clipping budget between the head and the adapter, but "
+                "adapter.extra_trainable=[] trains no head",
+                fix="set privacy.head_clip_share=null, or train the head (adapter.extra_trainable=auto)",
+            )
         if cfg.train.grad_accum != 1:
             raise ConfigError(
                 field="train.grad_accum",
@@ -264,11 +283,13 @@ class RecordLevel(DifferentialPrivacy):
             num_examples=ledger.client_sizes[client_id],
             poisson=ledger.poisson,
             reproducible_noise=ledger.reproducible_noise,
+            head_clip_share=ledger.head_clip_share,
         )
 
     def summary_fields(self, ledger: PrivacyLedger) -> dict[str, Any]:
         return {
             "max_grad_norm": ledger.max_grad_norm,
+            "head_clip_share": ledger.head_clip_share,
             "clip_update": None,
             "poisson_sampling": ledger.poisson,
             "caveat": None
@@ -364,6 +385,7 @@ class ClientLevel(DifferentialPrivacy):
     def summary_fields(self, ledger: PrivacyLedger) -> dict[str, Any]:
         return {
             "max_grad_norm": None,
+            "head_clip_share": None,
             "clip_update": ledger.clip_update,
             "poisson_sampling": None,
             "caveat": None,
