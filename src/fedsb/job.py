@@ -133,27 +133,22 @@ def check_quantized_method(cfg: RunConfig) -> None:
 
 def load_base(cfg: RunConfig, task: Any, placement: Placement, *, cache_dir: Path | None = None) -> Any:
     """The base model and tokenizer, on the placement's device in its dtype (the recipe's one load); a
-    quantized base is loaded on the CPU (or spread by device_map) and quantized layer by layer onto the
-    device (`fedsb.models.quantize`); `train.gradient_checkpointing` is switched on here. `cache_dir`: where
+    quantized base has its linear layers quantized onto the device as they are read (`fedsb.models.load_model`,
+    `fedsb.models.stream`); `train.gradient_checkpointing` is switched on here. `cache_dir`: where
     converted builtin checkpoints live (default the fedsb cache)."""
     from fedsb.models import load_model
 
-    quantized = placement.quantize != "none"
     loaded = load_model(
         cfg.model.name,
         dtype=placement.dtype,
         seed=derive_seed(cfg.seed, "model") % (2**32),
-        device=None if quantized else placement.device,
+        device=placement.device,
         device_map=cfg.model.device_map,
         hub=cfg.model.hub,
         cache_dir=cache_dir,
+        quantize=placement.quantize,
         **model_task(task),
     )
-    if quantized:
-        from fedsb.models.quantize import place_quantized
-
-        device = None if cfg.model.device_map is not None else placement.device
-        place_quantized(loaded.model, placement.quantize, compute_dtype=placement.dtype, device=device)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(loaded.model)
     return loaded

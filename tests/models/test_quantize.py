@@ -9,6 +9,7 @@ rounding of W0 + update (5e-2 of logits of size ~1).
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,99 @@ def test_the_peft_export_loads_on_the_same_base_quantized_by_transformers(
         theirs = peft(input_ids=ids).logits.float()
     assert (theirs - untuned).abs().max() > 0.05  # the adapter changes the logits
     assert (theirs - ours).abs().max() <= 1e-5
+
+
+def dense_then_quantized(checkpoint: Path, mode: str) -> torch.nn.Module:
+    """The old load: the whole dense bf16 model from transformers, then every linear layer quantized."""
+    from fedsb.models import load_model
+    from fedsb.models.quantize import quantize_model
+
+    dense = load_model(str(checkpoint), dtype=torch.bfloat16).model
+    quantize_model(dense, mode, compute_dtype=torch.bfloat16)
+    return dense
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_a_streamed_quantized_load_is_bit_equal_to_quantizing_the_dense_model(
+    tiny_checkpoint: Path, quantize: str
+) -> None:
+    """load_model(quantize=...) of a safetensors checkpoint reads it layer by layer
+    (`fedsb.models.stream`): every tensor of the state (packed weights, absmax / SCB, quant state, the
+    dense rest) and every buffer is bit-equal to the dense load quantized afterwards; so are the module
+    types, the config, the generation config, eval mode and the tied output embedding."""
+    from fedsb.models import load_model
+
+    streamed = load_model(str(tiny_checkpoint), dtype=torch.bfloat16, quantize=quantize).model
+    want = dense_then_quantized(tiny_checkpoint, quantize)
+    got_state, want_state = streamed.state_dict(), want.state_dict()
+    assert got_state.keys() == want_state.keys()
+    for k in want_state:
+        assert got_state[k].dtype == want_state[k].dtype and torch.equal(got_state[k], want_state[k]), k
+    got_buffers, want_buffers = dict(streamed.named_buffers()), dict(want.named_buffers())
+    assert got_buffers.keys() == want_buffers.keys()  # non-persistent ones (rotary frequencies) included
+    assert all(torch.equal(got_buffers[k], want_buffers[k]) for k in want_buffers)
+    assert [type(m) for m in streamed.modules()] == [type(m) for m in want.modules()]
+    assert streamed.config.to_dict() == want.config.to_dict()
+    assert streamed.generation_config.to_dict() == want.generation_config.to_dict()
+    assert not streamed.training and streamed.lm_head.weight is streamed.model.embed_tokens.weight
+    if quantize == "nf4":
+        got = streamed.model.layers[0].mlp.up_proj.weight.quant_state
+        want_qs = want.model.layers[0].mlp.up_proj.weight.quant_state
+        assert (got.blocksize, got.dtype, got.shape, got.quant_type) == (
+            want_qs.blocksize, want_qs.dtype, want_qs.shape, want_qs.quant_type,
+        )  # fmt: skip
+        assert torch.equal(got.absmax, want_qs.absmax) and torch.equal(got.code, want_qs.code)
+
+
+def dense_linear_census(model_shapes: set[tuple[int, ...]]) -> int:
+    """How many bf16 tensors of a linear weight's shape are alive in this process (gc's view)."""
+    gc.collect()
+    return sum(
+        1
+        for o in gc.get_objects()
+        if issubclass(type(o), torch.Tensor) and o.dtype == torch.bfloat16 and o.device.type == "cpu"
+        and tuple(o.shape) in model_shapes
+    )  # fmt: skip
+
+
+@pytest.fixture
+def census(monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Path) -> list[int]:
+    """The census of dense linear weights taken each time a layer is quantized (`quantized_linear`,
+    wherever it is called from), above the count before the load."""
+    from fedsb.models import quantize, stream
+
+    with torch.device("meta"):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(tiny_checkpoint)))
+    shapes = {tuple(meta.get_submodule(p).weight.shape) for p in quantize.quantize_targets(meta)}
+    base = dense_linear_census(shapes)
+    seen: list[int] = []
+    original = quantize.quantized_linear
+
+    def counting(layer: torch.nn.Module, *args: object, **kwargs: object) -> torch.nn.Module:
+        seen.append(dense_linear_census(shapes) - base)
+        return original(layer, *args, **kwargs)
+
+    monkeypatch.setattr(quantize, "quantized_linear", counting)
+    monkeypatch.setattr(stream, "quantized_linear", counting)
+    return seen
+
+
+def test_a_quantized_load_never_holds_the_dense_linear_weights_at_once(
+    tiny_checkpoint: Path, census: list[int]
+) -> None:
+    """Counted while each of the 14 layers is quantized: the streamed load holds at most one dense linear
+    weight (the layer being quantized); the old load (the dense model, then `quantize_model`) holds all 14
+    when it starts quantizing, and `quantize_model` frees each dense layer as its copy replaces it (13,
+    12, ... left: before, the list of targets kept all 14 alive to the end)."""
+    from fedsb.models import load_model
+
+    load_model(str(tiny_checkpoint), dtype=torch.bfloat16, quantize="nf4")
+    assert len(census) == 14 and max(census) <= 1, census
+    census.clear()
+    dense_then_quantized(tiny_checkpoint, "nf4")
+    assert census == list(range(14, 0, -1))
 
 
 def test_the_merged_export_of_a_quantized_run_is_a_dense_checkpoint(tmp_path: Path) -> None:

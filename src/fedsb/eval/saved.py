@@ -55,11 +55,10 @@ def load_target(
     from fedsb.data.prepare import model_task
     from fedsb.device import resolve_placement
     from fedsb.models import load_model
-    from fedsb.models.quantize import place_quantized
 
     placement = resolve_placement(device, dtype, quantize)
     quantized = quantize != "none"
-    on = {"dtype": placement.dtype, "device": None if quantized else placement.device, "seed": seed}
+    on = {"dtype": placement.dtype, "device": placement.device, "seed": seed, "quantize": quantize}
     if target is None:
         if not model:
             raise ConfigError(
@@ -67,7 +66,6 @@ def load_target(
             )
         with naming_settings({"model.name": "--model"}):
             loaded = load_model(model, **on, hub=hub, **model_task(task))
-        place_quantized(loaded.model, quantize, compute_dtype=placement.dtype, device=placement.device)
         return EvalTarget(loaded.model, loaded.tokenizer, "base", model)
     path = Path(target).expanduser()
     if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
@@ -105,7 +103,6 @@ def load_target(
             )  # fmt: skip
         with naming_settings({"model.name": "--model"} if model else {}):
             loaded = load_model(base, **on, hub=hub, **wanted)
-        place_quantized(loaded.model, quantize, compute_dtype=placement.dtype, device=placement.device)
         peft = PeftModel.from_pretrained(loaded.model, str(path))
         ready = peft if quantized else peft.merge_and_unload()  # merging into 4/8 bits would requantize
         return EvalTarget(ready, loaded.tokenizer, "peft", base)

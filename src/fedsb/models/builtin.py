@@ -51,9 +51,20 @@ def minilm_dir() -> Path:
 
 
 def load_builtin(
-    alias: str, name: str, task: str, num_labels: int | None, dtype: torch.dtype, seed: int, cache_dir: Any
+    alias: str,
+    name: str,
+    task: str,
+    num_labels: int | None,
+    dtype: torch.dtype,
+    seed: int,
+    cache_dir: Any,
+    *,
+    quantize: str = "none",
+    device: torch.device | None = None,
 ) -> LoadedModel:
-    """The builtin ``alias`` (named ``name`` in the result): a tiny model, MiniLM or converted SmolLM2."""
+    """The builtin ``alias`` (named ``name`` in the result): a tiny model, MiniLM or converted SmolLM2
+    (streamed into ``quantize`` on ``device``, `fedsb.models.hub.load_pretrained`; the tiny models are
+    built in memory and quantized by the caller)."""
     if alias.startswith("tiny-"):
         loaded = load_tiny(alias, task, num_labels, dtype, seed)
     elif alias == "minilm-l6":
@@ -63,7 +74,9 @@ def load_builtin(
         loaded = LoadedModel(model, tok, name=name, source=f"builtin:{alias}", model_type="")
     else:  # smollm2-135m
         path = prepare_smollm2(cache_dir)
-        model, tok = load_pretrained(str(path), task, num_labels, dtype, seed, local_files_only=True)
+        model, tok = load_pretrained(
+            str(path), task, num_labels, dtype, seed, local_files_only=True, quantize=quantize, device=device
+        )
         loaded = LoadedModel(model, tok, name=name, source=str(path), model_type="")
     loaded.name = name
     return loaded

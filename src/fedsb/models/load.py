@@ -24,6 +24,8 @@ from fedsb.models.loaded import (
     check_task,
     default_cache_dir,
 )
+from fedsb.models.quantize import place_quantized
+from fedsb.models.stream import release_heap
 from fedsb.models.tiny import build_char_tokenizer
 
 __all__ = [
@@ -69,6 +71,7 @@ def load_model(
     device: str | torch.device | None = None,
     device_map: str | None = None,
     hub: bool = False,
+    quantize: str = "none",
 ) -> LoadedModel:
     """Load a base model and tokenizer from a builtin alias, a local directory or a hub id.
 
@@ -79,10 +82,23 @@ def load_model(
     over the visible GPUs (accelerate), for a model one device cannot hold. A hub id is read from the local
     hub cache; only with ``hub=True`` (and HF_HUB_OFFLINE unset) is it downloaded, so an unknown name or a
     typo fails at once, with the closest builtin names, instead of after the hub's retries.
+
+    ``quantize`` (nf4, int8): every linear layer but the heads in 4/8 bits on ``device``
+    (`fedsb.models.quantize`), the rest in ``dtype``. A causal LM with safetensors on disk is quantized
+    layer by layer as it is read, so the dense model never exists whole (`fedsb.models.stream`); any other
+    is loaded dense on the CPU (or spread by ``device_map``) and quantized a layer at a time. Either way
+    the heap the load freed goes back to the OS (`release_heap`).
     """
-    loaded = _load_weights(name, task, num_labels, dtype, cache_dir, seed, device_map, hub)
-    if device is not None and device_map is None:
-        loaded.model.to(device)
+    quantized = quantize != "none"
+    target = torch.device(device) if device is not None and device_map is None else None
+    device_of_layers = target if quantized else None
+    args = (name, task, num_labels, dtype, cache_dir, seed, device_map, hub, quantize, device_of_layers)
+    loaded = _load_weights(*args)
+    if quantized:  # what the streamed load did not quantize (all of a dense one), then the rest to the device
+        place_quantized(loaded.model, quantize, compute_dtype=check_dtype(dtype), device=target)
+        release_heap()
+    elif target is not None:
+        loaded.model.to(target)
     return loaded
 
 
@@ -95,8 +111,11 @@ def _load_weights(
     seed: int,
     device_map: str | None,
     hub: bool,
+    quantize: str = "none",
+    device: torch.device | None = None,
 ) -> LoadedModel:
-    """`load_model` before the move to its device (or placed by ``device_map``)."""
+    """`load_model` before the move to its device (or placed by ``device_map``); a causal LM streamed into
+    ``quantize`` where it can be (`load_pretrained`), its 4/8-bit layers on ``device``."""
     if not isinstance(name, str) or not name.strip():
         raise ModelNotFoundError(
             field="model.name", value=name, what="is empty", fix=f"give a builtin alias ({builtin_list()}), "
@@ -112,7 +131,10 @@ def _load_weights(
                 field="model.device_map", value=device_map, what=f"does not apply to the builtin {alias!r}",
                 fix="use device_map only with a checkpoint directory or a hub id",
             )  # fmt: skip
-        return _finish(load_builtin(alias, name, task, num_labels, torch_dtype, seed, cache_dir), task)
+        built = load_builtin(
+            alias, name, task, num_labels, torch_dtype, seed, cache_dir, quantize=quantize, device=device
+        )
+        return _finish(built, task)
 
     path = Path(name).expanduser()
     if path.exists():
@@ -125,8 +147,9 @@ def _load_weights(
             )  # fmt: skip
         src = str(path.resolve())
         model, tok = load_pretrained(
-            src, task, num_labels, torch_dtype, seed, local_files_only=True, device_map=device_map
-        )
+            src, task, num_labels, torch_dtype, seed, local_files_only=True, device_map=device_map,
+            quantize=quantize, device=device,
+        )  # fmt: skip
         return _finish(LoadedModel(model, tok, name=name, source=src, model_type=""), task)
 
     if looks_like_path(name):
@@ -138,8 +161,9 @@ def _load_weights(
     download = hub and not hub_offline()
     try:  # the hub uses its own cache; ``cache_dir`` is only for converted builtins
         model, tok = load_pretrained(
-            name, task, num_labels, torch_dtype, seed, local_files_only=not download, device_map=device_map
-        )
+            name, task, num_labels, torch_dtype, seed, local_files_only=not download, device_map=device_map,
+            quantize=quantize, device=device,
+        )  # fmt: skip
     except OSError as err:
         raise _not_found(name, hub, err) from err
     source = resolve_hub_dir(name)

@@ -163,24 +163,43 @@ def quantize_model(
     keep_dense: tuple[str, ...] = KEEP_DENSE,
 ) -> list[str]:
     """Replace every linear layer of `model` not named in `keep_dense` by its `quantized_linear`, one at
-    a time (memory peak: the model plus one layer); returns the replaced paths. mode 'none' does nothing."""
+    a time, each dense layer freed as its copy replaces it (peak: the model plus one quantized layer);
+    returns the replaced paths. mode 'none' does nothing. A checkpoint on disk is better loaded by
+    `fedsb.models.stream`, which never holds the dense model whole."""
     if mode == "none":
         return []
     if mode not in QUANTIZED_BYTES:
         raise FedsbError(field="model.quantize", value=mode, fix=f"use one of {', '.join(QUANTIZE_CHOICES)}")
     bnb()
-    targets = [
-        (path, m)
+    targets = quantize_targets(model, keep_dense)
+    for path in targets:  # paths, not modules: each dense layer is freed as soon as its copy replaces it
+        replace_module(
+            model,
+            path,
+            quantized_linear(model.get_submodule(path), mode, compute_dtype=compute_dtype, device=device),
+        )
+    if targets:
+        log.info(
+            "quantized %d linear layers to %s (kept dense: %s)", len(targets), mode, ", ".join(keep_dense)
+        )
+    return targets
+
+
+def quantize_targets(model: nn.Module, keep_dense: tuple[str, ...] = KEEP_DENSE) -> list[str]:
+    """Paths of the linear layers (`nn.Linear`, `Conv1D`) a 4/8-bit base quantizes: all but those already
+    quantized and those under a name in `keep_dense`."""
+    return [
+        path
         for path, m in model.named_modules()
         if path and isinstance(m, nn.Linear | Conv1D) and not is_quantized(m)
         and not set(path.split(".")) & set(keep_dense)
     ]  # fmt: skip
-    for path, layer in targets:
-        parent_path, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, child, quantized_linear(layer, mode, compute_dtype=compute_dtype, device=device))
-    log.info("quantized %d linear layers to %s (kept dense: %s)", len(targets), mode, ", ".join(keep_dense))
-    return [p for p, _ in targets]
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Put `new` at `path` (dotted) in `model`."""
+    parent_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, child, new)
 
 
 def place_quantized(
