@@ -8,6 +8,7 @@ only the node's Context survives); everything else is the real ClientApp handlin
 from __future__ import annotations
 
 import copy
+import os
 import uuid
 from collections.abc import Callable, Iterable
 
@@ -40,6 +41,8 @@ class LocalGrid(Grid):
         self.pushed: list[Message] = []
         #: as in a deployment, every message meets a fresh ClientApp process: nothing cached between them
         self.fresh_processes = False
+        #: node -> extra environment its ClientApp sees (as LocalDeployment's node_env: FEDSB_TEST_FAULTS)
+        self.node_env: dict[int, dict[str, str]] = {}
 
     def set_run(self, run) -> None:  # noqa: ANN001 - unused in tests
         pass
@@ -79,10 +82,15 @@ class LocalGrid(Grid):
         """The ClientApp's reply; as a SuperNode does, an exception becomes an error reply and leaves the
         node's Context as it was (Flower's run_clientapp: "Don't update/change NodeState")."""
         context = copy.deepcopy(self.contexts[node])
+        saved = dict(os.environ)
+        os.environ.update(self.node_env.get(node, {}))
         try:
             reply = self.client_app(msg, context)
         except Exception as exc:  # noqa: BLE001 - what the SuperNode does
             return Message(Error(code=2, reason=f"{type(exc)}:<'{exc}'>"), reply_to=msg)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
         self.contexts[node] = context
         return reply
 
