@@ -84,7 +84,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, Path]:
 
 
 #: fault -> the first round client-01 takes part in (the setup is sent again just before it)
-FAULTS = {"lost-state": 2, "setup-error": 1, "no-setup-reply": 1}
+FAULTS = {"lost-state": 2, "held-replies": 2, "setup-error": 1, "no-setup-reply": 1}
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
@@ -92,19 +92,28 @@ def test_a_node_without_the_setup_gets_it_again_and_takes_part(
     tmp_path: Path, reference: dict[bool, Path], fault: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """lost-state: the node answered its setup but kept none, and Flower answered its round-1 message as a
-    crashed ClientApp: dropped in round 1, the setup again before round 2. setup-error / no-setup-reply:
-    the first setup failed, so the node is sent it again before round 1 and misses nothing."""
+    crashed ClientApp: dropped in round 1; since such a SuperNode may hold back its replies, the setup goes
+    with its round-2 train message. held-replies: the same, and
+    from then on its SuperNode holds back each reply until it pulls the next message (Flower 1.42 after
+    that crash): the setup goes with its round-2 train message, flushes release its replies, and no round
+    waits its timeout. setup-error / no-setup-reply: the first setup failed, so the node is sent it again
+    before round 1 and misses nothing."""
     back = FAULTS[fault]
     grid = LocalGrid(client_app, 2)
     grid.fresh_processes = True
     if fault == "lost-state":
         grid.node_env[NODE] = {ENV: "0:lose-setup"}
         grid.tamper[NODE] = flower_crashed_reply
+    elif fault == "held-replies":
+        grid.node_env[NODE] = {ENV: "0:lose-setup"}
+        grid.crash_in_round[NODE] = 1
     elif fault == "setup-error":
         grid.node_env[NODE] = {ENV: "0:fail-setup"}
     else:
         drop_first_setup(grid)
-    settings = AppSettings(config=TINY, overrides=" ".join(JOB), output_dir=str(tmp_path), connect_timeout=5)
+    settings = AppSettings(
+        config=TINY, overrides=" ".join(JOB), output_dir=str(tmp_path), connect_timeout=5, round_timeout=60
+    )
     with caplog.at_level(logging.WARNING, logger="fedsb.flower.server"):
         res = run_flower_job(grid, settings)
     rounds = res["rounds"]
@@ -112,16 +121,63 @@ def test_a_node_without_the_setup_gets_it_again_and_takes_part(
         assert r["accepted"] == ["client-00"] and r["dropped"] == ["client-01"], r
     for r in rounds[back - 1 :]:  # sent the setup again before round `back`, and in every round from then on
         assert sorted(r["accepted"]) == ["client-00", "client-01"], r
-    assert f"round {back}: client-01 (re)joined on SuperNode 1001" in caplog.text
+    for r in rounds:  # nobody waited for a reply that had already come, or was held back
+        assert r["seconds"]["total"] < 30, r
+    rides = fault in ("lost-state", "held-replies")  # after CLIENT_APP_CRASHED: its replies may be held
+    if rides:
+        assert f"round {back}: client-01: setup sent again with its train message" in caplog.text
+        assert "SuperNode 1001 may hold back its replies" in caplog.text
+    else:
+        assert f"round {back}: client-01 (re)joined on SuperNode 1001" in caplog.text
     again = [w for w in res["flower_wire"] if "before_round" in w]
     assert [(w["client"], w["before_round"]) for w in again] == [("client-01", back)]
     assert again[0]["bytes"] == res["ledger"]["one_time"][0]["bytes"] // 2 > 0  # one node's setup
     setups = [
         m for m in grid.pushed if m.metadata.message_type == "query.setup" and m.metadata.dst_node_id == NODE
     ]
-    assert len(setups) == 2
+    assert len(setups) == (1 if rides else 2)
     ref = global_state(latest_checkpoint(reference[back > 1] / "checkpoints"))  # after round 3
     got = global_state(latest_checkpoint(tmp_path / "checkpoints"))
     assert set(got) == set(ref) and any(k.endswith("lora_sb_R.weight") for k in ref)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_lost_setup_push_inside_the_deployment(tmp_path: Path, reference: dict[bool, Path]) -> None:
+    """The benchmark's failure itself, in a loopback deployment (TLS, node authentication, 2 SuperNodes):
+    SuperNode 1's first ClientApp answers the setup and skips its push of the node's context
+    (`0:lose-push`, as when that HTTP request fails); its round-1 train message outlives Flower's 60 s task
+    expiry (`1:slow`), so the SuperNode answers it as a crashed ClientApp and holds back its replies from
+    then on. client-01 misses round 1 only, the rounds after it do not wait their timeout, and the final R
+    equals the simulator's with client-01 dropped in round 1."""
+    import json
+
+    from fedsb.flower.deploy import LocalDeployment
+
+    out = tmp_path / "flower"
+    dep = LocalDeployment(2, tmp_path / "deployment", node_env={1: {ENV: "0:lose-push 1:slow"}})
+    with dep:
+        code, log = dep.run_app(
+            {
+                "config": TINY,
+                "overrides": " ".join(JOB),
+                "output-dir": str(out),
+                "round-timeout": 240.0,
+                "connect-timeout": 60.0,
+            },
+            timeout=1200,
+        )
+        node_log = dep.log("supernode1")
+    assert code == 0, log[-3000:]
+    assert "task output not pushed (test-only)" in node_log
+    assert "round 1: client-01 failed: ClientApp stopped responding." in log
+    rounds = json.loads((out / "results.json").read_text())["rounds"]
+    assert rounds[0]["accepted"] == ["client-00"] and rounds[0]["dropped"] == ["client-01"]
+    for r in rounds[1:]:
+        assert sorted(r["accepted"]) == ["client-00", "client-01"], r
+        assert r["seconds"]["total"] < 200, r  # well below the 240 s round timeout
+    ref = global_state(latest_checkpoint(reference[True] / "checkpoints"))
+    got = global_state(latest_checkpoint(out / "checkpoints"))
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6)

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from fedsb.fed.base import ClientUpdate, Tensors
 from fedsb.flower import protocol as P
 from fedsb.flower.dp import account_message
+from fedsb.flower.held import HeldReplies
 from fedsb.flower.records import from_record, payload_bytes, to_record
 
 if TYPE_CHECKING:
@@ -68,6 +69,7 @@ class FlowerExecutor:
         self.privacy = privacy if privacy is not None and privacy.mechanism.accounts_per_client else None
         self.dp_steps = dict(dp_steps or {})
         self.lost_setup: set[int] = set()  # nodes that answered a train message without holding the setup
+        self.held = HeldReplies(grid)  # nodes whose SuperNode holds back a reply (`fedsb.flower.held`)
         self.setup_bytes = 0
         self.sent_before: dict[str, int] = {}  # client id -> train messages sent to it so far
         #: Flower's own count of every ArrayRecord sent or received: round (0 = setup), client, direction
@@ -166,7 +168,8 @@ class FlowerExecutor:
         its old node is gone: its DP account is the server's anyway, a FedEx-LoRA/FLoRA client refuses its
         stale W0, an optimizer state starts afresh (the ClientApp warns)."""
         known = set(self.nodes.values())
-        todo = sorted(self.lost_setup | {n for n in self.grid.get_node_ids() if n not in known})
+        riding = known & self.held.lagging  # their setup goes with their next train message instead
+        todo = sorted((self.lost_setup - riding) | {n for n in self.grid.get_node_ids() if n not in known})
         if not todo:
             return
         answered, _ = self._send_setup(todo, strict=False, round=round)
@@ -193,6 +196,17 @@ class FlowerExecutor:
         account on the server's ledger (counted on the wire list as sent)."""
         round_config = {"round": round, "client-id": cid, "sent-before": self.sent_before.get(cid, 0)}
         content = RecordDict({P.DOWNLOAD: record, P.ROUND_CONFIG: ConfigRecord(round_config)})
+        node = self.nodes[cid]
+        if node in self.lost_setup and node in self.held.lagging:  # a separate setup's reply would be held
+            self.lost_setup.discard(node)
+            setup_config = {"config": self.config_yaml, "fingerprint": self.fingerprint or ""}
+            content[P.SETUP_CONFIG] = ConfigRecord(setup_config)
+            content[P.SETUP_ARRAYS] = to_record(self.setup)
+            log.warning(
+                "round %d: %s: setup sent again with its train message (SuperNode %s)", round, cid, node
+            )
+            line = {"round": 0, "client": cid, "direction": "down", "bytes": self.setup_bytes}
+            self.wire.append({**line, "before_round": round})
         if self.privacy is not None:
             content[P.PRIVACY] = ConfigRecord(account_message(self.privacy.accounts[cid]))
         self.sent_before[cid] = self.sent_before.get(cid, 0) + 1
@@ -218,9 +232,12 @@ class FlowerExecutor:
             for cid in placed:
                 self.privacy.accounts[cid].step(self.dp_steps[cid])
         deadline = time.monotonic() + self.round_timeout
+        self.held.flush([self.nodes[asked[m]] for m in pending], round)
         while pending and time.monotonic() < deadline:
-            replies = list(self.grid.pull_messages(list(pending)))
+            replies = list(self.grid.pull_messages([*pending, *self.held.ids()]))
             for reply in replies:
+                if self.held.take(reply):
+                    continue
                 pending.discard(reply.metadata.reply_to_message_id)
                 cid = sent.get(reply.metadata.src_node_id)
                 if cid is None and reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
@@ -235,6 +252,10 @@ class FlowerExecutor:
                     log.warning("round %d: %s failed: %s", round, cid, reply.error.reason)
                     if may_have_lost_setup(reply.error.code, reply.error.reason):
                         self.lost_setup.add(self.nodes[cid])  # setup sent again before the next round
+                    if reply.error.code == ErrorCode.NODE_UNAVAILABLE:  # down: a restarted one lags no more
+                        self.held.lagging.discard(self.nodes[cid])
+                    if reply.error.code == ErrorCode.CLIENT_APP_CRASHED:  # its ClientApp may answer later
+                        self.held.suspect(self.nodes[cid], round, "its SuperNode answered for a stopped task")
                     continue
                 update = decode_reply(reply.content, cid, round)
                 if P.UPDATE in reply.content.array_records:
@@ -249,8 +270,11 @@ class FlowerExecutor:
                 yield update
             if replies and self.straggler_timeout > 0:
                 deadline = min(deadline, time.monotonic() + self.straggler_timeout)
+            self.held.flush([self.nodes[asked[m]] for m in pending], round)
             if pending and not replies:
                 time.sleep(POLL_SECONDS)
+        for m in pending:  # its reply may be held back by its SuperNode: flushed in later rounds
+            self.held.suspect(self.nodes[asked[m]], round, "no reply in time")
         if pending:
             log.warning(
                 "round %d: %d node(s) did not answer in time (round-timeout=%g s, straggler-timeout=%g s)",
