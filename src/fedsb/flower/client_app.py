@@ -101,7 +101,10 @@ def train(msg: Message, context: Context) -> Message:
     from fedsb.flower.records import from_record, to_record
     from fedsb.phases import phase
 
+    had_setup = None  # with the setup in the message: did this node's state already hold it?
     if P.SETUP_CONFIG in msg.content.config_records:  # the setup again, with the train message
+        held = context.state.config_records.get(P.SETUP_CONFIG)
+        had_setup = held is not None and dict(held) == dict(msg.content.config_records[P.SETUP_CONFIG])
         keep_setup(msg, context)
     rt = prepared_client(msg, context)
     rnd = msg.content.config_records[P.ROUND_CONFIG]
@@ -136,4 +139,6 @@ def train(msg: Message, context: Context) -> Message:
             P.METRICS: MetricRecord({k: float(v) for k, v in update.metrics.items()}),
         }
     )
+    if had_setup is not None:
+        content[P.NODE_INFO] = ConfigRecord({"had-setup": int(had_setup)})
     return Message(content, reply_to=msg)

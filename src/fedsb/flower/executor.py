@@ -70,6 +70,9 @@ class FlowerExecutor:
         self.dp_steps = dict(dp_steps or {})
         self.lost_setup: set[int] = set()  # nodes that answered a train message without holding the setup
         self.held = HeldReplies(grid)  # nodes whose SuperNode holds back a reply (`fedsb.flower.held`)
+        #: lagging nodes whose train messages carry the setup until a reply says their state held it (the
+        #: late ClientApp of a message Flower answered as crashed may still push its stale context)
+        self.riding: set[int] = set()
         self.setup_bytes = 0
         self.sent_before: dict[str, int] = {}  # client id -> train messages sent to it so far
         #: Flower's own count of every ArrayRecord sent or received: round (0 = setup), client, direction
@@ -197,8 +200,9 @@ class FlowerExecutor:
         round_config = {"round": round, "client-id": cid, "sent-before": self.sent_before.get(cid, 0)}
         content = RecordDict({P.DOWNLOAD: record, P.ROUND_CONFIG: ConfigRecord(round_config)})
         node = self.nodes[cid]
-        if node in self.lost_setup and node in self.held.lagging:  # a separate setup's reply would be held
-            self.lost_setup.discard(node)
+        if node in self.held.lagging and (node in self.lost_setup or node in self.riding):
+            self.lost_setup.discard(node)  # a separate setup's reply would be held back too
+            self.riding.add(node)
             setup_config = {"config": self.config_yaml, "fingerprint": self.fingerprint or ""}
             content[P.SETUP_CONFIG] = ConfigRecord(setup_config)
             content[P.SETUP_ARRAYS] = to_record(self.setup)
@@ -257,6 +261,9 @@ class FlowerExecutor:
                     if reply.error.code == ErrorCode.CLIENT_APP_CRASHED:  # its ClientApp may answer later
                         self.held.suspect(self.nodes[cid], round, "its SuperNode answered for a stopped task")
                     continue
+                info = reply.content.config_records.get(P.NODE_INFO)
+                if info is not None and info.get("had-setup") == 1:  # its state kept the setup sent before
+                    self.riding.discard(self.nodes[cid])
                 update = decode_reply(reply.content, cid, round)
                 if P.UPDATE in reply.content.array_records:
                     self.wire.append(

@@ -19,7 +19,9 @@ FLUSH_MESSAGE = "query.flush"
 
 SETUP_CONFIG = "fedsb.setup"  # ConfigRecord: config (YAML), fingerprint ("" if none)
 SETUP_ARRAYS = "fedsb.basis"  # ArrayRecord: the setup payload (fp32)
-NODE_INFO = "fedsb.node"  # ConfigRecord in the setup reply: partition-id
+#: ConfigRecord in the setup reply: partition-id; in the reply to a train message that carried the setup:
+#: had-setup (1 if the node's state held it already)
+NODE_INFO = "fedsb.node"
 INIT_CONFIG = "fedsb.init"  # ConfigRecord: client-id, exchange (0 dense, 1 sketch, 2 project)
 INIT_SHARED = "fedsb.init.shared"  # ArrayRecord: Q (m, k) per layer for exchange 2, else empty
 INIT_RELEASE = "fedsb.init.release"  # ArrayRecord in the reply: the client's release (fp32)
