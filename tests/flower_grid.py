@@ -8,6 +8,7 @@ only the node's Context survives); everything else is the real ClientApp handlin
 from __future__ import annotations
 
 import copy
+import os
 import uuid
 from collections.abc import Callable, Iterable
 
@@ -40,6 +41,13 @@ class LocalGrid(Grid):
         self.pushed: list[Message] = []
         #: as in a deployment, every message meets a fresh ClientApp process: nothing cached between them
         self.fresh_processes = False
+        #: node -> extra environment its ClientApp sees (as LocalDeployment's node_env: FEDSB_TEST_FAULTS)
+        self.node_env: dict[int, dict[str, str]] = {}
+        #: node -> round r: Flower 1.42's SuperNode after a ClientApp task of that node stopped responding:
+        #: round r's train message is answered with CLIENT_APP_CRASHED, the ClientApp's own reply comes after
+        #: it and from then on every reply of that node is forwarded only when the node pulls its next message
+        self.crash_in_round: dict[int, int] = {}
+        self.held: dict[int, list[tuple[str, Message]]] = {}  # node -> replies its SuperNode holds back
 
     def set_run(self, run) -> None:  # noqa: ANN001 - unused in tests
         pass
@@ -68,21 +76,35 @@ class LocalGrid(Grid):
                 from fedsb.flower import client_app as module
 
                 module._CACHE.clear()
+            for held_id, held in self.held.get(node, []):  # the SuperNode pulled a message: it forwards these
+                self.replies[held_id] = held
             # a copy, as after transport: a client must not share objects with the server or other nodes
             reply = copy.deepcopy(self._serve(copy.deepcopy(msg), node))
             if node in self.tamper and msg.metadata.message_type == "train":
                 reply = self.tamper[node](reply)
-            self.replies[mid] = reply
+            if node in self.held:
+                self.held[node] = [(mid, reply)]
+            elif msg.metadata.group_id == str(self.crash_in_round.get(node)):
+                crashed = Message(Error(code=8, reason="ClientApp stopped responding."), reply_to=msg)
+                self.replies[mid] = crashed
+                self.held[node] = [("late-" + mid, reply)]  # a second reply to the same message: unasked
+            else:
+                self.replies[mid] = reply
         return ids
 
     def _serve(self, msg: Message, node: int) -> Message:
         """The ClientApp's reply; as a SuperNode does, an exception becomes an error reply and leaves the
         node's Context as it was (Flower's run_clientapp: "Don't update/change NodeState")."""
         context = copy.deepcopy(self.contexts[node])
+        saved = dict(os.environ)
+        os.environ.update(self.node_env.get(node, {}))
         try:
             reply = self.client_app(msg, context)
         except Exception as exc:  # noqa: BLE001 - what the SuperNode does
             return Message(Error(code=2, reason=f"{type(exc)}:<'{exc}'>"), reply_to=msg)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
         self.contexts[node] = context
         return reply
 

@@ -51,11 +51,22 @@ def setup(msg: Message, context: Context) -> Message:
 
     Cheap on purpose (no torch): the basis fingerprint is checked when the client is built for training.
     """
+    keep_setup(msg, context)
+    pid = partition_id(context)
+    return Message(RecordDict({P.NODE_INFO: ConfigRecord({"partition-id": pid})}), reply_to=msg)
+
+
+def keep_setup(msg: Message, context: Context) -> None:
+    """Store the config and the one-time payload `msg` carries in the node's state."""
     cfg_rec = msg.content.config_records[P.SETUP_CONFIG]
     context.state[P.SETUP_CONFIG] = ConfigRecord(dict(cfg_rec))
     context.state[P.SETUP_ARRAYS] = msg.content.array_records.get(P.SETUP_ARRAYS, ArrayRecord())
-    pid = partition_id(context)
-    return Message(RecordDict({P.NODE_INFO: ConfigRecord({"partition-id": pid})}), reply_to=msg)
+
+
+@app.query("flush")
+def flush(msg: Message, context: Context) -> Message:
+    """Nothing: the message only makes a SuperNode that holds back a reply forward it (`fedsb.flower.held`)."""
+    return Message(RecordDict(), reply_to=msg)
 
 
 @app.query("init")
@@ -90,6 +101,11 @@ def train(msg: Message, context: Context) -> Message:
     from fedsb.flower.records import from_record, to_record
     from fedsb.phases import phase
 
+    had_setup = None  # with the setup in the message: did this node's state already hold it?
+    if P.SETUP_CONFIG in msg.content.config_records:  # the setup again, with the train message
+        held = context.state.config_records.get(P.SETUP_CONFIG)
+        had_setup = held is not None and dict(held) == dict(msg.content.config_records[P.SETUP_CONFIG])
+        keep_setup(msg, context)
     rt = prepared_client(msg, context)
     rnd = msg.content.config_records[P.ROUND_CONFIG]
     folds_before = rt.fold_round()
@@ -123,4 +139,6 @@ def train(msg: Message, context: Context) -> Message:
             P.METRICS: MetricRecord({k: float(v) for k, v in update.metrics.items()}),
         }
     )
+    if had_setup is not None:
+        content[P.NODE_INFO] = ConfigRecord({"had-setup": int(had_setup)})
     return Message(content, reply_to=msg)

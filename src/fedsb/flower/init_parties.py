@@ -96,5 +96,6 @@ def connect_for_init(grid: Any, client_ids: list[str], config_yaml: str, setting
         round_timeout=settings.round_timeout,
         connect_timeout=settings.connect_timeout,
     )
+    ex.strict_setup = True  # the init's exchanges need every client's node from the start
     ex.connect()
     return ex

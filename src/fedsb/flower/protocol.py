@@ -11,12 +11,17 @@ SETUP_MESSAGE = "query.setup"
 #: server -> each init client (init.source=federated), once per exchange before the basis exists: the
 #: exchange and, for exchange 2, Q; the reply carries the client's (noised, under DP) release
 INIT_MESSAGE = "query.init"
-#: server -> a sampled node each round: the download; the reply carries the update
+#: server -> a sampled node each round: the download; the reply carries the update (and, for a node that
+#: lost its setup while its SuperNode holds back a reply, the setup's records too: stored before training)
 TRAIN_MESSAGE = "train"
+#: server -> a node whose SuperNode holds back a reply (`fedsb.flower.held`): nothing; answered at once
+FLUSH_MESSAGE = "query.flush"
 
 SETUP_CONFIG = "fedsb.setup"  # ConfigRecord: config (YAML), fingerprint ("" if none)
 SETUP_ARRAYS = "fedsb.basis"  # ArrayRecord: the setup payload (fp32)
-NODE_INFO = "fedsb.node"  # ConfigRecord in the setup reply: partition-id
+#: ConfigRecord in the setup reply: partition-id; in the reply to a train message that carried the setup:
+#: had-setup (1 if the node's state held it already)
+NODE_INFO = "fedsb.node"
 INIT_CONFIG = "fedsb.init"  # ConfigRecord: client-id, exchange (0 dense, 1 sketch, 2 project)
 INIT_SHARED = "fedsb.init.shared"  # ArrayRecord: Q (m, k) per layer for exchange 2, else empty
 INIT_RELEASE = "fedsb.init.release"  # ArrayRecord in the reply: the client's release (fp32)

@@ -148,6 +148,7 @@ class SecAggExecutor(FlowerExecutor):
     and finiteness, applies it, checkpoints, evaluates and exports as in any run)."""
 
     secure_aggregation = True
+    strict_setup = True  # SecAgg+ rounds go to the nodes of the first setup only (no rejoin)
 
     def __init__(
         self,
