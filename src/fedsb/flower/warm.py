@@ -207,7 +207,13 @@ def serve(argv: Sequence[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per AcquireTask poll otherwise
     os.environ.setdefault(POLL_ENV, "0.2")  # Flower polls every 1 s: up to 1 s more latency per message
     seconds = preload()
-    log.info("fedsb warm SuperExec %d: preloaded %d modules in %.1f s", os.getpid(), len(PRELOAD), seconds)
+    log.info(
+        "fedsb warm SuperExec %d: preloaded %d modules in %.1f s (%d OS threads, no torch op run)",
+        os.getpid(),
+        len(PRELOAD),
+        seconds,
+        len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else -1,
+    )
     secret = None
     if args.superexec_auth_secret_file:
         secret = load_superexec_auth_secret(secret_file=args.superexec_auth_secret_file)
