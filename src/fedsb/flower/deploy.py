@@ -187,9 +187,10 @@ class LocalDeployment:
 
     # ---- start ----------------------------------------------------------------------------------------------
     def _spawn(
-        self, name: str, cmd: Sequence[str], env: Mapping[str, str] | None = None
+        self, name: str, cmd: Sequence[str], env: Mapping[str, str] | None = None, *, log_name: str = ""
     ) -> subprocess.Popen[bytes]:
-        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - kept open for the process's life
+        """Start `cmd` as process `name`, its output appended to logs/<log_name or name>.log."""
+        log = open(self.logs / f"{log_name or name}.log", "ab")  # noqa: SIM115 - kept open for the process's life
         env = {**self.env, **(env or {})}
         proc = subprocess.Popen(list(cmd), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
         self.procs[name] = proc
@@ -263,6 +264,7 @@ class LocalDeployment:
                 "--insecure", "--parent-pid", str(node.pid), *auth,
             ],
             env=env,
+            log_name=name,  # its ClientApps' output in the SuperNode's log, as with Flower's own SuperExec
         )  # fmt: skip
         return node
 

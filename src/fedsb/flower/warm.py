@@ -11,7 +11,9 @@ process start and the imports. Other task types fall back to Flower's `Subproces
 Fork safety: the parent never runs a torch op (no OpenMP team, no CUDA context exist before a fork; the
 child sets its own thread count from the run's config); the child drops the parent's exit handlers and
 signal handlers, re-creates the Flower locks a parent thread could have held, reseeds numpy's global RNG,
-and gets SIGTERM when the parent dies (PR_SET_PDEATHSIG, and Flower's own parent monitor). The parent
+and gets SIGTERM when the parent dies (PR_SET_PDEATHSIG, and Flower's own parent monitor). It also gets
+longer than Flower's 5 s to push its context after the reply (`EXIT_TIMEOUT_S`): under load a push cut
+short by that timer silently loses the node's state for the run. The parent
 reaps every child (`reconcile`, each poll), logs a non-zero exit code with the task id, and stops its
 children when it stops (`close`).
 
@@ -52,6 +54,11 @@ PRELOAD = (
 FORKED_FROM: list[int] = []
 _PR_SET_PDEATHSIG = 1
 POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's: seconds between AcquireTask polls
+#: seconds a ClientApp may take to push its context (node state) after its reply before it is killed:
+#: Flower's `flwr_exit` allows 5 s, and on a loaded machine the push can take longer, so the node loses
+#: the message's `context.state` (a setup that never arrived, `[push-task-output] ClientDisconnect`)
+EXIT_TIMEOUT_ENV = "FEDSB_CLIENTAPP_EXIT_TIMEOUT"
+EXIT_TIMEOUT_S = 120.0
 
 
 def preload(modules: Sequence[str] = PRELOAD) -> float:
@@ -176,6 +183,8 @@ def _reset_after_fork(spec: ExecutionSpec) -> None:
     exit_handler._lock_handlers = threading.Lock()
     telemetry.state_lock = threading.Lock()  # a telemetry thread of the parent may have held it
     object_ref._import_lock = threading.Lock()
+    exit_module = importlib.import_module("flwr.supercore.exit.exit")  # the module, not its function
+    exit_module.FORCE_EXIT_TIMEOUT_SECONDS = float(os.environ.get(EXIT_TIMEOUT_ENV, EXIT_TIMEOUT_S))
     import numpy as np
 
     np.random.seed()  # fresh entropy, like a fresh process (random reseeds itself at fork)
