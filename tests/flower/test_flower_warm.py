@@ -141,8 +141,13 @@ def test_children_die_with_a_killed_launcher() -> None:
     try:
         child = int(proc.stdout.readline())  # type: ignore[union-attr]
         assert not gone(child)
-        status = Path(f"/proc/{child}/status").read_text()
-        assert f"PPid:\t{proc.pid}\n" in status  # a fork of the launcher, not a new program
+        assert (
+            f"PPid:\t{proc.pid}\n" in Path(f"/proc/{child}/status").read_text()
+        )  # a fork, not a new program
+        deadline = time.monotonic() + 30
+        while "Name:\tflwr-clientapp\n" not in Path(f"/proc/{child}/status").read_text():
+            assert time.monotonic() < deadline, "the fork never named itself flwr-clientapp"
+            time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
         deadline = time.monotonic() + 15

@@ -53,6 +53,7 @@ PRELOAD = (
 #: set in a forked ClientApp: the launcher's PID (`fedsb.flower.timing` reports it)
 FORKED_FROM: list[int] = []
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
 POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's: seconds between AcquireTask polls
 #: seconds a ClientApp may take to push its context (node state) after its reply before it is killed:
 #: Flower's `flwr_exit` allows 5 s, and on a loaded machine the push can take longer, so the node loses
@@ -195,10 +196,12 @@ def _reset_after_fork(spec: ExecutionSpec) -> None:
 
 
 def _die_with_parent() -> None:
-    """SIGTERM this process when its parent exits, even by SIGKILL (Linux prctl; elsewhere Flower's own
-    parent monitor, started by `run_clientapp`, still ends it within 0.2 s)."""
+    """SIGTERM this process when its parent exits, even by SIGKILL, and name it `flwr-clientapp` (`ps -o
+    comm`, /proc/<pid>/comm) (Linux prctl; elsewhere Flower's own parent monitor, started by
+    `run_clientapp`, still ends it within 0.2 s)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(b"flwr-clientapp"), 0, 0, 0)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     except (OSError, AttributeError):
         return
