@@ -189,7 +189,7 @@ def run_simulation(cfg_file: str, ov: list[str], out: Path, clients: int) -> flo
     run_config = f'config="{cfg_file}" overrides="{" ".join(ov)}" output-dir="{out}"'
     cmd = ["flwr", "run", str(APP_DIR), "local", "--stream", "--run-config", run_config]
     cmd += ["--federation-config", f"num-supernodes={clients} client-resources-num-cpus=1"]
-    env = {**flower_env(home, own_local_superlink=True), ENV: str(out.parent / "timing-simulation.jsonl")}
+    env = {**flower_env(home, own_local_superlink=True), ENV: str(out.parent / f"timing-{out.name}.jsonl")}
     t0 = time.perf_counter()
     try:
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
@@ -201,10 +201,14 @@ def run_simulation(cfg_file: str, ov: list[str], out: Path, clients: int) -> flo
     return wall
 
 
-def run_deployment(cfg_file: str, ov: list[str], out: Path, clients: int) -> float:
+def run_deployment(cfg_file: str, ov: list[str], out: Path, clients: int, *, warm: bool = True) -> float:
+    """The loopback deployment; `warm`: SuperNodes in process isolation with the warm SuperExec
+    (`fedsb.flower.warm`, ClientApps forked), else Flower's default (a fresh `flwr-clientapp` a message)."""
     t0 = time.perf_counter()
-    dep = LocalDeployment(clients, out.parent / "deployment")
-    dep.env[ENV] = str(out.parent / "timing-deployment.jsonl")  # inherited by SuperNodes and their ClientApps
+    dep = LocalDeployment(clients, out.parent / f"deployment-{out.name}", warm=warm)
+    dep.env[ENV] = str(
+        out.parent / f"timing-{out.name}.jsonl"
+    )  # inherited by SuperNodes and their ClientApps
     with dep:
         code, log = dep.run_app(
             {"config": cfg_file, "overrides": " ".join(ov), "output-dir": str(out)}, timeout=1800
@@ -255,34 +259,41 @@ def main() -> None:
     p.add_argument("--local-steps", type=int, default=None, help="train.local_steps (default: the config's)")
     p.add_argument("--train-size", type=int, default=None, help="data.train_size (default: the config's)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help=f"comma-separated, any of {', '.join(MODES)} (the in-process run is always made: the reference R)",
+    )
     args = p.parse_args()
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        p.error(f"--modes: unknown {', '.join(unknown)}; choose from {', '.join(MODES)}")
     ov = overrides(args.clients, args.rounds, args.local_steps, args.train_size)
     cfg_file = str(Path(args.config).resolve()) if args.config else ""
-    rows = []
     load = [os.getloadavg()]
+    report = {"config": args.config, "overrides": ov, "load": load, "floor": {}, "rows": []}
+    print(f"job: {Path(args.config).name or 'default'}, {args.clients} clients x {args.rounds} rounds, "
+          f"overrides {' '.join(ov)}", flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-flower-") as tmp:
         t = Path(tmp)
-        walls = {"in-process simulator": run_inprocess(cfg_file, ov, t / "inprocess")}
-        walls["Flower simulation"] = run_simulation(cfg_file, ov, t / "simulation", args.clients)
-        load.append(os.getloadavg())
-        walls["deployment (TLS+auth)"] = run_deployment(cfg_file, ov, t / "deployment-out", args.clients)
-        load.append(os.getloadavg())
-        floor = bare_floor(cfg_file, ov)
+        ref_wall = run_inprocess(cfg_file, ov, t / "inprocess")
         ref = final_state(t / "inprocess")
-        timing = {
-            "Flower simulation": "timing-simulation.jsonl",
-            "deployment (TLS+auth)": "timing-deployment.jsonl",
-        }
-        for mode, d in zip(walls, ("inprocess", "simulation", "deployment-out"), strict=True):
-            row = summarize(mode, walls[mode], t / d)
-            got = final_state(t / d)
+        for mode in ["inprocess", *(m for m in modes if m != "inprocess")]:
+            out = t / mode
+            wall = ref_wall if mode == "inprocess" else MODES[mode][1](cfg_file, ov, out, args.clients)
+            load.append(os.getloadavg())
+            row = summarize(MODES[mode][0], wall, out)
+            got = final_state(out)
             row["max_dR"] = max(float((got[k] - ref[k]).abs().max()) for k in ref)
-            row["messages"] = message_breakdown(t / timing[mode]) if mode in timing else {}
-            rows.append(row)
-    print(
-        f"job: {Path(args.config).name or 'default'}, {args.clients} clients x {args.rounds} rounds, "
-        f"overrides {' '.join(ov)}; load average (1 min) {', '.join(f'{x[0]:.1f}' for x in load)}"
-    )
+            row["messages"] = message_breakdown(t / f"timing-{mode}.jsonl")
+            report["rows"].append(row)
+            print(f"{row['mode']}: wall {wall:.1f} s, load {load[-1][0]:.1f}", flush=True)
+            write(args.out, report)  # after every mode: a stopped run keeps what it measured
+        report["floor"] = floor = bare_floor(cfg_file, ov)
+        write(args.out, report)
+    rows = report["rows"]
+    print(f"load average (1 min) {', '.join(f'{x[0]:.1f}' for x in load)}")
     print(table(rows))
     print("\nseconds per train message (mean):")
     print(breakdown_table(rows))
@@ -290,14 +301,25 @@ def main() -> None:
         "\nfloor of a fresh process (no fedsb, no Flower): "
         + ", ".join(f"{k} {v:.2f} s" for k, v in floor.items())
     )
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(
-            json.dumps(
-                {"config": args.config, "overrides": ov, "load": load, "floor": floor, "rows": rows}, indent=1
-            )
-        )
 
+
+def write(path: str | None, report: dict[str, Any]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=1))
+
+
+def run_cold_deployment(cfg_file: str, ov: list[str], out: Path, clients: int) -> float:
+    return run_deployment(cfg_file, ov, out, clients, warm=False)
+
+
+#: --modes name -> (table label, runner(cfg_file, overrides, out, clients) -> wall seconds)
+MODES: dict[str, tuple[str, Any]] = {
+    "inprocess": ("in-process simulator", run_inprocess),
+    "simulation": ("Flower simulation", run_simulation),
+    "deployment": ("deployment (warm)", run_deployment),
+    "deployment-cold": ("deployment (cold)", run_cold_deployment),
+}
 
 if __name__ == "__main__":
     main()

@@ -186,10 +186,10 @@ def test_sigterm_during_training_stops_every_process_of_the_deployment(tmp_path:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:  # until a ClientApp is training
             tree = process_tree([proc.pid])
-            if any(b"flwr-clientapp" in _cmdline(p) for p in tree):
+            if any(_is_clientapp(p) for p in tree):
                 break
             time.sleep(0.25)
-        assert proc.poll() is None and any(b"flwr-clientapp" in _cmdline(p) for p in tree), tree
+        assert proc.poll() is None and any(_is_clientapp(p) for p in tree), tree
         tree = process_tree([proc.pid])  # SuperLink, 2 SuperNodes, SuperExecs, ServerApp, ClientApp, flwr run
         assert len(tree) >= 9, [_cmdline(p)[:60] for p in tree]
         os.kill(proc.pid, signal.SIGTERM)
@@ -199,6 +199,15 @@ def test_sigterm_during_training_stops_every_process_of_the_deployment(tmp_path:
         assert pids_mentioning(str(work)) == []
     finally:
         _kill_all([proc.pid, *tree])
+
+
+def _is_clientapp(pid: int) -> bool:
+    """A Flower ClientApp process: a fresh `flwr-clientapp`, or a fork of the warm SuperExec (named so)."""
+    try:
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        name = ""
+    return name == "flwr-clientapp" or b"flwr-clientapp" in _cmdline(pid)
 
 
 def _cmdline(pid: int) -> bytes:

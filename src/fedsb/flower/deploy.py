@@ -167,8 +167,12 @@ class LocalDeployment:
         *,
         node_ready_timeout: float = 60.0,
         node_env: Mapping[int, Mapping[str, str]] | None = None,
+        warm: bool = True,
     ) -> None:
         self.num_nodes = num_nodes
+        #: SuperNodes in process isolation, each served by a warm SuperExec (`fedsb.flower.warm`: torch and
+        #: fedsb imported once, every ClientApp a fork); False: Flower's default (a fresh process a message)
+        self.warm = warm
         self.node_env = {i: dict(env) for i, env in (node_env or {}).items()}  # extra env of SuperNode i
         self.node_keys: dict[int, Path] = {}  # SuperNode i -> its registered private key
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="fedsb-flower-")
@@ -183,9 +187,10 @@ class LocalDeployment:
 
     # ---- start ----------------------------------------------------------------------------------------------
     def _spawn(
-        self, name: str, cmd: Sequence[str], env: Mapping[str, str] | None = None
+        self, name: str, cmd: Sequence[str], env: Mapping[str, str] | None = None, *, log_name: str = ""
     ) -> subprocess.Popen[bytes]:
-        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - kept open for the process's life
+        """Start `cmd` as process `name`, its output appended to logs/<log_name or name>.log."""
+        log = open(self.logs / f"{log_name or name}.log", "ab")  # noqa: SIM115 - kept open for the process's life
         env = {**self.env, **(env or {})}
         proc = subprocess.Popen(list(cmd), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
         self.procs[name] = proc
@@ -227,19 +232,49 @@ class LocalDeployment:
 
     def add_supernode(self, name: str, private_key: Path, *, partition_id: int) -> subprocess.Popen[bytes]:
         """Start a SuperNode that authenticates with `private_key` (registered beforehand, or refused);
-        SuperNode i gets `node_env[i]` on top of the deployment's environment."""
-        return self._spawn(
-            name,
+        SuperNode i gets `node_env[i]` on top of the deployment's environment. With `warm`, the SuperNode
+        runs in process isolation and its warm SuperExec (`<name>-superexec`) is started beside it."""
+        env = self.node_env.get(partition_id) if name.startswith("supernode") else None
+        runtime_port = free_port()
+        cmd = [
+            "flower-supernode",
+            "--superlink", f"127.0.0.1:{self.port}",
+            "--root-certificates", str(self.root / "tls" / "ca.crt"),
+            "--auth-supernode-private-key", str(private_key),
+            "--node-config", f"partition-id={partition_id} num-partitions={self.num_nodes}",
+            "--port", str(runtime_port),
+        ]  # fmt: skip
+        if not self.warm:
+            return self._spawn(name, cmd, env=env)
+        previous = self.procs.get(f"{name}-superexec")  # of a SuperNode that exited (refused, killed)
+        if previous is not None and previous.poll() is None:
+            stop_pid(previous.pid)
+            previous.wait(timeout=10)
+        secret = self.root / "keys" / f"{name}-superexec.secret"
+        secret.parent.mkdir(parents=True, exist_ok=True)
+        secret.write_bytes(os.urandom(32))
+        secret.chmod(0o600)
+        auth = ["--superexec-auth-secret-file", str(secret)]
+        node = self._spawn(name, [*cmd, "--isolation", "process", *auth], env=env)
+        self._spawn(
+            f"{name}-superexec",
             [
-                "flower-supernode",
-                "--superlink", f"127.0.0.1:{self.port}",
-                "--root-certificates", str(self.root / "tls" / "ca.crt"),
-                "--auth-supernode-private-key", str(private_key),
-                "--node-config", f"partition-id={partition_id} num-partitions={self.num_nodes}",
-                "--port", str(free_port()),
+                sys.executable, "-m", "fedsb.flower.warm",
+                "--runtime-api-address", f"127.0.0.1:{runtime_port}",
+                "--insecure", "--parent-pid", str(node.pid), *auth,
             ],
-            env=self.node_env.get(partition_id) if name.startswith("supernode") else None,
+            env=env,
+            log_name=name,  # its ClientApps' output in the SuperNode's log, as with Flower's own SuperExec
         )  # fmt: skip
+        return node
+
+    def superexec_pids(self) -> dict[int, int]:
+        """Partition id -> PID of its SuperNode's live warm SuperExec (empty without `warm`)."""
+        out = {}
+        for name, proc in self.procs.items():
+            if name.endswith("-superexec") and proc.poll() is None:
+                out[int(name.removeprefix("supernode").removesuffix("-superexec"))] = proc.pid
+        return out
 
     def _wait_port(self, port: int, name: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -309,12 +344,14 @@ class LocalDeployment:
         return runs[0] if runs else {}
 
     def kill_node(self, i: int) -> None:
-        """SIGKILL SuperNode i and whatever it spawned (a dead machine, not a clean shutdown)."""
-        proc = self.procs[f"supernode{i}"]
-        pids = [*descendants(proc.pid), proc.pid]
+        """SIGKILL SuperNode i, its warm SuperExec and whatever they spawned (a dead machine, not a clean
+        shutdown)."""
+        procs = [p for p in (self.procs.get(f"supernode{i}"), self.procs.get(f"supernode{i}-superexec")) if p]
+        pids = [pid for proc in procs for pid in [*descendants(proc.pid), proc.pid]]
         for pid in pids:
             stop_pid(pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+        for proc in procs:
+            proc.wait(timeout=10)
         wait_gone(pids)
 
     def restart_node(self, i: int, timeout: float = 180.0) -> subprocess.Popen[bytes]:

@@ -6,7 +6,9 @@ message handled appends one JSON line there, with the process's age when the han
 fetch of the message, loading the ClientApp), the import of our client stack (`imports`: torch,
 transformers, the job recipe; 0 once imported) and the phases the job recipe and the ClientApp time with
 `fedsb.phases` (model build, data preparation, basis verification, node state, local training,
-serialization). Nothing here reads or changes what a message computes.
+serialization). In a ClientApp forked by the warm SuperExec (`fedsb.flower.warm`) `forked_from` is the
+launcher's PID (else null), `process_start_s` runs from the fork and `preloaded` says torch was already
+imported when the handler was entered. Nothing here reads or changes what a message computes.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -47,6 +50,7 @@ def timed(handler: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
 
         entered, t0 = time.time(), time.perf_counter()
         first = _SERVED[0] == 0
+        preloaded = "torch" in sys.modules
         _SERVED[0] += 1
         phases.take()
         if msg.metadata.message_type == "train":
@@ -63,6 +67,8 @@ def timed(handler: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
                 "partition": context.node_config.get("partition-id"),
                 "pid": os.getpid(),
                 "fresh_process": first,
+                "forked_from": _forked_from(),
+                "preloaded": preloaded,
                 "process_start_s": max(0.0, entered - started) if first else 0.0,
                 "app_loaded_s": max(0.0, _LOADED - started) if first else 0.0,
                 "handler_s": time.perf_counter() - t0,
@@ -72,3 +78,8 @@ def timed(handler: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
                 f.write(json.dumps(line) + "\n")
 
     return wrapper
+
+
+def _forked_from() -> int | None:
+    warm = sys.modules.get("fedsb.flower.warm")
+    return warm.FORKED_FROM[0] if warm is not None and warm.FORKED_FROM else None
