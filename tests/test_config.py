@@ -201,6 +201,14 @@ def test_privacy_settings_of_the_other_mode_are_errors(overrides, field) -> None
         (["partition.column=label"], ["partition.column='label'", "partition.scheme=iid"]),
         (["eval.scorer=generate", "eval.normalize=mean"], ["eval.normalize='mean'", "eval.scorer=generate"]),
         (["eval.scorer=likelihood", "eval.max_new_tokens=8"], ["eval.max_new_tokens=8", "eval.scorer=likelihood"]),
+        # issue 18's settings
+        (["fed.server_lr=0.5"], ["fed.server_lr=0.5", "fed.server_optimizer=avg"]),
+        (["fed.server_optimizer=adam", "fed.server_momentum=0.5"], ["fed.server_momentum=0.5", "avgm only"]),
+        (["fed.server_optimizer=avgm", "fed.server_eps=0.1"], ["fed.server_eps=0.1", "adam and yogi only"]),
+        (["fed.wire_scale=row"], ["fed.wire_scale='row'", "fed.wire_dtype=float32"]),
+        (["fed.error_feedback=true"], ["fed.error_feedback=True", "fed.wire_dtype=float32"]),
+        (["init.exchange=dense"], ["init.exchange='dense'", "init.source=server"]),
+        (["init.source=federated", "init.clip_norm=0.5"], ["init.clip_norm=0.5", "under DP"]),
     ],
 )  # fmt: skip
 def test_settings_another_setting_ignores_are_named_in_a_warning(overrides, named, caplog) -> None:

@@ -48,29 +48,6 @@ def test_a_bad_value_names_its_dotted_key_the_value_and_a_fix(override: str, nam
     assert text.startswith(named) and "fix:" in text, text
 
 
-@pytest.mark.parametrize(
-    ("overrides", "named"),
-    [
-        (["fed.server_lr=0.5"], ["fed.server_lr=0.5", "fed.server_optimizer=avg"]),
-        (["fed.server_optimizer=adam", "fed.server_momentum=0.5"], ["fed.server_momentum=0.5", "avgm only"]),
-        (["fed.server_optimizer=avgm", "fed.server_eps=0.1"], ["fed.server_eps=0.1", "adam and yogi only"]),
-        (["fed.wire_scale=row"], ["fed.wire_scale='row'", "fed.wire_dtype=float32"]),
-        (["fed.error_feedback=true"], ["fed.error_feedback=True", "fed.wire_dtype=float32"]),
-        (["init.exchange=dense"], ["init.exchange='dense'", "init.source=server"]),
-        (["init.source=federated", "init.clip_norm=0.5"], ["init.clip_norm=0.5", "under DP"]),
-    ],
-)  # fmt: skip
-def test_an_issue18_setting_without_its_feature_is_named_in_a_warning(
-    overrides: list[str], named: list[str], caplog: pytest.LogCaptureFixture
-) -> None:
-    with caplog.at_level("WARNING", logger="fedsb.config"):
-        resolve_config(TINY, overrides)
-    text = " ".join(r.getMessage() for r in caplog.records if r.name == "fedsb.config")
-    assert "has no effect" in text or "have no effect" in text, text
-    for name in named:
-        assert name in text, (name, text)
-
-
 def test_secagg_refuses_mixed_ranks_with_the_reason() -> None:
     from fedsb.flower.secagg import check_secagg_config
 
