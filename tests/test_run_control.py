@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedsb.cli import main
+from fedsb.interrupt import StopNow, StopSignals
 from fedsb.paths import make_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,6 +255,34 @@ def test_signals_stop_at_a_checkpoint_and_print_the_exact_resume_command(
     assert _results(out)["rounds_completed"] == 3
     resumed = capsys.readouterr().out
     assert (f"resuming after round {done}" in resumed) if done else ("starting at round 1" in resumed)
+
+
+def test_a_second_signal_that_lands_in_a_weakref_callback_still_stops_at_once(capsys) -> None:
+    """Python drops an exception raised in a weakref callback (it prints "Exception ignored"): the second
+    signal's interrupt is delivered again, in ordinary code, and nothing is printed."""
+
+    class Thing:
+        pass
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    hook = sys.unraisablehook
+    try:
+        with StopSignals(notify=lambda _text: None) as stop:
+            signal.raise_signal(signal.SIGINT)  # the first: a stop is requested
+            assert stop.requested == signal.SIGINT
+            thing = Thing()
+            second = signal.getsignal(signal.SIGINT)
+            ref = weakref.ref(thing, lambda _ref: second(signal.SIGINT, None))
+            with pytest.raises(StopNow):
+                del thing  # the callback raises StopNow, which Python cannot let out of it
+                for _ in range(500):  # the re-delivered signal comes from a thread, within a few ms
+                    time.sleep(0.01)
+            assert ref() is None
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert sys.unraisablehook is hook
+    assert "Exception ignored" not in capsys.readouterr().err
 
 
 def test_an_interrupt_in_the_middle_of_a_round_keeps_the_last_checkpoint(

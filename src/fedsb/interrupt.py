@@ -11,6 +11,11 @@ A run a signal stopped leaves SIGINT/SIGTERM ignored (the process is stopping: t
 and the exit status kept), and once the command is done, `exit_at_once_on_signals(code)` makes a signal
 during the process's exit (the interpreter's teardown) end it at once with that code, instead of a
 KeyboardInterrupt traceback or a death by SIGTERM (exit -15): everything is written by then.
+
+Python cannot raise out of a weakref callback, a `__del__` or the garbage collector: an interrupt raised
+there is printed as "Exception ignored" and lost. While the handlers are installed, such a lost
+`StopNow` is re-delivered (the signal sent again from a thread, handled in ordinary code) and not
+printed, so a second Ctrl-C always stops the run at once.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from types import FrameType, TracebackType
 from typing import Any
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+REDELIVERY_DELAY_S = 0.01  # a lost second signal is sent again after this (the hook has returned by then)
 
 
 class RunStopped(Exception):
@@ -39,6 +45,14 @@ class RunStopped(Exception):
         return 128 + self.signum
 
 
+class StopNow(KeyboardInterrupt):
+    """The second signal: stop at once (a `KeyboardInterrupt`, so that everything treating one stays)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signal_name(signum))
+
+
 def signal_name(signum: int) -> str:
     return signal.Signals(signum).name
 
@@ -52,10 +66,11 @@ class StopSignals:
         self.notify = notify or (lambda text: print(text, file=sys.stderr, flush=True))
         self.requested: int | None = None
         self._previous: dict[int, Any] = {}
+        self._previous_hook: Callable[[Any], object] | None = None
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         if self.requested is not None:
-            raise KeyboardInterrupt  # the second signal: stop now (the last checkpoint stays valid)
+            raise StopNow(signum)  # the second signal: stop now (the last checkpoint stays valid)
         self.requested = signum
         self.notify(
             f"fedsb: {signal_name(signum)} received: stopping after the current round's checkpoint "
@@ -66,13 +81,26 @@ class StopSignals:
         if self.enabled:
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            self._previous_hook, sys.unraisablehook = sys.unraisablehook, self._redeliver
         return self
+
+    def _redeliver(self, unraisable: Any) -> None:
+        """`sys.unraisablehook`: a `StopNow` raised where Python drops exceptions is raised again."""
+        if isinstance(unraisable.exc_value, StopNow):  # sent later, from a thread: once this hook returned
+            signum = unraisable.exc_value.signum
+            resend = threading.Timer(REDELIVERY_DELAY_S, os.kill, args=(os.getpid(), signum))
+            resend.daemon = True
+            resend.start()
+        elif self._previous_hook is not None:
+            self._previous_hook(unraisable)
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         for sig, previous in self._previous.items():  # after a stop: ignored while the process exits
             signal.signal(sig, previous if self.requested is None else signal.SIG_IGN)
+        if self._previous_hook is not None:
+            sys.unraisablehook, self._previous_hook = self._previous_hook, None
         self._previous = {}
 
 
