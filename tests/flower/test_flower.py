@@ -74,7 +74,16 @@ def test_flower_fedit_bfloat16_on_the_wire_matches_the_simulator(tmp_path: Path)
 
 
 def test_records_carry_every_wire_dtype_bit_exactly_and_count_payload_bytes() -> None:
-    from fedsb.flower.records import from_record, payload_bytes, to_record
+    from flwr.app import Array, ArrayRecord
+
+    from fedsb.flower.records import (
+        PACKED,
+        PACKED_STYPE,
+        from_record,
+        payload_bytes,
+        tensor_to_array,
+        to_record,
+    )
 
     g = torch.Generator().manual_seed(0)
     tensors = {
@@ -86,8 +95,18 @@ def test_records_carry_every_wire_dtype_bit_exactly_and_count_payload_bytes() ->
     back = from_record(record)
     for k, t in tensors.items():
         assert back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t)
+    assert list(back) == list(tensors)  # the sender's order
     assert payload_bytes(record) == 16 * 4 + 15 * 2 + 7 * 2
-    assert record.count_bytes() == payload_bytes(record) + sum(len(k) for k in tensors)
+    assert list(record.keys()) == [PACKED]  # one Array: one Flower object, whatever the tensor count
+    header = record.count_bytes() - payload_bytes(record) - len(PACKED)  # names, dtypes, shapes, order
+    assert 8 < header < 400
+    assert from_record(to_record({})) == {} and len(to_record({})) == 0
+    raw = ArrayRecord({k: tensor_to_array(t) for k, t in tensors.items()})  # one Array per tensor: read too
+    assert all(torch.equal(from_record(raw)[k], t) for k, t in tensors.items())
+    assert payload_bytes(raw) == payload_bytes(record)
+    broken = ArrayRecord({PACKED: Array(dtype="uint8", shape=(12,), stype=PACKED_STYPE, data=b"\x05" * 12)})
+    with pytest.raises(ValueError, match="packed record that cannot be read"):
+        from_record(broken)
 
 
 def test_a_silent_node_is_dropped_and_the_run_goes_on(tmp_path: Path) -> None:

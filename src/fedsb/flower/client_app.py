@@ -1,6 +1,7 @@
 """The Flower ClientApp: translate Messages to `fedsb.flower.client` calls and back; nothing else.
 
-`query.setup` stores the server's config and one-time payload in the node's `context.state`;
+`query.setup` stores the server's config in the node's `context.state` and its one-time payload on the
+node's disk (`fedsb.flower.setup_store`: only its digest in the state, which Flower moves with every message);
 `query.init` (init.source=federated) answers one exchange of the federated init; `train`
 rebuilds the client (cached per process in `fedsb.flower.node`; the basis fingerprint is checked there), installs what it kept
 from earlier rounds (`fedsb.flower.node_state`: folded W0, optimizer state, DP step count), checks the DP
@@ -19,7 +20,7 @@ from flwr.clientapp import ClientApp
 
 from fedsb.flower import protocol as P
 from fedsb.flower.faults import fault_mod
-from fedsb.flower.node import RUNTIMES, partition_id, prepared_client
+from fedsb.flower.node import RUNTIMES, node_cache_dir, partition_id, prepared_client
 from fedsb.flower.timing import timed
 
 log = logging.getLogger("fedsb.flower.client")
@@ -57,10 +58,14 @@ def setup(msg: Message, context: Context) -> Message:
 
 
 def keep_setup(msg: Message, context: Context) -> None:
-    """Store the config and the one-time payload `msg` carries in the node's state."""
+    """Store the config in the node's state and the one-time payload `msg` carries on the node's disk
+    (its digest in the state: `fedsb.flower.setup_store`)."""
+    from fedsb.flower import setup_store
+
     cfg_rec = msg.content.config_records[P.SETUP_CONFIG]
     context.state[P.SETUP_CONFIG] = ConfigRecord(dict(cfg_rec))
-    context.state[P.SETUP_ARRAYS] = msg.content.array_records.get(P.SETUP_ARRAYS, ArrayRecord())
+    arrays = msg.content.array_records.get(P.SETUP_ARRAYS, ArrayRecord())
+    setup_store.keep(context, arrays, node_cache_dir(context))
 
 
 @app.query("flush")

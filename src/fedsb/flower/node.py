@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import Context, Message
 
 from fedsb.flower import protocol as P
 
@@ -59,6 +59,7 @@ def node_cache_dir(context: Context) -> str | None:
 
 def runtime(context: Context, *, rebuild: bool = False) -> Any:
     """This node's client, built from the stored setup (once per process and run, or again if `rebuild`)."""
+    from fedsb.flower import setup_store
     from fedsb.flower.client import build_runtime
     from fedsb.flower.records import from_record
 
@@ -74,7 +75,7 @@ def runtime(context: Context, *, rebuild: bool = False) -> Any:
         context.run_id,
     )
     if rebuild or key not in RUNTIMES:
-        setup_tensors = from_record(context.state.array_records.get(P.SETUP_ARRAYS, ArrayRecord()))
+        setup_tensors = from_record(setup_store.load(context, node_cache_dir(context)))
         RUNTIMES[key] = build_runtime(
             key[0], key[1], setup_tensors, key[2] or None, device=device, cache_dir=node_cache_dir(context)
         )

@@ -19,6 +19,7 @@ FLUSH_MESSAGE = "query.flush"
 
 SETUP_CONFIG = "fedsb.setup"  # ConfigRecord: config (YAML), fingerprint ("" if none)
 SETUP_ARRAYS = "fedsb.basis"  # ArrayRecord: the setup payload (fp32)
+SETUP_STORED = "fedsb.basis-stored"  # node state, ConfigRecord: digest, bytes of the payload on its disk
 #: ConfigRecord in the setup reply: partition-id; in the reply to a train message that carried the setup:
 #: had-setup (1 if the node's state held it already)
 NODE_INFO = "fedsb.node"
