@@ -72,7 +72,7 @@ def final_state(out: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("global/"): v for k, v in tensors.items() if k.startswith("global/")}
 
 
-def summarize(mode: str, wall: float, out: Path) -> dict[str, Any]:
+def summarize(mode: str, wall: float, out: Path, clients: int) -> dict[str, Any]:
     res = json.loads((out / "results.json").read_text())
     totals = res["ledger"]["totals"]
     row = {
@@ -87,7 +87,7 @@ def summarize(mode: str, wall: float, out: Path) -> dict[str, Any]:
         "flower_bytes_setup": None,
         "accuracy": (res.get("final") or {}).get("accuracy"),
     }
-    row.update(round_overhead(res, parallel=mode != "in-process simulator"))
+    row.update(round_overhead(res, workers=concurrent_clients(mode, clients)))
     wire_file = out / "flower_wire.json"
     if wire_file.exists():
         wire = json.loads(wire_file.read_text())
@@ -96,16 +96,24 @@ def summarize(mode: str, wall: float, out: Path) -> dict[str, Any]:
     return row
 
 
-def round_overhead(res: dict[str, Any], *, parallel: bool) -> dict[str, Any]:
-    """Per round: wall seconds, local training on its critical path (the longest client's when clients
-    train in parallel, else their sum) and the ratio (wall - training) / training; the mean ratio."""
+def round_overhead(res: dict[str, Any], *, workers: int) -> dict[str, Any]:
+    """Per round: wall seconds, local training on its critical path and the ratio (wall - training) /
+    training; the mean ratio. With `workers` clients training at once (1: one after another in-process;
+    the Ray actors of a Flower simulation; every client in a deployment), the critical path is at least
+    the longest client's training and at least the sum of all of it over `workers`: the larger of the two."""
     rounds = []
     for r in res["rounds"]:
         train = [m.get("seconds", 0.0) for m in r["client_metrics"].values()]
-        critical = max(train, default=0.0) if parallel else sum(train)
+        critical = max(max(train, default=0.0), sum(train) / workers)
         wall = r["seconds"]["total"]
         rounds.append(
-            {"round": r["round"], "wall_s": wall, "train_s": critical, "ratio": (wall - critical) / critical}
+            {
+                "round": r["round"],
+                "wall_s": wall,
+                "train_s": critical,
+                "train_sum_s": sum(train),
+                "ratio": (wall - critical) / critical,
+            }
         )
     return {"per_round": rounds, "overhead_ratio": sum(x["ratio"] for x in rounds) / len(rounds)}
 
@@ -182,6 +190,16 @@ def run_inprocess(cfg_file: str, ov: list[str], out: Path) -> float:
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True, env=flower_env(out.parent / "unused-home"))
     return time.perf_counter() - t0
+
+
+def concurrent_clients(mode: str, clients: int) -> int:
+    """Clients that train at once: 1 in-process; in a Flower simulation its Ray actors (one CPU each, as
+    `run_simulation` asks); in a deployment every client (one process each)."""
+    if mode == MODES["inprocess"][0]:
+        return 1
+    if mode == MODES["simulation"][0]:
+        return max(1, min(clients, os.cpu_count() or 1))
+    return clients
 
 
 def run_simulation(cfg_file: str, ov: list[str], out: Path, clients: int) -> float:
@@ -283,7 +301,7 @@ def main() -> None:
             out = t / mode
             wall = ref_wall if mode == "inprocess" else MODES[mode][1](cfg_file, ov, out, args.clients)
             load.append(os.getloadavg())
-            row = summarize(MODES[mode][0], wall, out)
+            row = summarize(MODES[mode][0], wall, out, args.clients)
             got = final_state(out)
             row["max_dR"] = max(float((got[k] - ref[k]).abs().max()) for k in ref)
             row["messages"] = message_breakdown(t / f"timing-{mode}.jsonl")
