@@ -39,11 +39,16 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 
 
-def tensor_to_array(t: torch.Tensor) -> Array:
-    """One tensor as an `Array` of its raw bytes (dtype kept, shape kept)."""
+def _wire_dtype(t: torch.Tensor) -> str:
     name = str(t.dtype).removeprefix("torch.")
     if name not in _DTYPES:
         raise TypeError(f"cannot send a {t.dtype} tensor; use one of {sorted(_DTYPES)}")
+    return name
+
+
+def tensor_to_array(t: torch.Tensor) -> Array:
+    """One tensor as an `Array` of its raw bytes (dtype kept, shape kept): the unpacked format."""
+    name = _wire_dtype(t)
     flat = t.detach().cpu().contiguous().reshape(-1)
     data = flat.view(torch.uint8).numpy().tobytes()  # (numel * itemsize,) bytes
     return Array(dtype=name, shape=tuple(int(s) for s in t.shape), stype=RAW_STYPE, data=data)
@@ -64,8 +69,7 @@ def to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     if not tensors:
         return ArrayRecord()
     for t in tensors.values():
-        if str(t.dtype).removeprefix("torch.") not in _DTYPES:
-            raise TypeError(f"cannot send a {t.dtype} tensor; use one of {sorted(_DTYPES)}")
+        _wire_dtype(t)
     flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     shared = Counter(t.untyped_storage().data_ptr() for t in flat.values())
     flat = {k: t.clone() if shared[t.untyped_storage().data_ptr()] > 1 else t for k, t in flat.items()}
