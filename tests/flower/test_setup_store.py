@@ -47,7 +47,9 @@ def test_the_arrays_come_back_bit_for_bit_and_only_their_digest_stays_in_the_sta
     setup_store.keep(ctx, record, str(tmp_path))
     assert P.SETUP_ARRAYS not in ctx.state.array_records
     stored = ctx.state.config_records[P.SETUP_STORED]
-    assert stored["digest"] == setup_store.digest(record) and stored["bytes"] == sum(len(a.data) for a in record.values())
+    assert stored["digest"] == setup_store.digest(record) and stored["bytes"] == sum(
+        len(a.data) for a in record.values()
+    )
     (path,) = (tmp_path / setup_store.FOLDER).glob("*.safetensors")
     back = setup_store.load(ctx, str(tmp_path))
     assert list(back.keys()) == list(record.keys())
