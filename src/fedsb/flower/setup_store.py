@@ -67,7 +67,7 @@ def keep(context: Context, record: ArrayRecord, cache_dir: str | None) -> None:
     key = digest(record)
     try:
         _write(setup_dir(cache_dir) / f"{key}.safetensors", record)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # read-only, full (safetensors reports its write errors)
         log.info("setup kept in the node's context (its cache cannot be written: %s)", exc)
         context.state[P.SETUP_ARRAYS] = record
         return
