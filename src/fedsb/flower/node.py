@@ -75,9 +75,10 @@ def runtime(context: Context, *, rebuild: bool = False) -> Any:
         context.run_id,
     )
     if rebuild or key not in RUNTIMES:
-        setup_tensors = from_record(setup_store.load(context, node_cache_dir(context)))
+        cache_dir = node_cache_dir(context)
+        setup_tensors = from_record(setup_store.load(context, cache_dir))
         RUNTIMES[key] = build_runtime(
-            key[0], key[1], setup_tensors, key[2] or None, device=device, cache_dir=node_cache_dir(context)
+            key[0], key[1], setup_tensors, key[2] or None, device=device, cache_dir=cache_dir
         )
     RUNTIMES[key] = RUNTIMES.pop(key)
     while len(RUNTIMES) > CACHE_SIZE:

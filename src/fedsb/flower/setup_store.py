@@ -132,7 +132,7 @@ def _read(path: Path) -> ArrayRecord:
 
 def _prune(folder: Path, keep: Path) -> None:
     """Delete all but the `KEEP_FILES` most recently used setups in `folder` (never `keep`)."""
-    files = sorted(folder.glob("*.safetensors"), key=lambda p: _mtime(p), reverse=True)
+    files = sorted(folder.glob("*.safetensors"), key=_mtime, reverse=True)
     for old in files[KEEP_FILES:]:
         if old != keep:
             with contextlib.suppress(OSError):
