@@ -4,6 +4,7 @@
     python benchmarks/run_experiments.py sst2-minilm-iid         # run (or reuse) one experiment
     python benchmarks/run_experiments.py                         # every experiment, in file order
     python benchmarks/run_experiments.py --report                # tables from what is finished; runs nothing
+    python benchmarks/run_experiments.py --jobs 2 --threads 1 X  # two runs at once, one core each
 
 An experiment file names a preset (`config`), settings for every run (`overrides`), the variants
 (`methods`, as for `fedsb compare`) and how learning rates are chosen (`tune`): `lr` (a list tried per
@@ -279,7 +280,9 @@ def select(names: list[str], experiments: list[Experiment]) -> list[str]:
     return [m for n in names for m in groups.get(n, [n])]
 
 
-def learning_rates(exp: Experiment, shared: list[str], isolate: bool) -> dict[str, dict[str, float | None]]:
+def learning_rates(
+    exp: Experiment, shared: list[str], isolate: bool, jobs: int = 1
+) -> dict[str, dict[str, float | None]]:
     """{variant: {lr: validation accuracy}}: tuned here, read from the experiment named by `tune.from`, or
     the `tune.fixed` rate as the only, unscored (None) entry. Written to tuned_lr.json, which `tune.from`
     reads (so reuse can chain)."""
@@ -305,18 +308,19 @@ def learning_rates(exp: Experiment, shared: list[str], isolate: bool) -> dict[st
             overrides=[*exp.overrides, *shared],
             validation=exp.tune_validation,
             isolate=isolate,
+            jobs=jobs,
         )
     (exp.out / "tuned_lr.json").write_text(json.dumps(scores, indent=2))
     return scores
 
 
-def run_experiment(exp: Experiment, shared: list[str], isolate: bool = True) -> dict[str, Any]:
-    """Every variant at every seed (rates tuned, or reused, at the first seed) into <out>/seed<s>/; the
-    report combines the seeds (mean, std, paired differences to the best variant)."""
+def run_experiment(exp: Experiment, shared: list[str], isolate: bool = True, jobs: int = 1) -> dict[str, Any]:
+    """Every variant at every seed (rates tuned, or reused, at the first seed) into <out>/seed<s>/, up to
+    `jobs` runs at once; the report combines the seeds (mean, std, paired differences to the best variant)."""
     from fedsb.compare import best_rates, pareto_plot, parse_variants, run_comparison
 
     exp.out.mkdir(parents=True, exist_ok=True)
-    scores = learning_rates(exp, [*shared, f"seed={exp.seeds[0]}"], isolate)
+    scores = learning_rates(exp, [*shared, f"seed={exp.seeds[0]}"], isolate, jobs)
     untuned = [v.label for v in parse_variants(exp.methods) if v.label not in scores]
     if untuned:  # e.g. variants added since the experiment named by tune.from was tuned
         raise SystemExit(
@@ -333,6 +337,7 @@ def run_experiment(exp: Experiment, shared: list[str], isolate: bool = True) -> 
             overrides=[*exp.overrides, *shared, f"seed={seed}"],
             variant_overrides=best_rates(scores),
             isolate=isolate,
+            jobs=jobs,
         )
         per_seed[seed] = [{**_with_run_details(r), "seed": seed} for r in rows]
     variants = combine_seeds(per_seed)
@@ -611,6 +616,12 @@ def main() -> int:
     p.add_argument("--report", action="store_true", help="only rebuild results.md and the README tables")
     p.add_argument("--threads", type=int, default=2, help="torch threads per run (default 2)")
     p.add_argument("--in-process", action="store_true", help="run in this process (no per-run peak memory)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at once, each in its own process (default 1); e.g. --jobs 2 --threads 1 on 2 cores",
+    )
     args = p.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     experiments = all_experiments()
@@ -621,10 +632,12 @@ def main() -> int:
             state = "finished" if (e.out / "experiment.json").is_file() else "not run"
             print(f"{e.name:32s} {state:9s} {e.description}")
         return 0
+    if args.jobs > 1 and args.in_process:
+        raise SystemExit("--jobs runs each run in its own process; fix: drop --in-process or --jobs")
     if not args.report:
         shared = [f"threads={args.threads}", "progress=false"]
         for name in with_sources(chosen, by_name):
-            run_experiment(by_name[name], shared, isolate=not args.in_process)
+            run_experiment(by_name[name], shared, isolate=not args.in_process, jobs=args.jobs)
     print(write_report(experiments))
     for path in sweep_plots(experiments):
         print(f"sweep plot: {path}")

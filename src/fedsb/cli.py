@@ -118,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run each variant in its own process (its own peak memory in the table; a crash stops one variant)",
     )
+    compare.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run up to N variants at once, each in its own process (implies --isolate), its output in "
+        "OUTPUT/<variant>.log; give each 1/N of the cores with threads=... (default 1)",
+    )
     compare.add_argument("overrides", nargs="*", metavar="key=value")
     _add_eval_parser(sub, common)
     add_comm_parser(sub, parents=common)
@@ -492,6 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 config_file=args.config,
                 overrides=overrides,
                 isolate=args.isolate,
+                jobs=args.jobs,
             )
             return 0
         if args.command == "export":

@@ -128,44 +128,110 @@ def run_comparison(
     overrides: Sequence[str] = (),
     variant_overrides: dict[str, list[str]] | None = None,
     isolate: bool = False,
+    jobs: int = 1,
     echo: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Run (or reuse) every variant and write compare.json, compare.md and pareto.png into `output`.
 
     `variant_overrides` maps a variant label (e.g. 'fedit-r8') to extra settings for it alone (a tuned
     learning rate); everything else is shared. `isolate` runs each variant in its own `fedsb run` process,
-    so its peak memory is its own and a crash or out-of-memory kill stops only that variant."""
-    from fedsb.run import run_job
-
+    so its peak memory is its own and a crash or out-of-memory kill stops only that variant. `jobs` > 1 runs
+    up to that many variants at once, each in its own process (so it implies `isolate`), each one's output
+    in <output>/<label>.log; give each run 1/jobs of the cores (`threads=`)."""
+    if jobs < 1:
+        raise ConfigError(
+            field="--jobs", value=jobs, fix="run at least one variant at a time: --jobs 1 or more"
+        )
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     base = resolve_config(config_file, list(overrides))  # validate once, before any run starts
-    rows = []
-    for v in variants:
-        run_dir = out / v.label
-        extra = [
-            f"fed.method={v.method}",
-            f"output_dir={run_dir}",
-            *([f"adapter.rank={v.rank}"] if v.rank else []),
-            *v.overrides,
-            *(variant_overrides or {}).get(v.label, []),
-        ]
-        cfg = config_from_dict(merge_overrides(base.to_dict(), extra))
-        _set_aside_if_changed(run_dir, cfg, echo)
-        results = _finished(run_dir, cfg.fed.rounds)
-        resume = run_dir if (run_dir / "checkpoints").exists() else None
-        if results is None and isolate:
-            results = _run_in_subprocess(cfg, run_dir, resume, echo)
-        elif results is None:
-            results = run_job(cfg, resume=resume, echo=echo)
-        else:
-            echo(f"{v.label}: reusing the finished run in {run_dir}")
-        rows.append(_row(v, cfg, results))
+    planned = [_plan(v, base, out, variant_overrides or {}, echo) for v in variants]
+    results = _run_pending(planned, out=out, isolate=isolate, jobs=jobs, echo=echo)
+    rows = [_row(p.variant, p.cfg, results[p.variant.label]) for p in planned]
     (out / "compare.json").write_text(json.dumps(rows, indent=2))
     (out / "compare.md").write_text(markdown_table(rows))
     pareto_plot(rows, out / "pareto.png", title=_plot_title(base))
     echo(markdown_table(rows))
     return rows
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """A variant's full config and run directory; its results if a finished run is reused."""
+
+    variant: Variant
+    cfg: Any
+    run_dir: Path
+    results: dict[str, Any] | None
+    resume: Path | None
+
+
+def _plan(
+    v: Variant, base: Any, out: Path, variant_overrides: dict[str, list[str]], echo: Callable[[str], None]
+) -> _Planned:
+    run_dir = out / v.label
+    extra = [
+        f"fed.method={v.method}",
+        f"output_dir={run_dir}",
+        *([f"adapter.rank={v.rank}"] if v.rank else []),
+        *v.overrides,
+        *variant_overrides.get(v.label, []),
+    ]
+    cfg = config_from_dict(merge_overrides(base.to_dict(), extra))
+    _set_aside_if_changed(run_dir, cfg, echo)
+    results = _finished(run_dir, cfg.fed.rounds)
+    if results is not None:
+        echo(f"{v.label}: reusing the finished run in {run_dir}")
+    resume = run_dir if (run_dir / "checkpoints").exists() else None
+    return _Planned(v, cfg, run_dir, results, resume)
+
+
+def _run_pending(
+    planned: Sequence[_Planned], *, out: Path, isolate: bool, jobs: int, echo: Callable[[str], None]
+) -> dict[str, dict[str, Any]]:
+    """{label: results} for every planned variant: the reused ones as they are, the others run here, in
+    their own processes one after another (`isolate`), or up to `jobs` at once."""
+    from fedsb.run import run_job
+
+    done = {p.variant.label: p.results for p in planned if p.results is not None}
+    pending = [p for p in planned if p.results is None]
+    if jobs > 1 and len(pending) > 1:
+        return {**done, **_run_in_parallel(pending, out=out, jobs=jobs, echo=echo)}
+    for p in pending:
+        if isolate or jobs > 1:
+            done[p.variant.label] = _run_in_subprocess(p.cfg, p.run_dir, p.resume, echo)
+        else:
+            done[p.variant.label] = run_job(p.cfg, resume=p.resume, echo=echo)
+    return done
+
+
+def _run_in_parallel(
+    pending: Sequence[_Planned], *, out: Path, jobs: int, echo: Callable[[str], None]
+) -> dict[str, dict[str, Any]]:
+    """Up to `jobs` variant processes at once, each one's output in <out>/<label>.log. After a failure no
+    further variant starts; those in progress finish (and are reused by the next comparison); then the
+    first failure is raised."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    results: dict[str, dict[str, Any]] = {}
+    failures: list[FedsbError] = []
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {
+            pool.submit(
+                _run_in_subprocess, p.cfg, p.run_dir, p.resume, echo, out / f"{p.variant.label}.log"
+            ): p
+            for p in pending
+        }
+        for future in as_completed(futures):
+            try:
+                results[futures[future].variant.label] = future.result()
+            except FedsbError as err:
+                failures.append(err)
+                for other in futures:
+                    other.cancel()  # those not started yet
+    if failures:
+        raise failures[0]
+    return results
 
 
 def _plot_title(cfg: Any) -> str:
@@ -176,11 +242,15 @@ def _plot_title(cfg: Any) -> str:
     )
 
 
-def _run_in_subprocess(cfg: Any, run_dir: Path, resume: Path | None, echo: Callable[[str], None]) -> dict:
-    """`python -m fedsb run` on this variant's full config (or --resume), output streamed; its results."""
+def _run_in_subprocess(
+    cfg: Any, run_dir: Path, resume: Path | None, echo: Callable[[str], None], log: Path | None = None
+) -> dict:
+    """`python -m fedsb run` on this variant's full config (or --resume), its output streamed (or appended to
+    `log`); its results."""
     import subprocess
     import sys
     import tempfile
+    import time
 
     from fedsb.config import config_to_yaml
 
@@ -192,16 +262,26 @@ def _run_in_subprocess(cfg: Any, run_dir: Path, resume: Path | None, echo: Calla
             cmd += ["--config", str(cfg_file)]
         else:
             cmd += ["--resume", str(resume)]
-        echo(f"{run_dir.name}: {' '.join(cmd[1:])}")
-        code = subprocess.run(cmd, check=False).returncode
+        echo(f"{run_dir.name}: {' '.join(cmd[1:])}" + (f" (output in {log})" if log else ""))
+        start = time.perf_counter()
+        if log is None:
+            code = subprocess.run(cmd, check=False).returncode
+        else:
+            with log.open("a") as sink:
+                sink.write(f"$ {' '.join(cmd)}\n")
+                sink.flush()
+                code = subprocess.run(cmd, stdout=sink, stderr=subprocess.STDOUT, check=False).returncode
     results = _finished(run_dir, cfg.fed.rounds)
     if code != 0 or results is None:
+        where = "above" if log is None else f"in {log}"
         raise FedsbError(
             field="variant",
             value=run_dir.name,
-            what=f"failed in its own process (exit {code}; its output is above, its files in {run_dir})",
+            what=f"failed in its own process (exit {code}; its output is {where}, its files in {run_dir})",
             fix="fix the cause and run the comparison again: it resumes or reruns this variant",
         )
+    if log is not None:
+        echo(f"{run_dir.name}: finished in {time.perf_counter() - start:.0f} s")
     return results
 
 
@@ -214,6 +294,7 @@ def tune_learning_rates(
     overrides: Sequence[str] = (),
     validation: Sequence[str] = ("data.eval_split=validation",),
     isolate: bool = False,
+    jobs: int = 1,
     echo: Callable[[str], None] = print,
 ) -> tuple[dict[str, list[str]], dict[str, dict[str, float]]]:
     """Every variant at every rate scored on the VALIDATION split (`validation` settings) into
@@ -227,6 +308,7 @@ def tune_learning_rates(
             config_file=config_file,
             overrides=[*overrides, f"train.lr={lr}", *validation],
             isolate=isolate,
+            jobs=jobs,
             echo=echo,
         )
         for r in rows:

@@ -354,6 +354,64 @@ def test_compare_isolated_runs_match_in_process_runs_and_record_peak_memory(tmp_
     assert ra.keys() == rb.keys() and all(torch.equal(ra[k], rb[k]) for k in ra)  # same run, another process
 
 
+def test_compare_jobs_runs_variants_at_once_in_their_own_processes_with_the_serial_results(
+    tmp_path: Path,
+) -> None:
+    from fedsb.compare import parse_variants, run_comparison
+
+    shared = ["fed.rounds=1", "progress=false", "threads=1"]
+    variants = parse_variants(["fedsb:2", "ffa"])
+    serial = run_comparison(variants, output=tmp_path / "a", config_file=TINY, overrides=shared, echo=print)
+    echoed: list[str] = []
+    parallel = run_comparison(
+        variants, output=tmp_path / "b", config_file=TINY, overrides=shared, jobs=2, echo=echoed.append
+    )
+    assert [r["variant"] for r in parallel] == [
+        "fedsb-r2",
+        "ffa",
+    ]  # the variants' order, not the finish order
+    assert [r["accuracy"] for r in parallel] == [r["accuracy"] for r in serial]
+    for label in ("fedsb-r2", "ffa"):
+        ra = load_file(str(tmp_path / "a" / label / "adapter" / "adapter.safetensors"))
+        rb = load_file(str(tmp_path / "b" / label / "adapter" / "adapter.safetensors"))
+        assert ra.keys() == rb.keys() and all(torch.equal(ra[k], rb[k]) for k in ra)
+        assert (
+            (tmp_path / "b" / f"{label}.log").read_text().startswith("$ ")
+        )  # its own output, not interleaved
+    started = [i for i, e in enumerate(echoed) if "(output in" in e]
+    finished = [i for i, e in enumerate(echoed) if ": finished in" in e]
+    assert len(started) == len(finished) == 2 and max(started) < min(finished)  # both ran at the same time
+    again: list[str] = []
+    run_comparison(
+        variants, output=tmp_path / "b", config_file=TINY, overrides=shared, jobs=2, echo=again.append
+    )
+    assert sum("reusing the finished run" in e for e in again) == 2
+
+
+def test_compare_jobs_a_failing_variant_names_its_log_and_the_others_finish(tmp_path: Path) -> None:
+    from fedsb.compare import parse_variants, run_comparison
+    from fedsb.errors import ConfigError, FedsbError
+
+    variants = parse_variants(["fedsb:2", "ffa/data.options.no_such_option=1"])
+    shared = ["fed.rounds=1", "progress=false", "threads=1"]
+    with pytest.raises(FedsbError) as err:
+        run_comparison(variants, output=tmp_path, config_file=TINY, overrides=shared, jobs=2, echo=print)
+    log = tmp_path / "ffa-no_such_option1.log"
+    assert err.value.value == "ffa-no_such_option1" and f"its output is in {log}" in str(err.value)
+    assert "no_such_option" in log.read_text()
+    assert (tmp_path / "fedsb-r2" / "results.json").is_file()  # the other variant ran to its end
+    with pytest.raises(ConfigError) as bad:
+        run_comparison(variants, output=tmp_path, config_file=TINY, overrides=shared, jobs=0, echo=print)
+    assert bad.value.field == "--jobs" and "--jobs 1 or more" in bad.value.fix
+
+
+def test_compare_cli_jobs_below_one_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    args = ["compare", "--config", TINY, "--output", str(tmp_path), "--jobs", "0", "--methods", "fedsb:2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--jobs" in err and "--jobs 1 or more" in err and not (tmp_path / "fedsb-r2").exists()
+
+
 def test_tune_learning_rates_scores_on_validation_and_picks_the_best_rate(tmp_path: Path) -> None:
     import yaml
 
