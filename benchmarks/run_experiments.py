@@ -49,6 +49,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "benchmarks" / "experiments"
 OUT = ROOT / "benchmarks" / "out" / "experiments"
+#: the published results (tracked): experiment.json and the plots of each finished experiment, copied from OUT
+RESULTS = ROOT / "benchmarks" / "results"
+PUBLISHED = ("experiment.json", "pareto.png", "pareto-total.png", "sweep.png")
 README = ROOT / "benchmarks" / "README.md"
 BEGIN, END = "<!-- experiments:begin -->", "<!-- experiments:end -->"
 DEFAULT_SEEDS = (0, 1, 2)
@@ -591,11 +594,37 @@ def render(reports: list[dict[str, Any]], missing: list[str]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def finished_report(exp: Experiment) -> Path | None:
+    """The experiment.json of a finished experiment: the local run's (OUT), else the published one."""
+    for path in (exp.out / "experiment.json", RESULTS / exp.name / "experiment.json"):
+        if path.is_file():
+            return path
+    return None
+
+
+def publish(experiments: list[Experiment]) -> list[Path]:
+    """Copy each locally finished experiment's experiment.json and plots, each sweep's sweep.png and
+    results.md from OUT into RESULTS (tracked), so that --report rebuilds the tables in any clone."""
+    import shutil
+
+    groups = dict.fromkeys(e.group for e in experiments if e.group)
+    sources = [OUT / "results.md"] + [
+        OUT / n / f for n in [*groups, *(e.name for e in experiments)] for f in PUBLISHED
+    ]
+    copied = []
+    for source in filter(Path.is_file, sources):
+        target = RESULTS / source.relative_to(OUT)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        copied.append(target)
+    return copied
+
+
 def write_report(experiments: list[Experiment]) -> str:
     reports, missing = [], []
     for exp in experiments:
-        path = exp.out / "experiment.json"
-        if path.is_file():
+        path = finished_report(exp)
+        if path is not None:
             reports.append(json.loads(path.read_text()))
         else:
             missing.append(exp.name)
@@ -614,6 +643,11 @@ def main() -> int:
     p.add_argument("names", nargs="*", help="experiments to run (file stems); default: all")
     p.add_argument("--list", action="store_true", help="list the experiments and which are finished")
     p.add_argument("--report", action="store_true", help="only rebuild results.md and the README tables")
+    p.add_argument(
+        "--publish",
+        action="store_true",
+        help=f"then copy the finished experiments' experiment.json and plots to {RESULTS.relative_to(ROOT)}/",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads per run (default 2)")
     p.add_argument("--in-process", action="store_true", help="run in this process (no per-run peak memory)")
     p.add_argument(
@@ -629,7 +663,8 @@ def main() -> int:
     chosen = select(args.names, experiments) if args.names else list(by_name)
     if args.list:
         for e in experiments:
-            state = "finished" if (e.out / "experiment.json").is_file() else "not run"
+            found = finished_report(e)
+            state = "not run" if found is None else "finished" if found.is_relative_to(OUT) else "published"
             print(f"{e.name:32s} {state:9s} {e.description}")
         return 0
     if args.jobs > 1 and args.in_process:
@@ -642,6 +677,8 @@ def main() -> int:
     for path in sweep_plots(experiments):
         print(f"sweep plot: {path}")
     print(f"tables: {OUT / 'results.md'} and {README} (between the experiments markers)")
+    if args.publish:
+        print(f"published {len(publish(experiments))} files to {RESULTS}")
     return 0
 
 

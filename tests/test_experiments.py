@@ -28,6 +28,7 @@ def runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     module = _load_runner()
     monkeypatch.setattr(module, "EXPERIMENTS", tmp_path / "experiments")
     monkeypatch.setattr(module, "OUT", tmp_path / "out")
+    monkeypatch.setattr(module, "RESULTS", tmp_path / "results")
     readme = tmp_path / "README.md"
     readme.write_text(f"# Benchmarks\nbefore\n{module.BEGIN}\nold table\n{module.END}\nafter\n")
     monkeypatch.setattr(module, "README", readme)
@@ -410,6 +411,20 @@ def test_a_tiny_sweep_runs_end_to_end_with_versions_git_plots_and_a_report(runne
         assert f"| {n} |" in text and f"**{n}**" in text
     assert "fedsb-r2-weight_decay0.01" in text and "2 seeds (0, 1)" in text
     assert "| clients/partition.num_clients=2 |" in runner.README.read_text()
+    copied = runner.publish(points)  # into the tracked results: a clone without the runs rebuilds the tables
+    published = {p.relative_to(runner.RESULTS).as_posix() for p in copied}
+    assert {
+        "results.md",
+        "clients/sweep.png",
+        f"{order[0]}/experiment.json",
+        f"{order[1]}/pareto.png",
+    } <= published
+    import shutil
+
+    shutil.rmtree(runner.OUT)
+    assert runner.write_report(points) == text and runner.finished_report(by_name[order[0]]).is_relative_to(
+        runner.RESULTS
+    )
 
 
 def test_the_total_bytes_pareto_plot_counts_the_one_time_basis(tmp_path: Path, monkeypatch) -> None:
