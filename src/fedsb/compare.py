@@ -208,27 +208,30 @@ def _run_pending(
 def _run_in_parallel(
     pending: Sequence[_Planned], *, out: Path, jobs: int, echo: Callable[[str], None]
 ) -> dict[str, dict[str, Any]]:
-    """Up to `jobs` variant processes at once, each one's output in <out>/<label>.log. After a failure no
-    further variant starts; those in progress finish (and are reused by the next comparison); then the
-    first failure is raised."""
-    from concurrent.futures import ThreadPoolExecutor, as_completed
+    """Up to `jobs` variant processes at once, each one's output in <out>/<label>.log; the next variant
+    starts when one ends. After a failure (or Ctrl-C) no further variant starts; those in progress finish
+    (and are reused by the next comparison); then the first failure is raised."""
+    from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
     results: dict[str, dict[str, Any]] = {}
     failures: list[FedsbError] = []
+    queue = list(pending)
+    running: dict[Future, _Planned] = {}
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {
-            pool.submit(
-                _run_in_subprocess, p.cfg, p.run_dir, p.resume, echo, out / f"{p.variant.label}.log"
-            ): p
-            for p in pending
-        }
-        for future in as_completed(futures):
-            try:
-                results[futures[future].variant.label] = future.result()
-            except FedsbError as err:
-                failures.append(err)
-                for other in futures:
-                    other.cancel()  # those not started yet
+        while queue or running:
+            while queue and not failures and len(running) < jobs:
+                p = queue.pop(0)
+                log = out / f"{p.variant.label}.log"
+                running[pool.submit(_run_in_subprocess, p.cfg, p.run_dir, p.resume, echo, log)] = p
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                p = running.pop(future)
+                try:
+                    results[p.variant.label] = future.result()
+                except FedsbError as err:
+                    failures.append(err)
     if failures:
         raise failures[0]
     return results

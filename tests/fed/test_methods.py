@@ -388,21 +388,62 @@ def test_compare_jobs_runs_variants_at_once_in_their_own_processes_with_the_seri
     assert sum("reusing the finished run" in e for e in again) == 2
 
 
-def test_compare_jobs_a_failing_variant_names_its_log_and_the_others_finish(tmp_path: Path) -> None:
+def test_compare_jobs_a_failing_variant_names_its_log_and_the_one_beside_it_finishes(tmp_path: Path) -> None:
     from fedsb.compare import parse_variants, run_comparison
     from fedsb.errors import ConfigError, FedsbError
 
-    variants = parse_variants(["fedsb:2", "ffa/data.options.no_such_option=1"])
+    variants = parse_variants(["ffa/data.options.no_such_option=1", "fedsb:2"])
     shared = ["fed.rounds=1", "progress=false", "threads=1"]
     with pytest.raises(FedsbError) as err:
         run_comparison(variants, output=tmp_path, config_file=TINY, overrides=shared, jobs=2, echo=print)
     log = tmp_path / "ffa-no_such_option1.log"
     assert err.value.value == "ffa-no_such_option1" and f"its output is in {log}" in str(err.value)
     assert "no_such_option" in log.read_text()
-    assert (tmp_path / "fedsb-r2" / "results.json").is_file()  # the other variant ran to its end
+    assert (tmp_path / "fedsb-r2" / "results.json").is_file()  # started beside it: ran to its end
     with pytest.raises(ConfigError) as bad:
         run_comparison(variants, output=tmp_path, config_file=TINY, overrides=shared, jobs=0, echo=print)
     assert bad.value.field == "--jobs" and "--jobs 1 or more" in bad.value.fix
+
+
+def test_compare_jobs_starts_the_next_variant_as_one_ends_and_none_after_a_failure(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The scheduling alone (each variant's process replaced by a stand-in): at most `jobs` at once."""
+    import threading
+    import time
+
+    import fedsb.compare as compare
+    from fedsb.errors import FedsbError
+
+    started: list[str] = []
+    lock = threading.Lock()
+    state = {"running": 0, "most": 0}
+
+    def stand_in(cfg, run_dir, resume, echo, log=None):  # noqa: ARG001
+        with lock:
+            started.append(run_dir.name)
+            state["running"] += 1
+            state["most"] = max(state["most"], state["running"])
+        time.sleep(0.05 if run_dir.name.startswith("fail") else 0.3)
+        with lock:
+            state["running"] -= 1
+        if run_dir.name.startswith("fail"):
+            raise FedsbError(field="variant", value=run_dir.name, what="failed", fix="-")
+        return {"ok": run_dir.name}
+
+    monkeypatch.setattr(compare, "_run_in_subprocess", stand_in)
+    shared = ["fed.rounds=1", "progress=false", "threads=1"]
+    names = ["fedsb:2", "fedsb:3", "fedsb:4", "fedsb:5", "fedsb:6"]
+    variants = compare.parse_variants(names)
+    base = compare.resolve_config(TINY, shared)
+    planned = [compare._plan(v, base, tmp_path, {}, print) for v in variants]
+    results = compare._run_in_parallel(planned, out=tmp_path, jobs=2, echo=print)
+    assert sorted(results) == sorted(started) == sorted(v.label for v in variants) and state["most"] == 2
+    started.clear()
+    failing = [*planned[:1], compare._Planned(variants[1], base, tmp_path / "fail", None, None), *planned[2:]]
+    with pytest.raises(FedsbError, match="fail"):
+        compare._run_in_parallel(failing, out=tmp_path, jobs=2, echo=print)
+    assert sorted(started) == ["fail", "fedsb-r2"]  # the failure ended first: nothing started after it
 
 
 def test_compare_cli_jobs_below_one_is_a_clear_error(tmp_path: Path, capsys) -> None:
