@@ -195,10 +195,10 @@ def _run_pending(
 
     done = {p.variant.label: p.results for p in planned if p.results is not None}
     pending = [p for p in planned if p.results is None]
-    if jobs > 1 and len(pending) > 1:
+    if jobs > 1:
         return {**done, **_run_in_parallel(pending, out=out, jobs=jobs, echo=echo)}
     for p in pending:
-        if isolate or jobs > 1:
+        if isolate:
             done[p.variant.label] = _run_in_subprocess(p.cfg, p.run_dir, p.resume, echo)
         else:
             done[p.variant.label] = run_job(p.cfg, resume=p.resume, echo=echo)
