@@ -11,7 +11,9 @@ Grid; the slow one is a single loopback deployment (TLS, node authentication, 3 
 * SuperNode 2 is SIGKILLed after round 1 and restarted with its own key: round 2 drops it (the SuperLink
   answers for the dead node), the server sends it the setup again once it is back, and it trains the last
   round with its optimizer state started afresh (its state lived on the dead node; the ClientApp warns),
-  while SuperNode 0's optimizer state is kept by its node across all rounds.
+  while SuperNode 0's optimizer state is kept by its node across all rounds. SuperNode 0 holds its round-3
+  training until the restarted SuperNode 2 is back (`<round>:gate`), so round 4 finds it there however slow
+  the machine: keyed to the deployment's state, not to timing.
 
 Every process is stopped by PID (`LocalDeployment.stop`).
 """
@@ -27,7 +29,7 @@ import pytest
 
 from fedsb.flower.client_app import app as client_app
 from fedsb.flower.deploy import LocalDeployment
-from fedsb.flower.faults import ENV, fault_plan
+from fedsb.flower.faults import ENV, GATE_ENV, fault_plan
 from fedsb.flower.protocol import AppSettings
 from fedsb.flower.server_app import run_flower_job
 from flower_grid import LocalGrid
@@ -83,14 +85,17 @@ def test_malformed_replies_and_a_restarted_supernode_inside_the_deployment(tmp_p
         "train.local_steps=1",
         "train.keep_optimizer_state=true",
     ]
-    dep = LocalDeployment(3, tmp_path / "deployment", node_env={1: {ENV: FAULTS}})
+    gate = tmp_path / "supernode2-is-back"  # SuperNode 0 trains round 3 once it exists
+    node_env = {0: {ENV: "3:gate", GATE_ENV: str(gate)}, 1: {ENV: FAULTS}}
+    dep = LocalDeployment(3, tmp_path / "deployment", node_env=node_env)
     stop, restarted = threading.Event(), threading.Event()
 
     def restart_after_round_one() -> None:  # keyed to the run's progress, not to timing
         while not stop.is_set():
             if (out / "checkpoints" / "round-0001").exists():
-                dep.restart_node(2)
+                dep.restart_node(2)  # returns once the SuperLink activated it again
                 restarted.set()
+                gate.touch()
                 return
             time.sleep(0.05)
 
@@ -108,7 +113,7 @@ def test_malformed_replies_and_a_restarted_supernode_inside_the_deployment(tmp_p
         )
         assert code == 0, log[-3000:]
         assert restarted.is_set(), "SuperNode 2 was never restarted:\n" + log[-3000:]
-        faulty, rejoined = dep.log("supernode1"), dep.log("supernode2")
+        faulty, rejoined, gated = dep.log("supernode1"), dep.log("supernode2"), dep.log("supernode0")
     finally:
         stop.set()
         live = dep.pids()
@@ -125,6 +130,7 @@ def test_malformed_replies_and_a_restarted_supernode_inside_the_deployment(tmp_p
         assert REASONS[r["round"]] in r["rejected"]["client-01"], r["rejected"]
         assert "client-00" in r["accepted"]
     assert faulty.count("test-only fault injection") == 4
+    assert "did not appear" not in gated, "SuperNode 0's round-3 gate timed out"
     assert sorted(rounds[0]["accepted"]) == ["client-00", "client-02"]
     assert rounds[1]["accepted"] == ["client-00"] and rounds[1]["dropped"] == ["client-02"]
     assert sorted(rounds[3]["accepted"]) == ["client-00", "client-02"]  # back, and trained

@@ -14,7 +14,9 @@ with an error reply, `0:lose-push` (deployment only; elsewhere `lose-setup`) ans
 ClientApp process's final push of its task output, as when that HTTP push fails: the node keeps no setup and
 its SuperNode holds the task as running until its heartbeat expires. Only the count of setups seen is
 kept, under `COUNTER` (for `lose-push`, in a marker file in the node's working directory).
-`<round>:slow` makes that round's train message wait `SLOW_SECONDS` before training.
+`<round>:slow` makes that round's train message wait `SLOW_SECONDS` before training; `<round>:gate` makes
+it wait until the file named by `FEDSB_TEST_FAULTS_GATE` exists (at most `GATE_SECONDS`), so a test can hold
+a round until something outside the run happened (a restarted SuperNode is back) without guessing a time.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ ENV = "FEDSB_TEST_FAULTS"
 PARTITION_ENV = "FEDSB_TEST_FAULTS_PARTITION"
 #: how a reply can be broken: a NaN entry, an extra row, the wrong wire dtype, the previous round's number,
 #: no example count, a foreign basis fingerprint, a smuggled tensor, no update arrays at all
-KINDS = ("nan", "shape", "dtype", "stale", "no-count", "fingerprint", "extra", "no-arrays", "slow")
+KINDS = ("nan", "shape", "dtype", "stale", "no-count", "fingerprint", "extra", "no-arrays", "slow", "gate")
 SLOW_SECONDS = 75.0  # "slow": the ClientApp waits this long before training (past Flower's 60 s task expiry)
+GATE_ENV = "FEDSB_TEST_FAULTS_GATE"  # "gate": the file whose existence lets that round's training start
+GATE_SECONDS = 45.0  # "gate": the longest wait (below Flower's 60 s task expiry), then it trains anyway
 #: how the node's first setup (round 0) can fail: answered but not kept in its state, or an error reply
 SETUP_KINDS = ("lose-setup", "lose-push", "fail-setup")
 COUNTER = "fedsb.test.faults"  # ConfigRecord in context.state: setups (query.setup messages seen)
@@ -126,6 +130,24 @@ def skip_task_output_push() -> None:
         module.push_task_output = lambda **_: log.warning("%s: task output not pushed (test-only)", ENV)  # type: ignore[attr-defined]
 
 
+def wait_before_training(kind: str | None, text: str) -> None:
+    """`slow`: sleep `SLOW_SECONDS`; `gate`: poll for the `GATE_ENV` file, at most `GATE_SECONDS`."""
+    import time
+
+    if kind == "slow":
+        log.warning("%s=%r: waiting %g s before training (test-only)", ENV, text, SLOW_SECONDS)
+        time.sleep(SLOW_SECONDS)
+    if kind != "gate":
+        return
+    gate = Path(os.environ.get(GATE_ENV, ""))
+    log.warning("%s=%r: waiting for %s before training (test-only)", ENV, text, gate)
+    deadline = time.monotonic() + GATE_SECONDS
+    while not (gate.name and gate.exists()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if not (gate.name and gate.exists()):
+        log.warning("%s: %s did not appear within %g s: training anyway", ENV, gate, GATE_SECONDS)
+
+
 def fault_mod(msg: Message, context: Context, call_next: Any) -> Message:
     """A ClientApp mod: with `FEDSB_TEST_FAULTS` set, break the node's first setup (round 0) or the train
     replies of the rounds it names."""
@@ -137,18 +159,15 @@ def fault_mod(msg: Message, context: Context, call_next: Any) -> Message:
         return setup_fault(msg, context, call_next, text)
     if text and msg.metadata.message_type == P.TRAIN_MESSAGE:
         rnd = msg.content.config_records.get(P.ROUND_CONFIG)
-        if rnd is not None and fault_plan(text).get(int(rnd["round"])) == "slow":
-            import time
-
-            log.warning("%s=%r: waiting %g s before training (test-only)", ENV, text, SLOW_SECONDS)
-            time.sleep(SLOW_SECONDS)
+        if rnd is not None:
+            wait_before_training(fault_plan(text).get(int(rnd["round"])), text)
     reply = call_next(msg, context)
     if not text or msg.metadata.message_type != P.TRAIN_MESSAGE or reply.has_error():
         return reply
     if P.UPDATE_META not in reply.content.config_records:  # not a plain train reply (SecAgg+ stages)
         return reply
     kind = fault_plan(text).get(int(reply.content.config_records[P.UPDATE_META]["round"]))
-    if kind is None or kind == "slow":
+    if kind is None or kind in ("slow", "gate"):
         return reply
     log.warning("%s=%r: sending a %s reply (test-only fault injection)", ENV, text, kind)
     return corrupt(reply, kind)
