@@ -453,3 +453,19 @@ def test_the_total_bytes_pareto_plot_counts_the_one_time_basis(tmp_path: Path, m
     assert "one-time" in kept[1].axes[0].get_xlabel() and "per round" in kept[0].axes[0].get_xlabel()
     with pytest.raises(ValueError, match="x='bogus'"):
         pareto_plot(rows, tmp_path / "x.png", x="bogus")
+
+
+def test_the_published_results_are_not_ignored_by_git() -> None:
+    """publish() writes into benchmarks/results/, which must be committable (a `results/` pattern once hid it)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    runner = _load_runner()
+    published = [runner.RESULTS / "results.md"] + [
+        runner.RESULTS / "sst2-minilm-clients" / "partition.num_clients=3" / name for name in runner.PUBLISHED
+    ]
+    paths = [p.relative_to(ROOT).as_posix() for p in published]
+    check = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True, text=True)
+    assert check.returncode == 1, f"ignored by .gitignore: {check.stdout.split()}"  # 1: none of them is ignored
