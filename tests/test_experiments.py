@@ -467,5 +467,8 @@ def test_the_published_results_are_not_ignored_by_git() -> None:
         runner.RESULTS / "sst2-minilm-clients" / "partition.num_clients=3" / name for name in runner.PUBLISHED
     ]
     paths = [p.relative_to(ROOT).as_posix() for p in published]
-    check = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True, text=True)
-    assert check.returncode == 1, f"ignored by .gitignore: {check.stdout.split()}"  # 1: none of them is ignored
+    check = subprocess.run(
+        ["git", "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True, text=True
+    )
+    # exit 1: none of them is ignored (0: some are, and git names them)
+    assert check.returncode == 1, f"ignored by .gitignore: {check.stdout.split()}"
