@@ -216,3 +216,20 @@ def test_the_plan_counts_no_federated_init_for_a_basis_without_one(tmp_path: Pat
     ledger = run_job(cfg, echo=lambda s: None)["ledger"]
     assert "federated_init_bytes" not in plan
     assert plan["bytes_one_time"] == ledger["totals"]["bytes_one_time"] > 0
+
+
+@pytest.mark.parametrize("method", ["fedsb", "fedit", "ffa", "fedex", "flora", "ravan", "fedsvd"])
+def test_comm_equals_a_later_rounds_ledger_for_every_method(tmp_path: Path, method: str) -> None:
+    """Round 2 is the steady state `fedsb comm` counts: FedEx-LoRA downloads the means and the c stacked
+    factors ((c+1) r(m+n)), FLoRA the c stacked factors; in round 1 both download less (nothing to fold)."""
+    overrides = [*QUICK, "fed.rounds=2", f"fed.method={method}", f"output_dir={tmp_path / 'run'}"]
+    ledger = run_job(resolve_config(TINY, overrides), echo=lambda s: None)["ledger"]
+    (row,) = comm.comm_table(_config_dir(tmp_path, "tiny-llama"), [method], [4], CLIENTS)
+    first, second = ledger["rounds"]
+    assert second["clients"] == CLIENTS
+    assert second["params_up"] == CLIENTS * row["upload_params"]
+    assert second["params_down"] == CLIENTS * row["download_params"]
+    assert second["bytes_total"] == row["round_bytes"]
+    assert first["params_up"] == second["params_up"]
+    folds = method in ("fedex", "flora")  # round 1 has no fold yet to send
+    assert (first["params_down"] < second["params_down"]) if folds else (first == {**second, "round": 1})

@@ -12,7 +12,7 @@ method        upload       download (real)                              paper "#
 ============  ===========  ===========================================  =============================
 fedit         r(m+n)       r(m+n)                                       r(m+n)
 ffa           r·m          r·m                                          ½·r(m+n) (the tables' rule)
-fedex         r(m+n)       min(c·r(m+n) "factors", r(m+n)+m·n "dense")  c·r(m+n)
+fedex         r(m+n)       (c+1)·r(m+n): means + c stacked factors      c·r(m+n)
 flora         r(m+n)       c·r(m+n)                                     c·r(m+n)
 fedsb         r²           r²                                           r²
 ravan         h·r²         h·r²                                         h·r² (not in the paper)
@@ -24,8 +24,9 @@ fedsvd        r·m          r(m+n)                                       r(m+n) 
 - Fed-SB also costs a one-time download of its frozen basis, r(m+n) per module, reported as ``basis``
   and never folded into the per-round figures (the tables leave it out); RAVAN's h heads of rank r cost
   h·r(m+n) once. FedSVD's A changes every round, so it travels with B in every download. FFA's frozen A comes from a shared
-  seed and costs nothing; FedEx's download picks the cheaper encoding per module and reports which one
-  (``factors``, ``dense`` or ``mixed``).
+  seed and costs nothing. FedEx's download is the new means (mean B, mean A) plus the c clients' stacked
+  factors of the residual every party folds into W0, from round 2 on (round 1: the means alone); a dense
+  m·n residual would be cheaper per module once c + 1 > m·n / (r(m+n)) but is not what a run sends.
 - Bytes = parameters × bytes per element of the wire dtype (float32 4, bfloat16/float16 2; int8 1 plus a
   4-byte scale per tensor, or per row with wire_scale=row, for fedsb, ravan, fedit and ffa only, the basis
   still float32); 1 MB = 10⁶ B. "per round" = c × (upload + download).

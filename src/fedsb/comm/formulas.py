@@ -28,7 +28,7 @@ class MethodComm:
     paper: int | float  # the paper's "# Comm." (one way; c x download for FedEx/FLoRA)
     basis: int  # one-time download of a frozen basis (Fed-SB's B and A); 0 for the others
     head: int  # head parameters included once in each of upload, download and paper
-    download_encoding: str | None  # FedEx only: "factors", "dense" or "mixed (k of N modules dense)"
+    download_encoding: str | None  # FedEx only: "means + factors" (what its download carries)
     capped: tuple[tuple[str, int], ...]  # modules whose rank was capped at min(m, n): (name, rank used)
     #: shapes of the adapter tensors one upload carries (the head apart), as the run sends them: what an
     #: int8 message has scales for (`fedsb.comm.extras`); () for methods int8 cannot carry
@@ -92,34 +92,21 @@ def ffa(shapes: Sequence[Shape], rank: int, clients: int, head_params: int = 0) 
 
 
 def fedex(shapes: Sequence[Shape], rank: int, clients: int, head_params: int = 0) -> MethodComm:
-    """FedEx-LoRA: upload r(m+n); download the cheaper of all c clients' factors c·r(m+n) or the means plus
-    the dense residual r(m+n) + m·n, per module (ties -> factors); the paper's figure is c·r(m+n)."""
+    """FedEx-LoRA: upload r(m+n); download the new means (mean B, mean A: r(m+n)) and the c clients' stacked
+    factors of the residual to fold (c·r(m+n)), i.e. (c+1)·r(m+n) per module: what `fedsb.fed.fedex` sends
+    from round 2 on (round 1 downloads the means alone). The paper's figure is c·r(m+n)."""
     rows = _check(shapes, rank, clients, head_params)
-    down, dense = 0, 0
-    for _, m, n, r in rows:
-        factors, residual = clients * r * (m + n), r * (m + n) + m * n
-        if residual < factors:
-            down, dense = down + residual, dense + 1
-        else:
-            down += factors
-    encoding = (
-        "factors"
-        if dense == 0
-        else "dense"
-        if dense == len(rows)
-        else f"mixed ({dense} of {len(rows)} dense)"
-    )
     lora = _lora(rows)
     return MethodComm(
         "fedex",
         rank,
         clients,
         lora + head_params,
-        down + head_params,
+        (clients + 1) * lora + head_params,
         clients * lora + head_params,
         0,
         head_params,
-        encoding,
+        "means + factors",
         _capped(rows, rank),
     )
 
