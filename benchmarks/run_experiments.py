@@ -489,6 +489,7 @@ def sweep_plot(points: list[Experiment], path: Path) -> Path:
         if numeric:
             ax.set_xscale("log")
         ax.set_xticks(xs, values)
+        ax.set_xticks([], minor=True)  # only the swept values are labelled (no log-axis minor labels)
         ax.grid(alpha=0.3, which="both")
     acc_ax.set_ylabel("test accuracy (%), mean ± std over seeds")
     bytes_ax.set_ylabel("bytes per round (all clients, up + down)")
